@@ -1,0 +1,47 @@
+"""`sse-rl`: the command line.
+
+Each subcommand lives in its own module with a `main(argv) -> int`; this file only maps names to modules, so that
+`sse-rl --help` stays fast (nothing heavy is imported until a command runs).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> ("module:function", one-line help). The function takes the remaining argv and returns an exit code.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "env": ("sse_rl.env_report:main", "print versions, devices and whether vLLM / Triton / a GPU are usable"),
+    "init-model": ("sse_rl.model_cli:init_model_main", "write a randomly initialised SSE-H checkpoint (+ tokenizer)"),
+    "generate": ("sse_rl.model_cli:generate_main", "generate text from a checkpoint with the HF model"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sse-rl",
+        description="GRPO post-training of SSE-H models: rollouts in vLLM, math rewards, Ray orchestration.",
+        epilog="Run `sse-rl COMMAND --help` for the options of a command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        parser.error(f"unknown command {name!r}; choose from: {', '.join(COMMANDS)}")
+    module_name, func_name = COMMANDS[name][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
