@@ -1,0 +1,124 @@
+"""Prompt datasets and the resumable sampler that walks them.
+
+Choices:
+1) A source is an HF hub id (`org/name`, loaded with `datasets`) or a local `.jsonl` / `.parquet` file.
+2) Every row is checked up front: a row missing a template field or the answer column fails the run before any
+   engine starts, with the row number and the field name in the message.
+3) Reward functions see every column of the row plus `answer` (the configured answer column).
+4) The sampler is epoch-exact: each prompt once per epoch, in an order fixed by (seed, epoch), and its whole state
+   is two integers, saved with every checkpoint.
+"""
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Benchmarks that evaluate the policy; training on them would contaminate every reported number.
+EVAL_BENCHMARKS = ("aime24", "aime25", "aime_2024", "aime_2025", "math500", "math-500", "math_500")
+
+
+@dataclass
+class Prompt:
+    index: int  # row number in its dataset
+    text: str  # the rendered prompt
+    columns: dict[str, Any]  # the row's columns + `answer`, passed to the reward functions
+
+
+def _read_rows(source: str, split: str, subset: str) -> list[dict[str, Any]]:
+    """Rows of a local jsonl/parquet file or of an HF hub dataset split."""
+    import datasets
+
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json", ".parquet"):
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset file {source} does not exist")
+        kind = "parquet" if path.suffix == ".parquet" else "json"
+        table = datasets.load_dataset(kind, data_files=str(path), split="train")
+    else:
+        table = datasets.load_dataset(source, subset or None, split=split)
+    return [dict(row) for row in table]
+
+
+def _template_fields(template: str) -> list[str]:
+    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    if not fields:
+        raise ValueError(f"data.prompt_template {template!r} uses no column; write e.g. '{{problem}}'")
+    return fields
+
+
+def load_prompts(source: str, *, split: str, subset: str, template: str, answer_column: str,
+                 tokenizer: Any | None = None, chat_template: bool = False) -> list[Prompt]:
+    """Load a dataset and render every row's prompt; missing fields raise ValueError naming row and field.
+
+    Args:
+        source: HF hub id or local .jsonl/.parquet path.
+        template: `str.format` template over the row's columns.
+        answer_column: column holding the reference answer, exposed to rewards as `answer`.
+        tokenizer: needed only with `chat_template=True`.
+    """
+    fields = _template_fields(template)
+    rows = _read_rows(source, split, subset)
+    if not rows:
+        raise ValueError(f"dataset {source} (split {split!r}) has no rows")
+    prompts = []
+    for i, row in enumerate(rows):
+        for name in (*fields, answer_column):
+            if row.get(name) is None:
+                raise ValueError(f"dataset {source} row {i}: missing field {name!r} "
+                                 f"(columns: {', '.join(row)}); check data.prompt_template / data.answer_column")
+        text = template.format(**row)
+        if chat_template:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+        prompts.append(Prompt(index=i, text=text, columns={**row, "answer": row[answer_column]}))
+    return prompts
+
+
+def check_not_benchmark(source: str) -> None:
+    """Refuse to train on an evaluation benchmark."""
+    name = Path(source).name.lower() if Path(source).suffix else source.lower()
+    hit = [b for b in EVAL_BENCHMARKS if b in name]
+    if hit:
+        raise ValueError(f"data.train {source!r} looks like the evaluation benchmark {hit[0]!r}; training on it "
+                         "contaminates evaluation. Use a training set (e.g. MATH train, DeepScaleR).")
+
+
+class EpochSampler:
+    """Yields dataset indices: a fresh permutation each epoch, each index exactly once per epoch, resumable."""
+
+    def __init__(self, size: int, seed: int):
+        if size <= 0:
+            raise ValueError(f"EpochSampler needs a non-empty dataset, got size {size}")
+        self.size, self.seed = size, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(self.size))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[int]:
+        """The next `n` indices, continuing into the next epoch when this one runs out."""
+        out = []
+        while len(out) < n:
+            if self.position == self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            k = min(n - len(out), self.size - self.position)
+            out += self._order[self.position:self.position + k]
+            self.position += k
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "size": self.size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if (state["size"], state["seed"]) != (self.size, self.seed):
+            raise ValueError(f"sampler state is for a dataset of {state['size']} rows with seed {state['seed']}, "
+                             f"this run has {self.size} rows and seed {self.seed}; resume with the same data and seed")
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)

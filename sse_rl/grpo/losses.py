@@ -1,0 +1,122 @@
+"""The GRPO policy loss on flat per-token tensors, plus the aggregation weights that turn it into one scalar.
+
+Choices:
+1) PPO clip with clip-higher: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), r = pi / pi_old per token.
+2) Truncated importance sampling (TIS) corrects the engine/trainer mismatch: the policy-gradient term is weighted by
+   min(pi_old / pi_rollout, C), per token ("token_truncate") or per sequence ("sequence_truncate"), or not at all.
+3) Optional k3 KL to a frozen reference, exp(ref - logp) - (ref - logp) - 1, added per token with `kl_coef`.
+4) Aggregation is a weight per token, computed once per mini-batch from the sequence lengths: "dapo" = 1 / (all
+   tokens), "grpo" = 1 / (len_seq * n_seqs), "dr_grpo" = 1 / (max_tokens * n_seqs). The loss is sum(w * l), so it is
+   the same however the mini-batch is cut into micro-batches or spread over ranks (gradients are summed).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def ppo_clip_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_low: float,
+                  eps_high: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token clipped surrogate; returns (loss [N], clipped-low [N] bool, clipped-high [N] bool)."""
+    ratio = torch.exp(logp - old_logp)  # [N]
+    unclipped = ratio * advantages  # [N]
+    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages  # [N]
+    loss = -torch.minimum(unclipped, clipped)  # [N]
+    low = (ratio < 1.0 - eps_low) & (advantages < 0)  # [N] gradient cut at the lower bound
+    high = (ratio > 1.0 + eps_high) & (advantages > 0)  # [N] gradient cut at the upper bound
+    return loss, low, high
+
+
+def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 estimator of KL(pi || ref): unbiased, always >= 0."""
+    delta = ref_logp - logp  # [N]
+    return torch.exp(delta) - delta - 1.0  # [N]
+
+
+def _token_truncate(log_ratio: Tensor, seq_ids: Tensor, cap: float) -> Tensor:
+    return torch.exp(log_ratio).clamp(max=cap)  # [N]
+
+
+def _sequence_truncate(log_ratio: Tensor, seq_ids: Tensor, cap: float) -> Tensor:
+    n_seqs = int(seq_ids.max()) + 1 if seq_ids.numel() else 0
+    per_seq = log_ratio.new_zeros(n_seqs).index_add_(0, seq_ids, log_ratio)  # [S] log of the sequence ratio
+    return torch.exp(per_seq).clamp(max=cap)[seq_ids]  # [N]
+
+
+def _no_correction(log_ratio: Tensor, seq_ids: Tensor, cap: float) -> Tensor:
+    return torch.ones_like(log_ratio)  # [N]
+
+
+# name -> fn(log(pi_old / pi_rollout) [N], seq_ids [N], cap) -> IS weight [N]
+IS_CORRECTIONS: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
+    "token_truncate": _token_truncate, "sequence_truncate": _sequence_truncate, "none": _no_correction,
+}
+
+
+def _dapo(lengths: Tensor, max_tokens: int) -> Tensor:
+    return torch.full_like(lengths, 1.0 / max(float(lengths.sum()), 1.0))  # [S]
+
+
+def _grpo(lengths: Tensor, max_tokens: int) -> Tensor:
+    return 1.0 / (lengths.clamp(min=1) * lengths.numel())  # [S]
+
+
+def _dr_grpo(lengths: Tensor, max_tokens: int) -> Tensor:
+    return torch.full_like(lengths, 1.0 / (max_tokens * lengths.numel()))  # [S]
+
+
+# name -> fn(active tokens per sequence [S] float, max_tokens) -> weight of each of that sequence's tokens [S]
+LOSS_AGGS: dict[str, Callable[[Tensor, int], Tensor]] = {"dapo": _dapo, "grpo": _grpo, "dr_grpo": _dr_grpo}
+
+
+def _lookup(registry: dict, name: str, what: str):
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; choose from {', '.join(registry)}")
+    return registry[name]
+
+
+def build_loss_agg(name: str, max_tokens: int) -> Callable[[Tensor], Tensor]:
+    """Select the aggregation once: returns fn(active tokens per sequence [S]) -> per-sequence token weight [S]."""
+    agg = _lookup(LOSS_AGGS, name, "loss aggregation")
+    return lambda lengths: agg(lengths.float(), max_tokens)
+
+
+@dataclass
+class LossInputs:
+    """One micro-batch, flattened to its completion tokens (N of them)."""
+
+    logp: Tensor  # [N] trainer logprobs of the sampled tokens, with grad
+    old_logp: Tensor  # [N] pi_old: trainer logprobs before this batch's updates
+    rollout_logp: Tensor  # [N] engine logprobs at sampling time
+    advantages: Tensor  # [N]
+    weights: Tensor  # [N] aggregation weight; 0 on filtered tokens
+    seq_ids: Tensor  # [N] int64 sequence index within the micro-batch
+    ref_logp: Tensor | None = None  # [N] reference logprobs, when kl_coef > 0
+
+
+class PolicyLoss:
+    """The per-micro-batch loss; variants are selected here, once, at build time."""
+
+    def __init__(self, *, eps_low: float, eps_high: float, kl_coef: float, is_correction: str, is_cap: float):
+        self.eps_low, self.eps_high, self.kl_coef, self.is_cap = eps_low, eps_high, kl_coef, is_cap
+        self.is_weights = _lookup(IS_CORRECTIONS, is_correction, "IS correction")
+
+    def __call__(self, x: LossInputs) -> tuple[Tensor, dict[str, float]]:
+        """Returns (sum of weighted token losses, summable statistics of this micro-batch)."""
+        pg, low, high = ppo_clip_loss(x.logp, x.old_logp, x.advantages, self.eps_low, self.eps_high)
+        log_ratio = (x.old_logp - x.rollout_logp).detach()  # [N]
+        is_w = self.is_weights(log_ratio, x.seq_ids, self.is_cap)  # [N]
+        per_token = pg * is_w  # [N]
+        stats = {"tokens": float(x.logp.numel()), "clip_low": float(low.sum()), "clip_high": float(high.sum()),
+                 "is_sum": float(is_w.sum()), "is_max": float(is_w.max()), "is_min": float(is_w.min()),
+                 "mismatch_sum": float(log_ratio.abs().sum())}
+        if self.kl_coef > 0:
+            kl = k3_kl(x.logp, x.ref_logp)  # [N]
+            per_token = per_token + self.kl_coef * kl
+            stats["kl_sum"] = float(kl.detach().sum())
+        loss = (per_token * x.weights).sum()
+        stats["loss"] = float(loss.detach())
+        return loss, stats

@@ -1,0 +1,113 @@
+"""Rollouts -> packed micro-batches: sequences laid back to back (no padding), cut by a token budget.
+
+Choices:
+1) A micro-batch is one row `[1, L]` with `cu_seqlens` and per-sequence `position_ids`, the model's packed path;
+   a sequence is never split, so its recurrent state never crosses a micro-batch either.
+2) Bins are filled first-fit by decreasing length (fewest micro-batches for the budget); a sequence longer than the
+   budget gets a micro-batch of its own rather than failing the step.
+3) Micro-batches are dealt to ranks largest first onto the rank with the fewest tokens, so ranks finish together.
+4) Everything the loss needs per completion token is flattened here (`targets`, `target_pos`, logprobs,
+   advantages, weights), so the trainer only gathers logits at `target_pos`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Sequence:
+    """The trainer's view of one completion."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    rollout_logprobs: list[float]  # engine logprob of each completion token
+    advantage: float
+    weight: float  # loss weight of each of its completion tokens (aggregation); 0 = no loss
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+@dataclass
+class MicroBatch:
+    input_ids: Tensor  # [1, L] int64, sequences back to back
+    position_ids: Tensor  # [1, L] int64, restarting at 0 for each sequence
+    cu_seqlens: Tensor  # [S+1] int64 sequence boundaries in [0, L]
+    target_pos: Tensor  # [N] int64 positions whose logits predict `targets` (one per completion token)
+    targets: Tensor  # [N] int64 completion tokens
+    rollout_logp: Tensor  # [N] fp32
+    advantages: Tensor  # [N] fp32
+    weights: Tensor  # [N] fp32
+    seq_ids: Tensor  # [N] int64 sequence index within this micro-batch
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def _bins(lengths: list[int], budget: int) -> list[list[int]]:
+    """First-fit decreasing: lists of sequence indices whose lengths sum to <= budget (or one long sequence)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for i in order:
+        for b, load in enumerate(loads):
+            if load + lengths[i] <= budget:
+                bins[b].append(i)
+                loads[b] += lengths[i]
+                break
+        else:
+            bins.append([i])
+            loads.append(lengths[i])
+    return [sorted(b) for b in bins]
+
+
+def _collate(seqs: list[Sequence]) -> MicroBatch:
+    ids, pos, bounds = [], [], [0]
+    target_pos, targets, logp, adv, weights, seq_ids = [], [], [], [], [], []
+    for s, seq in enumerate(seqs):
+        start, n_prompt = bounds[-1], len(seq.prompt_ids)
+        if not seq.completion_ids or n_prompt == 0:
+            raise ValueError(f"sequence {s} has {n_prompt} prompt and {len(seq.completion_ids)} completion tokens; "
+                             "both must be non-empty")
+        ids += seq.prompt_ids + seq.completion_ids
+        pos += list(range(len(seq)))
+        bounds.append(start + len(seq))
+        # completion token j sits at start + n_prompt + j and is predicted by the logits one position earlier
+        target_pos += range(start + n_prompt - 1, start + n_prompt - 1 + len(seq.completion_ids))
+        targets += seq.completion_ids
+        logp += seq.rollout_logprobs
+        adv += [seq.advantage] * len(seq.completion_ids)
+        weights += [seq.weight] * len(seq.completion_ids)
+        seq_ids += [s] * len(seq.completion_ids)
+    long, f32 = torch.long, torch.float32
+    return MicroBatch(
+        input_ids=torch.tensor([ids], dtype=long), position_ids=torch.tensor([pos], dtype=long),
+        cu_seqlens=torch.tensor(bounds, dtype=long), target_pos=torch.tensor(target_pos, dtype=long),
+        targets=torch.tensor(targets, dtype=long), rollout_logp=torch.tensor(logp, dtype=f32),
+        advantages=torch.tensor(adv, dtype=f32), weights=torch.tensor(weights, dtype=f32),
+        seq_ids=torch.tensor(seq_ids, dtype=long),
+    )
+
+
+def pack(seqs: list[Sequence], token_budget: int, num_ranks: int = 1) -> list[list[MicroBatch]]:
+    """Pack sequences into micro-batches of <= token_budget tokens, dealt over `num_ranks` ranks.
+
+    Returns one list of micro-batches per rank (a rank may get none when there are fewer bins than ranks).
+    """
+    for s in seqs:
+        if len(s.rollout_logprobs) != len(s.completion_ids):
+            raise ValueError(f"a sequence has {len(s.completion_ids)} completion tokens but "
+                             f"{len(s.rollout_logprobs)} rollout logprobs")
+    bins = _bins([len(s) for s in seqs], token_budget)
+    micro = [_collate([seqs[i] for i in b]) for b in bins]
+    per_rank: list[list[MicroBatch]] = [[] for _ in range(num_ranks)]
+    loads = [0] * num_ranks
+    for mb in sorted(micro, key=lambda m: -m.num_tokens):
+        r = loads.index(min(loads))
+        per_rank[r].append(mb)
+        loads[r] += mb.num_tokens
+    return per_rank
