@@ -1,0 +1,41 @@
+"""The SSE mixer op. `sse_chunk` / `sse_decode` pick the implementation from the tensors' device: Triton kernels on
+CUDA when they are available, the PyTorch reference (`naive.py`) otherwise; both give the same results."""
+from __future__ import annotations
+
+from sse_rl.models.ops.naive import (
+    gla_chunk,
+    sse_aux_loss,
+    sse_chunk_varlen,
+    sse_mask,
+    sse_recurrent,
+    sse_router,
+)
+from sse_rl.models.ops.naive import (
+    sse_decode as sse_decode_reference,
+)
+from torch import Tensor
+
+__all__ = [
+    "gla_chunk", "sse_aux_loss", "sse_chunk", "sse_chunk_varlen", "sse_decode", "sse_decode_reference", "sse_mask",
+    "sse_recurrent", "sse_router",
+]
+
+
+def sse_chunk(q_shared: Tensor, k_shared: Tensor, q_sparse: Tensor, k_sparse: Tensor, v: Tensor, g_shared: Tensor,
+              g_sparse: Tensor, router_logits: Tensor, *, top_k: int, scale: float | None = None,
+              initial_state: Tensor | None = None, output_final_state: bool = False,
+              cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """SSE over whole sequences; arguments and shapes as in `naive.sse_chunk_varlen`."""
+    impl = sse_chunk_varlen
+    return impl(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, top_k=top_k,
+                scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                cu_seqlens=cu_seqlens)
+
+
+def sse_decode(q_shared: Tensor, k_shared: Tensor, q_sparse: Tensor, k_sparse: Tensor, v: Tensor, g_shared: Tensor,
+               g_sparse: Tensor, router_logits: Tensor, state: Tensor, slot_ids: Tensor, *, top_k: int,
+               scale: float | None = None) -> Tensor:
+    """One decoding step on a slot-indexed state, in place; arguments and shapes as in `naive.sse_decode`."""
+    impl = sse_decode_reference
+    return impl(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, state, slot_ids,
+                top_k=top_k, scale=scale)

@@ -1,0 +1,186 @@
+"""SSE-H building blocks: the SSE mixer, RoPE attention, the SwiGLU MLP and RMS norms.
+
+Module and parameter names follow fla (`fla/layers/sse.py::SSEGLA`, `fla/layers/attn.py::Attention`,
+`fla/modules::GatedMLP`) so the authors' checkpoints load by name. Layers take explicit arguments, never the
+HF config; `modeling.py` maps the config onto them. Cache access goes through transformers' `Cache`: the SSE
+mixer keeps its fp32 state [B, N+1, H, dk, dv] as the linear-attention "recurrent state" of its layer, the
+attention layer its K/V.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from sse_rl.models.ops import sse_aux_loss, sse_chunk, sse_decode, sse_router
+from torch import Tensor, nn
+from transformers.cache_utils import Cache
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """`RMSNorm(x) * silu(gate)` (fla `FusedRMSNormGated`, swish activation, norm before gate)."""
+
+    def forward(self, x: Tensor, gate: Tensor) -> Tensor:  # type: ignore[override]
+        return (super().forward(x).float() * F.silu(gate.float())).to(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def low_rank(in_dim: int, rank: int, out_dim: int, bias: bool = False) -> nn.Sequential:
+    """Linear(in, rank) -> Linear(rank, out): fla's low-rank projections (LoRA on q/k, gates)."""
+    return nn.Sequential(nn.Linear(in_dim, rank, bias=False), nn.Linear(rank, out_dim, bias=bias))
+
+
+class SSEMixer(nn.Module):
+    """Sparse State Expansion (GLA form) token mixer, fla `SSEGLA` with use_short_conv=False (sse_spec.md §1.2).
+
+    A shared always-on partition reads q = silu(x W_q), k = softmax(x W_k); the router e = softmax(x W_e) picks K of
+    N sparse partitions per token, which read q = silu(x W_q + LoRA_q(x)), k = softmax(x W_k + LoRA_k(x)) scaled by
+    the router weight. Values silu(x W_v) are shared; log-decays are logsigmoid(low-rank(x)) / normalizer.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, expand_v: float, num_sparse_partition: int,
+                 top_k: int, use_output_gate: bool = True, gate_low_rank_dim: int = 16,
+                 gate_logit_normalizer: int = 16, norm_eps: float = 1e-6, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.num_heads, self.head_k_dim, self.head_v_dim = num_heads, head_dim, int(head_dim * expand_v)
+        self.num_sparse_partition, self.top_k = num_sparse_partition, top_k
+        self.gate_logit_normalizer, self.layer_idx = gate_logit_normalizer, layer_idx
+        key_dim, value_dim = num_heads * head_dim, num_heads * self.head_v_dim
+        self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
+        self.lora_q_proj = low_rank(hidden_size, self.head_v_dim, key_dim)
+        self.lora_k_proj = low_rank(hidden_size, self.head_v_dim, key_dim)
+        # [0]: decay of the shared partition, [1]: decay of the sparse partitions.
+        self.gk_proj = nn.ModuleList([low_rank(hidden_size, gate_low_rank_dim, key_dim, bias=True) for _ in range(2)])
+        self.e_proj = nn.Linear(hidden_size, num_sparse_partition, bias=False)
+        self.g_proj = low_rank(hidden_size, self.head_v_dim, value_dim) if use_output_gate else None
+        self.o_norm = (GatedRMSNorm if use_output_gate else RMSNorm)(self.head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                past_key_values: Cache | None = None) -> tuple[Tensor, Tensor]:
+        """x: [B, T, D]; token_mask: [B, T] bool (False = padding, which then neither writes nor decays any state);
+        cu_seqlens: [S+1] for packed sequences (B = 1). Returns the output [B, T, D] and this layer's aux loss."""
+        q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp = self._features(x)
+        logits = self.e_proj(x)  # [B, T, N]
+        if token_mask is not None:
+            keep = token_mask[..., None, None].to(x.dtype)  # [B, T, 1, 1]
+            k_sh, k_sp, g_sh, g_sp = k_sh * keep, k_sp * keep, g_sh * keep, g_sp * keep
+        o = self._mix(q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, logits, cu_seqlens, past_key_values)  # [B, T, H, dv]
+        if self.g_proj is not None:
+            o = self.o_norm(o, self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim)))
+        else:
+            o = self.o_norm(o)
+        aux = x.new_zeros((), dtype=torch.float32)
+        if self.training:
+            probs, _, indices = sse_router(logits, self.top_k)
+            aux = sse_aux_loss(probs, indices, token_mask)
+        return self.o_proj(o.flatten(-2)), aux
+
+    def _features(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Feature maps of fla SSEGLA: q = silu, k = softmax over dk (fp32), v = silu, g = logsigmoid / normalizer."""
+        heads = (self.num_heads, self.head_k_dim)
+        q1, k1 = self.q_proj(x), self.k_proj(x)  # [B, T, H*dk]
+        q2, k2 = q1 + self.lora_q_proj(x), k1 + self.lora_k_proj(x)
+        q_sh, q_sp = F.silu(q1.unflatten(-1, heads)), F.silu(q2.unflatten(-1, heads))  # [B, T, H, dk]
+        k_sh = k1.unflatten(-1, heads).float().softmax(-1).to(x.dtype)
+        k_sp = k2.unflatten(-1, heads).float().softmax(-1).to(x.dtype)
+        v = F.silu(self.v_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim)))  # [B, T, H, dv]
+        g_sh, g_sp = (F.logsigmoid(p(x).unflatten(-1, heads).float()) / self.gate_logit_normalizer
+                      for p in self.gk_proj)  # [B, T, H, dk] fp32
+        return q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp
+
+    def _mix(self, q_sh: Tensor, k_sh: Tensor, q_sp: Tensor, k_sp: Tensor, v: Tensor, g_sh: Tensor, g_sp: Tensor,
+             logits: Tensor, cu_seqlens: Tensor | None, cache: Cache | None) -> Tensor:
+        """Run the SSE op, continuing from and writing back to the cache's state when there is a cache."""
+        layer = cache.layers[self.layer_idx] if cache is not None else None
+        state = layer.recurrent_states[0] if layer is not None and layer.is_recurrent_states_initialized[0] else None
+        batch, length = v.shape[:2]
+        if state is not None and length == 1:
+            slots = torch.arange(batch, device=v.device)
+            o = sse_decode(q_sh[:, 0], k_sh[:, 0], q_sp[:, 0], k_sp[:, 0], v[:, 0], g_sh[:, 0], g_sp[:, 0],
+                           logits[:, 0], state, slots, top_k=self.top_k)  # [B, H, dv]; state updated in place
+            return o[:, None]
+        o, final = sse_chunk(q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, logits, top_k=self.top_k, initial_state=state,
+                             output_final_state=cache is not None, cu_seqlens=cu_seqlens)
+        if cache is not None:
+            cache.update_recurrent_state(final.float(), self.layer_idx)
+        return o
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding, rotate-half (GPT-NeoX) layout. The frequencies are recomputed in fp32 on each call
+    (no buffer), so they never depend on the dtype or device the model was loaded with."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+
+    def forward(self, x: Tensor, position_ids: Tensor) -> Tensor:
+        """x: [B, T, H, d]; position_ids: [B, T]."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=x.device) / self.head_dim
+        angles = position_ids[..., None].float() / self.theta ** exponents  # [B, T, d/2]
+        angles = torch.cat([angles, angles], dim=-1)[:, :, None]  # [B, T, 1, d]
+        xf = x.float()
+        return (xf * angles.cos() + rotate_half(xf) * angles.sin()).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal softmax attention (MHA/GQA) with RoPE, via SDPA; the KV cache is a transformers `Cache` layer."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, rope_theta: float,
+                 layer_idx: int = 0) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.layer_idx = num_heads, num_kv_heads, head_dim, layer_idx
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.rotary = RotaryEmbedding(head_dim, rope_theta)
+
+    def forward(self, x: Tensor, position_ids: Tensor, attn_mask: Tensor | None = None,
+                past_key_values: Cache | None = None) -> Tensor:
+        """x: [B, T, D]; position_ids: [B, T]; attn_mask: [B, 1, T, T_past + T] bool (True = attend), or None for
+        plain causal attention over the new tokens and everything cached before them."""
+        q = self.rotary(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)), position_ids)  # [B, T, H, d]
+        k = self.rotary(self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)), position_ids)
+        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)  # [B, Hkv, T_past + T, d]
+        q_len, k_len = q.shape[2], k.shape[2]
+        if attn_mask is None and 1 < q_len < k_len:
+            attn_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=x.device).tril(k_len - q_len)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and q_len > 1,
+                                           enable_gqa=self.num_heads != self.num_kv_heads)  # [B, H, T, d]
+        return self.o_proj(o.transpose(1, 2).flatten(-2))
