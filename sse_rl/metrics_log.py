@@ -1,0 +1,106 @@
+"""Run outputs for people: metrics.jsonl (one row per step), TensorBoard, a progress bar, PNG curves at the end.
+
+Choices:
+1) Step 0 is "before training" (the first eval row); training step s writes the row {"step": s, ...}.
+2) On resume from checkpoint k, rows after step k are dropped (they belong to the interrupted attempt and are
+   recomputed), so metrics.jsonl reads like one uninterrupted run; TensorBoard purges them the same way.
+3) The PNG plots whichever of the main curves the run has.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+# (title, metric keys) per panel of the PNG
+PANELS = [
+    ("reward", ["reward/mean", "eval/reward"]), ("accuracy", ["accuracy"]),
+    ("response length", ["response_length/mean", "response_length/max"]), ("loss", ["train/loss"]),
+    ("entropy / KL", ["train/entropy", "train/kl"]), ("rollout vs trainer", ["train/mismatch", "probe/max_abs_diff"]),
+]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLog:
+    """Append-only metrics of one run (see module doc for resume behaviour)."""
+
+    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int, *, tensorboard: bool, progress: bool):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
+        kept = [row for row in read_metrics(run_dir) if row["step"] <= start_step]
+        tmp = self.path.with_name(METRICS_FILE + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        os.replace(tmp, self.path)
+        self._writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
+        self._bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._writer is not None:
+            for key, value in metrics.items():
+                self._writer.add_scalar(key, value, step)
+            self._writer.flush()
+
+    def advance(self, metrics: dict[str, float]) -> None:
+        """One training step done: move the bar and show the headline numbers."""
+        if self._bar is not None:
+            shown = {k.split("/")[0] if k.endswith("/mean") else k: f"{metrics[k]:.3f}"
+                     for k in ("reward/mean", "accuracy", "response_length/mean") if k in metrics}
+            self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(1)
+
+    def close(self) -> Path:
+        """Flush everything and draw the PNG; returns its path."""
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        return plot_curves(self.run_dir)
+
+
+def plot_curves(run_dir: str | Path) -> Path:
+    """Draw the main curves of metrics.jsonl into RUN/curves.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    panels = [(title, [k for k in keys if any(k in r for r in rows)]) for title, keys in PANELS]
+    panels = [(title, keys) for title, keys in panels if keys]
+    cols, rows_n = 3, max(1, math.ceil(len(panels) / 3))
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            ax.plot(*zip(*pts), marker="o" if len(pts) < 20 else None, markersize=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out = Path(run_dir) / CURVES_FILE
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,114 @@
+"""Advantage and loss math against values computed by hand, one test per variant."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sse_rl.grpo.advantages import EPS, build_advantage_fn
+from sse_rl.grpo.filters import group_has_variance, loss_keep_mask
+from sse_rl.grpo.logprobs import entropy, token_logprobs
+from sse_rl.grpo.losses import LossInputs, PolicyLoss, build_loss_agg, k3_kl, ppo_clip_loss
+
+REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+
+
+@pytest.mark.parametrize("scaling, half_step", [
+    # group: std of (1,0,0,1) with Bessel's correction = sqrt(1/3)
+    ("group", 0.5 / (math.sqrt(1 / 3) + EPS)),
+    # batch: std of all 8 rewards (mean 0.75) = sqrt((6 * 0.0625 + 2 * 0.5625) / 7)
+    ("batch", 0.5 / (math.sqrt(1.5 / 7) + EPS)),
+    ("none", 0.5),
+], ids=["group", "batch", "none"])
+def test_advantages_by_hand(scaling, half_step):
+    adv = build_advantage_fn(scaling)(REWARDS)
+    expected = torch.tensor([[half_step, -half_step, -half_step, half_step], [0.0] * 4])
+    torch.testing.assert_close(adv, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_advantage_errors():
+    with pytest.raises(ValueError, match="unknown std scaling 'grp'.*group, batch, none"):
+        build_advantage_fn("grp")
+    with pytest.raises(ValueError, match="G >= 2"):
+        build_advantage_fn("group")(torch.ones(3, 1))
+
+
+def test_ppo_clip_higher_by_hand():
+    ratio = torch.tensor([1.5, 0.5, 0.5, 1.5, 1.1])
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 2.0])
+    logp = torch.log(ratio).requires_grad_()
+    loss, low, high = ppo_clip_loss(logp, torch.zeros(5), adv, eps_low=0.2, eps_high=0.28)
+    # 1.5*1 clipped to 1.28; 0.5*(-1) -> 0.8*(-1); 0.5*1 and 1.5*(-1) are the smaller (unclipped) terms; 1.1 inside
+    torch.testing.assert_close(loss.detach(), torch.tensor([-1.28, 0.8, -0.5, 1.5, -2.2]))
+    assert high.tolist() == [True, False, False, False, False]
+    assert low.tolist() == [False, True, False, False, False]
+    loss.sum().backward()
+    # d(-r A)/d logp = -r A where unclipped, 0 where clipped
+    torch.testing.assert_close(logp.grad, torch.tensor([0.0, 0.0, -0.5, 1.5, -2.2]))
+
+
+def test_k3_kl_by_hand():
+    kl = k3_kl(torch.log(torch.tensor([0.5, 0.3])), torch.log(torch.tensor([0.25, 0.3])))
+    torch.testing.assert_close(kl, torch.tensor([0.5 - math.log(0.5) - 1.0, 0.0]))
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("token_truncate", [2.0, 2.0, 0.5, 1.5]),  # exp(log 3) capped at 2
+    ("sequence_truncate", [2.0, 2.0, 0.75, 0.75]),  # seq 0: 3 * 2 = 6 -> 2; seq 1: 0.5 * 1.5
+    ("none", [1.0, 1.0, 1.0, 1.0]),
+], ids=["token", "sequence", "none"])
+def test_is_correction_by_hand(mode, expected):
+    old = torch.log(torch.tensor([3.0, 2.0, 0.5, 1.5]))
+    rollout = torch.zeros(4)
+    loss_fn = PolicyLoss(eps_low=0.2, eps_high=0.28, kl_coef=0.0, is_correction=mode, is_cap=2.0)
+    adv = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    weights = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    x = LossInputs(logp=old.clone(), old_logp=old, rollout_logp=rollout, advantages=adv, weights=weights,
+                   seq_ids=torch.tensor([0, 0, 1, 1]))
+    loss, stats = loss_fn(x)
+    # ratio 1 everywhere: per-token loss = -A * is_weight, weighted by 1/4
+    assert loss.item() == pytest.approx(-sum(expected) / 4, rel=1e-6)
+    assert stats["is_max"] == pytest.approx(max(expected)) and stats["is_min"] == pytest.approx(min(expected))
+    assert stats["mismatch_sum"] == pytest.approx(math.log(3) + math.log(2) + math.log(2) + math.log(1.5), rel=1e-6)
+
+
+def test_kl_term_and_unknown_names():
+    logp = torch.log(torch.tensor([0.5]))
+    x = LossInputs(logp=logp, old_logp=logp, rollout_logp=logp, advantages=torch.zeros(1), weights=torch.ones(1),
+                   seq_ids=torch.zeros(1, dtype=torch.long), ref_logp=torch.log(torch.tensor([0.25])))
+    loss, stats = PolicyLoss(eps_low=0.2, eps_high=0.28, kl_coef=0.1, is_correction="none", is_cap=2.0)(x)
+    assert loss.item() == pytest.approx(0.1 * (0.5 - math.log(0.5) - 1.0), rel=1e-6)
+    assert stats["kl_sum"] == pytest.approx(0.5 - math.log(0.5) - 1.0, rel=1e-6)
+    with pytest.raises(ValueError, match="unknown IS correction 'tis'; choose from token_truncate"):
+        PolicyLoss(eps_low=0.2, eps_high=0.28, kl_coef=0.0, is_correction="tis", is_cap=2.0)
+    with pytest.raises(ValueError, match="unknown loss aggregation 'bnpo'; choose from dapo, grpo, dr_grpo"):
+        build_loss_agg("bnpo", 8)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("dapo", [1 / 6, 1 / 6]),  # every token of the mini-batch weighs the same: 1 / (2 + 4)
+    ("grpo", [1 / (2 * 2), 1 / (4 * 2)]),  # mean over a sequence's tokens, then over the 2 sequences
+    ("dr_grpo", [1 / (8 * 2), 1 / (8 * 2)]),  # constant max_tokens=8 instead of the length
+], ids=["dapo", "grpo", "dr_grpo"])
+def test_loss_aggregation_by_hand(name, expected):
+    weights = build_loss_agg(name, max_tokens=8)(torch.tensor([2, 4]))
+    torch.testing.assert_close(weights, torch.tensor(expected))
+
+
+def test_filters():
+    acc = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    assert group_has_variance(acc).tolist() == [True, False, False, True]
+    assert loss_keep_mask(["stop", "length", "stop"], overlong_filter=True).tolist() == [True, False, True]
+    assert loss_keep_mask(["stop", "length"], overlong_filter=False).tolist() == [True, True]
+
+
+def test_token_logprobs_and_entropy():
+    logits = torch.tensor([[0.0, math.log(3.0)], [2.0, 2.0]])
+    lp = token_logprobs(logits, torch.tensor([1, 0]))
+    torch.testing.assert_close(lp, torch.log(torch.tensor([0.75, 0.5])))
+    # temperature 2 halves the logits: p = (1, sqrt 3) / (1 + sqrt 3)
+    lp2 = token_logprobs(logits, torch.tensor([1, 0]), temperature=2.0)
+    torch.testing.assert_close(lp2, torch.log(torch.tensor([3 ** 0.5 / (1 + 3 ** 0.5), 0.5])))
+    ent = entropy(logits)
+    torch.testing.assert_close(ent, torch.tensor([-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), math.log(2)]))

@@ -1,0 +1,77 @@
+"""Recipe schema: YAML + overrides, every error reported at once and naming its key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sse_rl.config import Recipe, RecipeError, load_recipe
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+MINIMAL = ["out_dir=runs/x", "data.train=train.jsonl", "model.path=some/model",
+           "reward.functions=[{spec: math_accuracy}]"]
+
+
+def test_minimal_recipe_gets_schema_defaults():
+    recipe = load_recipe(None, MINIMAL)
+    assert recipe.algo.loss_agg == "dapo" and recipe.algo.clip_eps_high == 0.28 and recipe.algo.kl_coef == 0.0
+    assert recipe.reward.functions[0].spec == "math_accuracy" and recipe.reward.functions[0].weight == 1.0
+
+
+def test_overrides_parse_yaml_scalars_and_list_indices():
+    recipe = load_recipe(None, MINIMAL + ["train.lr=1e-6", "rollout.group_size=4", "algo.dynamic_sampling=false",
+                                          "reward.functions.0.weight=0.5", "model.init.preset=sse-h-tiny"])
+    assert recipe.train.lr == 1e-6 and isinstance(recipe.train.lr, float)
+    assert recipe.rollout.group_size == 4 and recipe.algo.dynamic_sampling is False
+    assert recipe.reward.functions[0].weight == 0.5
+    assert recipe.model.init is not None and recipe.model.init.preset == "sse-h-tiny"
+
+
+def test_all_errors_at_once_each_naming_its_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({
+        "out_dir": "runs/x", "model": {"path": "m"}, "data": {"train": "t.jsonl", "promt_template": "{q}"},
+        "reward": {"functions": [{"spec": "math_accuracy", "weight": "heavy"}], "accuracy": 3},
+        "algo": {"loss_agg": "token_mean", "clip_eps_low": 1.5}, "rollout": {"group_size": 1},
+        "train": {"lr": -1.0, "steps": "ten"},
+    }))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    keys = [e.split(":")[0] for e in info.value.errors]
+    assert keys == ["data.promt_template", "rollout.group_size", "reward.functions.0.weight", "algo.loss_agg",
+                    "algo.clip_eps_low", "train.steps", "train.lr", "reward.accuracy"], info.value.errors
+    text = str(info.value)
+    assert "valid keys of data: train, train_split" in text
+    assert "must be one of 'dapo', 'grpo', 'dr_grpo', got 'token_mean'" in text
+    assert "train.lr: must be > 0, got -1.0" in text and "expected int, got str 'ten'" in text
+
+
+def test_missing_required_fields_and_bad_override():
+    with pytest.raises(RecipeError) as info:
+        load_recipe(None, [])
+    assert [e.split(":")[0] for e in info.value.errors] == ["out_dir", "data.train", "model.path", "reward.functions"]
+    with pytest.raises(RecipeError, match="overrides are key=value"):
+        load_recipe(None, MINIMAL + ["train.lr"])
+    with pytest.raises(RecipeError, match="reward.functions.5: no such entry"):
+        load_recipe(None, MINIMAL + ["reward.functions.5.weight=1"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_recipe("nope.yaml")
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    recipe = load_recipe(None, MINIMAL + ["algo.kl_coef=0.001"])
+    path = tmp_path / "config.yaml"
+    path.write_text(recipe.to_yaml())
+    assert load_recipe(path) == recipe
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load(path):
+    recipe = load_recipe(path, ["out_dir=runs/check"])
+    assert isinstance(recipe, Recipe) and recipe.train.steps >= 1
+
+
+def test_shipped_recipes_exist():
+    names = {p.name for p in RECIPES.glob("*.yaml")}
+    assert {"tiny_cpu.yaml", "sse_h_2b_grpo.yaml"} <= names, names
