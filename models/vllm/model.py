@@ -1,0 +1,212 @@
+"""SSE-H for vLLM: SSE layers (`sse_layer.SSEHMixer`, recurrent state in the hybrid cache) interleaved with
+softmax-attention layers (vLLM `Attention`, RoPE), pre-norm blocks with a SwiGLU MLP.
+
+Weights load from the HF checkpoint's names (`sse_rl.models`, fla SSE naming); q/k/v and gate/up are stacked into
+`qkv_proj` / `gate_up_proj` here. `load_weights` takes any subset, any number of times (RL weight updates), returns the
+vLLM names it loaded, and raises on a name it cannot place.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.mamba.mamba_utils import get_temporal_copy_spec
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
+from vllm.model_executor.models.utils import extract_layer_index, make_layers, maybe_prefix
+from vllm.sequence import IntermediateTensors
+
+from sse_rl.models.vllm.sse_layer import SSEHMixer, sse_state_shape
+
+
+class SSEHMLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)); gate/up stacked into one column-parallel matmul."""
+
+    def __init__(self, config: PretrainedConfig, prefix: str) -> None:
+        super().__init__()
+        if config.hidden_act not in ("swish", "silu"):
+            raise ValueError(f"SSE-H in vLLM supports hidden_act 'swish'/'silu', got {config.hidden_act!r}")
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
+                                                       bias=False, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False,
+                                           prefix=f"{prefix}.down_proj")
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        out, _ = self.down_proj(self.act_fn(gate_up))
+        return out
+
+
+class SSEHAttention(nn.Module):
+    """Full causal softmax attention with RoPE (no qk-norm, no bias), heads sharded over TP."""
+
+    def __init__(self, config: PretrainedConfig, cache_config: CacheConfig | None, prefix: str) -> None:
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        heads, kv_heads, head_dim = config.attn_num_heads, config.attn_num_kv_heads, config.attn_head_dim
+        if heads % tp_size or (kv_heads % tp_size and tp_size % kv_heads):
+            raise ValueError(f"SSE-H attention heads ({heads} q / {kv_heads} kv) do not split over "
+                             f"tensor-parallel size {tp_size}")
+        self.q_size = heads // tp_size * head_dim
+        self.kv_size = max(1, kv_heads // tp_size) * head_dim
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, heads, kv_heads, bias=False,
+                                          prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(heads * head_dim, config.hidden_size, bias=False, prefix=f"{prefix}.o_proj")
+        self.rotary_emb = get_rope(head_dim, max_position=config.max_position_embeddings, is_neox_style=True,
+                                   rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta})
+        self.attn = Attention(heads // tp_size, head_dim, head_dim**-0.5, num_kv_heads=max(1, kv_heads // tp_size),
+                              cache_config=cache_config, prefix=f"{prefix}.attn")
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        out, _ = self.o_proj(self.attn(q, k, v))
+        return out
+
+
+class SSEHDecoderLayer(nn.Module):
+    """Pre-norm block: x + mixer(attn_norm(x)), then + mlp(mlp_norm(.)); residual adds fused into the norms."""
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str) -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.is_attention = extract_layer_index(prefix) in config.attn_layers
+        self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        if self.is_attention:
+            self.attn = SSEHAttention(config, vllm_config.cache_config, prefix=f"{prefix}.attn")
+        else:
+            self.attn = SSEHMixer(config, vllm_config=vllm_config, prefix=f"{prefix}.attn")
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = SSEHMLP(config, prefix=f"{prefix}.mlp")
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.attn_norm(hidden_states)
+        else:
+            hidden_states, residual = self.attn_norm(hidden_states, residual)
+        if self.is_attention:
+            hidden_states = self.attn(positions, hidden_states)
+        else:
+            hidden_states = self.attn(hidden_states)
+        hidden_states, residual = self.mlp_norm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+@support_torch_compile
+class SSEHModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                 prefix=f"{prefix}.embeddings")
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers, lambda prefix: SSEHDecoderLayer(vllm_config, prefix),
+            prefix=f"{prefix}.layers")
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+def stacked_target(name: str, attn_layers: set[int]) -> tuple[str, int | str | None]:
+    """HF checkpoint name -> (vLLM parameter name, shard id of a stacked parameter or None)."""
+    parts = name.split(".")
+    if ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
+        shard = 0 if ".gate_proj." in name else 1
+        return name.replace(".gate_proj.", ".gate_up_proj.").replace(".up_proj.", ".gate_up_proj."), shard
+    for index, proj in enumerate(("q", "k", "v")):
+        if f".attn.{proj}_proj." in name:
+            is_attention = len(parts) > 2 and parts[1] == "layers" and int(parts[2]) in attn_layers
+            return name.replace(f".attn.{proj}_proj.", ".attn.qkv_proj."), proj if is_attention else index
+    return name, None
+
+
+class SSEHForCausalLM(nn.Module, HasInnerState, IsHybrid):
+    """vLLM entry class for checkpoints whose config.json names `SSEHForCausalLM` (model_type "sse_h")."""
+
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        if vllm_config.parallel_config.pipeline_parallel_size != 1:
+            raise NotImplementedError("SSE-H in vLLM supports tensor parallelism only; use "
+                                      "--pipeline-parallel-size 1")
+        self.config = config
+        self.attn_layers = set(config.attn_layers)
+        self.model = SSEHModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embeddings)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, ...]]:
+        config = vllm_config.model_config.hf_config
+        return (sse_state_shape(config, vllm_config.parallel_config.tensor_parallel_size),)
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig) -> tuple[torch.dtype]:
+        return (torch.float32,)
+
+    @classmethod
+    def get_mamba_state_copy_func(cls) -> tuple:
+        """Prefix caching ("align" mode) copies a whole SSE state page between blocks."""
+        return (get_temporal_copy_spec,)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load HF-named tensors (all or any subset); returns the vLLM parameter names written."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if self.config.tie_word_embeddings and name == "lm_head.weight":
+                name = "model.embeddings.weight"
+            target, shard = stacked_target(name, self.attn_layers)
+            if target not in params:
+                raise ValueError(f"checkpoint weight {name!r} has no SSE-H vLLM parameter (looked for {target!r}); "
+                                 "expected HF SSE-H names such as 'model.layers.0.attn.q_proj.weight'")
+            param = params[target]
+            weight_loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard is None:
+                weight_loader(param, tensor)
+            else:
+                weight_loader(param, tensor, shard)
+            loaded.add(target)
+        return loaded
