@@ -1,0 +1,177 @@
+"""`math_accuracy`: is the final boxed answer equal to the gold answer?
+
+Choices (see ../shared/docs/eval_rewards.md §1.4 for the measurements behind them):
+1) Only the text after the last `</think>` is graded, so reasoning drafts cannot earn the reward.
+2) Only the last `\\boxed{...}` counts (nested braces handled); no box means 0. math-verify's own extraction
+   would also reward unboxed answers (`\\fbox`, "the answer is 12") and joins nearby boxes into sets.
+3) Integer golds (AIME) take a fast path: canonical digit strings are compared, no sympy at all.
+4) Everything else goes through math-verify with its own alarms when running in a main thread; the hard
+   wall-clock kill and memory bound live in `sandbox.py`.
+5) A gold answer that math-verify cannot parse gives None (skip the sample) and a `GoldAnswerWarning`, never a
+   silent 0; one that parses only as text is graded by exact text match, also with a `GoldAnswerWarning`.
+   A math-verify alarm gives 0 and a `RewardTimeoutWarning`, which `RewardPool` counts as a timeout.
+
+The module is named `math_reward` rather than `math` so that it can never stand in for the stdlib `math` module
+(a spawned worker or a script run from inside `rewards/` puts that folder on sys.path).
+"""
+import functools
+import re
+import threading
+import warnings
+from typing import Any
+
+from latex2sympy2_extended import NormalizationConfig
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from math_verify.errors import TimeoutException
+from sse_rl.rewards.sandbox import RewardTimeoutWarning
+from sympy import Basic, MatrixBase
+
+# math-verify's own per-call alarm (whole seconds); the sandbox's wall-clock kill is the hard bound on top.
+MATH_VERIFY_TIMEOUT_S = 5
+BOXED = "\\boxed{"
+# math-verify's recommended prediction settings for rewards, with the box as the top-priority anchor.
+PRED_CONFIG = [
+    LatexExtractionConfig(
+        boxed_match_priority=0,
+        normalization_config=NormalizationConfig(
+            basic_latex=True, units=True, malformed_operators=False, nits=False, boxed="all", equations=False
+        ),
+    )
+]
+GOLD_CONFIG = [LatexExtractionConfig(), ExprExtractionConfig()]
+# Wrappers that never change an integer's value: \text{..}, $..$, degrees, LaTeX spaces, `{,}` thousands groups.
+_INT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
+_INT_NOISE = re.compile(r"\^\{?\\circ\}?|\\[,!; ]|[\s$]")
+_INT = re.compile(r"[+-]?[0-9]{1,3}(,[0-9]{3})+|[+-]?[0-9]+", re.ASCII)
+
+
+class GoldAnswerWarning(UserWarning):
+    """The dataset's gold answer could not be parsed: the sample is skipped (None), not scored 0."""
+
+
+def completion_text(completion: str | list[dict[str, Any]]) -> str:
+    """The generated text, for TRL's standard (str) or conversational (list of messages) completions."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                            for m in completion):
+        return "".join(m["content"] for m in completion)
+    raise TypeError(
+        "a completion must be a string or a list of chat messages with string 'content', "
+        f"got {type(completion).__name__}: {str(completion)[:80]!r}"
+    )
+
+
+def answer_text(text: str) -> str:
+    """The text after the last `</think>`, or all of it when there is no think block."""
+    return text.rpartition("</think>")[2]
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}`, nested braces included; None when absent or never closed.
+
+    >>> last_boxed(r"first \\boxed{1}, then \\boxed{\\frac{1}{2}} done")
+    '\\\\frac{1}{2}'
+    """
+    start = text.rfind(BOXED)
+    if start < 0:
+        return None
+    depth = 1
+    for i in range(start + len(BOXED), len(text)):
+        char = text[i]
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + len(BOXED):i]
+    return None
+
+
+def canonical_int(answer: str) -> str | None:
+    """A plain integer answer as a canonical signed digit string ('033' -> '33'); None if it is not one.
+
+    Strings, not int(), so that a 5000-digit answer cannot hit Python's int-parsing limit.
+    """
+    if len(answer) > 200:
+        return None
+    s = _INT_WRAPPER.sub(r"\1", answer.replace("\u2212", "-").replace("{,}", ","))
+    s = _INT_NOISE.sub("", s)
+    if not _INT.fullmatch(s):
+        return None
+    sign = "-" if s[0] == "-" else ""
+    digits = s.lstrip("+-").replace(",", "").lstrip("0") or "0"
+    return ("" if digits == "0" else sign) + digits
+
+
+def _alarm_s() -> int | None:
+    """math-verify's SIGALRM timeouts only work in a main thread; elsewhere they must be off."""
+    return MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(answer: str) -> tuple:
+    """Parsed gold answer (cached: every group of G completions shares one); () when unparseable."""
+    try:
+        return tuple(parse(BOXED + answer + "}", GOLD_CONFIG, parsing_timeout=_alarm_s(), raise_on_error=True))
+    except (Exception, TimeoutException):  # noqa: BLE001 - any failure means "unparseable", reported by grade
+        return ()
+
+
+def _verify_boxed(gold: tuple, boxed: str) -> float:
+    """math-verify on one extracted box: every (gold, prediction) pair, each under its own alarm."""
+    try:
+        pred = parse(BOXED + boxed + "}", PRED_CONFIG, parsing_timeout=_alarm_s(), raise_on_error=True)
+    except TimeoutException:
+        warnings.warn(RewardTimeoutWarning(f"math-verify parse alarm ({MATH_VERIFY_TIMEOUT_S} s)"), stacklevel=2)
+        return 0.0
+    except Exception:  # noqa: BLE001 - a prediction math-verify cannot parse is simply wrong
+        return 0.0
+    for g in gold:
+        for p in pred:
+            try:
+                if verify(g, p, timeout_seconds=_alarm_s(), raise_on_error=True):
+                    return 1.0
+            except TimeoutException:
+                warnings.warn(RewardTimeoutWarning(f"math-verify verify alarm ({MATH_VERIFY_TIMEOUT_S} s)"),
+                              stacklevel=2)
+            except Exception:  # noqa: BLE001, S112 - as math-verify does: a failing pair is not a match
+                continue
+    return 0.0
+
+
+def grade(completion: str, answer: str | int) -> float | None:
+    """1.0 if the last boxed answer after `</think>` equals `answer`, else 0.0; None if `answer` is unparseable.
+
+    >>> grade(r"<think>maybe \\boxed{7}</think> so \\boxed{033}", "33")
+    1.0
+    >>> grade(r"The answer is \\boxed{\\dfrac{2}{4}}.", r"\\frac{1}{2}")
+    1.0
+    >>> grade("The answer is 12.", "12")
+    0.0
+    """
+    if isinstance(answer, bool) or not isinstance(answer, (str, int)):
+        raise TypeError(f"the gold answer must be a string or an int, got {type(answer).__name__}: {answer!r}")
+    answer = str(answer)
+    gold_int = canonical_int(answer)
+    gold = () if gold_int is not None else _parse_gold(answer)
+    if gold_int is None and not gold:
+        warnings.warn(GoldAnswerWarning(f"unparseable gold answer {answer[:200]!r}: sample skipped"), stacklevel=2)
+        return None
+    if gold_int is None and not any(isinstance(g, (Basic, MatrixBase)) for g in gold):
+        warnings.warn(GoldAnswerWarning(f"gold answer {answer[:200]!r} parses only as text: exact match only"),
+                      stacklevel=2)
+    boxed = last_boxed(answer_text(completion))
+    if boxed is None:
+        return 0.0
+    pred_int = canonical_int(boxed)
+    if gold_int is not None and pred_int is not None:
+        return float(gold_int == pred_int)
+    return _verify_boxed(gold or _parse_gold(answer), boxed)
+
+
+def math_accuracy(prompts: list, completions: list, answer: list[str | int], **columns: Any) -> list[float | None]:
+    """TRL reward: `grade` of each completion against the dataset column `answer` (1.0 / 0.0 / None = skip)."""
+    if len(answer) != len(completions):
+        raise ValueError(f"math_accuracy: {len(completions)} completions but {len(answer)} 'answer' values")
+    return [grade(completion_text(c), a) for c, a in zip(completions, answer)]
