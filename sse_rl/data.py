@@ -1,7 +1,8 @@
 """Prompt datasets and the resumable sampler that walks them.
 
 Choices:
-1) A source is an HF hub id (`org/name`, loaded with `datasets`) or a local `.jsonl` / `.parquet` file.
+1) A source is an HF hub id (`org/name`, loaded with `datasets`), a local `.jsonl` / `.parquet` file, or a
+   generator `pkg.mod:fn` called as fn(split) -> list of row dicts (synthetic tasks such as the toy task).
 2) Every row is checked up front: a row missing a template field or the answer column fails the run before any
    engine starts, with the row number and the field name in the message.
 3) Reward functions see every column of the row plus `answer` (the configured answer column).
@@ -10,6 +11,7 @@ Choices:
 """
 from __future__ import annotations
 
+import importlib
 import random
 import string
 from dataclasses import dataclass
@@ -28,10 +30,13 @@ class Prompt:
 
 
 def _read_rows(source: str, split: str, subset: str) -> list[dict[str, Any]]:
-    """Rows of a local jsonl/parquet file or of an HF hub dataset split."""
+    """Rows of a local jsonl/parquet file, an HF hub dataset split, or a `pkg.mod:fn` returning fn(split)."""
     import datasets
 
     path = Path(source)
+    if ":" in source and not path.exists():
+        module, _, name = source.partition(":")
+        return [dict(row) for row in getattr(importlib.import_module(module), name)(split)]
     if path.suffix in (".jsonl", ".json", ".parquet"):
         if not path.is_file():
             raise FileNotFoundError(f"dataset file {source} does not exist")
