@@ -3,7 +3,6 @@ import itertools
 import math
 
 import pytest
-
 from sse_rl.eval import ProblemSamples, compute_metrics, majority_vote, pass_at_k
 from sse_rl.eval.metrics import ks_for, standard_errors
 

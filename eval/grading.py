@@ -1,0 +1,64 @@
+"""Grading of eval completions with the training reward, plus the answer each completion votes for in maj@k.
+
+Eval and training score answers the same way: the score is the rewards package's `math_accuracy` (text after the
+last `</think>`, last `\\boxed{}`, integer fast path, math-verify otherwise), run in a `RewardPool` so that a
+pathological completion costs one sandboxed worker a hard time limit, never the run. The vote of a completion for
+maj@k is what that grader reads: the last box after `</think>`, as a canonical integer when it is one, else the box
+content with whitespace removed. Two LaTeX answers that are equal but spelled differently (`\\frac12` and `0.5`)
+therefore vote for different answers; for AIME's integer answers the vote is exact.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Self
+
+from sse_rl.rewards import RewardPool, SandboxConfig
+from sse_rl.rewards.math_reward import answer_text, canonical_int, last_boxed
+
+
+@dataclass(frozen=True)
+class Grade:
+    score: float | None  # None: the grader could not grade (e.g. it cannot parse the gold answer)
+    pred: str | None  # normalised extracted answer, None when nothing was extracted
+
+    @property
+    def correct(self) -> bool:
+        return self.score is not None and self.score >= 1.0
+
+
+# (completions, gold answers) -> one Grade per completion
+Grader = Callable[[list[str], list[str]], list[Grade]]
+
+
+def extract_answer(completion: str) -> str | None:
+    """The answer a completion votes for in maj@k (see the module docstring)."""
+    boxed = last_boxed(answer_text(completion))
+    if boxed is None:
+        return None
+    canonical = canonical_int(boxed)
+    return canonical if canonical is not None else "".join(boxed.split()) or None
+
+
+class MathGrader:
+    """The default `Grader`: `math_accuracy` scores from a sandboxed `RewardPool`, `extract_answer` votes.
+
+    Holds worker processes: create once, reuse, and close it (or use it as a context manager).
+    """
+
+    def __init__(self, sandbox: SandboxConfig | None = None) -> None:
+        self.pool = RewardPool(["math_accuracy"], sandbox or SandboxConfig(workers=2))
+
+    def __call__(self, completions: list[str], golds: list[str]) -> list[Grade]:
+        result = self.pool.score([""] * len(completions), completions, answer=golds)
+        scores = result.per_function["math_accuracy"]
+        return [Grade(score=s, pred=extract_answer(c)) for s, c in zip(scores, completions)]
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
