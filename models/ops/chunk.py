@@ -323,20 +323,6 @@ def chunk_gla_segments(
     return ChunkGLASegmentsFunction.apply(q, k, v, g, h0, seg_start, seg_len, scale, output_final_state)
 
 
-def chunk_gla_segments_ref(q, k, v, g, seg_start, seg_len, *, scale, initial_state=None):
-    """Per-token recurrence of `chunk_gla_segments` in fp32 (host loop over segments: tests only)."""
-    R, H, DK = q.shape
-    o = torch.zeros(R, H, v.shape[-1], dtype=torch.float32, device=q.device)
-    states = []
-    for i, (start, n) in enumerate(zip(seg_start.tolist(), seg_len.tolist())):
-        s = torch.zeros(H, DK, v.shape[-1], device=q.device) if initial_state is None else initial_state[i].clone()
-        for t in range(start, start + n):
-            s = s * g[t].float().exp()[..., None] + k[t].float()[..., None] * v[t].float()[:, None, :]
-            o[t] = scale * (q[t].float()[..., None] * s).sum(1)
-        states.append(s)
-    return o, torch.stack(states)
-
-
 def check_sse_inputs(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, top_k,
                      initial_state, cu_seqlens) -> int:
     """Shape checks of the SSE op (host-side only, no device sync); returns the number of sequences S."""

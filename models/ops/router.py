@@ -141,9 +141,3 @@ def fused_router(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor,
     probs, weights, indices = RouterFunction.apply(router_logits.reshape(-1, N).contiguous(), top_k)
     return probs.view(*lead, N), weights.view(*lead, top_k), indices.view(*lead, top_k)
 
-
-def router_ref(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PyTorch reference of `fused_router`: fp32 softmax, stable top-K (ties -> lower index), no renormalisation."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    order = torch.sort(probs, dim=-1, descending=True, stable=True).indices[..., :top_k]
-    return probs, probs.gather(-1, order), order

@@ -3,7 +3,8 @@ import pytest
 import torch
 from kernel_testing import DEVICE, assert_close
 
-from sse_rl.models.ops.router import fused_router, router_ref
+from sse_rl.models.ops.naive import sse_router as router_ref
+from sse_rl.models.ops.router import fused_router
 
 CASES = [(1, 4, 1), (37, 4, 1), (37, 4, 2), (70, 7, 3), (5, 1, 1), (33, 16, 4)]
 

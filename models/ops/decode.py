@@ -1,0 +1,115 @@
+"""Fused SSE decode step: router + shared and top-K partition updates + read-out, in place on a slot cache.
+
+One program owns one (sequence, head, dv-tile): it routes the token (same softmax/top-K code as router.py), then
+for the shared partition and each selected partition loads the fp32 state tile [dk, BV] of
+`state[slot, partition, head]`, decays and writes it, stores it back and accumulates the read-out. A step moves
+exactly the (K+1) touched partitions' states once in and once out, which is the bandwidth bound the benchmark
+compares against. Rows with a negative slot id (padding) write a zero output and touch no state.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sse_rl.models.ops.router import pick_top1, router_softmax, topk_candidates
+
+DECODE_BV = 32
+
+
+@triton.jit
+def update_partition(state, i_slot, i_p, i_h, o_k, o_v, m_kv, b_q, b_k, b_g, b_v,
+                     NP: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
+    """S <- diag(exp g) S + k^T v on the tile [BK, BV] of state[slot, i_p, head], stored in place; returns q S."""
+    p_s = state + (((i_slot * NP + i_p) * H + i_h) * DK + o_k[:, None]) * DV + o_v[None, :]
+    b_s = tl.load(p_s, mask=m_kv, other=0.0)
+    b_s = b_s * tl.exp(b_g)[:, None] + b_k[:, None] * b_v[None, :]
+    tl.store(p_s, b_s, mask=m_kv)
+    return tl.sum(b_q[:, None] * b_s, 0)
+
+
+@triton.jit
+def sse_decode_kernel(
+    q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, logits, state, slot_ids, o, scale,
+    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
+):
+    i_v, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_k, o_v, o_n = tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BN)
+    m_k, m_v = o_k < DK, o_v < DV
+    p_o = o + (i_b * H + i_h) * DV + o_v
+    i_slot = tl.load(slot_ids + i_b).to(tl.int64)
+    if i_slot < 0:
+        tl.store(p_o, tl.zeros([BV], dtype=tl.float32).to(o.dtype.element_ty), mask=m_v)
+        return
+    b_x = tl.load(logits + i_b * N + o_n, mask=o_n < N, other=0.0)
+    b_p = router_softmax(b_x[None, :], o_n, N)                                   # [1, BN]
+    b_rem = topk_candidates(b_p, o_n, N)
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_k = (i_b * H + i_h) * DK + o_k
+    b_v = tl.load(v + (i_b * H + i_h) * DV + o_v, mask=m_v, other=0.0).to(tl.float32)
+    b_q = tl.load(q_sh + p_k, mask=m_k, other=0.0).to(tl.float32)
+    b_k = tl.load(k_sh + p_k, mask=m_k, other=0.0).to(tl.float32)
+    b_g = tl.load(g_sh + p_k, mask=m_k, other=0.0).to(tl.float32)
+    b_o = update_partition(state, i_slot, 0, i_h, o_k, o_v, m_kv, b_q, b_k, b_g, b_v, N + 1, H, DK, DV)
+    b_q = tl.load(q_sp + p_k, mask=m_k, other=0.0).to(tl.float32)
+    b_k = tl.load(k_sp + p_k, mask=m_k, other=0.0).to(tl.float32)
+    b_g = tl.load(g_sp + p_k, mask=m_k, other=0.0).to(tl.float32)
+    for r in tl.static_range(K):
+        _, b_idx, b_rem = pick_top1(b_rem, o_n)                                   # [1]
+        b_w = tl.sum(tl.sum(tl.where(o_n[None, :] == b_idx[:, None], b_p, 0.0), 1), 0)
+        b_o += update_partition(state, i_slot, 1 + tl.sum(b_idx, 0), i_h, o_k, o_v, m_kv, b_w * b_q, b_w * b_k,
+                                b_g, b_v, N + 1, H, DK, DV)
+    tl.store(p_o, (b_o * scale).to(o.dtype.element_ty), mask=m_v)
+
+
+def check_decode_inputs(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, state,
+                        slot_ids, top_k) -> None:
+    B, H, DK = q_shared.shape
+    for name, x in (("k_shared", k_shared), ("q_sparse", q_sparse), ("k_sparse", k_sparse),
+                    ("g_shared", g_shared), ("g_sparse", g_sparse)):
+        if x.shape != q_shared.shape:
+            raise ValueError(f"{name} must have the shape of q_shared {tuple(q_shared.shape)}, got {tuple(x.shape)}")
+    if v.ndim != 3 or v.shape[:2] != (B, H):
+        raise ValueError(f"v must be [B={B}, H={H}, dv], got {tuple(v.shape)}")
+    if router_logits.ndim != 2 or router_logits.shape[0] != B:
+        raise ValueError(f"router_logits must be [B={B}, N], got {tuple(router_logits.shape)}")
+    N = router_logits.shape[1]
+    if not 1 <= top_k <= N:
+        raise ValueError(f"top_k must be in [1, N={N}], got {top_k}")
+    want = (N + 1, H, DK, v.shape[-1])
+    if state.ndim != 5 or tuple(state.shape[1:]) != want or state.dtype != torch.float32:
+        raise ValueError(f"state must be fp32 [num_slots, {', '.join(map(str, want))}], "
+                         f"got {state.dtype} {tuple(state.shape)}")
+    if not state.is_contiguous():
+        raise ValueError("state must be contiguous: it is updated in place")
+    if slot_ids.shape != (B,) or slot_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_ids must be int32/int64 [B={B}], got {slot_ids.dtype} {tuple(slot_ids.shape)}")
+
+
+def sse_decode_triton(
+    q_shared: torch.Tensor, k_shared: torch.Tensor, q_sparse: torch.Tensor, k_sparse: torch.Tensor,
+    v: torch.Tensor, g_shared: torch.Tensor, g_sparse: torch.Tensor, router_logits: torch.Tensor,
+    state: torch.Tensor, slot_ids: torch.Tensor, *, top_k: int, scale: float | None = None,
+) -> torch.Tensor:
+    """One SSE decoding step with the fused Triton kernel (interfaces.md `sse_decode`): inputs [B, H, d] one
+    token per sequence, router_logits [B, N], state [num_slots, N+1, H, dk, dv] fp32 updated IN PLACE at the
+    distinct non-negative `slot_ids` [B]. Returns o [B, H, dv] in v's dtype (zero for padded rows). No autograd.
+
+    Examples::
+        >>> o = sse_decode_triton(q1, k1, q2, k2, v, g1, g2, logits, state, slots, top_k=1)
+    """
+    check_decode_inputs(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, state,
+                        slot_ids, top_k)
+    B, H, DK = q_shared.shape
+    DV, N = v.shape[-1], router_logits.shape[1]
+    BV = min(DECODE_BV, max(16, triton.next_power_of_2(DV)))
+    o = torch.empty_like(v)
+    q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits = (
+        x.contiguous() for x in (q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits))
+    sse_decode_kernel[(triton.cdiv(DV, BV), B, H)](
+        q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, state, slot_ids, o,
+        DK ** -0.5 if scale is None else scale,
+        H=H, DK=DK, DV=DV, N=N, K=top_k, BK=triton.next_power_of_2(DK), BV=BV, BN=triton.next_power_of_2(N),
+    )
+    return o

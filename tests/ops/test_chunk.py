@@ -1,0 +1,130 @@
+"""Chunked-GLA-over-segments kernels and the Triton SSE op against the PyTorch references (outputs, final states,
+gradients of every input). CPU CI runs tiny shapes under TRITON_INTERPRET=1; a GPU runs the full sweep."""
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_testing import DEVICE, ON_GPU, assert_close
+
+from sse_rl.models.ops.chunk import chunk_gla_segments, sse_triton
+from sse_rl.models.ops.naive import gla_chunk, sse_recurrent
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
+
+
+def sse_inputs(B, T, H, DK, DV, N, S, dtype):
+    """Inputs shaped like the SSE layer makes them: silu/softmax features, logsigmoid/16 decays."""
+    x = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
+    feats = [F.silu(x(B, T, H, DK)), x(B, T, H, DK).softmax(-1), F.silu(x(B, T, H, DK)), x(B, T, H, DK).softmax(-1),
+             F.silu(x(B, T, H, DV)), F.logsigmoid(x(B, T, H, DK)) / 16, F.logsigmoid(x(B, T, H, DK)) / 16,
+             x(B, T, N)]
+    return [f.to(dtype) for f in feats], 0.1 * x(S, N + 1, H, DK, DV)
+
+
+def grads(outputs, cotangents, inputs):
+    loss = sum((o.float() * c).sum() for o, c in zip(outputs, cotangents))
+    return torch.autograd.grad(loss, inputs)
+
+
+# (B, T, H, DK, DV, N, K, cu_seqlens): T = 1, chunk multiples +-1, empty and one-token sequences, K up to N.
+CPU_CASES = [
+    (2, 1, 2, 16, 16, 4, 1, None),
+    (2, 65, 2, 32, 16, 4, 1, None),
+    (1, 70, 1, 16, 32, 4, 2, [0, 3, 3, 70]),
+    (1, 50, 3, 24, 16, 6, 3, [0, 1, 10, 50]),
+    (1, 129, 1, 80, 72, 2, 2, None),
+    (1, 20, 1, 16, 16, 3, 3, None),
+]
+GPU_CASES = [
+    (1, 63, 4, 64, 64, 4, 1, None),
+    (2, 200, 2, 128, 128, 4, 2, None),
+    (1, 300, 2, 256, 256, 4, 1, [0, 1, 64, 65, 300]),
+    (3, 129, 1, 256, 128, 8, 2, None),
+    (1, 1000, 1, 64, 64, 4, 1, [0, 500, 1000]),
+]
+CASES = CPU_CASES + (GPU_CASES if ON_GPU else [])
+
+
+def case_id(c) -> str:
+    B, T, H, DK, DV, N, K, cu = c
+    return f"B{B}-T{T}-H{H}-dk{DK}-dv{DV}-N{N}-K{K}" + (f"-S{len(cu) - 1}" if cu else "")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_sse_triton_matches_recurrent(case, dtype: torch.dtype) -> None:
+    B, T, H, DK, DV, N, K, cu = case
+    cu_t = torch.tensor(cu, device=DEVICE) if cu else None
+    S = len(cu) - 1 if cu else B
+    feats, h0 = sse_inputs(B, T, H, DK, DV, N, S, dtype)
+    tri_in = [f.clone().requires_grad_() for f in feats] + [h0.clone().requires_grad_()]
+    ref_in = [f.float().requires_grad_() for f in feats] + [h0.clone().requires_grad_()]
+    kw = dict(top_k=K, output_final_state=True, cu_seqlens=cu_t)
+    o, ht = sse_triton(*tri_in[:-1], initial_state=tri_in[-1], **kw)
+    ro, rht = sse_recurrent(*ref_in[:-1], initial_state=ref_in[-1], **kw)
+    assert o.dtype == dtype and ht.dtype == torch.float32 and ht.shape == (S, N + 1, H, DK, DV)
+    tol = TOL[dtype]
+    assert_close("o", ro, o, tol)
+    assert_close("final_state", rht, ht, tol)
+    cot = [torch.randn_like(ro), torch.randn_like(rht)]
+    names = ["q_shared", "k_shared", "q_sparse", "k_sparse", "v", "g_shared", "g_sparse", "router_logits", "h0"]
+    for name, r, t in zip(names, grads([ro, rht], cot, ref_in), grads([o, ht], cot, tri_in)):
+        assert_close(f"d{name}", r, t, tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gla_segments_any_order_with_empty_segments(dtype: torch.dtype) -> None:
+    """Segments in arbitrary state order, empty ones passing their state through, versus naive gla_chunk."""
+    H, DK, DV = 2, 32 if not ON_GPU else 128, 48 if not ON_GPU else 256
+    lens = [70, 0, 1, 64, 0, 33]
+    bounds = torch.tensor([0] + lens, device=DEVICE).cumsum(0)
+    R, G = sum(lens), len(lens)
+    q, v = torch.randn(1, R, H, DK, device=DEVICE), torch.randn(1, R, H, DV, device=DEVICE)
+    k = torch.randn(1, R, H, DK, device=DEVICE).softmax(-1)
+    g = F.logsigmoid(torch.randn(1, R, H, DK, device=DEVICE)) / 8
+    h0 = torch.randn(G, H, DK, DV, device=DEVICE)
+    ref_in = [x.requires_grad_() for x in (q, k, v, g, h0)]
+    tri_in = [x.detach().to(dtype).requires_grad_() for x in (q[0], k[0], v[0], g[0])] + [h0.detach().clone()]
+    tri_in[-1].requires_grad_()
+    order = torch.randperm(G, device=DEVICE)  # kernel state row i <- segment order[i]
+    o, ht = chunk_gla_segments(*tri_in[:4], bounds[:-1][order].int(), bounds.diff()[order].int(), scale=0.2,
+                               initial_state=tri_in[4][order], output_final_state=True)
+    ro, rht = gla_chunk(*ref_in[:4], 0.2, ref_in[4], bounds)
+    tol = TOL[dtype]
+    assert_close("o", ro[0], o, tol)
+    assert_close("final_state", rht[order], ht, tol)
+    assert torch.equal(ht[order.argsort()][1], h0[1]) and torch.equal(ht[order.argsort()][4], h0[4])
+    cot = [torch.randn_like(ro[0]), torch.randn_like(rht[order])]
+    ref_g = grads([ro[0], rht[order]], cot, ref_in)
+    tri_g = grads([o, ht], cot, tri_in)
+    for name, r, t in zip("qkvgh", ref_g, tri_g):
+        assert_close(f"d{name}", r.squeeze(0), t, tol)
+
+
+def test_sse_triton_is_deterministic_and_final_state_optional() -> None:
+    feats, _ = sse_inputs(1, 90, 2, 16, 16, 4, 1, torch.float32)
+    inputs = [f.requires_grad_() for f in feats]
+    runs = []
+    for _ in range(2):
+        o, ht = sse_triton(*inputs, top_k=2)
+        runs.append((o, *torch.autograd.grad(o.square().sum(), inputs)))
+    assert ht is None
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(v=(1, 8, 3, 16)), "v must be"),
+    (dict(cu=[0, 3, 9]), "cu_seqlens must rise"),
+    (dict(B=2, cu=[0, 8]), "batch size must be 1"),
+    (dict(top_k=5), "top_k"),
+    (dict(h0_dtype=torch.bfloat16), "initial_state must be fp32"),
+])
+def test_sse_triton_rejects_bad_inputs(change: dict, match: str) -> None:
+    B = change.get("B", 1)
+    feats, h0 = sse_inputs(B, 8, 2, 16, 16, 4, 1, torch.float32)
+    if "v" in change:
+        feats[4] = torch.randn(*change["v"], device=DEVICE)
+    cu = torch.tensor(change["cu"]) if "cu" in change else None
+    with pytest.raises(ValueError, match=match):
+        sse_triton(*feats, top_k=change.get("top_k", 1), cu_seqlens=cu,
+                   initial_state=h0.to(change.get("h0_dtype", torch.float32)))
