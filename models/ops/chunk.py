@@ -18,10 +18,11 @@ device, so nothing here synchronises with the host.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
-
 from sse_rl.models.ops.router import fused_router
 from sse_rl.models.ops.routing import gather_pairs, scatter_pairs, sort_by_partition
 
@@ -262,10 +263,10 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def chunk_gla_fwd(q, k, v, g, h0, seg_start, seg_len, chunk_off, table, scale: float, store_ht: bool):
-    R, H, DK = q.shape
+    _, H, DK = q.shape
     DV, G, NC = v.shape[-1], seg_len.numel(), table.shape[0]
     BK, BV = block_size(DK), block_size(DV)
-    meta = dict(H=H, DK=DK, DV=DV, BT=BT, BK=BK, BV=BV, PREC=dot_precision(q.dtype))
+    meta = {"H": H, "DK": DK, "DV": DV, "BT": BT, "BK": BK, "BV": BV, "PREC": dot_precision(q.dtype)}
     h = q.new_empty(NC, H, DK, DV)
     ht = q.new_empty(G, H, DK, DV, dtype=torch.float32) if store_ht else None
     grid = (triton.cdiv(DK, BK) * triton.cdiv(DV, BV), G, H)
@@ -277,10 +278,10 @@ def chunk_gla_fwd(q, k, v, g, h0, seg_start, seg_len, chunk_off, table, scale: f
 
 
 def chunk_gla_bwd(q, k, v, g, h, do, dht, seg_start, seg_len, chunk_off, table, scale: float, need_dh0: bool):
-    R, H, DK = q.shape
+    _, H, DK = q.shape
     DV, G, NC = v.shape[-1], seg_len.numel(), table.shape[0]
     BK, BV = block_size(DK), block_size(DV)
-    meta = dict(H=H, DK=DK, DV=DV, BT=BT, BK=BK, BV=BV, PREC=dot_precision(q.dtype))
+    meta = {"H": H, "DK": DK, "DV": DV, "BT": BT, "BK": BK, "BV": BV, "PREC": dot_precision(q.dtype)}
     dh = torch.empty_like(h)
     dh0 = q.new_empty(G, H, DK, DV, dtype=torch.float32) if need_dh0 else None
     grid = (triton.cdiv(DK, BK) * triton.cdiv(DV, BV), G, H)
@@ -343,7 +344,7 @@ def check_sse_inputs(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_spar
     S = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if cu_seqlens is not None and not cu_seqlens.is_cuda:
         cu = cu_seqlens.tolist()
-        if cu[0] != 0 or cu[-1] != T or any(a > b for a, b in zip(cu, cu[1:])):
+        if cu[0] != 0 or cu[-1] != T or any(a > b for a, b in itertools.pairwise(cu)):
             raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu}")
     want = (S, N + 1, H, DK, v.shape[-1])
     if initial_state is not None and (tuple(initial_state.shape) != want or initial_state.dtype != torch.float32):

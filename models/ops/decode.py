@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from sse_rl.models.ops.router import pick_top1, router_softmax, topk_candidates
 
 DECODE_BV = 32

@@ -35,8 +35,8 @@ def router_softmax(b_x, o_n, N: tl.constexpr):
 @triton.jit
 def topk_candidates(b_p, o_n, N: tl.constexpr):
     """Selection copy of the probs [BM, BN]: padded columns -1 (never picked) and NaN rows turned into a valid
-    tie, so a NaN token still picks K distinct in-range partitions (its weights stay NaN)."""
-    b_rem = tl.where(b_p == b_p, b_p, 0.0)
+    tie (NaN >= 0 is false), so a NaN token still picks K distinct in-range partitions (its weights stay NaN)."""
+    b_rem = tl.where(b_p >= 0.0, b_p, 0.0)
     return tl.where(o_n[None, :] < N, b_rem, -1.0)
 
 

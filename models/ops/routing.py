@@ -78,7 +78,7 @@ class PairsToSegments(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        perm, inv = ctx.saved_tensors
+        _, inv = ctx.saved_tensors
         return _combine(dy, inv, ctx.fold), None, None, None
 
 
@@ -91,5 +91,5 @@ class SegmentsToTokens(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        perm, inv = ctx.saved_tensors
+        perm, _ = ctx.saved_tensors
         return _gather(dy, perm, ctx.fold), None, None, None

@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_testing import DEVICE, ON_GPU, assert_close
-
 from sse_rl.models.ops.chunk import chunk_gla_segments, sse_triton
 from sse_rl.models.ops.naive import gla_chunk, sse_recurrent
 
@@ -14,7 +13,7 @@ DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
 
 def sse_inputs(B, T, H, DK, DV, N, S, dtype):
     """Inputs shaped like the SSE layer makes them: silu/softmax features, logsigmoid/16 decays."""
-    x = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
+    x = lambda *shape: torch.randn(*shape, device=DEVICE)
     feats = [F.silu(x(B, T, H, DK)), x(B, T, H, DK).softmax(-1), F.silu(x(B, T, H, DK)), x(B, T, H, DK).softmax(-1),
              F.silu(x(B, T, H, DV)), F.logsigmoid(x(B, T, H, DK)) / 16, F.logsigmoid(x(B, T, H, DK)) / 16,
              x(B, T, N)]
@@ -59,7 +58,7 @@ def test_sse_triton_matches_recurrent(case, dtype: torch.dtype) -> None:
     feats, h0 = sse_inputs(B, T, H, DK, DV, N, S, dtype)
     tri_in = [f.clone().requires_grad_() for f in feats] + [h0.clone().requires_grad_()]
     ref_in = [f.float().requires_grad_() for f in feats] + [h0.clone().requires_grad_()]
-    kw = dict(top_k=K, output_final_state=True, cu_seqlens=cu_t)
+    kw = {"top_k": K, "output_final_state": True, "cu_seqlens": cu_t}
     o, ht = sse_triton(*tri_in[:-1], initial_state=tri_in[-1], **kw)
     ro, rht = sse_recurrent(*ref_in[:-1], initial_state=ref_in[-1], **kw)
     assert o.dtype == dtype and ht.dtype == torch.float32 and ht.shape == (S, N + 1, H, DK, DV)
@@ -113,11 +112,11 @@ def test_sse_triton_is_deterministic_and_final_state_optional() -> None:
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(v=(1, 8, 3, 16)), "v must be"),
-    (dict(cu=[0, 3, 9]), "cu_seqlens must rise"),
-    (dict(B=2, cu=[0, 8]), "batch size must be 1"),
-    (dict(top_k=5), "top_k"),
-    (dict(h0_dtype=torch.bfloat16), "initial_state must be fp32"),
+    ({"v": (1, 8, 3, 16)}, "v must be"),
+    ({"cu": [0, 3, 9]}, "cu_seqlens must rise"),
+    ({"B": 2, "cu": [0, 8]}, "batch size must be 1"),
+    ({"top_k": 5}, "top_k"),
+    ({"h0_dtype": torch.bfloat16}, "initial_state must be fp32"),
 ])
 def test_sse_triton_rejects_bad_inputs(change: dict, match: str) -> None:
     B = change.get("B", 1)

@@ -3,7 +3,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_testing import DEVICE, ON_GPU, assert_close
-
 from sse_rl.models.ops.chunk import sse_triton
 from sse_rl.models.ops.decode import sse_decode_triton
 from sse_rl.models.ops.naive import sse_decode, sse_recurrent
@@ -12,7 +11,7 @@ DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
 
 
 def step_inputs(B, H, DK, DV, N, dtype):
-    x = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
+    x = lambda *shape: torch.randn(*shape, device=DEVICE)
     feats = [F.silu(x(B, H, DK)), x(B, H, DK).softmax(-1), F.silu(x(B, H, DK)), x(B, H, DK).softmax(-1),
              F.silu(x(B, H, DV)), F.logsigmoid(x(B, H, DK)) / 16, F.logsigmoid(x(B, H, DK)) / 16, x(B, N)]
     return [f.to(dtype) for f in feats]

@@ -2,7 +2,6 @@
 import pytest
 import torch
 from kernel_testing import DEVICE, assert_close
-
 from sse_rl.models.ops.naive import sse_router as router_ref
 from sse_rl.models.ops.router import fused_router
 

@@ -2,7 +2,6 @@
 import pytest
 import torch
 from kernel_testing import DEVICE
-
 from sse_rl.models.ops.routing import gather_pairs, scatter_pairs, sort_by_partition
 
 
