@@ -23,7 +23,7 @@ from typing import Any
 from latex2sympy2_extended import NormalizationConfig
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
-from sse_rl.rewards.sandbox import RewardTimeoutWarning
+from sse_rl.rewards.sandbox import RewardTimeoutWarning, RewardWarning
 from sympy import Basic, MatrixBase
 
 # math-verify's own per-call alarm (whole seconds); the sandbox's wall-clock kill is the hard bound on top.
@@ -45,7 +45,7 @@ _INT_NOISE = re.compile(r"\^\{?\\circ\}?|\\[,!; ]|[\s$]")
 _INT = re.compile(r"[+-]?[0-9]{1,3}(,[0-9]{3})+|[+-]?[0-9]+", re.ASCII)
 
 
-class GoldAnswerWarning(UserWarning):
+class GoldAnswerWarning(RewardWarning):
     """The dataset's gold answer could not be parsed: the sample is skipped (None), not scored 0."""
 
 

@@ -1,0 +1,144 @@
+"""RewardPool end to end: real math-verify in spawned workers, peer agreement, weights, errors, async, no leaks."""
+import asyncio
+import functools
+import json
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from reward_procs import reward_children
+from sse_rl.rewards import (
+    RewardFunctionError,
+    RewardPool,
+    RewardSpec,
+    RewardSpecError,
+    SandboxConfig,
+    overlong,
+)
+
+USER = Path(__file__).with_name("user_rewards.py")
+TIMEOUT_S = 2.0
+PEER = "peer_graded/qwen25math_harness_math_cot_100_flat.jsonl"
+
+
+
+@pytest.fixture(scope="module")
+def pool():
+    rewards = [
+        "math_accuracy",
+        RewardSpec("format", weight=0.5),
+        RewardSpec("overlong", weight=2.0, kwargs={"max_length": 10, "cache_length": 4}),
+        RewardSpec(f"{USER}:misbehave", name="user"),
+    ]
+    with RewardPool(rewards, SandboxConfig(workers=2, timeout_s=TIMEOUT_S, memory_mb=1024)) as p:
+        yield p
+
+
+def _score(pool, completions, answers, ids=None):
+    ids = ids or [[0]] * len(completions)
+    return pool.score(["p"] * len(completions), completions, answer=answers, completion_ids=ids)
+
+
+def test_agreement_with_peer_grader_through_the_pool(shared_data):
+    rows = [json.loads(line) for line in (shared_data / PEER).read_text().splitlines()]
+    with RewardPool(["math_accuracy"], SandboxConfig(workers=2)) as pool:
+        result = pool.score([r["problem"] for r in rows], [r["completion"] for r in rows],
+                            answer=[r["gold"] for r in rows])
+    agree = sum((v == 1.0) == r["peer_correct"] for v, r in zip(result.per_function["math_accuracy"], rows))
+    assert agree >= 799, f"agreement {agree}/800"
+    assert result.timeouts == 0 and result.total == result.per_function["math_accuracy"]
+
+
+def test_weighted_total_keeps_per_reward_values(pool):
+    completions = [r"<think>a</think>\boxed{12}", r"\boxed{12}", r"<think>a</think>\boxed{7}"]
+    result = _score(pool, completions, ["12", "12", "12"], ids=[[0] * 6, [0] * 8, [0] * 10])
+    assert result.per_function == {"math_accuracy": [1.0, 1.0, 0.0], "format": [1.0, 0.0, 1.0],
+                                   "overlong": [0.0, -0.5, -1.0], "user": [1.0, 1.0, 1.0]}
+    assert result.total == pytest.approx([2.5, 1.0, -0.5])
+    assert result.timeouts == 0 and result.errors == []
+    assert result.metrics()["reward/math_accuracy/mean"] == pytest.approx(2 / 3)
+
+
+def test_chat_completions_and_int_answers(pool):
+    chat = [[{"role": "assistant", "content": r"<think>a</think>\boxed{033}"}]]
+    result = pool.score([[{"role": "user", "content": "q"}]], chat, answer=[33], completion_ids=[[0]])
+    assert result.per_function["math_accuracy"] == [1.0] and result.per_function["format"] == [1.0]
+
+
+def test_unparseable_gold_is_reported_not_zero(pool):
+    result = _score(pool, [r"\boxed{1}", r"\boxed{1}"], ["", "1"])
+    assert result.per_function["math_accuracy"] == [None, 1.0]
+    assert [(e.function, e.index, e.kind) for e in result.errors] == [("math_accuracy", 0, "GoldAnswerWarning")]
+    assert result.metrics()["reward/errors/GoldAnswerWarning"] == 1.0
+
+
+def test_timeout_memory_and_warnings_are_counted(pool):
+    pids = pool.worker_pids()
+    start = time.monotonic()
+    result = _score(pool, ["sleep", "hog", "warn", "ok"], ["1"] * 4)
+    elapsed = time.monotonic() - start
+    assert result.per_function["user"] == [0.0, 0.0, 1.0, 1.0]
+    kinds = {(e.index, e.kind) for e in result.errors if e.function == "user"}
+    assert kinds == {(0, "timeout"), (1, "memory"), (2, "OddSampleWarning")}
+    assert result.timeouts == 1
+    assert elapsed < TIMEOUT_S + 1.5
+    killed = set(pids) - set(pool.worker_pids())
+    assert len(killed) == 1 and not any(psutil.pid_exists(p) for p in killed)
+
+
+def test_reward_bugs_raise_with_name_and_sample(pool):
+    with pytest.raises(RewardFunctionError, match=r"(?s)reward 'user' raised on sample 1:.*KeyError.*difficulty"):
+        _score(pool, ["ok", "raise"], ["1", "1"])
+    with pytest.raises(RewardFunctionError, match="expected a float or None, got str"):
+        _score(pool, ["junk"], ["1"])
+    assert _score(pool, ["ok"], ["1"]).per_function["user"] == [1.0]  # the pool is still usable
+
+
+def test_score_async_keeps_the_event_loop_free(pool):
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tick_task = asyncio.create_task(ticker())
+        a, b = await asyncio.gather(
+            pool.score_async(["p"], [r"\boxed{2}"], answer=["2"], completion_ids=[[0]]),
+            pool.score_async(["p"], ["sleep"], answer=["2"], completion_ids=[[0]]),
+        )
+        tick_task.cancel()
+        return a, b, ticks
+
+    a, b, ticks = asyncio.run(main())
+    assert a.per_function["math_accuracy"] == [1.0] and b.timeouts == 1
+    assert ticks >= 50, f"event loop ticked only {ticks} times during a {TIMEOUT_S} s timeout"
+
+
+def test_bad_inputs_fail_clearly(pool):
+    with pytest.raises(ValueError, match="'answer' must be a list with one value per completion"):
+        pool.score(["p", "p"], ["a", "b"], answer=["1"], completion_ids=[[0], [0]])
+    with pytest.raises(ValueError, match="'prompts' must be a list"):
+        pool.score("p", ["a"], answer=["1"], completion_ids=[[0]])
+    with pytest.raises(RewardSpecError, match="unknown reward 'accuracy'"):
+        RewardPool(["accuracy"])
+    with pytest.raises(ValueError, match="cannot be pickled"):
+        RewardPool([RewardSpec(lambda prompts, completions, **kw: [1.0] * len(completions), name="lam")])
+    with pytest.raises(ValueError, match="names must be unique"):
+        RewardPool(["format", RewardSpec(functools.partial(overlong, max_length=4, cache_length=2), name="format")])
+
+
+def test_close_leaves_no_process():
+    before = reward_children()
+    pool = RewardPool([f"{USER}:misbehave"], SandboxConfig(workers=2, timeout_s=1.0))
+    first = pool.worker_pids()
+    result = pool.score(["p"] * 3, ["sleep", "ok", "ok"])
+    assert result.timeouts == 1
+    pids = set(first) | set(pool.worker_pids())
+    assert len(pids) == 3
+    pool.close()
+    assert not any(psutil.pid_exists(p) for p in pids)
+    assert reward_children() <= before

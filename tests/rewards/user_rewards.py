@@ -1,0 +1,31 @@
+"""User-style reward functions loaded by file path in the pool tests (`tests/rewards/user_rewards.py:<fn>`)."""
+import time
+import warnings
+
+from sse_rl.rewards import RewardWarning
+
+
+class OddSampleWarning(RewardWarning):
+    pass
+
+
+def brevity(prompts, completions, **columns):
+    return [1.0 / (1 + len(c)) for c in completions]
+
+
+def misbehave(prompts, completions, **columns):
+    """Acts out what the completion asks for: sleep, hog memory, raise, warn, or return junk."""
+    out = []
+    for c in completions:
+        if c == "sleep":
+            time.sleep(60)
+        elif c == "hog":
+            bytearray(8 << 30)
+        elif c == "raise":
+            raise KeyError("no column 'difficulty'")
+        elif c == "warn":
+            warnings.warn(OddSampleWarning("sample looks odd"), stacklevel=1)
+        elif c == "junk":
+            return ["1.0"]
+        out.append(1.0)
+    return out
