@@ -36,8 +36,6 @@ class SSEHMLP(nn.Module):
 
     def __init__(self, config: PretrainedConfig, prefix: str) -> None:
         super().__init__()
-        if config.hidden_act not in ("swish", "silu"):
-            raise ValueError(f"SSE-H in vLLM supports hidden_act 'swish'/'silu', got {config.hidden_act!r}")
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
                                                        bias=False, prefix=f"{prefix}.gate_up_proj")
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False,
@@ -108,7 +106,9 @@ class SSEHDecoderLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
-@support_torch_compile
+# Token-count dims are dynamic (explicit: postponed annotations hide the tensor types from the decorator).
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "intermediate_tensors": 0,
+                                         "inputs_embeds": 0})
 class SSEHModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()

@@ -53,7 +53,8 @@ def _low_rank(pair: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm over the last dim, times silu(gate) when given; computed in fp32, returned in the input dtype."""
+    """RMSNorm over the last dim, times silu(gate) when given: the HF model's `RMSNorm`/`GatedRMSNorm` numerics
+    (fp32 math, rounded to the input dtype after the norm and after the gate)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -62,10 +63,10 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
         if gate is not None:
-            y = y * F.silu(gate.float())
-        return y.to(x.dtype)
+            y = (y.float() * F.silu(gate.float())).to(x.dtype)
+        return y
 
 
 class SSEHMixer(nn.Module, MambaBase):
@@ -142,19 +143,20 @@ class SSEHMixer(nn.Module, MambaBase):
         output.copy_(self._output(o, hidden_states))
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Feature maps of spec §1.2, per head: q=silu, k=softmax over dk, v=silu, log-decays logsigmoid/normalizer."""
-        t, h = x.shape[0], self.num_heads
+        """Feature maps of spec §1.2 with the HF model's numerics: q = silu, k = softmax over dk (fp32), v = silu,
+        log-decays logsigmoid(.) / normalizer in fp32, router logits [T, N]."""
+        t, heads = x.shape[0], (self.num_heads, self.head_k_dim)
         qkv, _ = self.qkv_proj(x)
-        q, k, v = qkv.split([h * self.head_k_dim, h * self.head_k_dim, h * self.head_v_dim], dim=-1)
-        q_hat = q.view(t, h, self.head_k_dim)  # [T, H, dk]
-        k_hat = k.view(t, h, self.head_k_dim)  # [T, H, dk]
-        q_lora = _low_rank(self.lora_q_proj, x).view(t, h, self.head_k_dim)  # [T, H, dk]
-        k_lora = _low_rank(self.lora_k_proj, x).view(t, h, self.head_k_dim)  # [T, H, dk]
-        g_sh = F.logsigmoid(_low_rank(self.gk_proj[0], x)).view(t, h, self.head_k_dim) / self.gate_logit_normalizer
-        g_sp = F.logsigmoid(_low_rank(self.gk_proj[1], x)).view(t, h, self.head_k_dim) / self.gate_logit_normalizer
+        q1, k1, v = qkv.split([self.num_heads * self.head_k_dim] * 2 + [self.num_heads * self.head_v_dim], dim=-1)
+        q2, k2 = q1 + _low_rank(self.lora_q_proj, x), k1 + _low_rank(self.lora_k_proj, x)  # [T, H*dk]
+        q_sh, q_sp = F.silu(q1.view(t, *heads)), F.silu(q2.view(t, *heads))  # [T, H, dk]
+        k_sh = k1.view(t, *heads).float().softmax(-1).to(x.dtype)
+        k_sp = k2.view(t, *heads).float().softmax(-1).to(x.dtype)
+        v = F.silu(v.view(t, self.num_heads, self.head_v_dim))  # [T, H, dv]
+        g_sh, g_sp = (F.logsigmoid(_low_rank(p, x).view(t, *heads).float()) / self.gate_logit_normalizer
+                      for p in self.gk_proj)  # [T, H, dk] fp32
         router_logits, _ = self.e_proj(x)  # [T, N]
-        return (F.silu(q_hat), k_hat.softmax(-1), F.silu(q_hat + q_lora), (k_hat + k_lora).softmax(-1),
-                F.silu(v.view(t, h, self.head_v_dim)), g_sh, g_sp, router_logits)
+        return q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, router_logits
 
     def _decode(self, feats: tuple[torch.Tensor, ...], step: SSEStateMetadata, o: torch.Tensor) -> None:
         """One token per decode row, state updated in place; padded rows (slot -1) give zero output."""
