@@ -185,8 +185,9 @@ class Sandbox:
     def _on_exit(self, k: int, w: _Worker, outcomes: list) -> None:
         w.process.join()
         if not w.ready:
-            raise SandboxError(f"a reward worker exited with code {w.process.exitcode} before it was ready "
-                               f"(memory_mb={self.config.memory_mb} too small?)")
+            raise SandboxError(f"a reward worker exited with code {w.process.exitcode} before it was ready, see its "
+                               "stderr above; a script that starts a pool needs `if __name__ == '__main__':`, "
+                               f"and memory_mb={self.config.memory_mb} may be too small")
         if w.index is not None:
             seconds = time.monotonic() - w.started
             outcomes[w.index] = Outcome(0.0, "worker_died", f"worker exited with code {w.process.exitcode}", seconds)

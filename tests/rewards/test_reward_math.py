@@ -1,10 +1,12 @@
 """math_accuracy in-process: extraction, integer fast path, math-verify path, gold reporting, TRL signature."""
 import json
 import random
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sse_rl.rewards import GoldAnswerWarning, grade, math_accuracy
+from sse_rl.rewards import GoldAnswerWarning, RewardTimeoutWarning, grade, math_accuracy, math_reward
 from sse_rl.rewards.math_reward import _parse_gold, _verify_boxed, canonical_int, completion_text, last_boxed
 
 PEER = "peer_graded/qwen25math_harness_math_cot_100_flat.jsonl"
@@ -100,3 +102,18 @@ def test_agreement_with_peer_grader_in_process(shared_data):
         verdicts = [grade(r["completion"], r["gold"]) == 1.0 for r in rows]
     disagree = [r["gold"] for r, v in zip(rows, verdicts) if v != r["peer_correct"]]
     assert len(rows) == 800 and len(disagree) <= 1, disagree
+
+
+def test_math_verify_alarm_gives_zero_and_a_timeout_warning(monkeypatch):
+    monkeypatch.setattr(math_reward, "MATH_VERIFY_TIMEOUT_S", 1)
+    start = time.monotonic()
+    with pytest.warns(RewardTimeoutWarning, match="verify alarm"):
+        assert grade(r"\boxed{10^{10^{10}}}", "10") == 0.0
+    assert time.monotonic() - start < 3.0
+
+
+def test_works_off_the_main_thread():
+    """math-verify's alarms only work in a main thread; off it they are switched off instead of raising."""
+    with ThreadPoolExecutor(1) as ex:
+        got = ex.submit(math_accuracy, ["p"] * 2, [r"\boxed{\frac{2}{4}}", r"\boxed{3}"], answer=[r"\frac12", "4"])
+        assert got.result() == [1.0, 0.0]

@@ -76,12 +76,12 @@ def test_unparseable_gold_is_reported_not_zero(pool):
 def test_timeout_memory_and_warnings_are_counted(pool):
     pids = pool.worker_pids()
     start = time.monotonic()
-    result = _score(pool, ["sleep", "hog", "warn", "ok"], ["1"] * 4)
+    result = _score(pool, ["sleep", "hog", "warn", "alarm", "ok"], ["1"] * 5)
     elapsed = time.monotonic() - start
-    assert result.per_function["user"] == [0.0, 0.0, 1.0, 1.0]
+    assert result.per_function["user"] == [0.0, 0.0, 1.0, 0.0, 1.0]
     kinds = {(e.index, e.kind) for e in result.errors if e.function == "user"}
-    assert kinds == {(0, "timeout"), (1, "memory"), (2, "OddSampleWarning")}
-    assert result.timeouts == 1
+    assert kinds == {(0, "timeout"), (1, "memory"), (2, "OddSampleWarning"), (3, "timeout")}
+    assert result.timeouts == 2
     assert elapsed < TIMEOUT_S + 1.5
     killed = set(pids) - set(pool.worker_pids())
     assert len(killed) == 1 and not any(psutil.pid_exists(p) for p in killed)

@@ -2,7 +2,7 @@
 import time
 import warnings
 
-from sse_rl.rewards import RewardWarning
+from sse_rl.rewards import RewardTimeoutWarning, RewardWarning
 
 
 class OddSampleWarning(RewardWarning):
@@ -14,7 +14,7 @@ def brevity(prompts, completions, **columns):
 
 
 def misbehave(prompts, completions, **columns):
-    """Acts out what the completion asks for: sleep, hog memory, raise, warn, or return junk."""
+    """Acts out what the completion asks for: sleep, hog memory, raise, warn, time out itself, or return junk."""
     out = []
     for c in completions:
         if c == "sleep":
@@ -23,6 +23,10 @@ def misbehave(prompts, completions, **columns):
             bytearray(8 << 30)
         elif c == "raise":
             raise KeyError("no column 'difficulty'")
+        elif c == "alarm":
+            warnings.warn(RewardTimeoutWarning("own time limit hit"), stacklevel=1)
+            out.append(0.0)
+            continue
         elif c == "warn":
             warnings.warn(OddSampleWarning("sample looks odd"), stacklevel=1)
         elif c == "junk":
