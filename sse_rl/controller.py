@@ -1,0 +1,293 @@
+"""The single controller: starts the Ray actors, then runs the GRPO step loop and nothing else.
+
+One step: prompts = sampler.take -> engines.generate (G each) -> reward pool.score -> drop zero-variance groups and
+refill (dynamic sampling) -> advantages -> pack by token budget -> trainers.train -> weight sync + probe -> log,
+checkpoint, eval. The controller holds token ids, rewards and metrics, never model tensors: weights move from the
+trainers to the engines through the object store.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from sse_rl import checkpoint, weight_sync
+from sse_rl.config import Recipe
+from sse_rl.data import EpochSampler, Prompt
+from sse_rl.grpo.advantages import build_advantage_fn
+from sse_rl.grpo.filters import group_has_variance, loss_keep_mask
+from sse_rl.grpo.losses import build_loss_agg
+from sse_rl.metrics_log import MetricsLog
+from sse_rl.packing import MicroBatch, Sequence, pack
+from sse_rl.workers.reward import RewardWorker
+from sse_rl.workers.rollout import Rollout, RolloutWorker, SamplingSpec
+from sse_rl.workers.trainer import TrainerWorker
+
+
+@dataclass
+class Group:
+    """One prompt with its G scored completions."""
+
+    prompt: Prompt
+    prompt_ids: list[int]
+    rollouts: list[Rollout]
+    rewards: list[float]  # weighted total per completion (None from the pool counts as 0)
+    accuracy: list[float]  # raw value of the accuracy function per completion
+
+
+def request_seed(seed: int, *parts: int) -> int:
+    """A per-request sampling seed from the run seed and the request's coordinates (step, round, index)."""
+    value = seed
+    for p in parts:
+        value = (value * 1_000_003 + p + 1) % (2**31 - 1)
+    return value
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class Controller:
+    """Owns the actors and the loop of one run (see module doc)."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, model_path: str, train_prompts: list[Prompt],
+                 eval_prompts: list[Prompt], tokenizer: Any):
+        self.cfg, self.run_dir, self.model_path = recipe, run_dir, model_path
+        self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
+        self.tokenizer = tokenizer
+        self.sampler = EpochSampler(len(train_prompts), recipe.seed)
+        self.advantages = build_advantage_fn(recipe.algo.adv_std_scaling)
+        self.loss_agg = build_loss_agg(recipe.algo.loss_agg, recipe.rollout.max_tokens)
+        self.spec = SamplingSpec(n=recipe.rollout.group_size, max_tokens=recipe.rollout.max_tokens,
+                                 temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p)
+        self.probe_ids = [self._encode(p) for p in train_prompts[:recipe.run.probe_prompts]]
+        self.engines: list[Any] = []
+        self.trainers: list[Any] = []
+        self.reward: Any = None
+        self.reward_names: list[str] = []
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        return self.tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
+
+    # ----------------------------------------------------------------------------------------------------------
+    def start_actors(self) -> None:
+        """Create engines, trainer ranks and the reward pool; engines and trainers start in parallel."""
+        c = self.cfg
+        engine_cls = ray.remote(num_cpus=1, num_gpus=c.rollout.num_gpus_per_engine)(RolloutWorker)
+        self.engines = [engine_cls.remote(
+            self.model_path, dtype=c.rollout.dtype, max_model_len=c.rollout.max_model_len, seed=c.seed + i,
+            enforce_eager=c.rollout.enforce_eager, gpu_memory_utilization=c.rollout.gpu_memory_utilization,
+            tensor_parallel_size=c.rollout.tensor_parallel_size, cpu_kvcache_space_gib=c.rollout.cpu_kvcache_space_gib,
+        ) for i in range(c.rollout.num_engines)]
+        trainer_cls = ray.remote(num_cpus=1, num_gpus=c.train.num_gpus_per_trainer)(TrainerWorker)
+        addr, port = ray.util.get_node_ip_address(), _free_port()
+        self.trainers = [trainer_cls.remote(
+            self.model_path, rank=r, world_size=c.train.num_trainers, master_addr=addr, master_port=port,
+            train=c.train, algo=c.algo, temperature=c.rollout.temperature, seed=c.seed, dtype=c.model.dtype,
+            gradient_checkpointing=c.model.gradient_checkpointing,
+        ) for r in range(c.train.num_trainers)]
+        self.reward = ray.remote(num_cpus=1)(RewardWorker).remote(c.reward)
+        self.reward_names = ray.get(self.reward.function_names.remote())
+        ray.get([t.__ray_ready__.remote() for t in self.trainers + self.engines])
+
+    def restore(self) -> int:
+        """Load the newest checkpoint into the trainers and the sampler; returns the step to continue after."""
+        path = checkpoint.latest(self.run_dir)
+        if path is None:
+            return 0
+        state = checkpoint.load_state(path)
+        ray.get([t.load.remote(str(path)) for t in self.trainers])
+        self.sampler.load_state_dict(state["sampler"])
+        return state["step"]
+
+    def save(self, step: int) -> None:
+        def write_trainer(tmp: Path) -> None:
+            ray.get([t.save.remote(str(tmp)) for t in self.trainers])
+
+        checkpoint.save(self.run_dir, step, write_trainer, {"sampler": self.sampler.state_dict()},
+                        self.cfg.run.keep_checkpoints)
+
+    def sync(self) -> dict[str, float]:
+        seconds = weight_sync.push(self.trainers[0], self.engines)
+        diff = weight_sync.probe(self.trainers[0], self.engines[0], self.probe_ids)
+        return {"time/sync": seconds, "probe/max_abs_diff": diff}
+
+    def shutdown(self) -> None:
+        if self.reward is not None:
+            ray.get(self.reward.close.remote())
+        for actor in self.engines + self.trainers + [self.reward]:
+            if actor is not None:
+                ray.kill(actor)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def generate(self, prompts: list[Prompt], spec: SamplingSpec, seeds: list[int]) -> list[list[Rollout]]:
+        """Spread prompts over the engines (round-robin) and gather the completions in prompt order."""
+        ids = [self._encode(p) for p in prompts]
+        n = len(self.engines)
+        shards = [range(len(prompts))[i::n] for i in range(n)]
+        calls = [e.generate.remote([ids[j] for j in s], spec, [seeds[j] for j in s])
+                 for e, s in zip(self.engines, shards) if len(s)]
+        out: list[list[Rollout]] = [[] for _ in prompts]
+        for shard, result in zip(shards, ray.get(calls)):
+            for j, rollouts in zip(shard, result):
+                out[j] = rollouts
+        return out
+
+    def score(self, prompts: list[Prompt], rollouts: list[list[Rollout]]) -> tuple[list[list[float]],
+                                                                                 list[list[float]], dict[str, list]]:
+        """Rewards [P][G] and accuracy [P][G] of every completion, plus the raw per-function values (flat)."""
+        flat = [(p, r) for p, rs in zip(prompts, rollouts) for r in rs]
+        columns: dict[str, list[Any]] = {key: [p.columns[key] for p, _ in flat] for key in prompts[0].columns}
+        columns["completion_ids"] = [r.completion_ids for _, r in flat]
+        result = ray.get(self.reward.score.remote([p.text for p, _ in flat], [r.text for _, r in flat], columns))
+        g = len(rollouts[0])
+
+        def rows(values: list[float | None]) -> list[list[float]]:
+            values = [0.0 if v is None else v for v in values]
+            return [values[i:i + g] for i in range(0, len(values), g)]
+
+        raw = {f"reward/{name}/mean": values for name, values in result.per_function.items()}
+        raw["reward/timeouts"] = [float(result.timeouts)]
+        raw["reward/errors"] = [float(len(result.errors))]
+        return rows(result.total), rows(result.per_function[self.reward_names[self.cfg.reward.accuracy]]), raw
+
+    def collect(self, step: int) -> tuple[list[Group], dict[str, float]]:
+        """Generate and score rounds of prompts until `prompts_per_step` groups with signal (dynamic sampling)."""
+        c = self.cfg
+        kept: list[Group] = []
+        seen: list[Group] = []
+        raw: dict[str, list[float]] = {}
+        times = {"time/rollout": 0.0, "time/reward": 0.0}
+        rounds = c.algo.max_sampling_rounds if c.algo.dynamic_sampling else 1
+        for rnd in range(rounds):
+            prompts = [self.train_prompts[i] for i in self.sampler.take(c.train.prompts_per_step)]
+            seeds = [request_seed(c.seed, step, rnd, i) for i in range(len(prompts))]
+            t0 = time.perf_counter()
+            rollouts = self.generate(prompts, self.spec, seeds)
+            t1 = time.perf_counter()
+            rewards, acc, round_raw = self.score(prompts, rollouts)
+            times["time/rollout"] += t1 - t0
+            times["time/reward"] += time.perf_counter() - t1
+            for key, values in round_raw.items():
+                raw.setdefault(key, []).extend(values)
+            groups = [Group(p, self._encode(p), rs, r, a) for p, rs, r, a in zip(prompts, rollouts, rewards, acc)]
+            seen += groups
+            signal = group_has_variance(torch.tensor(acc)).tolist() if c.algo.dynamic_sampling else [True] * len(acc)
+            kept += [g for g, ok in zip(groups, signal) if ok]
+            if len(kept) >= c.train.prompts_per_step:
+                break
+        metrics = {**times, **_rollout_metrics(seen, raw), "sampling/rounds": float(rnd + 1),
+                   "sampling/kept_groups": float(min(len(kept), c.train.prompts_per_step))}
+        return kept[:c.train.prompts_per_step], metrics
+
+    def batches(self, groups: list[Group]) -> list[list[list[MicroBatch]]]:
+        """Advantages, loss weights and packing: per rank, per mini-batch, its micro-batches."""
+        c = self.cfg
+        adv = self.advantages(torch.tensor([g.rewards for g in groups])).tolist()  # [P][G]
+        n_mini = min(c.algo.mini_batches, len(groups))
+        per_rank: list[list[list[MicroBatch]]] = [[] for _ in range(c.train.num_trainers)]
+        for j in range(n_mini):
+            items = [(groups[i], adv[i][k], r) for i in range(j, len(groups), n_mini)
+                     for k, r in enumerate(groups[i].rollouts)]
+            keep = loss_keep_mask([r.finish_reason for _, _, r in items], c.algo.overlong_filter)  # [S]
+            lengths = torch.tensor([len(r.completion_ids) for _, _, r in items]) * keep  # [S]
+            weights = (self.loss_agg(lengths) * keep).tolist()  # [S]
+            seqs = [Sequence(g.prompt_ids, r.completion_ids, r.logprobs, a, w)
+                    for (g, a, r), w in zip(items, weights)]
+            for rank, micro in enumerate(pack(seqs, c.train.token_budget, c.train.num_trainers)):
+                per_rank[rank].append(micro)
+        return per_rank
+
+    def train(self, groups: list[Group]) -> dict[str, float]:
+        """One update of the trainers on the kept groups; returns train/* metrics."""
+        t0 = time.perf_counter()
+        per_rank = self.batches(groups)
+        results = ray.get([t.train.remote(b) for t, b in zip(self.trainers, per_rank)])
+        seconds = time.perf_counter() - t0
+        tokens = sum(mb.num_tokens for b in per_rank for mini in b for mb in mini)
+        return {**_train_metrics(results), "time/train": seconds, "throughput/train_tokens_per_s": tokens / seconds}
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean reward and accuracy on the held-out prompts (fixed seeds, so every eval draws alike)."""
+        c = self.cfg
+        prompts = self.eval_prompts[:c.eval.num_prompts or None]
+        spec = SamplingSpec(n=c.eval.samples, max_tokens=c.rollout.max_tokens, temperature=c.eval.temperature)
+        rollouts = self.generate(prompts, spec, [request_seed(c.seed, -1, i) for i in range(len(prompts))])
+        rewards, acc, _ = self.score(prompts, rollouts)
+        n = sum(len(r) for r in rewards)
+        return {"eval/reward": sum(map(sum, rewards)) / n, "eval/accuracy": sum(map(sum, acc)) / n}
+
+    # ----------------------------------------------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        groups, metrics = self.collect(step)
+        if groups:
+            metrics.update(self.train(groups))
+            metrics.update(self.sync())
+            weight_sync.check(metrics["probe/max_abs_diff"], self.cfg.run.probe_tolerance, step)
+        metrics["time/step"] = time.perf_counter() - t0
+        return metrics
+
+    def run(self, start_step: int) -> Path:
+        """Steps start_step+1 .. train.steps with eval/checkpoints; returns the path of the PNG of the curves."""
+        c = self.cfg
+        log = MetricsLog(self.run_dir, c.train.steps, start_step, tensorboard=c.run.tensorboard,
+                         progress=c.run.progress)
+        first = self.sync()
+        weight_sync.check(first["probe/max_abs_diff"], c.run.probe_tolerance, start_step)
+        if start_step == 0:
+            log.log(0, {**first, **(self.evaluate() if self.eval_prompts else {})})
+        for step in range(start_step + 1, c.train.steps + 1):
+            metrics = self.step(step)
+            last = step == c.train.steps
+            if self.eval_prompts and (last or (c.eval.every and step % c.eval.every == 0)):
+                metrics.update(self.evaluate())
+            log.log(step, metrics)
+            log.advance(metrics)
+            if last or (c.run.save_every and step % c.run.save_every == 0):
+                self.save(step)
+        return log.close()
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _rollout_metrics(groups: list[Group], raw: dict[str, list[float]]) -> dict[str, float]:
+    rewards = torch.tensor([r for g in groups for r in g.rewards])  # [B]
+    lengths = [len(r.completion_ids) for g in groups for r in g.rollouts]
+    truncated = [r.finish_reason == "length" for g in groups for r in g.rollouts]
+    no_signal = (~group_has_variance(torch.tensor([g.accuracy for g in groups]))).float().mean()
+    out = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+           "accuracy": _mean([a for g in groups for a in g.accuracy]),
+           "response_length/mean": _mean(lengths), "response_length/max": float(max(lengths)),
+           "response_length/truncated_frac": _mean([float(t) for t in truncated]),
+           "sampling/zero_variance_frac": float(no_signal)}
+    for key, values in raw.items():
+        out[key] = sum(values) if key in ("reward/timeouts", "reward/errors") else _mean(
+            [0.0 if v is None else v for v in values])
+    return out
+
+
+def _train_metrics(results: list[dict[str, float]]) -> dict[str, float]:
+    """Merge the ranks' sums into per-token means."""
+    total = {k: sum(r[k] for r in results) for k in results[0] if k not in ("is_max", "is_min")}
+    tokens = max(total["tokens"], 1.0)
+    first = results[0]  # grad norm, skipped, updates and lr are the same on every rank
+    out = {"train/loss": total["loss"] / first["updates"], "train/entropy": total["entropy_sum"] / tokens,
+           "train/clip_frac": (total["clip_low"] + total["clip_high"]) / tokens,
+           "train/clip_low_frac": total["clip_low"] / tokens, "train/clip_high_frac": total["clip_high"] / tokens,
+           "train/is_ratio_mean": total["is_sum"] / tokens, "train/is_ratio_max": max(r["is_max"] for r in results),
+           "train/is_ratio_min": min(r["is_min"] for r in results), "train/mismatch": total["mismatch_sum"] / tokens,
+           "train/aux_loss": total["aux_sum"] / first["updates"], "train/grad_norm": first["grad_norm"],
+           "train/skipped_updates": first["skipped"], "train/lr": first["lr"]}
+    if total["kl_sum"]:
+        out["train/kl"] = total["kl_sum"] / tokens
+    return out

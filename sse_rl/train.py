@@ -1,0 +1,109 @@
+"""`sse-rl train RECIPE.yaml [key=value ...] [--resume] [--address ADDR]`: GRPO on an SSE-H policy.
+
+Reads top to bottom: check the recipe, prepare the run directory and the policy (built from `model.init` when the
+path does not exist yet), load the prompts, start Ray (local unless --address / RAY_ADDRESS), run the controller.
+A run directory that already holds a checkpoint is resumed automatically; --resume insists on one.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from sse_rl import checkpoint
+from sse_rl.config import Recipe, load_recipe
+from sse_rl.data import check_not_benchmark, load_prompts
+
+logger = logging.getLogger("sse_rl.train")
+# Environment of every Ray worker: quiet vLLM, and no oversubscription of the cores by OpenMP spin-waits.
+WORKER_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sse-rl train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny_cpu.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. out_dir=runs/a train.lr=1e-5")
+    parser.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    parser.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else local)")
+    return parser.parse_args(argv)
+
+
+def build_policy(recipe: Recipe, run_dir: Path) -> str:
+    """The policy checkpoint to start from; built from `model.init` (tokenizer + random weights) if missing."""
+    from sse_rl.init_model import init_model
+
+    path = Path(recipe.model.path) if recipe.model.path else run_dir / "base_model"
+    init = recipe.model.init
+    if path.exists() or init is None:
+        return str(path) if path.exists() else recipe.model.path
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = init.tokenizer or None
+    if tokenizer and ":" in tokenizer and not Path(tokenizer).exists():
+        module, _, name = tokenizer.partition(":")
+        tokenizer = getattr(importlib.import_module(module), name)(tmp)
+    init_model(init.preset, tmp, tokenizer=tokenizer, seed=init.seed, **init.overrides)
+    os.rename(tmp, path)
+    return str(path)
+
+
+def start_ray(address: str | None, num_cpus: int) -> None:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": WORKER_ENV}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_dir = Path(recipe.out_dir)
+    if args.resume and checkpoint.latest(run_dir) is None:
+        raise SystemExit(f"--resume: {run_dir} has no checkpoint to resume from")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(recipe.to_yaml())
+    check_not_benchmark(recipe.data.train)
+    model_path = build_policy(recipe, run_dir)
+
+    from transformers import AutoTokenizer
+
+    import sse_rl.models  # noqa: F401  (registers SSE-H with the Auto classes)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    d = recipe.data
+    common = {"subset": d.subset, "template": d.prompt_template, "answer_column": d.answer_column,
+              "tokenizer": tokenizer, "chat_template": d.chat_template}
+    train_prompts = load_prompts(d.train, split=d.train_split, **common)
+    eval_prompts = load_prompts(d.eval, split=d.eval_split, **common) if d.eval else []
+    logger.info("run %s: %d train / %d eval prompts, policy %s", run_dir, len(train_prompts), len(eval_prompts),
+                model_path)
+
+    import ray
+
+    from sse_rl.controller import Controller
+
+    start_ray(args.address, recipe.run.ray_num_cpus)
+    controller = Controller(recipe, run_dir, model_path, train_prompts, eval_prompts, tokenizer)
+    try:
+        controller.start_actors()
+        start = controller.restore()
+        if start:
+            logger.info("resuming after step %d from %s", start, checkpoint.latest(run_dir))
+        png = controller.run(start)
+        logger.info("done: %s, %s", run_dir / "metrics.jsonl", png)
+    finally:
+        controller.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

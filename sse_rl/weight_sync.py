@@ -1,0 +1,46 @@
+"""Trainer -> engines: new weights after every update, then a probe that checks the engines really use them.
+
+Choices:
+1) On CPU (and in general) the weights travel through the Ray object store: rank 0 puts one HF-named state dict,
+   every engine resolves the same object and loads it in place (the plugin's `load_weights`, no restart).
+2) "Every parameter mapped": each engine reports how many of its own parameters the update wrote; anything short of
+   all of them fails the run (a silently skipped tensor would leave the engine on stale weights).
+3) The probe: first-token top-k logprobs of a fixed probe batch, engine vs trainer, max |difference| is logged
+   every step and compared with `run.probe_tolerance`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import ray
+
+logger = logging.getLogger(__name__)
+
+
+def push(trainer: Any, engines: list[Any]) -> float:
+    """Copy rank 0's weights into every engine; returns the seconds it took."""
+    start = time.perf_counter()
+    state = trainer.named_tensors.remote()  # stays in the object store; engines fetch it directly
+    written = ray.get([engine.update_weights.remote(state) for engine in engines])
+    expected = ray.get([engine.num_parameters.remote() for engine in engines])
+    for i, (got, want) in enumerate(zip(written, expected)):
+        if got != want:
+            raise RuntimeError(f"weight sync: engine {i} updated {got} of its {want} parameters; "
+                               "the trainer's names do not cover the engine model")
+    return time.perf_counter() - start
+
+
+def probe(trainer: Any, engine: Any, prompt_ids: list[list[int]], top_k: int = 5) -> float:
+    """Max |engine - trainer| first-token logprob over the probe prompts and the engine's top-k tokens."""
+    engine_lps = ray.get(engine.first_token_logprobs.remote(prompt_ids, top_k))
+    tokens = [list(lps) for lps in engine_lps]
+    trainer_lps = ray.get(trainer.first_token_logprobs.remote(prompt_ids, tokens))
+    return max(abs(e[t] - lp) for e, toks, tr in zip(engine_lps, tokens, trainer_lps) for t, lp in zip(toks, tr))
+
+
+def check(diff: float, tolerance: float, step: int) -> None:
+    if diff > tolerance:
+        logger.warning("step %d: engine and trainer first-token logprobs differ by %.2e (> %.1e): rollouts do not "
+                       "come from the trained policy", step, diff, tolerance)

@@ -1,0 +1,98 @@
+"""The rollout worker: one vLLM engine (the SSE-H plugin loads through vLLM's plugin entry point).
+
+Choices:
+1) Prompts go in as token ids, so the trainer scores exactly the tokens the engine saw.
+2) Every request carries its own seed, so sampling does not depend on how requests are batched and a resumed run
+   draws the same completions as an uninterrupted one.
+3) Logprobs are vLLM's "processed" logprobs (after temperature), the distribution the samples came from; the
+   trainer divides its logits by the same temperature.
+4) Weight updates use the plugin's in-place path (`sse_rl.models.vllm.weight_update`): no restart. The engine
+   core runs in this process (no extra process per engine on small machines).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """One completion of one prompt."""
+
+    completion_ids: list[int]
+    logprobs: list[float]  # engine logprob of each completion token
+    text: str
+    finish_reason: str  # "stop" (EOS / stop token) or "length" (hit max_tokens)
+
+
+@dataclass
+class SamplingSpec:
+    n: int
+    max_tokens: int
+    temperature: float  # 0 = greedy
+    top_p: float = 1.0
+
+
+def _count_parameters(worker: Any) -> int:
+    return sum(1 for _ in worker.model_runner.model.named_parameters())
+
+
+class RolloutWorker:
+    """Wraps `vllm.LLM`; made a Ray actor by the controller (`ray.remote(RolloutWorker)`)."""
+
+    def __init__(self, model_path: str, *, dtype: str, max_model_len: int, seed: int, enforce_eager: bool,
+                 gpu_memory_utilization: float, tensor_parallel_size: int, cpu_kvcache_space_gib: int):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_space_gib))
+        from vllm import LLM
+
+        from sse_rl.models.vllm.weight_update import WORKER_EXTENSION
+
+        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                       enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
+                       tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs",
+                       worker_extension_cls=WORKER_EXTENSION)
+
+    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec, seeds: list[int]) -> list[list[Rollout]]:
+        """`spec.n` completions for each prompt (in prompt order); request i samples with `seeds[i]`."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if len(seeds) != len(prompt_ids):
+            raise ValueError(f"one seed per prompt expected, got {len(seeds)} seeds for {len(prompt_ids)} prompts")
+        params = [SamplingParams(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature,
+                                 top_p=spec.top_p, logprobs=0, seed=s) for s in seeds]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
+                                    use_tqdm=False)
+        return [[self._rollout(c) for c in out.outputs] for out in outputs]
+
+    @staticmethod
+    def _rollout(completion: Any) -> Rollout:
+        ids = list(completion.token_ids)
+        logprobs = [step[token].logprob for token, step in zip(ids, completion.logprobs)]
+        return Rollout(ids, logprobs, completion.text, completion.finish_reason)
+
+    def first_token_logprobs(self, prompt_ids: list[list[int]], k: int) -> list[dict[int, float]]:
+        """The top-k logprobs (temperature 1) of the first generated token of each prompt: the weight-sync probe."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(n=1, max_tokens=1, temperature=1.0, logprobs=k, seed=0)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
+                                    use_tqdm=False)
+        return [{tok: lp.logprob for tok, lp in out.outputs[0].logprobs[0].items()} for out in outputs]
+
+    def num_parameters(self) -> int:
+        """How many parameters the engine's model has (a full weight update must write all of them)."""
+        (count,) = self.llm.collective_rpc(_count_parameters)
+        return count
+
+    def update_weights(self, named: dict[str, torch.Tensor]) -> int:
+        """Load new weights in place (HF names, any subset) with the plugin's update path; returns #params set."""
+        from sse_rl.models.vllm.weight_update import update_weights
+
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        return len(update_weights(self.llm, named, tmp_dir=shm))

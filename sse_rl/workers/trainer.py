@@ -1,0 +1,190 @@
+"""The trainer worker: one torch.distributed rank holding the SSE-H policy, its optimizer and scheduler.
+
+Choices:
+1) Every rank holds the full model (replicated, DDP-style); gradients are summed across ranks with all_reduce after
+   each mini-batch. The loss weights already carry the 1/tokens (or 1/sequences) normalisation of the whole
+   mini-batch, so summing gives exactly the single-process gradient (gloo on CPU, nccl on GPU).
+2) Micro-batches are packed rows through the model's varlen path (`cu_seqlens`); logits are computed only at
+   completion positions (lm_head on the gathered hidden states), never for prompt tokens.
+3) pi_old is the policy before this step's updates: with one update per batch it is the same forward pass
+   (detached); with several (ppo_epochs or mini_batches > 1) it is computed once up front.
+4) A step whose loss or gradient norm is not finite is skipped on every rank (the all-reduced norm is identical).
+5) The router load-balancing aux loss of the SSE layers is added with `aux_loss_coef`, per micro-batch weighted
+   by its share of the mini-batch tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from sse_rl import checkpoint
+from sse_rl.config import AlgoConfig, TrainConfig
+from sse_rl.grpo.logprobs import entropy, token_logprobs
+from sse_rl.grpo.losses import LossInputs, PolicyLoss
+from sse_rl.packing import MicroBatch
+
+SUMMED = ("tokens", "clip_low", "clip_high", "is_sum", "mismatch_sum", "kl_sum", "loss", "entropy_sum", "aux_sum")
+
+
+@dataclass
+class _Extra:
+    """Per-micro-batch tensors computed before the updates."""
+
+    old_logp: Tensor | None  # [N]
+    ref_logp: Tensor | None  # [N]
+
+
+def _lr_lambda(schedule: str, warmup: int, total: int):
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return fn
+
+
+class TrainerWorker:
+    """Made a Ray actor by the controller; all ranks receive the same calls with their own micro-batches."""
+
+    def __init__(self, model_path: str, *, rank: int, world_size: int, master_addr: str, master_port: int,
+                 train: TrainConfig, algo: AlgoConfig, temperature: float, seed: int, dtype: str,
+                 gradient_checkpointing: bool):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import sse_rl.models  # noqa: F401  (registers SSE-H with the Auto classes)
+
+        torch.set_num_threads(train.threads_per_trainer)
+        torch.manual_seed(seed + rank)
+        self.rank, self.world_size = rank, world_size
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                                world_size=world_size)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.model.train()
+        self.ref = None
+        if algo.kl_coef > 0:
+            self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device).eval()
+            self.ref.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, betas=tuple(train.adam_betas),
+                                           weight_decay=train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(train.lr_schedule, train.warmup_steps, train.steps))
+        self.loss_fn = PolicyLoss(eps_low=algo.clip_eps_low, eps_high=algo.clip_eps_high, kl_coef=algo.kl_coef,
+                                  is_correction=algo.is_correction, is_cap=algo.is_cap)
+        self.multi_update = algo.ppo_epochs > 1 or algo.mini_batches > 1
+        self.ppo_epochs, self.max_grad_norm, self.temperature = algo.ppo_epochs, train.max_grad_norm, temperature
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _forward(self, model: torch.nn.Module, mb: MicroBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """(logits at completion positions [N, V], aux loss [], entropy sum []) of one packed micro-batch."""
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = model.model(input_ids=mb.input_ids.to(self.device), position_ids=mb.position_ids.to(self.device),
+                              cu_seqlens=mb.cu_seqlens.to(self.device), use_cache=False)
+            hidden = out.last_hidden_state[0, mb.target_pos.to(self.device)]  # [N, D]
+            logits = model.lm_head(hidden).float()  # [N, V]
+        return logits, out.aux_loss.float(), entropy(logits.detach(), self.temperature).sum()
+
+    @torch.no_grad()
+    def _logprobs(self, model: torch.nn.Module, mb: MicroBatch) -> Tensor:
+        logits, _, _ = self._forward(model, mb)
+        return token_logprobs(logits, mb.targets.to(self.device), self.temperature)  # [N]
+
+    def _micro_step(self, mb: MicroBatch, extra: _Extra) -> dict[str, float]:
+        """Forward + backward of one micro-batch; returns its summable statistics."""
+        logits, aux, ent = self._forward(self.model, mb)
+        logp = token_logprobs(logits, mb.targets.to(self.device), self.temperature)  # [N]
+        dev = self.device
+        x = LossInputs(logp=logp, old_logp=logp.detach() if extra.old_logp is None else extra.old_logp,
+                       rollout_logp=mb.rollout_logp.to(dev), advantages=mb.advantages.to(dev),
+                       weights=mb.weights.to(dev), seq_ids=mb.seq_ids.to(dev), ref_logp=extra.ref_logp)
+        loss, stats = self.loss_fn(x)
+        aux_coef = getattr(self.model.config, "aux_loss_coef", 0.0)
+        (loss + aux_coef * mb.aux_weight * aux).backward()
+        stats.update(entropy_sum=float(ent), aux_sum=float(aux) * mb.aux_weight)
+        return stats
+
+    def _optimizer_step(self) -> tuple[float, bool]:
+        """All-reduce (sum) gradients, clip, step unless non-finite; returns (grad norm, applied)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.world_size > 1:
+            for g in grads:
+                dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm))
+        applied = math.isfinite(norm)
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, applied
+
+    def train(self, minibatches: list[list[MicroBatch]]) -> dict[str, float]:
+        """One GRPO step on this rank's share: `minibatches[j]` are its micro-batches of mini-batch j."""
+        extras = {}
+        for mb in (mb for mini in minibatches for mb in mini):
+            old = self._logprobs(self.model, mb) if self.multi_update else None
+            ref = self._logprobs(self.ref, mb) if self.ref is not None else None
+            extras[id(mb)] = _Extra(old, ref)
+        totals = dict.fromkeys(SUMMED, 0.0)
+        totals.update(is_max=0.0, is_min=float("inf"), grad_norm=0.0, skipped=0.0, updates=0.0)
+        for _ in range(self.ppo_epochs):
+            for mini in minibatches:
+                for mb in mini:
+                    stats = self._micro_step(mb, extras[id(mb)])
+                    for key in SUMMED:
+                        totals[key] += stats.get(key, 0.0)
+                    totals["is_max"] = max(totals["is_max"], stats["is_max"])
+                    totals["is_min"] = min(totals["is_min"], stats["is_min"])
+                norm, applied = self._optimizer_step()
+                totals["grad_norm"] = max(totals["grad_norm"], norm if math.isfinite(norm) else float("inf"))
+                totals["skipped"] += float(not applied)
+                totals["updates"] += 1.0
+        self.scheduler.step()
+        totals["lr"] = self.scheduler.get_last_lr()[0]
+        return totals
+
+    # ----------------------------------------------------------------------------------------------------------
+    def named_tensors(self) -> dict[str, Tensor]:
+        """HF-named fp32 CPU copies of the weights, for the engines (rank 0 is asked)."""
+        return {name: t.detach().to("cpu", copy=True) for name, t in self.model.state_dict().items()}
+
+    @torch.no_grad()
+    def first_token_logprobs(self, prompt_ids: list[list[int]], tokens: list[list[int]]) -> list[list[float]]:
+        """log softmax of the policy after each prompt, at the given tokens (the probe's trainer side)."""
+        out = []
+        for ids, toks in zip(prompt_ids, tokens):
+            logits = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False).logits
+            logp = torch.log_softmax(logits[0, -1].float(), dim=-1)  # [V]
+            out.append(logp[torch.tensor(toks, device=self.device)].tolist())
+        return out
+
+    def save(self, path: str) -> None:
+        if self.rank == 0:
+            checkpoint.save_trainer(Path(path), self.model, self.tokenizer, self.optimizer, self.scheduler)
+        dist.barrier()
+
+    def load(self, path: str) -> None:
+        """Restore weights, optimizer, scheduler and RNG from a checkpoint directory (every rank reads it)."""
+        from safetensors.torch import load_file
+
+        state = {}
+        for shard in sorted((Path(path) / "model").glob("*.safetensors")):
+            state.update(load_file(str(shard)))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or [m for m in missing if m not in getattr(self.model, "_tied_weights_keys", {})]:
+            raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+        checkpoint.load_trainer(Path(path), self.optimizer, self.scheduler)
+
+    def close(self) -> None:
+        dist.destroy_process_group()
