@@ -115,8 +115,8 @@ def _gla_one_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, sc
     b = g.cumsum(0)  # [C, H, dk]
     causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # [C, C]
     diff = (b[:, None] - b[None, :]).masked_fill(~causal[:, :, None, None], float("-inf"))  # [C, C, H, dk]
-    scores = torch.einsum("ihd,jhd,ijhd->hij", q, k, diff.exp())  # [H, C, C]
-    o = torch.einsum("hij,jhv->ihv", scores, v)  # [C, H, dv]
+    scores = (q[:, None] * k[None] * diff.exp()).sum(-1)  # [C, C, H]
+    o = torch.einsum("ijh,jhv->ihv", scores, v)  # [C, H, dv]
     o = o + torch.einsum("ihd,hdv->ihv", q * b.exp(), state)  # [C, H, dv]
     k_to_end = k * (b[-1:] - b).exp()  # [C, H, dk]
     state = b[-1].exp()[..., None] * state + torch.einsum("jhd,jhv->hdv", k_to_end, v)  # [H, dk, dv]
@@ -130,7 +130,7 @@ def _prepare(q_shared: Tensor, v: Tensor, router_logits: Tensor, top_k: int, sca
     n = router_logits.shape[-1]
     if router_logits.shape[:2] != (batch, length):
         raise ValueError(f"router_logits must be [B={batch}, T={length}, N], got {tuple(router_logits.shape)}")
-    num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+    num_seqs = len(_sequence_bounds(batch, length, cu_seqlens))
     _check_state(initial_state, num_seqs, (n + 1, heads, dk, v.shape[-1]))
     _, weights, indices = sse_router(router_logits, top_k)
     return _compute_dtype(v), (dk ** -0.5 if scale is None else scale), weights, indices
@@ -183,10 +183,9 @@ def sse_chunk_varlen(q_shared: Tensor, k_shared: Tensor, q_sparse: Tensor, k_spa
     batch, length, heads, dk = q_shared.shape
     n, dv, total = router_logits.shape[-1], v.shape[-1], batch * length
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(0, total + 1, length, device=v.device)
+        cu_seqlens = torch.arange(batch + 1, device=v.device) * length
     num_seqs = cu_seqlens.numel() - 1
-    flat = [x.to(dtype).reshape(total, heads, -1) for x in (q_shared, k_shared, q_sparse, k_sparse, v, g_shared,
-                                                            g_sparse)]
+    flat = [x.to(dtype).flatten(0, 1) for x in (q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse)]
     qs, ks, qp, kp, vv, gs, gp = flat  # [L, H, d]
     # One row per (token, slot r): its token, sequence and partition; sort by (sequence, partition, time).
     token = torch.arange(total, device=v.device).repeat_interleave(top_k)  # [L*K]
