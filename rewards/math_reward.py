@@ -46,7 +46,7 @@ _INT = re.compile(r"[+-]?[0-9]{1,3}(,[0-9]{3})+|[+-]?[0-9]+", re.ASCII)
 
 
 class GoldAnswerWarning(RewardWarning):
-    """The dataset's gold answer could not be parsed: the sample is skipped (None), not scored 0."""
+    """The gold answer does not parse (sample skipped: None) or parses only as text (exact text match only)."""
 
 
 def completion_text(completion: str | list[dict[str, Any]]) -> str:
