@@ -1,9 +1,10 @@
 """format, overlong (DAPO soft penalty) and the weighted combination."""
+import doctest
 import functools
 import math
 
 import pytest
-from sse_rl.rewards import combine, format_reward, overlong
+from sse_rl.rewards import combine, format_reward, math_reward, overlong, shaping
 
 
 @pytest.mark.parametrize("completion, expected", [
@@ -51,3 +52,9 @@ def test_combine_weights_and_none():
         combine(per, {"acc": 1.0})
     with pytest.raises(ValueError, match="differ in length"):
         combine({"a": [1.0], "b": [1.0, 2.0]}, {"a": 1.0, "b": 1.0})
+
+
+@pytest.mark.parametrize("module", [math_reward, shaping], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
