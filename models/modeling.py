@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from sse_rl.models.configuration import SSEHConfig
@@ -22,6 +22,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 
 class SSEHBlock(GradientCheckpointingLayer):
@@ -137,7 +138,7 @@ class SSEHModel(SSEHPreTrainedModel):
         hidden = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
         batch, length = hidden.shape[:2]
         key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
-        cu_seqlens = self._packing(cu_seqlens, position_ids, key_mask, past_key_values, batch)
+        cu_seqlens = self._packing(cu_seqlens, position_ids, key_mask, past_key_values, batch, hidden.device)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and cu_seqlens is None and past_key_values is None:
@@ -164,10 +165,9 @@ class SSEHModel(SSEHPreTrainedModel):
 
     @staticmethod
     def _packing(cu_seqlens: Tensor | None, position_ids: Tensor | None, key_mask: Tensor | None,
-                 past_key_values: Cache | None, batch: int) -> Tensor | None:
+                 past_key_values: Cache | None, batch: int, device: torch.device) -> Tensor | None:
         """The packed-sequence bounds to use (None for ordinary batches), checking the inputs agree with packing."""
-        fresh = past_key_values is None or past_key_values.get_seq_length() == 0
-        if cu_seqlens is None and position_ids is not None and batch == 1 and key_mask is None and fresh:
+        if cu_seqlens is None and position_ids is not None and batch == 1 and key_mask is None:
             cu_seqlens = cu_seqlens_from_position_ids(position_ids)
         if cu_seqlens is None:
             return None
@@ -177,7 +177,7 @@ class SSEHModel(SSEHPreTrainedModel):
             raise ValueError("packed sequences (cu_seqlens) cannot be combined with past_key_values")
         if key_mask is not None:
             raise ValueError("packed sequences (cu_seqlens) are padding-free: do not pass an attention_mask with 0s")
-        return cu_seqlens.long()
+        return cu_seqlens.to(device=device, dtype=torch.long)
 
 
 class SSEHForCausalLM(SSEHPreTrainedModel, GenerationMixin):
@@ -200,6 +200,14 @@ class SSEHForCausalLM(SSEHPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
+
+    def generate(self, *args: Any, **kwargs: Any) -> Tensor | ModelOutput:
+        """HF generation; transformers' cache counts the sequence length on attention layers, so it needs one."""
+        if not self.config.attn_layers:
+            raise NotImplementedError("HF generate needs at least one attention layer (config.attn_layers is empty): "
+                                      "transformers' cache counts the sequence length on attention layers; use the "
+                                      "vLLM plugin, or call the model step by step with past_key_values")
+        return super().generate(*args, **kwargs)
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, past_key_values: Cache | None = None,

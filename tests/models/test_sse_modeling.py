@@ -193,6 +193,21 @@ def test_aux_loss_equals_hand_computation() -> None:
     assert torch.equal(indices, top2)
 
 
+@torch.no_grad()
+def test_pure_sse_model_decodes_with_a_cache_but_refuses_hf_generate() -> None:
+    torch.manual_seed(0)
+    pure = SSEHForCausalLM(SSEHConfig.from_preset("sse-h-tiny", num_hidden_layers=2, attn_layers=[])).eval()
+    x = torch.randint(0, VOCAB, (2, 9))
+    out = pure(x[:, :4], use_cache=True)
+    steps = [out.logits]
+    for t in range(4, 9):
+        out = pure(x[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+        steps.append(out.logits)
+    assert torch.allclose(torch.cat(steps, 1), pure(x).logits, atol=ATOL)
+    with pytest.raises(NotImplementedError, match="attention layer"):
+        pure.generate(x, max_new_tokens=2)
+
+
 def test_bad_inputs_raise(model: SSEHForCausalLM) -> None:
     x = torch.randint(0, VOCAB, (1, 6))
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
