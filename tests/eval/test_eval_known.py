@@ -7,7 +7,6 @@ import json
 
 import pytest
 from sse_rl.eval import STANDARD_INSTRUCTION, Generation, MathGrader, Problem, evaluate, load_results
-from sse_rl.eval.runner import sample_seed
 from sse_rl.eval.store import CompletionStore, SampleRecord
 
 PROBLEMS = [Problem("p1", "What is 200 + 4?", "204"), Problem("p2", "What is 5 * 5?", "25"),
@@ -33,17 +32,23 @@ class ScriptedModel:
     """A GenerateFn answering from SCRIPT; finishes requests in reverse order; can stop after `stop_after` samples."""
 
     def __init__(self, stop_after: int | None = None):
-        self.by_seed = {sample_seed(0, "val", p.id, s): (p.id, s) for p in PROBLEMS for s in range(4)}
         self.stop_after = stop_after
         self.requests = []  # one list of (problem id, sample) per call
 
     def __call__(self, requests, sampling):
-        self.requests.append([self.by_seed[r.seed] for r in requests])
+        keys = [self.key(r) for r in requests]
+        self.requests.append(keys)
         for done, index in enumerate(reversed(range(len(requests)))):
             if done == self.stop_after:
                 raise KeyboardInterrupt
-            pid, sample = self.by_seed[requests[index].seed]
+            pid, sample = keys[index]
             yield index, Generation(*SCRIPT[pid][sample])
+
+    @staticmethod
+    def key(request):
+        benchmark, pid, sample = request.id.split("/")
+        assert benchmark == "val"
+        return pid, int(sample)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +100,7 @@ def test_prompt_uses_chat_template_and_instruction(tiny_tokenizer, grader):
     prompt = seen[0].prompt
     assert prompt == f"<|im_start|>user\nWhat is 200 + 4?\n{STANDARD_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n"
     assert tiny_tokenizer.decode(seen[0].prompt_token_ids) == prompt
-    assert seen[0].seed != seen[1].seed  # every sample has its own seed
+    assert [r.id for r in seen] == ["val/p1/0", "val/p1/1"]
 
 
 def test_interrupted_run_resumes_without_redoing_samples(tmp_path, tiny_tokenizer, grader):
