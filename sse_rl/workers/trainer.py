@@ -113,7 +113,7 @@ class TrainerWorker:
         loss, stats = self.loss_fn(x)
         aux_coef = getattr(self.model.config, "aux_loss_coef", 0.0)
         (loss + aux_coef * mb.aux_weight * aux).backward()
-        stats.update(entropy_sum=float(ent), aux_sum=float(aux) * mb.aux_weight)
+        stats.update(entropy_sum=float(ent), aux_sum=float(aux.detach()) * mb.aux_weight)
         return stats
 
     def _optimizer_step(self) -> tuple[float, bool]:

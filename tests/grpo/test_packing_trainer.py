@@ -1,0 +1,161 @@
+"""Packing by token budget, and the trainer's packed loss/gradients against an unpacked per-sequence reference."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from sse_rl.config import AlgoConfig, TrainConfig
+from sse_rl.grpo.logprobs import token_logprobs
+from sse_rl.grpo.losses import build_loss_agg
+from sse_rl.packing import Sequence, pack
+
+
+def _sequences(n: int, seed: int = 0, vocab: int = 19) -> list[Sequence]:
+    rng = random.Random(seed)
+    seqs = []
+    for _ in range(n):
+        prompt = [rng.randrange(2, vocab) for _ in range(rng.randint(3, 11))]
+        completion = [rng.randrange(1, vocab) for _ in range(rng.randint(1, 6))]
+        logprobs = [-rng.uniform(1.5, 4.0) for _ in completion]
+        seqs.append(Sequence(prompt, completion, logprobs, advantage=rng.uniform(-1, 1), weight=0.0))
+    return seqs
+
+
+def test_pack_respects_budget_and_keeps_every_token():
+    seqs = _sequences(23)
+    per_rank = pack(seqs, token_budget=40, num_ranks=3)
+    micro = [mb for rank in per_rank for mb in rank]
+    assert all(mb.num_tokens <= 40 for mb in micro)
+    assert sum(mb.num_tokens for mb in micro) == sum(len(s) for s in seqs)
+    assert sum(mb.targets.numel() for mb in micro) == sum(len(s.completion_ids) for s in seqs)
+    assert sum(mb.aux_weight for mb in micro) == pytest.approx(1.0)
+    loads = [sum(mb.num_tokens for mb in rank) for rank in per_rank]
+    assert max(loads) - min(loads) <= max(len(s) for s in seqs)
+    for mb in micro:
+        ids = mb.input_ids[0]
+        # every target is the token right after its logit position, and positions restart per sequence
+        assert torch.equal(ids[mb.target_pos + 1], mb.targets)
+        starts = mb.cu_seqlens[:-1]
+        assert (mb.position_ids[0, starts] == 0).all() and mb.cu_seqlens[-1] == mb.num_tokens
+    with pytest.raises(ValueError, match="3 completion tokens but 2 rollout logprobs"):
+        pack([Sequence([1, 2], [3, 4, 5], [-1.0, -1.0], 0.0, 1.0)], token_budget=8)
+
+
+def test_oversized_sequence_gets_its_own_micro_batch():
+    seqs = _sequences(4)
+    micro = pack(seqs, token_budget=5)[0]
+    assert len(micro) == 4 and all(mb.cu_seqlens.numel() == 2 for mb in micro)
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory) -> str:
+    from sse_rl.init_model import init_model
+    from sse_rl.toy_task import build_tokenizer
+
+    path = tmp_path_factory.mktemp("policy")
+    init_model("sse-h-tiny", path, tokenizer=build_tokenizer(path), seed=0)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trainer(policy):
+    from sse_rl.workers.trainer import TrainerWorker
+
+    path = policy
+    worker = TrainerWorker(str(path), rank=0, world_size=1, master_addr="127.0.0.1", master_port=_port(),
+                           train=TrainConfig(lr=1e-3), algo=AlgoConfig(), temperature=1.0, seed=0, dtype="float32",
+                           gradient_checkpointing=False)
+    # the router aux loss is a product of batch means, not a sum over sequences: compare the policy loss alone
+    worker.model.config.aux_loss_coef = 0.0
+    yield worker
+    worker.close()
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _grads(model) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("agg", ["dapo", "grpo", "dr_grpo"])
+def test_packed_loss_equals_unpacked(trainer, agg):
+    from sse_rl.workers.trainer import _Extra
+
+    seqs = _sequences(9, seed=1)
+    weights = build_loss_agg(agg, max_tokens=6)(torch.tensor([len(s.completion_ids) for s in seqs]))
+    for s, w in zip(seqs, weights.tolist()):
+        s.weight = w
+    model = trainer.model
+    # packed: three micro-batches through the varlen path
+    model.zero_grad()
+    micro = pack(seqs, token_budget=48)[0]
+    assert len(micro) >= 2
+    packed_loss = sum(trainer._micro_step(mb, _Extra(None, None))["loss"] for mb in micro)
+    packed_grads = _grads(model)
+    # unpacked: each sequence alone through the ordinary forward, the loss written out directly
+    model.zero_grad()
+    unpacked_loss = 0.0
+    for s in seqs:
+        out = model(input_ids=torch.tensor([s.prompt_ids + s.completion_ids]), use_cache=False)
+        n = len(s.prompt_ids)
+        logp = token_logprobs(out.logits[0, n - 1:n - 1 + len(s.completion_ids)], torch.tensor(s.completion_ids))
+        ratio = torch.exp(logp - logp.detach())
+        is_w = torch.exp(logp.detach() - torch.tensor(s.rollout_logprobs)).clamp(max=2.0)
+        loss = (-ratio * s.advantage * is_w * s.weight).sum()
+        loss.backward()
+        unpacked_loss += float(loss.detach())
+    assert packed_loss == pytest.approx(unpacked_loss, rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(packed_grads, _grads(model), rtol=1e-4, atol=1e-6)
+    assert _grads(model).abs().sum() > 0
+    model.zero_grad()
+
+
+def _train_rank(rank: int, world: int, port: int, path: str, minibatches, queue) -> None:
+    """One trainer rank in its own process: one GRPO update, then report the weights (rank 0) and stats."""
+    from sse_rl.workers.trainer import TrainerWorker
+
+    worker = TrainerWorker(path, rank=rank, world_size=world, master_addr="127.0.0.1", master_port=port,
+                           train=TrainConfig(lr=1e-3), algo=AlgoConfig(mini_batches=2), temperature=1.0, seed=0,
+                           dtype="float32", gradient_checkpointing=False)
+    stats = worker.train(minibatches)
+    weights = torch.cat([p.detach().flatten() for p in worker.model.parameters()]).numpy()  # by value, not shm
+    queue.put((rank, world, stats, weights if rank == 0 else None))
+    worker.close()
+
+
+def test_two_gloo_ranks_match_one(policy):
+    """Two ranks with half of each mini-batch each end with the weights of one rank that saw everything."""
+    import torch.multiprocessing as mp
+
+    seqs = _sequences(16, seed=2)
+    for s in seqs:
+        s.weight = 1.0 / 8 / len(s.completion_ids)  # grpo-style weights of two mini-batches of 8
+    minis = [seqs[:8], seqs[8:]]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    two = [pack(m, 24, 2) for m in minis]
+    # the single rank runs the same micro-batches (the router aux loss depends on how tokens are grouped)
+    jobs = [(0, 1, _port(), [two[j][0] + two[j][1] for j in range(2)])]
+    port = _port()
+    jobs += [(r, 2, port, [two[j][r] for j in range(2)]) for r in range(2)]
+    procs = [ctx.Process(target=_train_rank, args=(*job[:3], policy, job[3], queue)) for job in jobs]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    single = next(r for r in results if r[1] == 1)
+    double = [r for r in results if r[1] == 2]
+    dist_weights = next(r[3] for r in double if r[0] == 0)
+    assert single[2]["updates"] == 2 and single[2]["skipped"] == 0
+    assert sum(r[2]["tokens"] for r in double) == single[2]["tokens"]
+    assert sum(r[2]["loss"] for r in double) == pytest.approx(single[2]["loss"], rel=1e-5)
+    torch.testing.assert_close(torch.from_numpy(dist_weights), torch.from_numpy(single[3]), rtol=1e-5, atol=1e-6)
