@@ -71,6 +71,7 @@ class DataConfig:
     prompt_template: str = "{problem}"  # str.format over the row's columns
     answer_column: str = "answer"  # reaches the reward functions as `answer`
     chat_template: bool = False  # wrap the prompt as a user message with the tokenizer's chat template
+    drop_incomplete: bool = False  # skip (and count) rows missing a field instead of failing on the first
 
 
 @dataclass

@@ -4,7 +4,7 @@ Choices:
 1) A source is an HF hub id (`org/name`, loaded with `datasets`), a local `.jsonl` / `.parquet` file, or a
    generator `pkg.mod:fn` called as fn(split) -> list of row dicts (synthetic tasks such as the toy task).
 2) Every row is checked up front: a row missing a template field or the answer column fails the run before any
-   engine starts, with the row number and the field name in the message.
+   engine starts, with the row number and the field name in the message (or is dropped and counted, on request).
 3) Reward functions see every column of the row plus `answer` (the configured answer column).
 4) The sampler is epoch-exact: each prompt once per epoch, in an order fixed by (seed, epoch), and its whole state
    is two integers, saved with every checkpoint.
@@ -12,12 +12,14 @@ Choices:
 from __future__ import annotations
 
 import importlib
+import logging
 import random
 import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
 # Benchmarks that evaluate the policy; training on them would contaminate every reported number.
 EVAL_BENCHMARKS = ("aime24", "aime25", "aime_2024", "aime_2025", "math500", "math-500", "math_500")
 
@@ -55,30 +57,37 @@ def _template_fields(template: str) -> list[str]:
 
 
 def load_prompts(source: str, *, split: str, subset: str, template: str, answer_column: str,
-                 tokenizer: Any | None = None, chat_template: bool = False) -> list[Prompt]:
-    """Load a dataset and render every row's prompt; missing fields raise ValueError naming row and field.
+                 tokenizer: Any | None = None, chat_template: bool = False,
+                 drop_incomplete: bool = False) -> list[Prompt]:
+    """Load a dataset and render every row's prompt.
 
     Args:
-        source: HF hub id or local .jsonl/.parquet path.
+        source: HF hub id, local .jsonl/.parquet path, or `pkg.mod:fn`.
         template: `str.format` template over the row's columns.
         answer_column: column holding the reference answer, exposed to rewards as `answer`.
         tokenizer: needed only with `chat_template=True`.
+        drop_incomplete: skip rows missing a field (logged) instead of raising ValueError naming row and field.
     """
     fields = _template_fields(template)
     rows = _read_rows(source, split, subset)
-    if not rows:
-        raise ValueError(f"dataset {source} (split {split!r}) has no rows")
-    prompts = []
+    prompts, dropped = [], 0
     for i, row in enumerate(rows):
-        for name in (*fields, answer_column):
-            if row.get(name) is None:
-                raise ValueError(f"dataset {source} row {i}: missing field {name!r} "
-                                 f"(columns: {', '.join(row)}); check data.prompt_template / data.answer_column")
+        missing = [name for name in (*fields, answer_column) if row.get(name) is None]
+        if missing and drop_incomplete:
+            dropped += 1
+            continue
+        if missing:
+            raise ValueError(f"dataset {source} row {i}: missing field {missing[0]!r} (columns: {', '.join(row)}); "
+                             "check data.prompt_template / data.answer_column, or set data.drop_incomplete=true")
         text = template.format(**row)
         if chat_template:
             text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                  add_generation_prompt=True)
         prompts.append(Prompt(index=i, text=text, columns={**row, "answer": row[answer_column]}))
+    if dropped:
+        logger.warning("dataset %s: dropped %d of %d rows with missing fields", source, dropped, len(rows))
+    if not prompts:
+        raise ValueError(f"dataset {source} (split {split!r}) has no usable rows")
     return prompts
 
 

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     d = recipe.data
     common = {"subset": d.subset, "template": d.prompt_template, "answer_column": d.answer_column,
-              "tokenizer": tokenizer, "chat_template": d.chat_template}
+              "tokenizer": tokenizer, "chat_template": d.chat_template, "drop_incomplete": d.drop_incomplete}
     train_prompts = load_prompts(d.train, split=d.train_split, **common)
     eval_prompts = load_prompts(d.eval, split=d.eval_split, **common) if d.eval else []
     logger.info("run %s: %d train / %d eval prompts, policy %s", run_dir, len(train_prompts), len(eval_prompts),

@@ -75,3 +75,11 @@ def test_shipped_recipes_load(path):
 def test_shipped_recipes_exist():
     names = {p.name for p in RECIPES.glob("*.yaml")}
     assert {"tiny_cpu.yaml", "sse_h_2b_grpo.yaml"} <= names, names
+
+
+def test_math_recipe_template_renders_the_boxed_instruction():
+    recipe = load_recipe(RECIPES / "sse_h_2b_grpo.yaml")
+    text = recipe.data.prompt_template.format(problem="What is 1+1?")
+    assert text == "What is 1+1?\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert recipe.rollout.group_size == 8 and recipe.rollout.max_tokens == 32768 and recipe.train.steps == 230
+    assert recipe.train.lr == 1e-6 and recipe.train.prompts_per_step == 128

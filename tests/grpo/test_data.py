@@ -39,6 +39,9 @@ def test_missing_field_names_row_and_field(tmp_path):
         load_prompts(path, split="train", subset="", template="{problem}", answer_column="answer")
     with pytest.raises(ValueError, match=r"row 0: missing field 'question'"):
         load_prompts(path, split="train", subset="", template="{question}", answer_column="answer")
+    kept = load_prompts(path, split="train", subset="", template="{problem}", answer_column="answer",
+                        drop_incomplete=True)
+    assert [p.index for p in kept] == [0]
     with pytest.raises(ValueError, match="uses no column"):
         load_prompts(path, split="train", subset="", template="plain", answer_column="answer")
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
