@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 from sse_rl.models.ops.router import fused_router
-from sse_rl.models.ops.routing import gather_pairs, scatter_pairs, sort_by_partition
+from sse_rl.models.ops.routing import from_stream, sort_by_partition, to_stream
 
 BT = 64
 
@@ -253,8 +253,9 @@ def chunk_bwd_dqkg_kernel(
 
 
 def block_size(d: int) -> int:
-    """Tile width over a head dim: a power of two in [16, 64] (tl.dot needs >= 16)."""
-    return min(64, max(16, triton.next_power_of_2(d)))
+    """Tile width over a head dim: a power of two in [32, 64]. 16-wide bf16 tiles hit illegal memory accesses
+    with triton 3.6 on the H100, so small head dims are padded (masked) to 32."""
+    return min(64, max(32, triton.next_power_of_2(d)))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -372,13 +373,10 @@ def sse_triton(
         cu_seqlens = torch.arange(B + 1, device=v.device) * T
     _, weights, indices = fused_router(router_logits.reshape(L, N), top_k)                # [L, K]
     routing = sort_by_partition(indices, cu_seqlens, N)
-    w = gather_pairs(weights.reshape(L * top_k), routing, per_token=False)[:, None, None]  # [L*K, 1, 1]
 
     def stream(shared: torch.Tensor, sparse: torch.Tensor, weighted: bool) -> torch.Tensor:
-        sorted_rows = gather_pairs(sparse.reshape(L, H, -1), routing, per_token=True)      # [L*K, H, d]
-        if weighted:
-            sorted_rows = sorted_rows * w.to(sorted_rows.dtype)
-        return torch.cat([shared.reshape(L, H, -1), sorted_rows])                        # [L*(1+K), H, d]
+        return to_stream(shared.reshape(L, H, -1), sparse.reshape(L, H, -1), routing,
+                         weights if weighted else None)                                    # [L*(1+K), H, d]
 
     h0 = initial_state.reshape(S * (N + 1), H, DK, DV) if initial_state is not None else None
     o, ht = chunk_gla_segments(
@@ -386,5 +384,5 @@ def sse_triton(
         stream(g_shared, g_sparse, False), routing.seg_start, routing.seg_len,
         scale=DK ** -0.5 if scale is None else scale, initial_state=h0, output_final_state=output_final_state,
     )
-    o = o[:L] + scatter_pairs(o[L:], routing)                                             # [L, H, DV]
+    o = from_stream(o, routing)                                                           # [L, H, DV]
     return o.view(B, T, H, DV), ht.view(S, N + 1, H, DK, DV) if ht is not None else None

@@ -2,7 +2,7 @@
 import pytest
 import torch
 from kernel_testing import DEVICE
-from sse_rl.models.ops.routing import gather_pairs, scatter_pairs, sort_by_partition
+from sse_rl.models.ops.routing import from_stream, sort_by_partition, to_stream
 
 
 def distinct_partitions(L: int, N: int, K: int) -> torch.Tensor:
@@ -36,18 +36,25 @@ def test_sort_matches_argsort_order(cu: list[int], N: int, K: int) -> None:
     assert torch.equal(row_seg, (seq * N + idx.flatten())[r.perm])
 
 
-def test_gathers_are_adjoint_and_deterministic() -> None:
+def test_stream_maps_are_adjoint_and_weighted() -> None:
+    """The backward of to_stream is from_stream's gather (split into the shared and the sparse part) and vice
+    versa, and the weight gradient of to_stream is <d(row), row> per pair."""
     L, N, K, H = 23, 5, 2, 3
     r = sort_by_partition(distinct_partitions(L, N, K), torch.tensor([0, 9, L], device=DEVICE), N)
-    x = torch.randn(L, H, device=DEVICE, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(L * K, H, device=DEVICE, dtype=torch.float64, requires_grad=True)
-    gx = gather_pairs(x, r, per_token=True)   # [L*K, H]
-    sy = scatter_pairs(y, r)                  # [L, H]
-    # <gather(x), y> == <x, scatter(y)>, and each backward is the other map.
-    torch.testing.assert_close((gx * y).sum(), (x * sy).sum())
-    (dx,) = torch.autograd.grad(gx, x, y)
-    torch.testing.assert_close(dx, sy)
-    (dy,) = torch.autograd.grad(sy, y, x)
-    torch.testing.assert_close(dy, gx)
-    w = torch.randn(L * K, device=DEVICE)
-    torch.testing.assert_close(gather_pairs(w, r, per_token=False), w[r.perm])
+    f64 = {"device": DEVICE, "dtype": torch.float64}
+    shared, sparse = torch.randn(L, H, **f64, requires_grad=True), torch.randn(L, H, **f64, requires_grad=True)
+    y = torch.randn(L * (1 + K), H, **f64, requires_grad=True)
+    x = to_stream(shared, sparse, r)                                      # [L*(1+K), H]
+    fy = from_stream(y, r)                                                # [L, H]
+    assert torch.equal(x[:L], shared) and torch.equal(x[L:], sparse[r.src])
+    torch.testing.assert_close(fy, y[:L] + y[L:][r.inv].view(L, K, H).sum(1))
+    dsh, dsp = torch.autograd.grad(x, (shared, sparse), y)
+    torch.testing.assert_close(dsh, y[:L])
+    torch.testing.assert_close(dsp, fy - y[:L])
+    (dy,) = torch.autograd.grad(fy, y, shared)
+    torch.testing.assert_close(dy, to_stream(shared, shared, r))
+    w = torch.rand(L, K, **f64, requires_grad=True)
+    xw = to_stream(shared, sparse, r, w)
+    torch.testing.assert_close(xw[L:], sparse[r.src] * w.flatten()[r.perm][:, None])
+    (dw,) = torch.autograd.grad(xw, w, y)
+    torch.testing.assert_close(dw, (y[L:] * sparse[r.src]).sum(1)[r.inv].view(L, K))
