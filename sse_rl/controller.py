@@ -158,16 +158,20 @@ class Controller:
         raw["reward/errors"] = [float(len(result.errors))]
         return rows(result.total), rows(result.per_function[self.reward_names[self.cfg.reward.accuracy]]), raw
 
-    def collect(self, step: int) -> tuple[list[Group], dict[str, float]]:
-        """Generate and score rounds of prompts until `prompts_per_step` groups with signal (dynamic sampling)."""
+    def collect(self, step: int) -> tuple[list[Group], dict[str, float], list[int]]:
+        """Generate and score rounds of prompts until `prompts_per_step` groups with signal (dynamic sampling).
+
+        Returns the kept groups, rollout metrics and the dataset rows drawn (all rounds)."""
         c = self.cfg
         kept: list[Group] = []
         seen: list[Group] = []
         raw: dict[str, list[float]] = {}
         times = {"time/rollout": 0.0, "time/reward": 0.0}
+        drawn: list[int] = []
         rounds = c.algo.max_sampling_rounds if c.algo.dynamic_sampling else 1
         for rnd in range(rounds):
-            prompts = [self.train_prompts[i] for i in self.sampler.take(c.train.prompts_per_step)]
+            drawn += self.sampler.take(c.train.prompts_per_step)
+            prompts = [self.train_prompts[i] for i in drawn[-c.train.prompts_per_step:]]
             seeds = [request_seed(c.seed, step, rnd, i) for i in range(len(prompts))]
             t0 = time.perf_counter()
             rollouts = self.generate(prompts, self.spec, seeds)
@@ -185,7 +189,7 @@ class Controller:
                 break
         metrics = {**times, **_rollout_metrics(seen, raw), "sampling/rounds": float(rnd + 1),
                    "sampling/kept_groups": float(min(len(kept), c.train.prompts_per_step))}
-        return kept[:c.train.prompts_per_step], metrics
+        return kept[:c.train.prompts_per_step], metrics, drawn
 
     def batches(self, groups: list[Group]) -> list[list[list[MicroBatch]]]:
         """Advantages, loss weights and packing: per rank, per mini-batch, its micro-batches."""
@@ -225,15 +229,15 @@ class Controller:
         return {"eval/reward": sum(map(sum, rewards)) / n, "eval/accuracy": sum(map(sum, acc)) / n}
 
     # ----------------------------------------------------------------------------------------------------------
-    def step(self, step: int) -> dict[str, float]:
+    def step(self, step: int) -> tuple[dict[str, float], list[int]]:
         t0 = time.perf_counter()
-        groups, metrics = self.collect(step)
+        groups, metrics, drawn = self.collect(step)
         if groups:
             metrics.update(self.train(groups))
             metrics.update(self.sync())
             weight_sync.check(metrics["probe/max_abs_diff"], self.cfg.run.probe_tolerance, step)
         metrics["time/step"] = time.perf_counter() - t0
-        return metrics
+        return metrics, drawn
 
     def run(self, start_step: int) -> Path:
         """Steps start_step+1 .. train.steps with eval/checkpoints; returns the path of the PNG of the curves."""
@@ -245,11 +249,12 @@ class Controller:
         if start_step == 0:
             log.log(0, {**first, **(self.evaluate() if self.eval_prompts else {})})
         for step in range(start_step + 1, c.train.steps + 1):
-            metrics = self.step(step)
+            metrics, drawn = self.step(step)
             last = step == c.train.steps
             if self.eval_prompts and (last or (c.eval.every and step % c.eval.every == 0)):
                 metrics.update(self.evaluate())
             log.log(step, metrics)
+            log.log_prompts(step, drawn)
             log.advance(metrics)
             if last or (c.run.save_every and step % c.run.save_every == 0):
                 self.save(step)

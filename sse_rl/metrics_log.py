@@ -2,7 +2,7 @@
 
 Choices:
 1) Step 0 is "before training" (the first eval row); training step s writes the row {"step": s, ...}.
-2) On resume from checkpoint k, rows after step k are dropped (they belong to the interrupted attempt and are
+2) On resume from checkpoint k, rows after step k (metrics.jsonl and prompts.jsonl) are dropped (they belong to the interrupted attempt and are
    recomputed), so metrics.jsonl reads like one uninterrupted run; TensorBoard purges them the same way.
 3) The PNG plots whichever of the main curves the run has.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+PROMPTS_FILE = "prompts.jsonl"  # per step: the dataset rows drawn (all sampling rounds), for audits of the data order
 CURVES_FILE = "curves.png"
 # (title, metric keys) per panel of the PNG
 PANELS = [
@@ -24,11 +25,18 @@ PANELS = [
 ]
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
+def read_metrics(run_dir: str | Path, name: str = METRICS_FILE) -> list[dict[str, Any]]:
+    path = Path(run_dir) / name
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _keep_rows_up_to(run_dir: Path, name: str, step: int) -> None:
+    kept = [row for row in read_metrics(run_dir, name) if row["step"] <= step]
+    tmp = run_dir / (name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    os.replace(tmp, run_dir / name)
 
 
 class MetricsLog:
@@ -37,10 +45,8 @@ class MetricsLog:
     def __init__(self, run_dir: str | Path, total_steps: int, start_step: int, *, tensorboard: bool, progress: bool):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
-        kept = [row for row in read_metrics(run_dir) if row["step"] <= start_step]
-        tmp = self.path.with_name(METRICS_FILE + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        os.replace(tmp, self.path)
+        for name in (METRICS_FILE, PROMPTS_FILE):
+            _keep_rows_up_to(self.run_dir, name, start_step)
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -60,6 +66,10 @@ class MetricsLog:
             for key, value in metrics.items():
                 self._writer.add_scalar(key, value, step)
             self._writer.flush()
+
+    def log_prompts(self, step: int, indices: list[int]) -> None:
+        with open(self.run_dir / PROMPTS_FILE, "a") as f:
+            f.write(json.dumps({"step": step, "prompts": indices}) + "\n")
 
     def advance(self, metrics: dict[str, float]) -> None:
         """One training step done: move the bar and show the headline numbers."""
