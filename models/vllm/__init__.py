@@ -18,10 +18,9 @@ MIXER_OP = "vllm::sse_h_mixer"
 
 def register() -> None:
     """Register the SSE-H config with transformers and the model, state backend and op with vLLM (idempotent)."""
-    from vllm import ModelRegistry
-
     import sse_rl.models  # noqa: F401  (registers SSEHConfig / SSEHForCausalLM with the transformers Auto classes)
     from sse_rl.models.vllm import compat
+    from vllm import ModelRegistry
 
     compat.check_version()
     compat.register_state_backend(STATE_BACKEND_CLASS_PATH)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from sse_rl.models.vllm.compat import host_seq_lens
 from vllm.config import VllmConfig
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -28,8 +29,6 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.attention.backends.utils import PAD_SLOT_ID, mamba_get_block_table_tensor
 from vllm.v1.kv_cache_interface import MambaSpec
-
-from sse_rl.models.vllm.compat import host_seq_lens
 
 
 @dataclass
@@ -58,7 +57,7 @@ class SSEStateBackend(AttentionBackend):
         raise NotImplementedError("the SSE state backend has no attention impl; the SSE layer runs the kernels")
 
     @staticmethod
-    def get_builder_cls() -> type["SSEStateMetadataBuilder"]:
+    def get_builder_cls() -> type[SSEStateMetadataBuilder]:
         return SSEStateMetadataBuilder
 
     @classmethod

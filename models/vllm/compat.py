@@ -10,10 +10,13 @@ the same shape; what changed between the releases, and how this file copes:
   derives fresh-vs-resumed rows itself from host-side lengths (`host_seq_lens`), identical on both;
 - the model-architecture convertor constructor gained a `revision` argument in 0.32; the SSE-H convertor only
   overrides getters, so it inherits either constructor.
-Private attributes used (checked by `check_version` against the supported range): `CompilationConfig._attention_ops`,
-`MODEL_ARCH_CONFIG_CONVERTORS`, and `MambaAttentionBackendEnum.CUSTOM` with `register_backend(..., is_mamba=True)`.
+Internals used (same in both releases, guarded by `check_version`): `CompilationConfig._attention_ops`,
+`MODEL_ARCH_CONFIG_CONVERTORS`, `MambaAttentionBackendEnum.CUSTOM` with `register_backend(..., is_mamba=True)`,
+`CommonAttentionMetadata.seq_lens_cpu_upper_bound` and `GPUModelRunner.reload_weights`.
 """
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 import vllm
@@ -96,3 +99,8 @@ def host_seq_lens(common_attn_metadata: CommonAttentionMetadata) -> torch.Tensor
     if seq_lens is None:
         seq_lens = common_attn_metadata.seq_lens.cpu()
     return seq_lens[: common_attn_metadata.num_reqs]
+
+
+def reload_weights(model_runner, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """vLLM's in-place, layer-wise reload of checkpoint-format weights (re-runs each layer's post-load processing)."""
+    model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)

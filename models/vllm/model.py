@@ -8,8 +8,10 @@ vLLM names it loaded, and raises on a name it cannot place.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
+from sse_rl.models.vllm.sse_layer import SSEHMixer, sse_state_shape
 from torch import nn
 from transformers import PretrainedConfig
 from vllm.compilation.decorators import support_torch_compile
@@ -27,8 +29,6 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 from vllm.model_executor.models.utils import extract_layer_index, make_layers, maybe_prefix
 from vllm.sequence import IntermediateTensors
-
-from sse_rl.models.vllm.sse_layer import SSEHMixer, sse_state_shape
 
 
 class SSEHMLP(nn.Module):
@@ -150,7 +150,8 @@ def stacked_target(name: str, attn_layers: set[int]) -> tuple[str, int | str | N
 class SSEHForCausalLM(nn.Module, HasInnerState, IsHybrid):
     """vLLM entry class for checkpoints whose config.json names `SSEHForCausalLM` (model_type "sse_h")."""
 
-    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    packed_modules_mapping: ClassVar[dict[str, list[str]]] = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -165,6 +166,7 @@ class SSEHForCausalLM(nn.Module, HasInnerState, IsHybrid):
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embeddings)
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.checkpoint_shapes: dict[str, tuple[int, ...]] = {}
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
@@ -191,22 +193,33 @@ class SSEHForCausalLM(nn.Module, HasInnerState, IsHybrid):
         """Prefix caching ("align" mode) copies a whole SSE state page between blocks."""
         return (get_temporal_copy_spec,)
 
+    def vllm_target(self, name: str) -> tuple[str, int | str | None]:
+        """HF checkpoint name -> (vLLM parameter name, shard id or None)."""
+        if self.config.tie_word_embeddings and name == "lm_head.weight":
+            name = "model.embeddings.weight"
+        return stacked_target(name, self.attn_layers)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load HF-named tensors (all or any subset); returns the vLLM parameter names written."""
+        """Load HF-named tensors (all or any subset); returns the vLLM parameter names written.
+
+        Also records each checkpoint name's full shape (`checkpoint_shapes`), against which weight updates are
+        validated before they touch the model.
+        """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
-            if self.config.tie_word_embeddings and name == "lm_head.weight":
-                name = "model.embeddings.weight"
-            target, shard = stacked_target(name, self.attn_layers)
+            target, shard = self.vllm_target(name)
             if target not in params:
                 raise ValueError(f"checkpoint weight {name!r} has no SSE-H vLLM parameter (looked for {target!r}); "
                                  "expected HF SSE-H names such as 'model.layers.0.attn.q_proj.weight'")
             param = params[target]
             weight_loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard is None:
-                weight_loader(param, tensor)
-            else:
-                weight_loader(param, tensor, shard)
+            args = (param, tensor) if shard is None else (param, tensor, shard)
+            try:
+                weight_loader(*args)
+            except (AssertionError, ValueError, RuntimeError) as err:  # vLLM's loaders assert on shapes
+                raise ValueError(f"checkpoint weight {name!r} {tuple(tensor.shape)} does not fit SSE-H vLLM "
+                                 f"parameter {target!r} {tuple(param.shape)} (shard {shard}): {err}") from err
             loaded.add(target)
+            self.checkpoint_shapes[name] = tuple(tensor.shape)
         return loaded

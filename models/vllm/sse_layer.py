@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from sse_rl.models.ops import sse_chunk, sse_decode
+from sse_rl.models.vllm.backend import SSEStateMetadata
+from sse_rl.models.vllm.compat import STATE_BACKEND
 from torch import nn
 from transformers import PretrainedConfig
 from vllm.config import VllmConfig
@@ -30,10 +33,6 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.utils.torch_utils import direct_register_custom_op
-
-from sse_rl.models.ops import sse_chunk, sse_decode
-from sse_rl.models.vllm.backend import SSEStateMetadata
-from sse_rl.models.vllm.compat import STATE_BACKEND
 
 OP_NAME = "sse_h_mixer"
 

@@ -1,0 +1,101 @@
+"""Helpers of the vLLM plugin tests: in-process CPU engines and the HF model as the reference."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+# vLLM on CPU: a small KV/state cache; the engine core runs in the test process (an engine-core subprocess
+# busy-polls its queues, which is slow on a 2-core CI machine).
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+MAX_MODEL_LEN = 1024
+LOGPROB_ATOL = 1e-3
+
+
+@dataclass
+class Completion:
+    prompt: list[int]
+    tokens: list[int]
+    logprobs: list[float]  # engine logprob of each generated token
+    num_cached_tokens: int
+
+
+@contextmanager
+def engine_env() -> Iterator[None]:
+    """Set the engine environment for the duration of a fixture and undo it, including vLLM's env cache."""
+    import vllm.envs
+
+    saved = {key: os.environ.get(key) for key in ENGINE_ENV}
+    os.environ.update(ENGINE_ENV)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        vllm.envs.disable_envs_cache()
+
+
+def make_llm(model_dir: str, **kwargs):
+    """A float32, eager, CPU engine on `model_dir` (extra engine arguments in kwargs)."""
+    from vllm import LLM
+
+    return LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN, seed=0,
+               max_num_seqs=8, **kwargs)
+
+
+def greedy(llm, prompts: list[list[int]], max_tokens: int) -> list[Completion]:
+    """Greedy completions of token-id prompts, all submitted as one batch."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    completions = []
+    for prompt, out in zip(prompts, outputs):
+        tokens = list(out.outputs[0].token_ids)
+        logprobs = [step[t].logprob for t, step in zip(tokens, out.outputs[0].logprobs)]
+        completions.append(Completion(prompt, tokens, logprobs, out.num_cached_tokens or 0))
+    return completions
+
+
+def random_prompts(lengths: list[int], vocab_size: int, seed: int) -> list[list[int]]:
+    """Prompts of random ordinary token ids (ids below 3 are special in the tiny tokenizer)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in lengths]
+
+
+def hf_teacher_forced(model, prompt: list[int], tokens: list[int]) -> tuple[list[int], torch.Tensor]:
+    """HF model on prompt + tokens: its greedy choice at each generated position and the logprob of `tokens`.
+
+    If the argmaxes equal `tokens`, HF greedy decoding produces exactly `tokens` (by induction over positions).
+    """
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logprobs = model(ids, use_cache=False).logits[0].float().log_softmax(-1)  # [P+T, V]
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(tokens) - 1)
+    return logprobs[positions].argmax(-1).tolist(), logprobs[positions, torch.tensor(tokens)]
+
+
+def assert_matches_hf(model, completions: list[Completion], atol: float = LOGPROB_ATOL) -> float:
+    """Every completion is the HF model's greedy continuation, logprobs within `atol`; returns the max |diff|."""
+    worst = 0.0
+    for c in completions:
+        hf_tokens, hf_logprobs = hf_teacher_forced(model, c.prompt, c.tokens)
+        assert hf_tokens == c.tokens, f"prompt of {len(c.prompt)} tokens: vLLM {c.tokens} != HF greedy {hf_tokens}"
+        diff = (hf_logprobs - torch.tensor(c.logprobs)).abs().max().item()
+        assert diff <= atol, f"prompt of {len(c.prompt)} tokens: logprob diff {diff:.2e} > {atol}"
+        worst = max(worst, diff)
+    return worst
+
+
+def load_hf(model_dir: str):
+    import sse_rl.models  # noqa: F401  (registers the architecture)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
