@@ -115,11 +115,9 @@ class EngineActor:
 
 
 def start_actors(spec: EngineSpec, count: int, gpus_per_engine: float) -> list[Any]:
-    """Start `count` engine actors, each holding `gpus_per_engine` GPUs, and wait until all have loaded."""
+    """Start `count` engine actors (Ray must be initialised), each holding `gpus_per_engine` GPUs; wait until loaded."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
     actor_cls = ray.remote(num_gpus=gpus_per_engine)(EngineActor)
     actors = [actor_cls.remote(dataclasses.replace(spec, seed=spec.seed + rank)) for rank in range(count)]
     ray.get([a.ready.remote() for a in actors])
@@ -162,8 +160,16 @@ class Engines:
             raise ValueError(f"data_parallel must be >= 1, got {data_parallel}")
         self.spec = spec
         self.llm = spec.build() if data_parallel == 1 else None
-        gpus = spec.tensor_parallel_size if _cuda_device_count() else 0
-        self.actors = start_actors(spec, data_parallel, gpus) if data_parallel > 1 else []
+        self.actors: list[Any] = []
+        self.own_ray = False  # whether close() should shut Ray down (we started it)
+        if data_parallel > 1:
+            import ray
+
+            if not ray.is_initialized():
+                ray.init(include_dashboard=False)
+                self.own_ray = True
+            gpus = spec.tensor_parallel_size if _cuda_device_count() else 0
+            self.actors = start_actors(spec, data_parallel, gpus)
 
     def __call__(self, requests: list[GenRequest], sampling: SamplingConfig) -> Iterator[tuple[int, Generation]]:
         if self.llm is not None:
@@ -181,6 +187,8 @@ class Engines:
             for actor in self.actors:
                 ray.kill(actor)
             self.actors = []
+            if self.own_ray:
+                ray.shutdown()
 
 
 def _cuda_device_count() -> int:

@@ -70,22 +70,22 @@ def _pct(value: float) -> str:
 
 
 def summary_markdown(results: dict) -> str:
-    """One table row per benchmark, all numbers in percent except token counts."""
-    lines = [f"# Eval of `{results['model']}`", ""]
+    """One table, a row per benchmark; all numbers in percent except token counts."""
     cfg = results["config"]
-    lines.append(f"Sampling: temperature {cfg['temperature']}, top-p {cfg['top_p']}, max tokens {cfg['max_tokens']}, "
-                 f"{cfg['samples']} samples per problem.")
-    lines.append("")
-    for name, data in results["benchmarks"].items():
-        m = metrics_from_dict(data["metrics"])
-        ks = sorted(m.pass_at)
-        header = ["benchmark", "problems", f"avg@{m.samples}", "SE problems", "SE samples"]
-        header += [f"pass@{k}" for k in ks] + [f"maj@{m.samples}", "mean tokens", "truncated %"]
+    lines = [f"# Eval of `{results['model']}`", "",
+             (f"Sampling: temperature {cfg['temperature']}, top-p {cfg['top_p']}, max tokens {cfg['max_tokens']}, "
+             f"{cfg['samples']} samples per problem. SE: standard error of avg@n over problems / over samples."), ""]
+    metrics = {name: metrics_from_dict(data["metrics"]) for name, data in results["benchmarks"].items()}
+    n = cfg["samples"]
+    ks = sorted(set.intersection(*(set(m.pass_at) for m in metrics.values())))
+    header = ["benchmark", "problems", f"avg@{n}", "SE problems", "SE samples"]
+    header += [f"pass@{k}" for k in ks] + [f"maj@{n}", "mean tokens", "truncated %"]
+    lines += [_md_row(header), _md_row(["---"] * len(header))]
+    for name, m in metrics.items():
         row = [name, str(m.num_problems), _pct(m.avg), _pct(m.se_problems), _pct(m.se_samples)]
-        row += [_pct(m.pass_at[k]) for k in ks] + [_pct(m.maj_at[m.samples]), f"{m.mean_tokens:.0f}",
-                                                   _pct(m.truncation_rate)]
-        lines += [_md_row(header), _md_row(["---"] * len(header)), _md_row(row), ""]
-    return "\n".join(lines)
+        row += [_pct(m.pass_at[k]) for k in ks] + [_pct(m.maj_at[n]), f"{m.mean_tokens:.0f}", _pct(m.truncation_rate)]
+        lines.append(_md_row(row))
+    return "\n".join(lines) + "\n"
 
 
 def _md_row(cells: list[str]) -> str:
@@ -110,6 +110,7 @@ def plot_benchmark(name: str, metrics: BenchmarkMetrics, problems: list[dict], p
     curve.plot(ks, [100 * metrics.pass_at[k] for k in ks], marker="o", label="pass@k")
     curve.plot(ks, [100 * metrics.maj_at[k] for k in ks], marker="s", label="maj@k")
     curve.set_xscale("log", base=2)
+    curve.set_xticks(ks, [str(k) for k in ks])
     curve.set_xlabel("k")
     curve.set_ylabel("%")
     curve.set_ylim(0, 100)
@@ -159,7 +160,7 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> st
 
 
 def plot_compare(runs: dict[str, dict], benchmarks: list[str], path: Path) -> None:
-    """One panel per benchmark: the pass@k curve of every run, avg@n marked at k = 1."""
+    """One panel per benchmark: the pass@k curve of every run (pass@1 = avg@n), avg@n in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,14 +168,17 @@ def plot_compare(runs: dict[str, dict], benchmarks: list[str], path: Path) -> No
 
     fig, axes = plt.subplots(1, len(benchmarks), figsize=(5 * len(benchmarks), 4), squeeze=False)
     for ax, bench in zip(axes[0], benchmarks):
+        all_ks: set[int] = set()
         for run, results in runs.items():
             if bench not in results["benchmarks"]:
                 continue
             m = metrics_from_dict(results["benchmarks"][bench]["metrics"])
             ks = sorted(m.pass_at)
-            ax.plot(ks, [100 * m.pass_at[k] for k in ks], marker="o", label=f"{run} (avg@{m.samples} "
-                                                                              f"{100 * m.avg:.1f})")
+            all_ks.update(ks)
+            ax.plot(ks, [100 * m.pass_at[k] for k in ks], marker="o",
+                    label=f"{run} (avg@{m.samples} {100 * m.avg:.1f})")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(all_ks), [str(k) for k in sorted(all_ks)])
         ax.set_ylim(0, 100)
         ax.set_xlabel("k")
         ax.set_ylabel("pass@k (%)")
