@@ -65,11 +65,19 @@ class SSEStateBackend(AttentionBackend):
         return True
 
 
-def _leading_decode_rows(query_lens: torch.Tensor, computed: torch.Tensor) -> int:
-    """Number of leading rows that append exactly one token to a sequence whose state is cached."""
-    is_decode = (query_lens == 1) & (computed > 0)  # [num_reqs] bool, host
+def split_rows(query_lens: torch.Tensor, computed: torch.Tensor) -> tuple[int, int]:
+    """(num_decodes, num_prefills) of a decodes-first batch, from host tensors [num_reqs].
+
+    Decodes: the leading rows that append one token to a sequence whose state is cached (`computed` > 0). A new
+    one-token prompt is not a decode: its slot holds a recycled state. Prefills: every later row up to the last one
+    with tokens (trailing zero-length rows are CUDA-graph padding).
+    """
+    is_decode = (query_lens == 1) & (computed > 0)  # [num_reqs] bool
     not_decode = (~is_decode).nonzero()
-    return int(not_decode[0]) if len(not_decode) else len(is_decode)
+    num_decodes = int(not_decode[0]) if len(not_decode) else len(is_decode)
+    has_tokens = (query_lens[num_decodes:] > 0).nonzero()
+    num_prefills = int(has_tokens[-1]) + 1 if len(has_tokens) else 0
+    return num_decodes, num_prefills
 
 
 class SSEStateMetadataBuilder(AttentionMetadataBuilder[SSEStateMetadata]):
@@ -110,9 +118,7 @@ class SSEStateMetadataBuilder(AttentionMetadataBuilder[SSEStateMetadata]):
         query_start_cpu = m.query_start_loc_cpu[: m.num_reqs + 1]
         query_lens = query_start_cpu.diff()  # [num_reqs] host
         computed = host_seq_lens(m) - query_lens  # tokens already in the cache, per row
-        num_decodes = _leading_decode_rows(query_lens, computed)
-        has_tokens = (query_lens[num_decodes:] > 0).nonzero()  # trailing zero-length rows are padding
-        num_prefills = int(has_tokens[-1]) + 1 if len(has_tokens) else 0
+        num_decodes, num_prefills = split_rows(query_lens, computed)
         end = num_decodes + num_prefills
         num_prefill_tokens = int(query_start_cpu[end] - query_start_cpu[num_decodes])
 
