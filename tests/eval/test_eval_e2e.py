@@ -28,7 +28,9 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engines(model_dir):
     spec = EngineSpec(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=2048)
-    engines = Engines(spec, data_parallel=1)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the CPU default would take a share of the machine's RAM
+        engines = Engines(spec, data_parallel=1)
     yield engines
     engines.close()
 
