@@ -105,11 +105,14 @@ class SSEStateMetadataBuilder(AttentionMetadataBuilder[SSEStateMetadata]):
         return table[: m.num_reqs, 0]  # [num_reqs] int32
 
     def _graph_slots(self, slots: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """Copy `slots` into the persistent buffer and pad it to `num_rows` rows with PAD_SLOT_ID."""
-        buffer = self.graph_decode_slots[:num_rows]
-        buffer[: len(slots)].copy_(slots, non_blocking=True)
-        buffer[len(slots):].fill_(PAD_SLOT_ID)
-        return buffer
+        """Copy `slots` into the persistent buffer, PAD_SLOT_ID after them, and return its first `num_rows` rows.
+
+        The whole tail is padded, not only up to `num_rows`: a replayed graph reads as many rows as it was
+        captured with, and stale slots there would be decoded into other requests' states.
+        """
+        self.graph_decode_slots[: len(slots)].copy_(slots, non_blocking=True)
+        self.graph_decode_slots[len(slots):].fill_(PAD_SLOT_ID)
+        return self.graph_decode_slots[:num_rows]
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SSEStateMetadata:
