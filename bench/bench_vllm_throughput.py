@@ -1,0 +1,174 @@
+"""Decode throughput in vLLM: SSE-H-2B against a Qwen3-1.7B-shaped Transformer, both with random weights (GPU).
+
+Run on one GPU (the issue's numbers: one H100, vLLM 0.26), from the repo root with sse-rl installed:
+    python bench/bench_vllm_throughput.py                  # writes bench/results/vllm_throughput.{json,md}
+
+Choices:
+- Random weights through vLLM's `load_format="dummy"`: only config.json is written, so no multi-GB checkpoint.
+  Prompts are random token ids and the tokenizer is skipped; `ignore_eos` makes every request run to max_tokens.
+- Settings (the issue's): 64 prompts x 128 tokens generating 8,192 tokens each; then 32,768 tokens each with as
+  many prompts as fit, i.e. vLLM's own maximum concurrency for the KV/state pool of that engine.
+- Engines run in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, the same for both models), so the bench can ask
+  the scheduler for that concurrency; bf16, prefix caching off, CUDA graphs and torch.compile at vLLM's defaults.
+- Throughput = generated tokens / wall time of one `generate` call over all prompts (prefill included), after a
+  short warm-up generate on the same engine.
+- Memory per sequence is reported analytically from the configs: SSE states (fp32, fixed size) and the KV cache
+  of the softmax-attention layers (bf16) at the setting's full length.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+PROMPT_LEN = 128
+BF16_BYTES = 2
+
+
+@dataclass
+class Setting:
+    name: str
+    new_tokens: int
+    num_prompts: int | None  # None: as many as fit
+
+
+SETTINGS = [Setting("64x8k", 8192, 64), Setting("fit x32k", 32768, None)]
+
+
+@dataclass
+class Result:
+    model: str
+    setting: str
+    num_prompts: int
+    new_tokens: int
+    seconds: float
+    output_tokens_per_s: float
+    state_bytes_per_seq: int
+    kv_bytes_per_seq: int
+
+
+def write_sse_h_config(out: Path) -> dict:
+    from sse_rl.models import SSEHConfig
+
+    config = SSEHConfig.from_preset("sse-h-2b", max_position_embeddings=PROMPT_LEN + 32768)
+    config.architectures = ["SSEHForCausalLM"]
+    config.save_pretrained(str(out))
+    return config.to_dict()
+
+
+def write_qwen3_config(out: Path) -> dict:
+    """Qwen3-1.7B's shape (28 layers, hidden 2048, 16 q / 8 kv heads of 128, vocab 151936, tied embeddings)."""
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1_000_000.0,
+                         max_position_embeddings=40960, tie_word_embeddings=True, architectures=["Qwen3ForCausalLM"])
+    config.save_pretrained(str(out))
+    return config.to_dict()
+
+
+MODELS = {"sse-h-2b": write_sse_h_config, "qwen3-1.7b-shape": write_qwen3_config}
+
+
+def memory_per_sequence(config: dict, tokens: int) -> tuple[int, int]:
+    """(recurrent-state bytes, KV-cache bytes) one sequence of `tokens` tokens holds."""
+    if config["model_type"] == "sse_h":
+        attn = len(config["attn_layers"])
+        dv = int(config["head_dim"] * config["expand_v"])
+        state = (config["num_sparse_partition"] + 1) * config["num_heads"] * config["head_dim"] * dv * 4
+        kv = 2 * config["attn_num_kv_heads"] * config["attn_head_dim"] * BF16_BYTES * tokens
+        return (config["num_hidden_layers"] - attn) * state, attn * kv
+    kv = 2 * config["num_key_value_heads"] * config["head_dim"] * BF16_BYTES * tokens
+    return 0, config["num_hidden_layers"] * kv
+
+
+def max_concurrency(llm) -> int:
+    """vLLM's own count of requests of max_model_len that fit in this engine's KV/state pool."""
+    from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
+
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    return int(get_max_concurrency_for_kv_cache_config(llm.llm_engine.vllm_config, scheduler.kv_cache_config))
+
+
+def run_setting(model_dir: Path, setting: Setting, args: argparse.Namespace) -> tuple[int, float]:
+    """(number of prompts, seconds) of one timed generate call."""
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, seed=0,
+              max_model_len=PROMPT_LEN + setting.new_tokens, enable_prefix_caching=False,
+              max_num_seqs=setting.num_prompts or args.max_fit_prompts,
+              gpu_memory_utilization=args.gpu_memory_utilization)
+    num_prompts = setting.num_prompts or min(max_concurrency(llm), args.max_fit_prompts)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, 150_000, (PROMPT_LEN,), generator=gen).tolist())
+               for _ in range(num_prompts)]
+    params = SamplingParams(temperature=0.0, max_tokens=setting.new_tokens, ignore_eos=True, detokenize=False)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=16, ignore_eos=True, detokenize=False), use_tqdm=False)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert produced == num_prompts * setting.new_tokens, f"expected {num_prompts * setting.new_tokens}, got {produced}"
+    del llm
+    torch.cuda.empty_cache()
+    return num_prompts, seconds
+
+
+def write_report(results: list[Result], out_dir: Path, meta: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vllm_throughput.json").write_text(json.dumps({**meta, "results": [asdict(r) for r in results]},
+                                                             indent=2))
+    lines = [f"# vLLM decode throughput ({meta['device']}, vLLM {meta['vllm']}, torch {meta['torch']}, bf16)", "",
+             "| model | setting | prompts | new tokens | s | output tok/s | state MiB/seq | KV MiB/seq |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.model} | {r.setting} | {r.num_prompts} | {r.new_tokens} | {r.seconds:.1f} | "
+                     f"{r.output_tokens_per_s:,.0f} | {r.state_bytes_per_seq / 2**20:.1f} | "
+                     f"{r.kv_bytes_per_seq / 2**20:.1f} |")
+    for setting in SETTINGS:
+        by_model = {r.model: r.output_tokens_per_s for r in results if r.setting == setting.name}
+        if len(by_model) == 2:
+            lines.append(f"\n{setting.name}: SSE-H-2B / Qwen3-1.7B-shape = "
+                         f"{by_model['sse-h-2b'] / by_model['qwen3-1.7b-shape']:.2f}x")
+    (out_dir / "vllm_throughput.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="bench/results", help="folder for vllm_throughput.{json,md}")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--max-fit-prompts", type=int, default=1024, help="cap of the 'as many as fit' setting")
+    args = parser.parse_args()
+
+    import torch
+    import vllm
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_vllm_throughput needs a CUDA GPU")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            config = MODELS[model](Path(tmp) / model)
+            for setting in SETTINGS:
+                num_prompts, seconds = run_setting(Path(tmp) / model, setting, args)
+                state, kv = memory_per_sequence(config, PROMPT_LEN + setting.new_tokens)
+                results.append(Result(model, setting.name, num_prompts, setting.new_tokens, seconds,
+                                      num_prompts * setting.new_tokens / seconds, state, kv))
+                print(results[-1], flush=True)
+    meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
+            "prompt_len": PROMPT_LEN, "gpu_memory_utilization": args.gpu_memory_utilization}
+    write_report(results, Path(args.out), meta)
+
+
+if __name__ == "__main__":
+    main()
