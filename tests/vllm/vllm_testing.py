@@ -24,12 +24,14 @@ class Completion:
 
 
 @contextmanager
-def engine_env() -> Iterator[None]:
-    """Set the engine environment for the duration of a fixture and undo it, including vLLM's env cache."""
+def engine_env(**extra: str) -> Iterator[None]:
+    """Set the engine environment (plus `extra` variables) for the duration of a fixture and undo it, including
+    vLLM's env cache."""
     import vllm.envs
 
-    saved = {key: os.environ.get(key) for key in ENGINE_ENV}
-    os.environ.update(ENGINE_ENV)
+    env = {**ENGINE_ENV, **extra}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     try:
         yield
     finally:
