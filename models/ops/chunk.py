@@ -327,12 +327,19 @@ def chunk_gla_segments(
 
 def check_sse_inputs(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, top_k,
                      initial_state, cu_seqlens) -> int:
-    """Shape checks of the SSE op (host-side only, no device sync); returns the number of sequences S."""
+    """Host-side checks of the SSE op; returns the number of sequences S. The values of a CUDA `cu_seqlens` are
+    not checked: that would synchronise with the device (and break graph capture)."""
+    if q_shared.ndim != 4:
+        raise ValueError(f"q_shared must be [B, T, H, dk], got {tuple(q_shared.shape)}")
     B, T, H, DK = q_shared.shape
     for name, x in (("k_shared", k_shared), ("q_sparse", q_sparse), ("k_sparse", k_sparse),
                     ("g_shared", g_shared), ("g_sparse", g_sparse)):
         if x.shape != q_shared.shape:
             raise ValueError(f"{name} must have the shape of q_shared {tuple(q_shared.shape)}, got {tuple(x.shape)}")
+    feats = (q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse)
+    if len({x.dtype for x in feats}) != 1 or len({x.device for x in (*feats, router_logits)}) != 1:
+        raise ValueError("q/k/v/g inputs must share one dtype and all inputs one device, got "
+                         f"{[(x.dtype, str(x.device)) for x in (*feats, router_logits)]}")
     if v.ndim != 4 or v.shape[:3] != (B, T, H):
         raise ValueError(f"v must be [B={B}, T={T}, H={H}, dv], got {tuple(v.shape)}")
     if router_logits.ndim != 3 or router_logits.shape[:2] != (B, T):

@@ -117,12 +117,13 @@ def test_sse_triton_is_deterministic_and_final_state_optional() -> None:
     ({"B": 2, "cu": [0, 8]}, "batch size must be 1"),
     ({"top_k": 5}, "top_k"),
     ({"h0_dtype": torch.bfloat16}, "initial_state must be fp32"),
+    ({"v": (1, 8, 2, 16), "v_dtype": torch.float64}, "share one dtype"),
 ])
 def test_sse_triton_rejects_bad_inputs(change: dict, match: str) -> None:
     B = change.get("B", 1)
     feats, h0 = sse_inputs(B, 8, 2, 16, 16, 4, 1, torch.float32)
     if "v" in change:
-        feats[4] = torch.randn(*change["v"], device=DEVICE)
+        feats[4] = torch.randn(*change["v"], device=DEVICE, dtype=change.get("v_dtype", torch.float32))
     cu = torch.tensor(change["cu"]) if "cu" in change else None
     with pytest.raises(ValueError, match=match):
         sse_triton(*feats, top_k=change.get("top_k", 1), cu_seqlens=cu,
