@@ -88,9 +88,6 @@ class SSEStateMetadataBuilder(AttentionMetadataBuilder[SSEStateMetadata]):
     def __init__(self, kv_cache_spec: MambaSpec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        if vllm_config.speculative_config is not None:
-            raise NotImplementedError("SSE-H in vLLM does not support speculative decoding; drop the "
-                                      "speculative_config / --speculative-config option")
         compilation = vllm_config.compilation_config
         self.use_full_cuda_graph = compilation.cudagraph_mode.has_full_cudagraphs()
         max_graph_batch = vllm_config.scheduler_config.max_num_seqs

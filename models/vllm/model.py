@@ -142,7 +142,7 @@ def stacked_target(name: str, attn_layers: set[int]) -> tuple[str, int | str | N
         return name.replace(".gate_proj.", ".gate_up_proj.").replace(".up_proj.", ".gate_up_proj."), shard
     for index, proj in enumerate(("q", "k", "v")):
         if f".attn.{proj}_proj." in name:
-            is_attention = len(parts) > 2 and parts[1] == "layers" and int(parts[2]) in attn_layers
+            is_attention = len(parts) > 2 and parts[2].isdigit() and int(parts[2]) in attn_layers
             return name.replace(f".attn.{proj}_proj.", ".attn.qkv_proj."), proj if is_attention else index
     return name, None
 

@@ -33,6 +33,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.utils.torch_utils import direct_register_custom_op
+from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 OP_NAME = "sse_h_mixer"
 
@@ -74,7 +75,8 @@ class SSEHMixer(nn.Module, MambaBase):
     def __init__(self, config: PretrainedConfig, *, vllm_config: VllmConfig, prefix: str) -> None:
         super().__init__()
         if vllm_config.speculative_config is not None:
-            raise NotImplementedError("SSE-H in vLLM does not support speculative decoding")
+            raise NotImplementedError("SSE-H in vLLM does not support speculative decoding; drop the "
+                                      "speculative_config / --speculative-config option")
         tp_size = get_tensor_model_parallel_world_size()
         self.prefix = prefix
         self.state_shape = sse_state_shape(config, tp_size)
@@ -108,11 +110,11 @@ class SSEHMixer(nn.Module, MambaBase):
         if prefix in static_forward_context:
             raise ValueError(f"duplicate layer name: {prefix}")
         static_forward_context[prefix] = self
-        self.kv_cache = (torch.tensor([]),)
+        self.kv_cache = (torch.tensor([]),)  # replaced by vLLM with the state-cache view when it allocates it
 
     # MambaBase: the state contract that vLLM's state cache allocates.
     @property
-    def mamba_type(self):
+    def mamba_type(self) -> MambaAttentionBackendEnum:
         return STATE_BACKEND
 
     def get_state_shape(self) -> tuple[tuple[int, ...]]:
