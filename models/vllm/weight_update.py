@@ -5,7 +5,7 @@ How to use (driver side, between `generate` calls):
     from sse_rl.models.vllm.weight_update import WORKER_EXTENSION, update_weights
     llm = LLM(model=checkpoint_dir, worker_extension_cls=WORKER_EXTENSION)
     ...
-    update_weights(llm, policy.state_dict())          # HF names, any subset, any number of times
+    update_weights(llm, policy.state_dict())          # HF names: all, or whole layers at a time, any number of times
 
 or, from an async engine / another process, the two steps it performs:
 
@@ -24,7 +24,8 @@ Choices:
   vLLM re-packs GEMM weights into oneDNN handles, so a bare `load_weights` into the running model would fail there),
   and copies the results into the original storage, so captured CUDA graphs stay valid.
 - Updates are validated first against the checkpoint the engine loaded (names, shapes, whole layers), so a bad
-  update raises before the model is touched.
+  update raises before the model is touched. A partial update leaves the other layers as they were (vLLM logs a
+  "Failed to load weights" warning for each of them).
 - Recurrent states of requests are per request and there are none between `generate` calls; prefix-cached states
   and KV blocks are dropped by `reset_prefix_cache`, which must succeed (no request may be running).
 """
