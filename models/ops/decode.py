@@ -17,10 +17,10 @@ DECODE_BV = 32
 
 
 @triton.jit
-def update_partition(state, i_slot, i_p, i_h, o_k, o_v, m_kv, b_q, b_k, b_g, b_v,
-                     NP: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
+def update_partition(state, i_slot, stride_slot, i_p, i_h, o_k, o_v, m_kv, b_q, b_k, b_g, b_v,
+                     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
     """S <- diag(exp g) S + k^T v on the tile [BK, BV] of state[slot, i_p, head], stored in place; returns q S."""
-    p_s = state + (((i_slot * NP + i_p) * H + i_h) * DK + o_k[:, None]) * DV + o_v[None, :]
+    p_s = state + i_slot * stride_slot + ((i_p * H + i_h) * DK + o_k[:, None]) * DV + o_v[None, :]
     b_s = tl.load(p_s, mask=m_kv, other=0.0)
     b_s = b_s * tl.exp(b_g)[:, None] + b_k[:, None] * b_v[None, :]
     tl.store(p_s, b_s, mask=m_kv)
@@ -29,7 +29,7 @@ def update_partition(state, i_slot, i_p, i_h, o_k, o_v, m_kv, b_q, b_k, b_g, b_v
 
 @triton.jit
 def sse_decode_kernel(
-    q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, logits, state, slot_ids, o, scale,
+    q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, logits, state, stride_slot, slot_ids, o, scale,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
 ):
@@ -50,15 +50,15 @@ def sse_decode_kernel(
     b_q = tl.load(q_sh + p_k, mask=m_k, other=0.0).to(tl.float32)
     b_k = tl.load(k_sh + p_k, mask=m_k, other=0.0).to(tl.float32)
     b_g = tl.load(g_sh + p_k, mask=m_k, other=0.0).to(tl.float32)
-    b_o = update_partition(state, i_slot, 0, i_h, o_k, o_v, m_kv, b_q, b_k, b_g, b_v, N + 1, H, DK, DV)
+    b_o = update_partition(state, i_slot, stride_slot, 0, i_h, o_k, o_v, m_kv, b_q, b_k, b_g, b_v, H, DK, DV)
     b_q = tl.load(q_sp + p_k, mask=m_k, other=0.0).to(tl.float32)
     b_k = tl.load(k_sp + p_k, mask=m_k, other=0.0).to(tl.float32)
     b_g = tl.load(g_sp + p_k, mask=m_k, other=0.0).to(tl.float32)
     for r in tl.static_range(K):
         _, b_idx, b_rem = pick_top1(b_rem, o_n)                                   # [1]
         b_w = tl.sum(tl.sum(tl.where(o_n[None, :] == b_idx[:, None], b_p, 0.0), 1), 0)
-        b_o += update_partition(state, i_slot, 1 + tl.sum(b_idx, 0), i_h, o_k, o_v, m_kv, b_w * b_q, b_w * b_k,
-                                b_g, b_v, N + 1, H, DK, DV)
+        b_o += update_partition(state, i_slot, stride_slot, 1 + tl.sum(b_idx, 0), i_h, o_k, o_v, m_kv,
+                                b_w * b_q, b_w * b_k, b_g, b_v, H, DK, DV)
     tl.store(p_o, (b_o * scale).to(o.dtype.element_ty), mask=m_v)
 
 
@@ -80,8 +80,9 @@ def check_decode_inputs(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_s
     if state.ndim != 5 or tuple(state.shape[1:]) != want or state.dtype != torch.float32:
         raise ValueError(f"state must be fp32 [num_slots, {', '.join(map(str, want))}], "
                          f"got {state.dtype} {tuple(state.shape)}")
-    if not state.is_contiguous():
-        raise ValueError("state must be contiguous: it is updated in place")
+    # vLLM's state cache pads each slot (row stride >= the state size): only each slot must be dense.
+    if not state[0].is_contiguous():
+        raise ValueError(f"each slot of state must be contiguous (updated in place), got strides {state.stride()}")
     if slot_ids.shape != (B,) or slot_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_ids must be int32/int64 [B={B}], got {slot_ids.dtype} {tuple(slot_ids.shape)}")
 
@@ -93,7 +94,8 @@ def sse_decode_triton(
 ) -> torch.Tensor:
     """One SSE decoding step with the fused Triton kernel (interfaces.md `sse_decode`): inputs [B, H, d] one
     token per sequence, router_logits [B, N], state [num_slots, N+1, H, dk, dv] fp32 updated IN PLACE at the
-    distinct non-negative `slot_ids` [B]. Returns o [B, H, dv] in v's dtype (zero for padded rows). No autograd.
+    distinct non-negative `slot_ids` [B]; slots may be padded (any stride(0), each slot dense). Returns
+    o [B, H, dv] in v's dtype (zero for padded rows). No autograd.
 
     Examples::
         >>> o = sse_decode_triton(q1, k1, q2, k2, v, g1, g2, logits, state, slots, top_k=1)
@@ -107,8 +109,8 @@ def sse_decode_triton(
     q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits = (
         x.contiguous() for x in (q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits))
     sse_decode_kernel[(triton.cdiv(DV, BV), B, H)](
-        q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, state, slot_ids, o,
-        DK ** -0.5 if scale is None else scale,
+        q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, state, state.stride(0),
+        slot_ids, o, DK ** -0.5 if scale is None else scale,
         H=H, DK=DK, DV=DV, N=N, K=top_k, BK=triton.next_power_of_2(DK), BV=BV, BN=triton.next_power_of_2(N),
     )
     return o

@@ -64,3 +64,22 @@ def test_decode_rejects_bad_state() -> None:
         sse_decode_triton(*feats, torch.zeros(2, 4, 2, 16, 16, device=DEVICE), slots, top_k=1)
     with pytest.raises(ValueError, match="slot_ids"):
         sse_decode_triton(*feats, torch.zeros(2, 5, 2, 16, 16, device=DEVICE), slots.float(), top_k=1)
+
+
+def test_decode_on_padded_slot_cache() -> None:
+    """vLLM's state cache pads every slot (stride(0) > one state): the kernel updates the slot views in place and
+    leaves the padding alone."""
+    B, H, DK, DV, N, K, slots = 3, 2, 16, 32, 4, 1, 5
+    feats = step_inputs(B, H, DK, DV, N, torch.float32)
+    numel = (N + 1) * H * DK * DV
+    pages = torch.randn(slots, numel + 64, device=DEVICE)
+    state = pages[:, :numel].view(slots, N + 1, H, DK, DV)  # strided view, as vLLM hands it out
+    assert not state.is_contiguous()
+    ref_state = state.clone()
+    padding = pages[:, numel:].clone()
+    slot_ids = torch.tensor([4, -1, 1], device=DEVICE)
+    o = sse_decode_triton(*feats, state, slot_ids, top_k=K)
+    ro = sse_decode(*feats, ref_state, slot_ids, top_k=K)
+    assert_close("o", ro, o, 1e-4)
+    assert_close("state", ref_state, state, 1e-5)
+    assert torch.equal(pages[:, numel:], padding)
