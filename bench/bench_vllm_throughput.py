@@ -38,7 +38,7 @@ class Setting:
     num_prompts: int | None  # None: as many as fit
 
 
-SETTINGS = [Setting("64x8k", 8192, 64), Setting("fit x32k", 32768, None)]
+SETTINGS = [Setting("64x8k", 8192, 64), Setting("fit-32k", 32768, None)]
 
 
 @dataclass
@@ -148,7 +148,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--max-fit-prompts", type=int, default=1024, help="cap of the 'as many as fit' setting")
+    parser.add_argument("--settings", nargs="+", default=[s.name for s in SETTINGS],
+                        choices=[s.name for s in SETTINGS], help="run only these settings")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="write one report from the results files of earlier (partial) runs, run nothing")
     args = parser.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        results = [Result(**r) for part in parts for r in part["results"]]
+        write_report(results, Path(args.out), {k: v for k, v in parts[0].items() if k != "results"})
+        return
 
     import torch
     import vllm
@@ -159,7 +168,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             config = MODELS[model](Path(tmp) / model)
-            for setting in SETTINGS:
+            for setting in (s for s in SETTINGS if s.name in args.settings):
                 num_prompts, seconds = run_setting(Path(tmp) / model, setting, args)
                 state, kv = memory_per_sequence(config, PROMPT_LEN + setting.new_tokens)
                 results.append(Result(model, setting.name, num_prompts, setting.new_tokens, seconds,

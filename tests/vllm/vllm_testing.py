@@ -47,6 +47,8 @@ def make_llm(model_dir: str, **kwargs):
     """A float32, eager, CPU engine on `model_dir` (extra engine arguments in kwargs)."""
     from vllm import LLM
 
+    if torch.cuda.is_available():  # a test module may hold two engines at once (old and new weights)
+        kwargs.setdefault("gpu_memory_utilization", 0.3)
     return LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN, seed=0,
                max_num_seqs=8, **kwargs)
 
