@@ -215,7 +215,8 @@ def check_run_config(out: Path, config: EvalConfig) -> None:
         saved = json.loads(path.read_text(encoding="utf-8"))
         changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in GENERATION_KEYS if saved.get(k) != current[k]]
         if changed:
-            raise ValueError(f"cannot resume {out}: generation settings differ from the saved run ({'; '.join(changed)});"
+            raise ValueError(f"cannot resume {out}: generation settings differ from the saved run "
+                             f"({'; '.join(changed)});"
                              f" use the same settings or another --out")
     path.write_text(json.dumps(current, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

@@ -66,7 +66,8 @@ def convert_fla_state_dict(state_dict: dict[str, Tensor], config: SSEHConfig) ->
         expected.discard("lm_head.weight")
     missing, unknown = sorted(expected - set(converted)), sorted(set(converted) - expected)
     if missing or unknown:
-        raise ValueError(f"fla checkpoint does not match the SSE-H layout: missing {missing[:8]}, unknown {unknown[:8]}")
+        raise ValueError(f"fla checkpoint does not match the SSE-H layout: missing {missing[:8]}, "
+                         f"unknown {unknown[:8]}")
     return converted
 
 

@@ -49,7 +49,8 @@ class SandboxConfig:
         if not self.timeout_s > 0:
             raise ValueError(f"SandboxConfig.timeout_s must be > 0, got {self.timeout_s}")
         if self.memory_mb < 256:
-            raise ValueError(f"SandboxConfig.memory_mb must be >= 256 (Python + sympy need ~100 MiB), got {self.memory_mb}")
+            raise ValueError("SandboxConfig.memory_mb must be >= 256 (Python + sympy need ~100 MiB), "
+                             f"got {self.memory_mb}")
 
 
 @dataclass

@@ -33,7 +33,8 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(list(texts), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
-                                        additional_special_tokens=SPECIAL_TOKENS[1:], clean_up_tokenization_spaces=False)
+                                        additional_special_tokens=SPECIAL_TOKENS[1:],
+                                        clean_up_tokenization_spaces=False)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
@@ -41,7 +42,9 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
 
 def tiny_corpus() -> list[str]:
     """A built-in math-flavoured corpus: digits, operators, words, LaTeX and \\boxed{} answers, chat markup."""
-    words = ["Let", "us", "compute", "the", "sum", "product", "difference", "of", "and", "then", "so", "the", "answer", "is", "We", "find", "that", "Therefore", "Solve", "for", "x", "in", "equation", "Find", "value", "integer", "number", "prime", "square", "root", "fraction", "remainder", "when", "divided", "by", "What", "is", "How", "many", "Simplify", "Evaluate"]
+    words = ("Let us compute the sum product difference of and then so the answer is We find that "
+             "Therefore Solve for x in equation Find value integer number prime square root fraction "
+             "remainder when divided by What is How many Simplify Evaluate").split()
     texts = [" ".join(words)]
     for a in range(0, 60, 3):
         for b in range(1, 40, 7):

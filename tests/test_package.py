@@ -32,7 +32,8 @@ def test_pyproject_lists_every_package():
 
 def test_wheel_ships_mapped_folders(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(ROOT)],
         check=True,
     )
     (wheel,) = tmp_path.glob("sse_rl-*.whl")

@@ -337,9 +337,11 @@ def check_sse_inputs(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_spar
         if x.shape != q_shared.shape:
             raise ValueError(f"{name} must have the shape of q_shared {tuple(q_shared.shape)}, got {tuple(x.shape)}")
     feats = (q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse)
-    if len({x.dtype for x in feats}) != 1 or len({x.device for x in (*feats, router_logits)}) != 1:
-        raise ValueError("q/k/v/g inputs must share one dtype and all inputs one device, got "
-                         f"{[(x.dtype, str(x.device)) for x in (*feats, router_logits)]}")
+    # Gates may stay fp32 beside 16-bit q/k/v (the model computes log-decays in fp32); kernels read them as fp32.
+    gate_ok = all(g.dtype in (v.dtype, torch.float32) for g in (g_shared, g_sparse))
+    if len({x.dtype for x in feats[:5]}) != 1 or not gate_ok or len({x.device for x in (*feats, router_logits)}) != 1:
+        raise ValueError("q/k/v inputs must share one dtype, gates that dtype or fp32, and all inputs one device, "
+                         f"got {[(x.dtype, str(x.device)) for x in (*feats, router_logits)]}")
     if v.ndim != 4 or v.shape[:3] != (B, T, H):
         raise ValueError(f"v must be [B={B}, T={T}, H={H}, dv], got {tuple(v.shape)}")
     if router_logits.ndim != 3 or router_logits.shape[:2] != (B, T):

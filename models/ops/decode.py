@@ -54,7 +54,7 @@ def sse_decode_kernel(
     b_q = tl.load(q_sp + p_k, mask=m_k, other=0.0).to(tl.float32)
     b_k = tl.load(k_sp + p_k, mask=m_k, other=0.0).to(tl.float32)
     b_g = tl.load(g_sp + p_k, mask=m_k, other=0.0).to(tl.float32)
-    for r in tl.static_range(K):
+    for _ in tl.static_range(K):
         _, b_idx, b_rem = pick_top1(b_rem, o_n)                                   # [1]
         b_w = tl.sum(tl.sum(tl.where(o_n[None, :] == b_idx[:, None], b_p, 0.0), 1), 0)
         b_o += update_partition(state, i_slot, stride_slot, 1 + tl.sum(b_idx, 0), i_h, o_k, o_v, m_kv,

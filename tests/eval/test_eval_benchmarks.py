@@ -19,7 +19,8 @@ def test_shared_aime_files_load(shared_data):
 
 @pytest.mark.parametrize("raw, expected", [
     ("025", "25"), (33, "33"), (" 204 ", "204"), ("336^\\circ", "336"), ("336^{\\circ}", "336"), ("$70$", "70"),
-    ("0", "0"), ("\\frac{1}{2}", "\\frac{1}{2}"), ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("0", "0"), ("\\frac{1}{2}", "\\frac{1}{2}"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\left( 3, \\frac{\\pi}{2} \\right)"),
 ], ids=str)
 def test_normalize_answer(raw, expected):
     assert normalize_answer(raw) == expected

@@ -61,7 +61,8 @@ def _problem(pid, correct, answers, tokens=None, truncated=None):
 def test_compute_metrics_by_hand():
     problems = [
         # 3/4 right; votes 12,12,7,12 -> right at every k
-        _problem("a", [True, True, False, True], ["12", "12", "7", "12"], [10, 20, 30, 40], [False, False, True, False]),
+        _problem("a", [True, True, False, True], ["12", "12", "7", "12"], [10, 20, 30, 40],
+                 [False, False, True, False]),
         # 1/4 right; votes 7,7,12,None -> maj@1 wrong, maj@2 wrong, maj@4: 7 twice -> wrong
         _problem("b", [False, False, True, False], ["7", "7", "12", None], [50, 60, 70, 80], [False, True, True, True]),
         # 0/4

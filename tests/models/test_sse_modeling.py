@@ -37,7 +37,8 @@ def test_parameter_names_follow_fla(model: SSEHForCausalLM) -> None:
         r"model\.layers\.\d+\.(attn_norm|mlp_norm)\.weight", r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight",
         r"model\.layers\.\d+\.attn\.(q|k|v|o|e)_proj\.weight", r"model\.layers\.\d+\.attn\.o_norm\.weight",
         r"model\.layers\.\d+\.attn\.(lora_q_proj|lora_k_proj|g_proj)\.[01]\.weight",
-        r"model\.layers\.\d+\.attn\.gk_proj\.[01]\.0\.weight", r"model\.layers\.\d+\.attn\.gk_proj\.[01]\.1\.(weight|bias)",
+        r"model\.layers\.\d+\.attn\.gk_proj\.[01]\.0\.weight",
+        r"model\.layers\.\d+\.attn\.gk_proj\.[01]\.1\.(weight|bias)",
     ]
     names = list(model.state_dict())
     assert [n for n in names if not any(re.fullmatch(p, n) for p in patterns)] == []

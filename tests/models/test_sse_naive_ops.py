@@ -67,7 +67,8 @@ def test_forms_agree_packed_and_match_each_sequence_alone(top_k: int, n: int) ->
 def test_gradients_agree_and_reach_the_router() -> None:
     x = make_inputs(1, 70, 4)
     h0 = torch.randn(1, 5, 2, 8, 6, dtype=torch.float64)
-    weights_o, weights_h = torch.randn(1, 70, 2, 6, dtype=torch.float64), torch.randn(1, 5, 2, 8, 6, dtype=torch.float64)
+    weights_o = torch.randn(1, 70, 2, 6, dtype=torch.float64)
+    weights_h = torch.randn(1, 5, 2, 8, 6, dtype=torch.float64)
     grads = {}
     for name, form in {"recurrent": naive.sse_recurrent, **FORMS}.items():
         leaves = {k: v.clone().requires_grad_() for k, v in {**x, "initial_state": h0}.items()}

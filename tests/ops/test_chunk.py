@@ -140,3 +140,19 @@ def test_dispatcher_matches_recurrent() -> None:
     ro, rht = sse_recurrent(*feats, top_k=1, initial_state=h0, output_final_state=True)
     assert_close("o", ro, o, 1e-4)
     assert_close("final_state", rht, ht, 1e-4)
+
+
+def test_sse_triton_takes_fp32_gates_beside_16bit_inputs() -> None:
+    """The model computes log-decay gates in fp32 next to 16-bit q/k/v: the op accepts that mix, returns v's dtype
+    and fp32 gate gradients, and matches the fp32 recurrence."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    feats, h0 = sse_inputs(1, 70, 2, 32, 32, 4, 1, torch.float32)
+    tri_in = [f.to(dtype) if i not in (5, 6) else f for i, f in enumerate(feats)]
+    tri_in = [f.clone().requires_grad_() for f in tri_in]
+    o, ht = sse_triton(*tri_in, top_k=1, initial_state=h0, output_final_state=True)
+    ro, rht = sse_recurrent(*[f.float() for f in tri_in], top_k=1, initial_state=h0, output_final_state=True)
+    assert o.dtype == dtype and ht.dtype == torch.float32
+    assert_close("o", ro, o.float(), 2e-2)
+    assert_close("final_state", rht, ht, 2e-2)
+    o.float().sum().backward()
+    assert tri_in[5].grad.dtype == torch.float32 and tri_in[0].grad.dtype == dtype

@@ -47,7 +47,8 @@ def _cases(marker: str) -> list[tuple[str, str, str, set]]:
         ("unclosed_env", r"\boxed{\begin{pmatrix} 1 & 2", "1", zero),
         ("injection_boxed", rf"\boxed{{{touch}}}", "1", zero),
         ("injection_text", f"The answer is {touch}", "1", zero),
-        ("injection_operatorname", r"\boxed{\operatorname{__import__}('os').system('touch " + marker + "')}", "1", zero),
+        ("injection_operatorname",
+         r"\boxed{\operatorname{__import__}('os').system('touch " + marker + "')}", "1", zero),
         ("injection_eval_text", rf"\boxed{{\text{{eval(\"open('{marker}', 'w')\")}}}}", "1", zero),
         ("injection_in_gold", r"\boxed{1}", touch, {0.0, None}),
     ]

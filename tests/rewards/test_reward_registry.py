@@ -42,7 +42,8 @@ def test_file_function(tmp_path):
 
 def test_entry_point(tmp_path, monkeypatch):
     """A real installed-distribution layout (dist-info with entry_points.txt) on sys.path."""
-    (tmp_path / "ext_rewards.py").write_text("def shout(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    (tmp_path / "ext_rewards.py").write_text(
+        "def shout(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
     dist = tmp_path / "ext_rewards-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ext-rewards\nVersion: 0.1\n")

@@ -30,7 +30,8 @@ def test_overlong_matches_dapo_formula():
     expected = [0.0, 0.0, 0.0, -0.05, -0.5, -0.95, -1.0, -1.0, -1.0]
     assert all(math.isclose(g, e, abs_tol=1e-12) for g, e in zip(got, expected)), got
     bound = functools.partial(overlong, max_length=max_length, cache_length=cache)
-    assert bound(prompts=["p"], completions=["c"], completion_ids=[[1] * 90], answer=["1"], trainer_state=None) == [-0.5]
+    kwargs = {"completion_ids": [[1] * 90], "answer": ["1"], "trainer_state": None}
+    assert bound(prompts=["p"], completions=["c"], **kwargs) == [-0.5]
 
 
 def test_overlong_rejects_bad_parameters():

@@ -11,7 +11,7 @@ import torch
 # vLLM on CPU: a small KV/state cache; the engine core runs in the test process (an engine-core subprocess
 # busy-polls its queues, which is slow on a 2-core CI machine).
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-MAX_MODEL_LEN = 1024
+MAX_MODEL_LEN = 2048 if torch.cuda.is_available() else 1024
 LOGPROB_ATOL = 1e-3
 
 
