@@ -115,7 +115,7 @@ class Controller:
                         self.cfg.run.keep_checkpoints)
 
     def sync(self) -> dict[str, float]:
-        seconds = weight_sync.push(self.trainers[0], self.engines)
+        seconds = weight_sync.push(self.trainers[0], self.engines, self.cfg.rollout.dtype)
         diff = weight_sync.probe(self.trainers[0], self.engines[0], self.probe_ids)
         return {"time/sync": seconds, "probe/max_abs_diff": diff}
 
@@ -168,6 +168,7 @@ class Controller:
         raw: dict[str, list[float]] = {}
         times = {"time/rollout": 0.0, "time/reward": 0.0}
         drawn: list[int] = []
+        generated = 0
         rounds = c.algo.max_sampling_rounds if c.algo.dynamic_sampling else 1
         for rnd in range(rounds):
             drawn += self.sampler.take(c.train.prompts_per_step)
@@ -176,6 +177,7 @@ class Controller:
             t0 = time.perf_counter()
             rollouts = self.generate(prompts, self.spec, seeds)
             t1 = time.perf_counter()
+            generated += sum(len(r.completion_ids) for rs in rollouts for r in rs)
             rewards, acc, round_raw = self.score(prompts, rollouts)
             times["time/rollout"] += t1 - t0
             times["time/reward"] += time.perf_counter() - t1
@@ -188,6 +190,7 @@ class Controller:
             if len(kept) >= c.train.prompts_per_step:
                 break
         metrics = {**times, **_rollout_metrics(seen, raw), "sampling/rounds": float(rnd + 1),
+                   "throughput/rollout_tokens_per_s": generated / times["time/rollout"],
                    "sampling/kept_groups": float(min(len(kept), c.train.prompts_per_step))}
         return kept[:c.train.prompts_per_step], metrics, drawn
 

@@ -2,8 +2,8 @@
 
 Choices:
 1) Step 0 is "before training" (the first eval row); training step s writes the row {"step": s, ...}.
-2) On resume from checkpoint k, rows after step k (metrics.jsonl and prompts.jsonl) are dropped (they belong to the interrupted attempt and are
-   recomputed), so metrics.jsonl reads like one uninterrupted run; TensorBoard purges them the same way.
+2) On resume from checkpoint k, rows after step k (metrics.jsonl and prompts.jsonl) are dropped: they belong to the
+   interrupted attempt and are recomputed, so the files read like one uninterrupted run. TensorBoard purges them too.
 3) The PNG plots whichever of the main curves the run has.
 """
 from __future__ import annotations

@@ -42,6 +42,7 @@ class MicroBatch:
     advantages: Tensor  # [N] fp32
     weights: Tensor  # [N] fp32
     seq_ids: Tensor  # [N] int64 sequence index within this micro-batch
+    aux_weight: float = 1.0  # this micro-batch's share of all packed tokens (weights the router aux loss)
 
     @property
     def num_tokens(self) -> int:
@@ -104,6 +105,9 @@ def pack(seqs: list[Sequence], token_budget: int, num_ranks: int = 1) -> list[li
                              f"{len(s.rollout_logprobs)} rollout logprobs")
     bins = _bins([len(s) for s in seqs], token_budget)
     micro = [_collate([seqs[i] for i in b]) for b in bins]
+    total = sum(m.num_tokens for m in micro)
+    for m in micro:
+        m.aux_weight = m.num_tokens / total
     per_rank: list[list[MicroBatch]] = [[] for _ in range(num_ranks)]
     loads = [0] * num_ranks
     for mb in sorted(micro, key=lambda m: -m.num_tokens):

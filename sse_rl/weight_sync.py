@@ -19,10 +19,10 @@ import ray
 logger = logging.getLogger(__name__)
 
 
-def push(trainer: Any, engines: list[Any]) -> float:
-    """Copy rank 0's weights into every engine; returns the seconds it took."""
+def push(trainer: Any, engines: list[Any], dtype: str) -> float:
+    """Copy rank 0's weights (cast to the engines' `dtype`) into every engine; returns the seconds it took."""
     start = time.perf_counter()
-    state = trainer.named_tensors.remote()  # stays in the object store; engines fetch it directly
+    state = trainer.named_tensors.remote(dtype)  # stays in the object store; engines fetch it directly
     written = ray.get([engine.update_weights.remote(state) for engine in engines])
     expected = ray.get([engine.num_parameters.remote() for engine in engines])
     for i, (got, want) in enumerate(zip(written, expected)):

@@ -155,9 +155,11 @@ class TrainerWorker:
         return totals
 
     # ----------------------------------------------------------------------------------------------------------
-    def named_tensors(self) -> dict[str, Tensor]:
-        """HF-named fp32 CPU copies of the weights, for the engines (rank 0 is asked)."""
-        return {name: t.detach().to("cpu", copy=True) for name, t in self.model.state_dict().items()}
+    def named_tensors(self, dtype: str) -> dict[str, Tensor]:
+        """HF-named CPU copies of the weights in the engines' dtype (half the bytes of fp32 for bf16 engines)."""
+        cast = getattr(torch, dtype)
+        return {name: t.detach().to("cpu", dtype=cast if t.is_floating_point() else t.dtype, copy=True)
+                for name, t in self.model.state_dict().items()}
 
     @torch.no_grad()
     def first_token_logprobs(self, prompt_ids: list[list[int]], tokens: list[list[int]]) -> list[list[float]]:

@@ -118,13 +118,25 @@ def test_packed_loss_equals_unpacked(trainer, agg):
     model.zero_grad()
 
 
+def test_non_finite_step_is_skipped(trainer):
+    seqs = _sequences(3, seed=4)
+    for s in seqs:
+        s.weight = 0.1
+    seqs[1].advantage = float("nan")
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    stats = trainer.train([pack(seqs, 64)[0]])
+    assert stats["skipped"] == 1 and stats["updates"] == 1 and stats["grad_norm"] == float("inf")
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
 def _train_rank(rank: int, world: int, port: int, path: str, minibatches, queue) -> None:
     """One trainer rank in its own process: one GRPO update, then report the weights (rank 0) and stats."""
     from sse_rl.workers.trainer import TrainerWorker
 
     worker = TrainerWorker(path, rank=rank, world_size=world, master_addr="127.0.0.1", master_port=port,
-                           train=TrainConfig(lr=1e-3), algo=AlgoConfig(mini_batches=2), temperature=1.0, seed=0,
-                           dtype="float32", gradient_checkpointing=False)
+                           train=TrainConfig(lr=1e-3), algo=AlgoConfig(mini_batches=2, kl_coef=0.1), temperature=1.0,
+                           seed=0, dtype="float32", gradient_checkpointing=False)
     stats = worker.train(minibatches)
     weights = torch.cat([p.detach().flatten() for p in worker.model.parameters()]).numpy()  # by value, not shm
     queue.put((rank, world, stats, weights if rank == 0 else None))
@@ -132,7 +144,10 @@ def _train_rank(rank: int, world: int, port: int, path: str, minibatches, queue)
 
 
 def test_two_gloo_ranks_match_one(policy):
-    """Two ranks with half of each mini-batch each end with the weights of one rank that saw everything."""
+    """Two ranks with half of each mini-batch each end with the weights of one rank that saw everything.
+
+    Two mini-batches (pi_old computed up front, ratios != 1 in the second) and a k3 KL to the reference model, so the
+    off-policy and KL paths are covered too."""
     import torch.multiprocessing as mp
 
     seqs = _sequences(16, seed=2)
@@ -155,7 +170,7 @@ def test_two_gloo_ranks_match_one(policy):
     single = next(r for r in results if r[1] == 1)
     double = [r for r in results if r[1] == 2]
     dist_weights = next(r[3] for r in double if r[0] == 0)
-    assert single[2]["updates"] == 2 and single[2]["skipped"] == 0
+    assert single[2]["updates"] == 2 and single[2]["skipped"] == 0 and single[2]["kl_sum"] > 0
     assert sum(r[2]["tokens"] for r in double) == single[2]["tokens"]
     assert sum(r[2]["loss"] for r in double) == pytest.approx(single[2]["loss"], rel=1e-5)
     torch.testing.assert_close(torch.from_numpy(dist_weights), torch.from_numpy(single[3]), rtol=1e-5, atol=1e-6)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import ray
-import torch
 
 from sse_rl import weight_sync
 from sse_rl.config import AlgoConfig, RewardConfig, RewardFunctionConfig, TrainConfig
@@ -80,7 +79,7 @@ def test_weight_sync_makes_engine_and_trainer_agree(actors):
     assert stats["updates"] == 1 and stats["skipped"] == 0
     stale = weight_sync.probe(trainer, engine, PROMPTS)
     assert stale > 1e-3, "the update should have moved the policy away from the engine's weights"
-    weight_sync.push(trainer, [engine])
+    weight_sync.push(trainer, [engine], "float32")
     assert weight_sync.probe(trainer, engine, PROMPTS) < 1e-4
 
 
