@@ -7,7 +7,6 @@ trainers to the engines through the object store.
 """
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +47,6 @@ def request_seed(seed: int, *parts: int) -> int:
     return value
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 class Controller:
     """Owns the actors and the loop of one run (see module doc)."""
 
@@ -87,15 +80,15 @@ class Controller:
             tensor_parallel_size=c.rollout.tensor_parallel_size, cpu_kvcache_space_gib=c.rollout.cpu_kvcache_space_gib,
         ) for i in range(c.rollout.num_engines)]
         trainer_cls = ray.remote(num_cpus=1, num_gpus=c.train.num_gpus_per_trainer)(TrainerWorker)
-        addr, port = ray.util.get_node_ip_address(), _free_port()
         self.trainers = [trainer_cls.remote(
-            self.model_path, rank=r, world_size=c.train.num_trainers, master_addr=addr, master_port=port,
-            train=c.train, algo=c.algo, temperature=c.rollout.temperature, seed=c.seed, dtype=c.model.dtype,
+            self.model_path, rank=r, world_size=c.train.num_trainers, train=c.train, algo=c.algo,
+            temperature=c.rollout.temperature, seed=c.seed, dtype=c.model.dtype,
             gradient_checkpointing=c.model.gradient_checkpointing,
         ) for r in range(c.train.num_trainers)]
         self.reward = ray.remote(num_cpus=1)(RewardWorker).remote(c.reward)
         self.reward_names = ray.get(self.reward.function_names.remote())
-        ray.get([t.__ray_ready__.remote() for t in self.trainers + self.engines])
+        master = ray.get(self.trainers[0].address.remote())
+        ray.get([t.join.remote(*master) for t in self.trainers] + [e.__ray_ready__.remote() for e in self.engines])
 
     def restore(self) -> int:
         """Load the newest checkpoint into the trainers and the sampler; returns the step to continue after."""

@@ -54,9 +54,8 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
 class TrainerWorker:
     """Made a Ray actor by the controller; all ranks receive the same calls with their own micro-batches."""
 
-    def __init__(self, model_path: str, *, rank: int, world_size: int, master_addr: str, master_port: int,
-                 train: TrainConfig, algo: AlgoConfig, temperature: float, seed: int, dtype: str,
-                 gradient_checkpointing: bool):
+    def __init__(self, model_path: str, *, rank: int, world_size: int, train: TrainConfig, algo: AlgoConfig,
+                 temperature: float, seed: int, dtype: str, gradient_checkpointing: bool):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         import sse_rl.models  # noqa: F401  (registers SSE-H with the Auto classes)
@@ -64,10 +63,8 @@ class TrainerWorker:
         torch.set_num_threads(train.threads_per_trainer)
         torch.manual_seed(seed + rank)
         self.rank, self.world_size = rank, world_size
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                                world_size=world_size)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
+            torch.device("cpu")
         self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -86,6 +83,23 @@ class TrainerWorker:
                                   is_correction=algo.is_correction, is_cap=algo.is_cap)
         self.multi_update = algo.ppo_epochs > 1 or algo.mini_batches > 1
         self.ppo_epochs, self.max_grad_norm, self.temperature = algo.ppo_epochs, train.max_grad_norm, temperature
+
+    def address(self) -> tuple[str, int]:
+        """(this node's IP, a free port): rank 0's answer is where every rank meets."""
+        import socket
+
+        from ray.util import get_node_ip_address
+
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return get_node_ip_address(), port
+
+    def join(self, master_addr: str, master_port: int) -> None:
+        """Enter the torch.distributed group (nccl on GPU, gloo on CPU); all ranks call this together."""
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                                world_size=self.world_size)
 
     # ----------------------------------------------------------------------------------------------------------
     def _forward(self, model: torch.nn.Module, mb: MicroBatch) -> tuple[Tensor, Tensor, Tensor]:

@@ -64,9 +64,9 @@ def trainer(policy):
     from sse_rl.workers.trainer import TrainerWorker
 
     path = policy
-    worker = TrainerWorker(str(path), rank=0, world_size=1, master_addr="127.0.0.1", master_port=_port(),
-                           train=TrainConfig(lr=1e-3), algo=AlgoConfig(), temperature=1.0, seed=0, dtype="float32",
-                           gradient_checkpointing=False)
+    worker = TrainerWorker(str(path), rank=0, world_size=1, train=TrainConfig(lr=1e-3), algo=AlgoConfig(),
+                           temperature=1.0, seed=0, dtype="float32", gradient_checkpointing=False)
+    worker.join("127.0.0.1", _port())
     # the router aux loss is a product of batch means, not a sum over sequences: compare the policy loss alone
     worker.model.config.aux_loss_coef = 0.0
     yield worker
@@ -134,9 +134,10 @@ def _train_rank(rank: int, world: int, port: int, path: str, minibatches, queue)
     """One trainer rank in its own process: one GRPO update, then report the weights (rank 0) and stats."""
     from sse_rl.workers.trainer import TrainerWorker
 
-    worker = TrainerWorker(path, rank=rank, world_size=world, master_addr="127.0.0.1", master_port=port,
-                           train=TrainConfig(lr=1e-3), algo=AlgoConfig(mini_batches=2, kl_coef=0.1), temperature=1.0,
-                           seed=0, dtype="float32", gradient_checkpointing=False)
+    worker = TrainerWorker(path, rank=rank, world_size=world, train=TrainConfig(lr=1e-3),
+                           algo=AlgoConfig(mini_batches=2, kl_coef=0.1), temperature=1.0, seed=0, dtype="float32",
+                           gradient_checkpointing=False)
+    worker.join("127.0.0.1", port)
     stats = worker.train(minibatches)
     weights = torch.cat([p.detach().flatten() for p in worker.model.parameters()]).numpy()  # by value, not shm
     queue.put((rank, world, stats, weights if rank == 0 else None))

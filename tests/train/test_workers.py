@@ -6,7 +6,6 @@ step.
 """
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -36,16 +35,13 @@ def policy(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def actors(policy):
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     engine = ray.remote(num_cpus=1)(RolloutWorker).remote(
         policy, dtype="float32", max_model_len=64, seed=0, enforce_eager=True, gpu_memory_utilization=0.5,
         tensor_parallel_size=1, cpu_kvcache_space_gib=1)
     trainer = ray.remote(num_cpus=1)(TrainerWorker).remote(
-        policy, rank=0, world_size=1, master_addr="127.0.0.1", master_port=port, train=TrainConfig(lr=1e-2),
-        algo=AlgoConfig(), temperature=1.0, seed=0, dtype="float32", gradient_checkpointing=False)
-    ray.get([engine.__ray_ready__.remote(), trainer.__ray_ready__.remote()])
+        policy, rank=0, world_size=1, train=TrainConfig(lr=1e-2), algo=AlgoConfig(), temperature=1.0, seed=0,
+        dtype="float32", gradient_checkpointing=False)
+    ray.get([engine.__ray_ready__.remote(), trainer.join.remote(*ray.get(trainer.address.remote()))])
     yield engine, trainer
     ray.shutdown()
 
