@@ -33,7 +33,6 @@ class Group:
     """One prompt with its G scored completions."""
 
     prompt: Prompt
-    prompt_ids: list[int]
     rollouts: list[Rollout]
     rewards: list[float]  # weighted total per completion (None from the pool counts as 0)
     accuracy: list[float]  # raw value of the accuracy function per completion
@@ -51,23 +50,19 @@ class Controller:
     """Owns the actors and the loop of one run (see module doc)."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, model_path: str, train_prompts: list[Prompt],
-                 eval_prompts: list[Prompt], tokenizer: Any):
+                 eval_prompts: list[Prompt]):
         self.cfg, self.run_dir, self.model_path = recipe, run_dir, model_path
         self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
-        self.tokenizer = tokenizer
         self.sampler = EpochSampler(len(train_prompts), recipe.seed)
         self.advantages = build_advantage_fn(recipe.algo.adv_std_scaling)
         self.loss_agg = build_loss_agg(recipe.algo.loss_agg, recipe.rollout.max_tokens)
         self.spec = SamplingSpec(n=recipe.rollout.group_size, max_tokens=recipe.rollout.max_tokens,
                                  temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p)
-        self.probe_ids = [self._encode(p) for p in train_prompts[:recipe.run.probe_prompts]]
+        self.probe_ids = [p.ids for p in train_prompts[:recipe.run.probe_prompts]]
         self.engines: list[Any] = []
         self.trainers: list[Any] = []
         self.reward: Any = None
         self.reward_names: list[str] = []
-
-    def _encode(self, prompt: Prompt) -> list[int]:
-        return self.tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
 
     # ----------------------------------------------------------------------------------------------------------
     def start_actors(self) -> None:
@@ -122,7 +117,7 @@ class Controller:
     # ----------------------------------------------------------------------------------------------------------
     def generate(self, prompts: list[Prompt], spec: SamplingSpec, seeds: list[int]) -> list[list[Rollout]]:
         """Spread prompts over the engines (round-robin) and gather the completions in prompt order."""
-        ids = [self._encode(p) for p in prompts]
+        ids = [p.ids for p in prompts]
         n = len(self.engines)
         shards = [range(len(prompts))[i::n] for i in range(n)]
         calls = [e.generate.remote([ids[j] for j in s], spec, [seeds[j] for j in s])
@@ -176,7 +171,7 @@ class Controller:
             times["time/reward"] += time.perf_counter() - t1
             for key, values in round_raw.items():
                 raw.setdefault(key, []).extend(values)
-            groups = [Group(p, self._encode(p), rs, r, a) for p, rs, r, a in zip(prompts, rollouts, rewards, acc)]
+            groups = [Group(p, rs, r, a) for p, rs, r, a in zip(prompts, rollouts, rewards, acc)]
             seen += groups
             signal = group_has_variance(torch.tensor(acc)).tolist() if c.algo.dynamic_sampling else [True] * len(acc)
             kept += [g for g, ok in zip(groups, signal) if ok]
@@ -199,7 +194,7 @@ class Controller:
             keep = loss_keep_mask([r.finish_reason for _, _, r in items], c.algo.overlong_filter)  # [S]
             lengths = torch.tensor([len(r.completion_ids) for _, _, r in items]) * keep  # [S]
             weights = (self.loss_agg(lengths) * keep).tolist()  # [S]
-            seqs = [Sequence(g.prompt_ids, r.completion_ids, r.logprobs, a, w)
+            seqs = [Sequence(g.prompt.ids, r.completion_ids, r.logprobs, a, w)
                     for (g, a, r), w in zip(items, weights)]
             for rank, micro in enumerate(pack(seqs, c.train.token_budget, c.train.num_trainers)):
                 per_rank[rank].append(micro)

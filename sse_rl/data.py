@@ -15,7 +15,7 @@ import importlib
 import logging
 import random
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ class Prompt:
     index: int  # row number in its dataset
     text: str  # the rendered prompt
     columns: dict[str, Any]  # the row's columns + `answer`, passed to the reward functions
+    ids: list[int] = field(default_factory=list)  # token ids, set by `encode_prompts`
 
 
 def _read_rows(source: str, split: str, subset: str) -> list[dict[str, Any]]:
@@ -89,6 +90,24 @@ def load_prompts(source: str, *, split: str, subset: str, template: str, answer_
     if not prompts:
         raise ValueError(f"dataset {source} (split {split!r}) has no usable rows")
     return prompts
+
+
+def encode_prompts(prompts: list[Prompt], tokenizer: Any, max_tokens: int, source: str) -> list[Prompt]:
+    """Tokenize every prompt once; prompts longer than `max_tokens` are dropped (and counted), since the engine
+    could not fit them with a full-length response."""
+    encoded = tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]
+    kept = []
+    for prompt, ids in zip(prompts, encoded):
+        prompt.ids = ids
+        if len(ids) <= max_tokens:
+            kept.append(prompt)
+    if len(kept) < len(prompts):
+        logger.warning("dataset %s: dropped %d of %d prompts longer than %d tokens (rollout.max_model_len - "
+                       "rollout.max_tokens)", source, len(prompts) - len(kept), len(prompts), max_tokens)
+    if not kept:
+        raise ValueError(f"dataset {source}: every prompt is longer than {max_tokens} tokens; raise "
+                         "rollout.max_model_len or lower rollout.max_tokens")
+    return kept
 
 
 def check_not_benchmark(source: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sse_rl import checkpoint
 from sse_rl.config import Recipe, load_recipe
-from sse_rl.data import check_not_benchmark, load_prompts
+from sse_rl.data import check_not_benchmark, encode_prompts, load_prompts
 
 logger = logging.getLogger("sse_rl.train")
 # Environment of every Ray worker: quiet vLLM, and no oversubscription of the cores by OpenMP spin-waits.
@@ -81,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     d = recipe.data
     common = {"subset": d.subset, "template": d.prompt_template, "answer_column": d.answer_column,
               "tokenizer": tokenizer, "chat_template": d.chat_template, "drop_incomplete": d.drop_incomplete}
-    train_prompts = load_prompts(d.train, split=d.train_split, **common)
-    eval_prompts = load_prompts(d.eval, split=d.eval_split, **common) if d.eval else []
+    budget = recipe.rollout.max_model_len - recipe.rollout.max_tokens
+    train_prompts = encode_prompts(load_prompts(d.train, split=d.train_split, **common), tokenizer, budget, d.train)
+    eval_prompts = []
+    if d.eval:
+        eval_prompts = encode_prompts(load_prompts(d.eval, split=d.eval_split, **common), tokenizer, budget, d.eval)
     logger.info("run %s: %d train / %d eval prompts, policy %s", run_dir, len(train_prompts), len(eval_prompts),
                 model_path)
 
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from sse_rl.controller import Controller
 
     start_ray(args.address, recipe.run.ray_num_cpus)
-    controller = Controller(recipe, run_dir, model_path, train_prompts, eval_prompts, tokenizer)
+    controller = Controller(recipe, run_dir, model_path, train_prompts, eval_prompts)
     try:
         controller.start_actors()
         start = controller.restore()

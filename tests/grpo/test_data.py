@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from sse_rl.data import EpochSampler, check_not_benchmark, load_prompts
+from sse_rl.data import EpochSampler, check_not_benchmark, encode_prompts, load_prompts
 
 ROWS = [{"problem": "1+1", "answer": "2", "level": 1}, {"problem": "2+3", "answer": "5", "level": 2}]
 
@@ -77,3 +77,17 @@ def test_sampler_resume_continues_exactly():
     assert got == expected
     with pytest.raises(ValueError, match="same data and seed"):
         EpochSampler(12, seed=1).load_state_dict(state)
+
+
+def test_encode_prompts_drops_prompts_too_long_for_the_engine(tmp_path):
+    from sse_rl.toy_task import build_tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(build_tokenizer(tmp_path / "tok"))
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"problem": "max(1,2,3)=", "answer": "3"},
+                                               {"problem": "max(1,2,3,4,5,6)=", "answer": "6"}])
+    prompts = load_prompts(path, split="train", subset="", template="{problem}", answer_column="answer")
+    kept = encode_prompts(prompts, tok, max_tokens=12, source=path)
+    assert [p.index for p in kept] == [0] and kept[0].ids == tok("max(1,2,3)=")["input_ids"] and len(kept[0].ids) == 11
+    with pytest.raises(ValueError, match="every prompt is longer than 5 tokens"):
+        encode_prompts(prompts, tok, max_tokens=5, source=path)
