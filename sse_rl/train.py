@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from sse_rl import checkpoint
-from sse_rl.config import Recipe, load_recipe
+from sse_rl.config import Recipe, RecipeError, load_recipe
 from sse_rl.data import check_not_benchmark, encode_prompts, load_prompts
 
 logger = logging.getLogger("sse_rl.train")
@@ -50,6 +50,20 @@ def build_policy(recipe: Recipe, run_dir: Path) -> str:
     return str(path)
 
 
+def check_rewards(recipe: Recipe) -> None:
+    """Resolve every reward spec before anything starts, so a typo fails in a second, not after engine start-up."""
+    from sse_rl.rewards.registry import RewardSpecError, load_reward
+
+    errors = []
+    for i, fn in enumerate(recipe.reward.functions):
+        try:
+            load_reward(fn.spec)
+        except RewardSpecError as e:
+            errors.append(f"reward.functions.{i}.spec: {e}")
+    if errors:
+        raise RecipeError(errors)
+
+
 def start_ray(address: str | None, num_cpus: int) -> None:
     import ray
 
@@ -65,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     recipe = load_recipe(args.recipe, args.overrides)
+    check_rewards(recipe)
     run_dir = Path(recipe.out_dir)
     if args.resume and checkpoint.latest(run_dir) is None:
         raise SystemExit(f"--resume: {run_dir} has no checkpoint to resume from")
