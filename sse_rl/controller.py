@@ -36,6 +36,7 @@ class Group:
     rollouts: list[Rollout]
     rewards: list[float]  # weighted total per completion (None from the pool counts as 0)
     accuracy: list[float]  # raw value of the accuracy function per completion
+    per_function: dict[str, list[float]]  # every reward function's raw value per completion
 
 
 def request_seed(seed: int, *parts: int) -> int:
@@ -107,30 +108,27 @@ class Controller:
         diff = weight_sync.probe(self.trainers[0], self.engines[0], self.probe_ids)
         return {"time/sync": seconds, "probe/max_abs_diff": diff}
 
-    def shutdown(self) -> None:
-        if self.reward is not None:
-            ray.get(self.reward.close.remote())
-        for actor in self.engines + self.trainers + [self.reward]:
-            if actor is not None:
-                ray.kill(actor)
+    def close(self) -> None:
+        """End of a run: close the reward pool, release the actors (ray.shutdown covers failed runs)."""
+        ray.get(self.reward.close.remote())
+        for actor in [*self.engines, *self.trainers, self.reward]:
+            ray.kill(actor)
 
     # ----------------------------------------------------------------------------------------------------------
     def generate(self, prompts: list[Prompt], spec: SamplingSpec, seeds: list[int]) -> list[list[Rollout]]:
         """Spread prompts over the engines (round-robin) and gather the completions in prompt order."""
-        ids = [p.ids for p in prompts]
         n = len(self.engines)
-        shards = [range(len(prompts))[i::n] for i in range(n)]
-        calls = [e.generate.remote([ids[j] for j in s], spec, [seeds[j] for j in s])
-                 for e, s in zip(self.engines, shards) if len(s)]
+        shards = [s for s in (range(len(prompts))[i::n] for i in range(n)) if len(s)]
+        calls = [e.generate.remote([prompts[j].ids for j in s], spec, [seeds[j] for j in s])
+                 for e, s in zip(self.engines, shards)]
         out: list[list[Rollout]] = [[] for _ in prompts]
         for shard, result in zip(shards, ray.get(calls)):
             for j, rollouts in zip(shard, result):
                 out[j] = rollouts
         return out
 
-    def score(self, prompts: list[Prompt], rollouts: list[list[Rollout]]) -> tuple[list[list[float]],
-                                                                                 list[list[float]], dict[str, list]]:
-        """Rewards [P][G] and accuracy [P][G] of every completion, plus the raw per-function values (flat)."""
+    def score(self, prompts: list[Prompt], rollouts: list[list[Rollout]]) -> tuple[list[Group], dict[str, float]]:
+        """Grade every completion; returns one Group per prompt and the pool's timeout/error counts."""
         flat = [(p, r) for p, rs in zip(prompts, rollouts) for r in rs]
         columns: dict[str, list[Any]] = {key: [p.columns[key] for p, _ in flat] for key in prompts[0].columns}
         columns["completion_ids"] = [r.completion_ids for _, r in flat]
@@ -141,10 +139,11 @@ class Controller:
             values = [0.0 if v is None else v for v in values]
             return [values[i:i + g] for i in range(0, len(values), g)]
 
-        raw = {f"reward/{name}/mean": values for name, values in result.per_function.items()}
-        raw["reward/timeouts"] = [float(result.timeouts)]
-        raw["reward/errors"] = [float(len(result.errors))]
-        return rows(result.total), rows(result.per_function[self.reward_names[self.cfg.reward.accuracy]]), raw
+        per_function = {name: rows(values) for name, values in result.per_function.items()}
+        accuracy = per_function[self.reward_names[self.cfg.reward.accuracy]]
+        groups = [Group(p, rs, total, acc, {name: v[i] for name, v in per_function.items()})
+                  for i, (p, rs, total, acc) in enumerate(zip(prompts, rollouts, rows(result.total), accuracy))]
+        return groups, {"reward/timeouts": float(result.timeouts), "reward/errors": float(len(result.errors))}
 
     def collect(self, step: int) -> tuple[list[Group], dict[str, float], list[int]]:
         """Generate and score rounds of prompts until `prompts_per_step` groups with signal (dynamic sampling).
@@ -153,8 +152,7 @@ class Controller:
         c = self.cfg
         kept: list[Group] = []
         seen: list[Group] = []
-        raw: dict[str, list[float]] = {}
-        times = {"time/rollout": 0.0, "time/reward": 0.0}
+        counts = {"time/rollout": 0.0, "time/reward": 0.0, "reward/timeouts": 0.0, "reward/errors": 0.0}
         drawn: list[int] = []
         generated = 0
         rounds = c.algo.max_sampling_rounds if c.algo.dynamic_sampling else 1
@@ -166,19 +164,16 @@ class Controller:
             rollouts = self.generate(prompts, self.spec, seeds)
             t1 = time.perf_counter()
             generated += sum(len(r.completion_ids) for rs in rollouts for r in rs)
-            rewards, acc, round_raw = self.score(prompts, rollouts)
-            times["time/rollout"] += t1 - t0
-            times["time/reward"] += time.perf_counter() - t1
-            for key, values in round_raw.items():
-                raw.setdefault(key, []).extend(values)
-            groups = [Group(p, rs, r, a) for p, rs, r, a in zip(prompts, rollouts, rewards, acc)]
+            groups, failures = self.score(prompts, rollouts)
+            for key, value in {"time/rollout": t1 - t0, "time/reward": time.perf_counter() - t1, **failures}.items():
+                counts[key] += value
             seen += groups
-            signal = group_has_variance(torch.tensor(acc)).tolist() if c.algo.dynamic_sampling else [True] * len(acc)
-            kept += [g for g, ok in zip(groups, signal) if ok]
+            signal = group_has_variance(torch.tensor([g.accuracy for g in groups])).tolist()
+            kept += [g for g, ok in zip(groups, signal) if ok or not c.algo.dynamic_sampling]
             if len(kept) >= c.train.prompts_per_step:
                 break
-        metrics = {**times, **_rollout_metrics(seen, raw), "sampling/rounds": float(rnd + 1),
-                   "throughput/rollout_tokens_per_s": generated / times["time/rollout"],
+        metrics = {**counts, **_rollout_metrics(seen), "sampling/rounds": float(rnd + 1),
+                   "throughput/rollout_tokens_per_s": generated / counts["time/rollout"],
                    "sampling/kept_groups": float(min(len(kept), c.train.prompts_per_step))}
         return kept[:c.train.prompts_per_step], metrics, drawn
 
@@ -215,9 +210,9 @@ class Controller:
         prompts = self.eval_prompts[:c.eval.num_prompts or None]
         spec = SamplingSpec(n=c.eval.samples, max_tokens=c.rollout.max_tokens, temperature=c.eval.temperature)
         rollouts = self.generate(prompts, spec, [request_seed(c.seed, -1, i) for i in range(len(prompts))])
-        rewards, acc, _ = self.score(prompts, rollouts)
-        n = sum(len(r) for r in rewards)
-        return {"eval/reward": sum(map(sum, rewards)) / n, "eval/accuracy": sum(map(sum, acc)) / n}
+        groups, _ = self.score(prompts, rollouts)
+        return {"eval/reward": _mean([r for g in groups for r in g.rewards]),
+                "eval/accuracy": _mean([a for g in groups for a in g.accuracy])}
 
     # ----------------------------------------------------------------------------------------------------------
     def step(self, step: int) -> tuple[dict[str, float], list[int]]:
@@ -256,7 +251,7 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _rollout_metrics(groups: list[Group], raw: dict[str, list[float]]) -> dict[str, float]:
+def _rollout_metrics(groups: list[Group]) -> dict[str, float]:
     rewards = torch.tensor([r for g in groups for r in g.rewards])  # [B]
     lengths = [len(r.completion_ids) for g in groups for r in g.rollouts]
     truncated = [r.finish_reason == "length" for g in groups for r in g.rollouts]
@@ -266,9 +261,8 @@ def _rollout_metrics(groups: list[Group], raw: dict[str, list[float]]) -> dict[s
            "response_length/mean": _mean(lengths), "response_length/max": float(max(lengths)),
            "response_length/truncated_frac": _mean([float(t) for t in truncated]),
            "sampling/zero_variance_frac": float(no_signal)}
-    for key, values in raw.items():
-        out[key] = sum(values) if key in ("reward/timeouts", "reward/errors") else _mean(
-            [0.0 if v is None else v for v in values])
+    for name in groups[0].per_function:
+        out[f"reward/{name}/mean"] = _mean([v for g in groups for v in g.per_function[name]])
     return out
 
 

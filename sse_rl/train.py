@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         if start:
             logger.info("resuming after step %d from %s", start, checkpoint.latest(run_dir))
         png = controller.run(start)
+        controller.close()
         logger.info("done: %s, %s", run_dir / "metrics.jsonl", png)
     finally:
-        controller.shutdown()
         ray.shutdown()
     return 0
 

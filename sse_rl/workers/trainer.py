@@ -132,10 +132,12 @@ class TrainerWorker:
 
     def _optimizer_step(self) -> tuple[float, bool]:
         """All-reduce (sum) gradients, clip, step unless non-finite; returns (grad norm, applied)."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if self.world_size > 1:
-            for g in grads:
-                dist.all_reduce(g, op=dist.ReduceOp.SUM)
+            # every rank reduces the same tensors, even one that had no micro-batch (its gradients are zero)
+            for p in self.model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
         norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm))
         applied = math.isfinite(norm)
         if applied:
