@@ -135,6 +135,10 @@ class TrainConfig:
     num_trainers: int = _bounded(1, ge=1)  # torch.distributed ranks (gloo on CPU, nccl on GPU)
     num_gpus_per_trainer: float = _bounded(0.0, ge=0)
     threads_per_trainer: int = _bounded(1, ge=1)  # torch intra-op threads of a CPU trainer
+    # how ranks hold the policy: fsdp2 = fully_shard per SSEHBlock + backbone + lm_head (params, grads and Adam
+    # state sharded; bf16 compute / fp32 reduce when model.dtype=bfloat16); ddp = full copy per rank, gradients
+    # all-reduced (autocast for bfloat16). Both run on gloo (CPU) and nccl (GPU).
+    strategy: Literal["ddp", "fsdp2"] = "fsdp2"
 
 
 @dataclass
