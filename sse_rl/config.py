@@ -147,6 +147,15 @@ class EvalConfig:
     num_prompts: int = _bounded(0, ge=0)  # 0 = the whole eval set
     samples: int = _bounded(1, ge=1)  # completions per prompt
     temperature: float = _bounded(1.0, ge=0)  # 0 = greedy
+    # Validation benchmark scored by the eval package (sse_rl.eval): a benchmark it knows (aime24, aime25, math500)
+    # or a local .jsonl/.parquet file with `problem` and `answer`; "" = off. Prompts are rendered like training
+    # prompts (data.prompt_template, data.chat_template); metrics go to metrics.jsonl as val/*.
+    benchmark: str = ""
+    benchmark_samples: int = _bounded(4, ge=1)  # samples per problem (avg@n, pass@k, maj@k)
+    benchmark_every: int = _bounded(0, ge=0)  # 0 = only before the first and after the last step
+    benchmark_max_tokens: int = _bounded(0, ge=0)  # 0 = rollout.max_tokens
+    benchmark_temperature: float = _bounded(0.6, ge=0)  # 0 = greedy
+    benchmark_top_p: float = _bounded(0.95, gt=0, le=1)
 
 
 @dataclass
@@ -202,6 +211,9 @@ def _cross_checks(recipe: Recipe) -> list[str]:
                       f"rollout.max_model_len={recipe.rollout.max_model_len}")
     if len(recipe.train.adam_betas) != 2 or not all(0 <= b < 1 for b in recipe.train.adam_betas):
         errors.append(f"train.adam_betas: two numbers in [0, 1) expected, got {recipe.train.adam_betas}")
+    if recipe.eval.benchmark_max_tokens >= recipe.rollout.max_model_len:
+        errors.append(f"eval.benchmark_max_tokens: {recipe.eval.benchmark_max_tokens} leaves no room for the prompt "
+                      f"in rollout.max_model_len={recipe.rollout.max_model_len}")
     if recipe.eval.num_prompts and not recipe.data.eval:
         errors.append("eval.num_prompts: set, but data.eval names no held-out set")
     return errors

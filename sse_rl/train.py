@@ -7,15 +7,20 @@ A run directory that already holds a checkpoint is resumed automatically; --resu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sse_rl import checkpoint
 from sse_rl.config import Recipe, RecipeError, load_recipe
 from sse_rl.data import check_not_benchmark, encode_prompts, load_prompts
+
+if TYPE_CHECKING:
+    from sse_rl.controller import ValSet
 
 logger = logging.getLogger("sse_rl.train")
 # Environment of every Ray worker: quiet vLLM, and no oversubscription of the cores by OpenMP spin-waits.
@@ -64,6 +69,43 @@ def check_rewards(recipe: Recipe) -> None:
         raise RecipeError(errors)
 
 
+def load_val_set(recipe: Recipe, tokenizer: Any) -> ValSet | None:
+    """The eval.benchmark problems as a `ValSet` (None when off), prompts rendered like training prompts.
+
+    Errors name the key: an unknown benchmark or unreadable file, a prompt template that needs columns a benchmark
+    problem does not have, prompts that leave no room for the answer within rollout.max_model_len.
+    """
+    from sse_rl.controller import ValSet
+    from sse_rl.eval import BENCHMARKS, SamplingConfig, load_benchmark
+    from sse_rl.eval.runner import build_prompt
+
+    e, source = recipe.eval, recipe.eval.benchmark
+    if not source:
+        return None
+    is_file = Path(source).suffix in (".jsonl", ".parquet")
+    if not is_file and source not in BENCHMARKS:
+        raise RecipeError([f"eval.benchmark: {source!r} is neither a .jsonl/.parquet file nor a benchmark of the "
+                           f"eval package ({', '.join(sorted(BENCHMARKS))})"])
+    try:
+        problems = load_benchmark(source, source if is_file else None)
+        problems = [dataclasses.replace(p, problem=recipe.data.prompt_template.format(problem=p.problem))
+                    for p in problems]
+    except KeyError as err:
+        raise RecipeError([f"data.prompt_template: uses column {err}, but eval.benchmark problems only have "
+                           "`problem`"]) from None
+    except (OSError, ValueError, TypeError) as err:
+        raise RecipeError([f"eval.benchmark: {err}"]) from None
+    sampling = SamplingConfig(temperature=e.benchmark_temperature, top_p=e.benchmark_top_p, top_k=0,
+                              max_tokens=e.benchmark_max_tokens or recipe.rollout.max_tokens)
+    budget = recipe.rollout.max_model_len - sampling.max_tokens
+    too_long = [p.id for p in problems
+                if len(build_prompt(p.problem, tokenizer, "", recipe.data.chat_template)[1]) > budget]
+    if too_long:
+        raise RecipeError([f"eval.benchmark: {len(too_long)} problems (first {too_long[0]!r}) have prompts longer "
+                           f"than rollout.max_model_len - max tokens = {budget} tokens"])
+    return ValSet(Path(source).stem if is_file else source, problems, tokenizer, sampling)
+
+
 def start_ray(address: str | None, num_cpus: int) -> None:
     import ray
 
@@ -101,15 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     eval_prompts = []
     if d.eval:
         eval_prompts = encode_prompts(load_prompts(d.eval, split=d.eval_split, **common), tokenizer, budget, d.eval)
-    logger.info("run %s: %d train / %d eval prompts, policy %s", run_dir, len(train_prompts), len(eval_prompts),
-                model_path)
+    val = load_val_set(recipe, tokenizer)
+    logger.info("run %s: %d train / %d eval prompts, %d validation problems, policy %s", run_dir, len(train_prompts),
+                len(eval_prompts), len(val.problems) if val else 0, model_path)
 
     import ray
 
     from sse_rl.controller import Controller
 
     start_ray(args.address, recipe.run.ray_num_cpus)
-    controller = Controller(recipe, run_dir, model_path, train_prompts, eval_prompts)
+    controller = Controller(recipe, run_dir, model_path, train_prompts, eval_prompts, val)
     try:
         controller.start_actors()
         start = controller.restore()
