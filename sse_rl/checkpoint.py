@@ -86,19 +86,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
 
 
-def save_trainer(path: str | Path, model: torch.nn.Module, tokenizer: Any, optimizer: torch.optim.Optimizer,
-                 scheduler: Any) -> None:
-    """Trainer side: HF weights (+ tokenizer) under model/, optimizer/scheduler/RNG in trainer.pt."""
+def save_trainer(path: str | Path, model: Any, tokenizer: Any, weights: dict[str, torch.Tensor],
+                 optimizer_state: dict[str, Any], scheduler: Any) -> None:
+    """Trainer side: HF weights `weights` (full, gathered from the ranks) + tokenizer under model/, the full
+    parameter-name-keyed optimizer state, scheduler and RNG in trainer.pt (reloadable on any number of ranks)."""
     path = Path(path)
-    model.save_pretrained(path / "model", safe_serialization=True)
+    model.save_pretrained(path / "model", state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(path / "model")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state()},
                path / TRAINER_FILE)
 
 
-def load_trainer(path: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-    """Trainer side: restore optimizer, scheduler and RNG (the weights are loaded with from_pretrained)."""
+def load_trainer(path: str | Path, scheduler: Any) -> dict[str, Any]:
+    """Trainer side: restore scheduler and RNG; returns the full optimizer state for the ranks to shard."""
     state = torch.load(Path(path) / TRAINER_FILE, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
+    return state["optimizer"]

@@ -1,9 +1,13 @@
 """The trainer worker: one torch.distributed rank holding the SSE-H policy, its optimizer and scheduler.
 
 Choices:
-1) Every rank holds the full model (replicated, DDP-style); gradients are summed across ranks with all_reduce after
-   each mini-batch. The loss weights already carry the 1/tokens (or 1/sequences) normalisation of the whole
-   mini-batch, so summing gives exactly the single-process gradient (gloo on CPU, nccl on GPU).
+1) `train.strategy`: fsdp2 shards the policy with `fully_shard` (each SSEHBlock, the backbone's own parameters, the
+   lm_head; gradients reduce-scattered, AdamW over the shards, bf16 compute / fp32 reduce for model.dtype=bfloat16);
+   ddp keeps a full copy per rank and all-reduces the gradients after each mini-batch (autocast for bfloat16).
+   Either way gradients are SUMMED across ranks: the loss weights already carry the 1/tokens (or 1/sequences)
+   normalisation of the whole mini-batch, so the sum is exactly the single-process gradient (gloo / nccl).
+   The backbone and lm_head are separate FSDP units because the packed forward calls them separately (logits only
+   at completion positions), so tied embeddings need ddp.
 2) Micro-batches are packed rows through the model's varlen path (`cu_seqlens`); logits are computed only at
    completion positions (lm_head on the gathered hidden states), never for prompt tokens.
 3) pi_old is the policy before this step's updates: with one update per batch it is the same forward pass
@@ -11,6 +15,9 @@ Choices:
 4) A step whose loss or gradient norm is not finite is skipped on every rank (the all-reduced norm is identical).
 5) The router load-balancing aux loss of the SSE layers is added with `aux_loss_coef`, per micro-batch weighted
    by its share of the mini-batch tokens.
+6) fsdp2 forwards are collectives: every rank runs as many micro-batches per mini-batch (zero-weight fillers pad
+   the shorter lists) and every rank must enter `named_tensors`, `first_token_logprobs` and `save`; the full
+   HF-named state is gathered to rank 0's CPU (`get_model_state_dict(full_state_dict, cpu_offload)`).
 """
 from __future__ import annotations
 
@@ -21,14 +28,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from sse_rl import checkpoint
 from sse_rl.config import AlgoConfig, TrainConfig
 from sse_rl.grpo.logprobs import entropy, token_logprobs
 from sse_rl.grpo.losses import LossInputs, PolicyLoss
-from sse_rl.packing import MicroBatch
+from sse_rl.packing import MicroBatch, Sequence, pack
 
 SUMMED = ("tokens", "clip_low", "clip_high", "is_sum", "mismatch_sum", "kl_sum", "loss", "entropy_sum", "aux_sum")
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
 
 
 @dataclass
@@ -51,6 +63,30 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
     return fn
 
 
+def _shard(model: torch.nn.Module, mp: MixedPrecisionPolicy) -> None:
+    """fully_shard each SSEHBlock, then the backbone (embeddings, final norm) and the lm_head, on one flat mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if model.config.tie_word_embeddings:
+        raise ValueError("train.strategy=fsdp2: the policy ties lm_head to the embeddings, which the packed forward "
+                         "shards as separate units; use train.strategy=ddp for this model")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    units = [*model.model.layers, model.model, model.lm_head]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
+    for unit in units:  # sum, not mean: the loss weights are already normalised (plain SUM: gloo has no PREMUL_SUM)
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
+
+
+def _filler() -> MicroBatch:
+    """A two-token micro-batch that contributes nothing (weight 0, aux weight 0): pads a rank's list under fsdp2."""
+    (mb,) = pack([Sequence([0], [0], [0.0], advantage=0.0, weight=0.0)], token_budget=2)[0]
+    mb.aux_weight = 0.0
+    return mb
+
+
 class TrainerWorker:
     """Made a Ray actor by the controller; all ranks receive the same calls with their own micro-batches."""
 
@@ -65,20 +101,20 @@ class TrainerWorker:
         self.rank, self.world_size = rank, world_size
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
-        self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+        self.fsdp = train.strategy == "fsdp2"
+        bf16 = dtype == "bfloat16"
+        self.autocast_dtype = torch.bfloat16 if bf16 and not self.fsdp else None
+        self.mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         self.ref = None
         if algo.kl_coef > 0:
             self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device).eval()
             self.ref.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, betas=tuple(train.adam_betas),
-                                           weight_decay=train.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(train.lr_schedule, train.warmup_steps, train.steps))
+        self.train_cfg = train
         self.loss_fn = PolicyLoss(eps_low=algo.clip_eps_low, eps_high=algo.clip_eps_high, kl_coef=algo.kl_coef,
                                   is_correction=algo.is_correction, is_cap=algo.is_cap)
         self.multi_update = algo.ppo_epochs > 1 or algo.mini_batches > 1
@@ -100,6 +136,15 @@ class TrainerWorker:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                 world_size=self.world_size)
+        if self.fsdp:
+            for model in (self.model, self.ref):
+                if model is not None:
+                    _shard(model, self.mp)
+        t = self.train_cfg  # the optimizer holds the (sharded) parameters, so it is built after sharding
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
+                                           weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
 
     # ----------------------------------------------------------------------------------------------------------
     def _forward(self, model: torch.nn.Module, mb: MicroBatch) -> tuple[Tensor, Tensor, Tensor]:
@@ -132,21 +177,31 @@ class TrainerWorker:
 
     def _optimizer_step(self) -> tuple[float, bool]:
         """All-reduce (sum) gradients, clip, step unless non-finite; returns (grad norm, applied)."""
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.fsdp:
             # every rank reduces the same tensors, even one that had no micro-batch (its gradients are zero)
             for p in self.model.parameters():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        norm = float(norm.full_tensor() if self.fsdp else norm)  # a DTensor over the shards under fsdp2
         applied = math.isfinite(norm)
         if applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm, applied
 
+    def _even_out(self, minibatches: list[list[MicroBatch]], filler: MicroBatch) -> list[list[MicroBatch]]:
+        """fsdp2: pad each mini-batch to the longest list of any rank (each forward all-gathers the parameters)."""
+        counts = torch.tensor([len(mini) for mini in minibatches], device=self.device)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        return [mini + [filler] * (n - len(mini)) for mini, n in zip(minibatches, counts.tolist())]
+
     def train(self, minibatches: list[list[MicroBatch]]) -> dict[str, float]:
         """One GRPO step on this rank's share: `minibatches[j]` are its micro-batches of mini-batch j."""
+        filler = _filler()
+        if self.fsdp:
+            minibatches = self._even_out(minibatches, filler)
         extras = {}
         for mb in (mb for mini in minibatches for mb in mini):
             old = self._logprobs(self.model, mb) if self.multi_update else None
@@ -158,6 +213,8 @@ class TrainerWorker:
             for mini in minibatches:
                 for mb in mini:
                     stats = self._micro_step(mb, extras[id(mb)])
+                    if mb is filler:
+                        continue
                     for key in SUMMED:
                         totals[key] += stats.get(key, 0.0)
                     totals["is_max"] = max(totals["is_max"], stats["is_max"])
@@ -172,10 +229,11 @@ class TrainerWorker:
 
     # ----------------------------------------------------------------------------------------------------------
     def named_tensors(self, dtype: str) -> dict[str, Tensor]:
-        """HF-named CPU copies of the weights in the engines' dtype (half the bytes of fp32 for bf16 engines)."""
+        """Rank 0: HF-named full CPU weights in the engines' dtype (half the bytes of fp32 for bf16 engines);
+        other ranks return {} (under fsdp2 they must still call: the gather is a collective)."""
         cast = getattr(torch, dtype)
-        return {name: t.detach().to("cpu", dtype=cast if t.is_floating_point() else t.dtype, copy=True)
-                for name, t in self.model.state_dict().items()}
+        return {name: t.to(dtype=cast if t.is_floating_point() else t.dtype, copy=True)
+                for name, t in get_model_state_dict(self.model, options=FULL).items()}
 
     @torch.no_grad()
     def first_token_logprobs(self, prompt_ids: list[list[int]], tokens: list[list[int]]) -> list[list[float]]:
@@ -188,8 +246,11 @@ class TrainerWorker:
         return out
 
     def save(self, path: str) -> None:
+        """Every rank calls: full weights and FQN-keyed optimizer state are gathered, rank 0 writes them."""
+        weights = get_model_state_dict(self.model, options=FULL)
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
         if self.rank == 0:
-            checkpoint.save_trainer(Path(path), self.model, self.tokenizer, self.optimizer, self.scheduler)
+            checkpoint.save_trainer(Path(path), self.model, self.tokenizer, weights, optim, self.scheduler)
         dist.barrier()
 
     def load(self, path: str) -> None:
@@ -199,10 +260,12 @@ class TrainerWorker:
         state = {}
         for shard in sorted((Path(path) / "model").glob("*.safetensors")):
             state.update(load_file(str(shard)))
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        full = StateDictOptions(full_state_dict=True, strict=False)
+        missing, unexpected = set_model_state_dict(self.model, state, options=full)
         if unexpected or [m for m in missing if m not in getattr(self.model, "_tied_weights_keys", {})]:
             raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
-        checkpoint.load_trainer(Path(path), self.optimizer, self.scheduler)
+        optim = checkpoint.load_trainer(Path(path), self.scheduler)
+        set_optimizer_state_dict(self.model, self.optimizer, optim, options=StateDictOptions(full_state_dict=True))
 
     def close(self) -> None:
         dist.destroy_process_group()

@@ -1,6 +1,8 @@
 """Packing by token budget, and the trainer's packed loss/gradients against an unpacked per-sequence reference."""
 from __future__ import annotations
 
+import contextlib
+import queue as queue_module
 import random
 
 import pytest
@@ -64,7 +66,9 @@ def trainer(policy):
     from sse_rl.workers.trainer import TrainerWorker
 
     path = policy
-    worker = TrainerWorker(str(path), rank=0, world_size=1, train=TrainConfig(lr=1e-3), algo=AlgoConfig(),
+    # ddp: a plain module whose .grad tensors the tests read directly
+    worker = TrainerWorker(str(path), rank=0, world_size=1, train=TrainConfig(lr=1e-3, strategy="ddp"),
+                           algo=AlgoConfig(),
                            temperature=1.0, seed=0, dtype="float32", gradient_checkpointing=False)
     worker.join("127.0.0.1", _port())
     # the router aux loss is a product of batch means, not a sum over sequences: compare the policy loss alone
@@ -130,25 +134,27 @@ def test_non_finite_step_is_skipped(trainer):
     assert all(p.grad is None for p in trainer.model.parameters())
 
 
-def _train_rank(rank: int, world: int, port: int, path: str, minibatches, queue) -> None:
-    """One trainer rank in its own process: one GRPO update, then report the weights (rank 0) and stats."""
+def _train_rank(rank: int, world: int, port: int, strategy: str, path: str, minibatches, queue) -> None:
+    """One trainer rank in its own process: one GRPO update, then every rank enters the weight gather (a collective
+    under fsdp2) and rank 0 reports the full HF-named weights; every rank reports its stats."""
     from sse_rl.workers.trainer import TrainerWorker
 
-    worker = TrainerWorker(path, rank=rank, world_size=world, train=TrainConfig(lr=1e-3),
+    worker = TrainerWorker(path, rank=rank, world_size=world, train=TrainConfig(lr=1e-3, strategy=strategy),
                            algo=AlgoConfig(mini_batches=2, kl_coef=0.1), temperature=1.0, seed=0, dtype="float32",
-                           gradient_checkpointing=False)
+                           gradient_checkpointing=strategy == "fsdp2")
     worker.join("127.0.0.1", port)
     stats = worker.train(minibatches)
-    weights = torch.cat([p.detach().flatten() for p in worker.model.parameters()]).numpy()  # by value, not shm
-    queue.put((rank, world, stats, weights if rank == 0 else None))
+    named = {k: v.numpy() for k, v in worker.named_tensors("float32").items()}  # by value, not shm
+    queue.put((strategy, rank, world, stats, named))
     worker.close()
 
 
-def test_two_gloo_ranks_match_one(policy):
-    """Two ranks with half of each mini-batch each end with the weights of one rank that saw everything.
+@pytest.fixture(scope="module")
+def distributed_runs(policy):
+    """One rank that sees everything (ddp) and two ranks with half of each mini-batch, for ddp and for fsdp2.
 
     Two mini-batches (pi_old computed up front, ratios != 1 in the second) and a k3 KL to the reference model, so the
-    off-policy and KL paths are covered too."""
+    off-policy and KL paths are covered too; fsdp2 ranks also use gradient checkpointing."""
     import torch.multiprocessing as mp
 
     seqs = _sequences(16, seed=2)
@@ -157,23 +163,52 @@ def test_two_gloo_ranks_match_one(policy):
     minis = [seqs[:8], seqs[8:]]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    # mini-batch 2 fits one micro-batch, so rank 1 has nothing to do there and still joins the all-reduce
+    # mini-batch 1 gives the ranks different numbers of micro-batches; mini-batch 2 fits one micro-batch, so rank 1
+    # has nothing to do there and still joins the all-reduce (ddp) / the all-gathers and reduce-scatters (fsdp2)
     two = [pack(minis[0], 24, 2), pack(minis[1], 4096, 2)]
-    assert two[1][1] == []
+    assert two[1][1] == [] and len(two[0][0]) != len(two[0][1])
     # the single rank runs the same micro-batches (the router aux loss depends on how tokens are grouped)
-    jobs = [(0, 1, _port(), [two[j][0] + two[j][1] for j in range(2)])]
-    port = _port()
-    jobs += [(r, 2, port, [two[j][r] for j in range(2)]) for r in range(2)]
-    procs = [ctx.Process(target=_train_rank, args=(*job[:3], policy, job[3], queue)) for job in jobs]
+    jobs = [(0, 1, _port(), "ddp", [two[j][0] + two[j][1] for j in range(2)])]
+    for strategy in ("ddp", "fsdp2"):
+        port = _port()
+        jobs += [(r, 2, port, strategy, [two[j][r] for j in range(2)]) for r in range(2)]
+    procs = [ctx.Process(target=_train_rank, args=(*job[:4], policy, job[4], queue)) for job in jobs]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=300) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-    single = next(r for r in results if r[1] == 1)
-    double = [r for r in results if r[1] == 2]
-    dist_weights = next(r[3] for r in double if r[0] == 0)
-    assert single[2]["updates"] == 2 and single[2]["skipped"] == 0 and single[2]["kl_sum"] > 0
-    assert sum(r[2]["tokens"] for r in double) == single[2]["tokens"]
-    assert sum(r[2]["loss"] for r in double) == pytest.approx(single[2]["loss"], rel=1e-5)
-    torch.testing.assert_close(torch.from_numpy(dist_weights), torch.from_numpy(single[3]), rtol=1e-5, atol=1e-6)
+    results = []
+    try:
+        while len(results) < len(procs):
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            assert not failed, f"a trainer rank died (exit codes {failed}); see its traceback above"
+            with contextlib.suppress(queue_module.Empty):
+                results.append(queue.get(timeout=2))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return results
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_gloo_ranks_match_one(distributed_runs, policy, strategy):
+    """Two ranks with half of each mini-batch each end with the weights of one rank that saw everything, and rank 0's
+    weights for the engines are the full HF-named tensors (the names and shapes of the checkpoint)."""
+    from safetensors.torch import load_file
+
+    single = next(r for r in distributed_runs if r[2] == 1)
+    double = [r for r in distributed_runs if r[2] == 2 and r[0] == strategy]
+    assert single[3]["updates"] == 2 and single[3]["skipped"] == 0 and single[3]["kl_sum"] > 0
+    assert sum(r[3]["tokens"] for r in double) == single[3]["tokens"]
+    assert sum(r[3]["loss"] for r in double) == pytest.approx(single[3]["loss"], rel=1e-5)
+    assert max(r[3]["grad_norm"] for r in double) == pytest.approx(single[3]["grad_norm"], rel=1e-5)
+    dist_weights = next(r[4] for r in double if r[1] == 0)
+    assert next(r[4] for r in double if r[1] == 1) == {}
+    initial = load_file(next(__import__("pathlib").Path(policy).glob("*.safetensors")))
+    assert {k: v.shape for k, v in dist_weights.items()} == {k: tuple(v.shape) for k, v in initial.items()}
+    moved = 0.0
+    for name, value in single[4].items():
+        torch.testing.assert_close(torch.from_numpy(dist_weights[name]), torch.from_numpy(value), rtol=1e-5,
+                                   atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        moved = max(moved, float((torch.from_numpy(value) - initial[name]).abs().max()))
+    assert moved > 1e-4  # the step changed the weights
