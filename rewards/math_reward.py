@@ -10,6 +10,8 @@ Choices (see ../shared/docs/eval_rewards.md §1.4 for the measurements behind th
 5) A gold answer that math-verify cannot parse gives None (skip the sample) and a `GoldAnswerWarning`, never a
    silent 0; one that parses only as text is graded by exact text match, also with a `GoldAnswerWarning`.
    A math-verify alarm gives 0 and a `RewardTimeoutWarning`, which `RewardPool` counts as a timeout.
+6) A boxed answer nested deeper than `MAX_BOX_DEPTH` braces is wrong without parsing: no real answer nests that
+   deep, and latex2sympy silently mis-parses such towers (300 nested `\frac{1}{...}` around 2 parse as 1/2).
 
 The module is named `math_reward` rather than `math` so that it can never stand in for the stdlib `math` module
 (a spawned worker or a script run from inside `rewards/` puts that folder on sys.path).
@@ -28,6 +30,7 @@ from sympy import Basic, MatrixBase
 
 # math-verify's own per-call alarm (whole seconds); the sandbox's wall-clock kill is the hard bound on top.
 MATH_VERIFY_TIMEOUT_S = 5
+MAX_BOX_DEPTH = 32
 BOXED = "\\boxed{"
 # math-verify's recommended prediction settings for rewards, with the box as the top-priority anchor.
 PRED_CONFIG = [
@@ -104,6 +107,18 @@ def canonical_int(answer: str) -> str | None:
     return ("" if digits == "0" else sign) + digits
 
 
+def brace_depth(text: str) -> int:
+    """Deepest `{` nesting in `text` (unbalanced closers are ignored)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch == "{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == "}":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
 def _alarm_s() -> int | None:
     """math-verify's SIGALRM timeouts only work in a main thread; elsewhere they must be off."""
     return MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
@@ -162,7 +177,7 @@ def grade(completion: str, answer: str | int) -> float | None:
         warnings.warn(GoldAnswerWarning(f"gold answer {answer[:200]!r} parses only as text: exact match only"),
                       stacklevel=2)
     boxed = last_boxed(answer_text(completion))
-    if boxed is None:
+    if boxed is None or brace_depth(boxed) > MAX_BOX_DEPTH:
         return 0.0
     pred_int = canonical_int(boxed)
     if gold_int is not None and pred_int is not None:

@@ -1,8 +1,14 @@
-"""Shared pytest setup: deterministic seeds and the path of the shared data folder."""
+"""Shared pytest setup: Triton's interpreter on CPU, deterministic seeds, the path of the shared data folder."""
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when its module is first imported; any test module
+# (vLLM, the model) may import our kernel modules first, so the variable is set here, before collection.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -1,16 +1,9 @@
-"""Kernel tests run the Triton kernels on the GPU when there is one, else on the CPU under TRITON_INTERPRET=1.
-
-The variable must be set before any Triton kernel is decorated (triton reads it in `triton.jit`), so it is set
-here, before the test modules of this folder import the kernel modules.
-"""
-import os
-
+"""Kernel tests run the Triton kernels on the GPU when there is one, else on the CPU under TRITON_INTERPRET=1
+(set by tests/conftest.py, before any test module can import a kernel module)."""
 import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 

@@ -117,3 +117,16 @@ def test_works_off_the_main_thread():
     with ThreadPoolExecutor(1) as ex:
         got = ex.submit(math_accuracy, ["p"] * 2, [r"\boxed{\frac{2}{4}}", r"\boxed{3}"], answer=[r"\frac12", "4"])
         assert got.result() == [1.0, 0.0]
+
+
+def test_towers_of_braces_are_wrong_without_parsing():
+    """latex2sympy mis-parses very deep towers (300 nested reciprocals of 2, which equal 2, parse as 1/2): boxes
+    nested deeper than MAX_BOX_DEPTH score 0; ordinary nesting is still graded."""
+    from sse_rl.rewards.math_reward import MAX_BOX_DEPTH
+
+    tower = r"\boxed{" + r"\frac{1}{" * 300 + "2" + "}" * 300 + "}"
+    assert grade(tower, r"\frac{1}{2}") == 0.0
+    assert grade(tower, "2") == 0.0
+    assert grade(r"\boxed{\frac{1}{\frac{1}{2}}}", "2") == 1.0
+    shallow = r"\boxed{" + r"\frac{1}{" * (MAX_BOX_DEPTH - 2) + "2" + "}" * (MAX_BOX_DEPTH - 2) + "}"
+    assert grade(shallow, "2" if MAX_BOX_DEPTH % 2 == 0 else r"\frac{1}{2}") == 1.0
