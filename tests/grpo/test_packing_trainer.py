@@ -134,10 +134,15 @@ def test_non_finite_step_is_skipped(trainer):
     assert all(p.grad is None for p in trainer.model.parameters())
 
 
-def _train_rank(rank: int, world: int, port: int, strategy: str, path: str, minibatches, queue) -> None:
+def _train_rank(rank: int, world: int, port: int, strategy: str, path: str, minibatches, queue, ckpt: str) -> None:
     """One trainer rank in its own process: one GRPO update, then every rank enters the weight gather (a collective
-    under fsdp2) and rank 0 reports the full HF-named weights; every rank reports its stats."""
-    from sse_rl.workers.trainer import TrainerWorker
+    under fsdp2) and rank 0 reports the full HF-named weights; every rank reports its stats.
+
+    Two ranks also save a checkpoint, take another step and load it back: rank 0 reports how far the restored
+    weights and optimizer state are from the saved ones."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from sse_rl.workers.trainer import FULL, TrainerWorker
 
     worker = TrainerWorker(path, rank=rank, world_size=world, train=TrainConfig(lr=1e-3, strategy=strategy),
                            algo=AlgoConfig(mini_batches=2, kl_coef=0.1), temperature=1.0, seed=0, dtype="float32",
@@ -145,12 +150,26 @@ def _train_rank(rank: int, world: int, port: int, strategy: str, path: str, mini
     worker.join("127.0.0.1", port)
     stats = worker.train(minibatches)
     named = {k: v.numpy() for k, v in worker.named_tensors("float32").items()}  # by value, not shm
-    queue.put((strategy, rank, world, stats, named))
+    restored = {}
+    if world == 2:
+        saved_optim = get_optimizer_state_dict(worker.model, worker.optimizer, options=FULL)
+        saved_avg = {k: st["exp_avg"].clone() for k, st in saved_optim.get("state", {}).items()}  # ddp: live
+        worker.save(ckpt)
+        worker.train(minibatches)
+        worker.load(ckpt)
+        now = worker.named_tensors("float32")
+        optim = get_optimizer_state_dict(worker.model, worker.optimizer, options=FULL)
+        if rank == 0:
+            restored["weights"] = max(float((now[k] - torch.from_numpy(v)).abs().max()) for k, v in named.items())
+            restored["exp_avg"] = max(float((optim["state"][k]["exp_avg"] - avg).abs().max())
+                                      for k, avg in saved_avg.items())
+            restored["params"] = len(optim["state"])
+    queue.put((strategy, rank, world, stats, named, restored))
     worker.close()
 
 
 @pytest.fixture(scope="module")
-def distributed_runs(policy):
+def distributed_runs(policy, tmp_path_factory):
     """One rank that sees everything (ddp) and two ranks with half of each mini-batch, for ddp and for fsdp2.
 
     Two mini-batches (pi_old computed up front, ratios != 1 in the second) and a k3 KL to the reference model, so the
@@ -172,7 +191,8 @@ def distributed_runs(policy):
     for strategy in ("ddp", "fsdp2"):
         port = _port()
         jobs += [(r, 2, port, strategy, [two[j][r] for j in range(2)]) for r in range(2)]
-    procs = [ctx.Process(target=_train_rank, args=(*job[:4], policy, job[4], queue)) for job in jobs]
+    ckpt = {strategy: str(tmp_path_factory.mktemp(f"ckpt_{strategy}")) for strategy in ("ddp", "fsdp2")}
+    procs = [ctx.Process(target=_train_rank, args=(*job[:4], policy, job[4], queue, ckpt[job[3]])) for job in jobs]
     for p in procs:
         p.start()
     results = []
@@ -212,3 +232,6 @@ def test_two_gloo_ranks_match_one(distributed_runs, policy, strategy):
                                    atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
         moved = max(moved, float((torch.from_numpy(value) - initial[name]).abs().max()))
     assert moved > 1e-4  # the step changed the weights
+    # save -> another step -> load gives back the saved weights and the full (unsharded) optimizer state
+    restored = next(r[5] for r in double if r[1] == 0)
+    assert restored["params"] == len(initial) and restored["weights"] == 0.0 and restored["exp_avg"] == 0.0
