@@ -164,6 +164,8 @@ def _train_rank(rank: int, world: int, port: int, strategy: str, path: str, mini
             restored["exp_avg"] = max(float((optim["state"][k]["exp_avg"] - avg).abs().max())
                                       for k, avg in saved_avg.items())
             restored["params"] = len(optim["state"])
+    stats["local_numel"] = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
+                               for p in worker.model.parameters())  # this rank's share of the parameters
     queue.put((strategy, rank, world, stats, named, restored))
     worker.close()
 
@@ -223,6 +225,13 @@ def test_two_gloo_ranks_match_one(distributed_runs, policy, strategy):
     assert sum(r[3]["loss"] for r in double) == pytest.approx(single[3]["loss"], rel=1e-5)
     assert max(r[3]["grad_norm"] for r in double) == pytest.approx(single[3]["grad_norm"], rel=1e-5)
     dist_weights = next(r[4] for r in double if r[1] == 0)
+    total = single[3]["local_numel"]
+    # fsdp2 ranks hold disjoint shards of the parameters (and so of the gradients and Adam state); ddp full copies
+    local = [r[3]["local_numel"] for r in double]
+    if strategy == "ddp":
+        assert local == [total, total]
+    else:  # dim-0 chunks: about half each, summing to the whole
+        assert sum(local) == total and max(local) < 0.51 * total, (local, total)
     assert next(r[4] for r in double if r[1] == 1) == {}
     initial = load_file(next(__import__("pathlib").Path(policy).glob("*.safetensors")))
     assert {k: v.shape for k, v in dist_weights.items()} == {k: tuple(v.shape) for k, v in initial.items()}
