@@ -1,8 +1,9 @@
 """Trainer -> engines: new weights after every update, then a probe that checks the engines really use them.
 
 Choices:
-1) On CPU (and in general) the weights travel through the Ray object store: rank 0 puts one HF-named state dict,
-   every engine resolves the same object and loads it in place (the plugin's `load_weights`, no restart).
+1) On CPU (and in general) the weights travel through the Ray object store: every trainer rank enters the gather
+   (a collective under fsdp2), rank 0 puts one full HF-named state dict, every engine resolves that same object and
+   loads it in place (the plugin's `load_weights`, no restart).
 2) "Every parameter mapped": each engine reports how many of its own parameters the update wrote; anything short of
    all of them fails the run (a silently skipped tensor would leave the engine on stale weights).
 3) The probe: first-token top-k logprobs of a fixed probe batch, engine vs trainer, max |difference| is logged
@@ -19,10 +20,12 @@ import ray
 logger = logging.getLogger(__name__)
 
 
-def push(trainer: Any, engines: list[Any], dtype: str) -> float:
-    """Copy rank 0's weights (cast to the engines' `dtype`) into every engine; returns the seconds it took."""
+def push(trainers: list[Any], engines: list[Any], dtype: str) -> float:
+    """Copy the full weights (cast to the engines' `dtype`) into every engine; returns the seconds it took."""
     start = time.perf_counter()
-    state = trainer.named_tensors.remote(dtype)  # stays in the object store; engines fetch it directly
+    states = [t.named_tensors.remote(dtype) for t in trainers]  # rank 0's is full, the others' are empty
+    state = states[0]  # stays in the object store; engines fetch it directly
+    ray.get(states[1:])
     written = ray.get([engine.update_weights.remote(state) for engine in engines])
     expected = ray.get([engine.num_parameters.remote() for engine in engines])
     for i, (got, want) in enumerate(zip(written, expected)):
@@ -32,11 +35,12 @@ def push(trainer: Any, engines: list[Any], dtype: str) -> float:
     return time.perf_counter() - start
 
 
-def probe(trainer: Any, engine: Any, prompt_ids: list[list[int]], top_k: int = 5) -> float:
-    """Max |engine - trainer| first-token logprob over the probe prompts and the engine's top-k tokens."""
+def probe(trainers: list[Any], engine: Any, prompt_ids: list[list[int]], top_k: int = 5) -> float:
+    """Max |engine - trainer| first-token logprob over the probe prompts and the engine's top-k tokens (every rank
+    runs the forward, a collective under fsdp2; rank 0's answer is compared)."""
     engine_lps = ray.get(engine.first_token_logprobs.remote(prompt_ids, top_k))
     tokens = [list(lps) for lps in engine_lps]
-    trainer_lps = ray.get(trainer.first_token_logprobs.remote(prompt_ids, tokens))
+    trainer_lps = ray.get([t.first_token_logprobs.remote(prompt_ids, tokens) for t in trainers])[0]
     return max(abs(e[t] - lp) for e, toks, tr in zip(engine_lps, tokens, trainer_lps) for t, lp in zip(toks, tr))
 
 
