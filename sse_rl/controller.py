@@ -122,8 +122,8 @@ class Controller:
                         self.cfg.run.keep_checkpoints)
 
     def sync(self) -> dict[str, float]:
-        seconds = weight_sync.push(self.trainers[0], self.engines, self.cfg.rollout.dtype)
-        diff = weight_sync.probe(self.trainers[0], self.engines[0], self.probe_ids)
+        seconds = weight_sync.push(self.trainers, self.engines, self.cfg.rollout.dtype)
+        diff = weight_sync.probe(self.trainers, self.engines[0], self.probe_ids)
         return {"time/sync": seconds, "probe/max_abs_diff": diff}
 
     def close(self) -> None:

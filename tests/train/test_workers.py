@@ -67,16 +67,16 @@ def test_seeded_sampling_is_reproducible(actors):
 
 def test_weight_sync_makes_engine_and_trainer_agree(actors):
     engine, trainer = actors
-    assert weight_sync.probe(trainer, engine, PROMPTS) < 1e-4  # same initial checkpoint
+    assert weight_sync.probe([trainer], engine, PROMPTS) < 1e-4  # same initial checkpoint
     rollouts = ray.get(engine.generate.remote(PROMPTS, SamplingSpec(n=4, max_tokens=4, temperature=1.0), [0, 1, 2]))
     seqs = [Sequence(p, r.completion_ids, r.logprobs, advantage=1.0 if k % 2 else -1.0, weight=1 / 40)
             for p, group in zip(PROMPTS, rollouts) for k, r in enumerate(group)]
     stats = ray.get(trainer.train.remote([pack(seqs, 256)[0]]))
     assert stats["updates"] == 1 and stats["skipped"] == 0
-    stale = weight_sync.probe(trainer, engine, PROMPTS)
+    stale = weight_sync.probe([trainer], engine, PROMPTS)
     assert stale > 1e-3, "the update should have moved the policy away from the engine's weights"
-    weight_sync.push(trainer, [engine], "float32")
-    assert weight_sync.probe(trainer, engine, PROMPTS) < 1e-4
+    weight_sync.push([trainer], [engine], "float32")
+    assert weight_sync.probe([trainer], engine, PROMPTS) < 1e-4
 
 
 def test_hanging_and_dying_rewards_cost_one_sample(actors):
