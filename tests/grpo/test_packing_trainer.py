@@ -52,16 +52,6 @@ def test_oversized_sequence_gets_its_own_micro_batch():
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory) -> str:
-    from sse_rl.init_model import init_model
-    from sse_rl.toy_task import build_tokenizer
-
-    path = tmp_path_factory.mktemp("policy")
-    init_model("sse-h-tiny", path, tokenizer=build_tokenizer(path), seed=0)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def trainer(policy):
     from sse_rl.workers.trainer import TrainerWorker
 

@@ -23,16 +23,6 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory) -> str:
-    from sse_rl.init_model import init_model
-    from sse_rl.toy_task import build_tokenizer
-
-    path = tmp_path_factory.mktemp("policy")
-    init_model("sse-h-tiny", path, tokenizer=build_tokenizer(path), seed=0)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def actors(policy):
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
     engine = ray.remote(num_cpus=1)(RolloutWorker).remote(
