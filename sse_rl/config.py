@@ -88,6 +88,14 @@ class RolloutConfig:
     tensor_parallel_size: int = _bounded(1, ge=1)
     enforce_eager: bool = True
     num_gpus_per_engine: float = _bounded(0.0, ge=0)  # 0 = CPU engine
+    # GPU engines sharing the GPU with the trainer: what the engine frees while the trainer runs (vLLM sleep mode).
+    # 0 = nothing; 1 = offload weights to CPU, drop the KV/state cache; 2 = drop both (the next sync rewrites all
+    # weights anyway, so 2 costs no copy back).
+    sleep_level: int = _bounded(0, ge=0, le=2)
+    # How new weights reach the engines: object_store = full HF-named CPU state through Ray (any device);
+    # cuda_ipc = the trainer's GPU tensors shared in place with engines on the same GPU; auto = cuda_ipc when
+    # trainers and engines are on GPUs, else object_store.
+    weight_sync: Literal["auto", "object_store", "cuda_ipc"] = "auto"
 
 
 @dataclass
@@ -214,6 +222,12 @@ def _cross_checks(recipe: Recipe) -> list[str]:
     if recipe.eval.benchmark_max_tokens >= recipe.rollout.max_model_len:
         errors.append(f"eval.benchmark_max_tokens: {recipe.eval.benchmark_max_tokens} leaves no room for the prompt "
                       f"in rollout.max_model_len={recipe.rollout.max_model_len}")
+    if recipe.rollout.sleep_level and not recipe.rollout.num_gpus_per_engine:
+        errors.append("rollout.sleep_level: vLLM sleep mode needs GPU engines (rollout.num_gpus_per_engine > 0)")
+    gpus = recipe.rollout.num_gpus_per_engine > 0 and recipe.train.num_gpus_per_trainer > 0
+    if recipe.rollout.weight_sync == "cuda_ipc" and not gpus:
+        errors.append("rollout.weight_sync: cuda_ipc needs trainers and engines on GPUs "
+                      "(train.num_gpus_per_trainer > 0 and rollout.num_gpus_per_engine > 0)")
     if recipe.eval.num_prompts and not recipe.data.eval:
         errors.append("eval.num_prompts: set, but data.eval names no held-out set")
     return errors
