@@ -194,6 +194,21 @@ class Recipe:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 
 
+def _colocated(recipe: Recipe) -> bool:
+    """Engine r and trainer rank r fit on one GPU together (the layout CUDA IPC weight sync needs)."""
+    r, t = recipe.rollout, recipe.train
+    return (r.num_gpus_per_engine > 0 and t.num_gpus_per_trainer > 0 and r.num_engines == t.num_trainers
+            and r.tensor_parallel_size == 1 and r.num_gpus_per_engine + t.num_gpus_per_trainer <= 1)
+
+
+def resolve_sync_method(recipe: Recipe) -> str:
+    """rollout.weight_sync with "auto" resolved: CUDA IPC for colocated GPU engines and trainers, else Ray's
+    object store."""
+    if recipe.rollout.weight_sync != "auto":
+        return recipe.rollout.weight_sync
+    return "cuda_ipc" if _colocated(recipe) else "object_store"
+
+
 def _cross_checks(recipe: Recipe) -> list[str]:
     """Constraints between fields: each message names the key to change."""
     errors = []
@@ -224,10 +239,10 @@ def _cross_checks(recipe: Recipe) -> list[str]:
                       f"in rollout.max_model_len={recipe.rollout.max_model_len}")
     if recipe.rollout.sleep_level and not recipe.rollout.num_gpus_per_engine:
         errors.append("rollout.sleep_level: vLLM sleep mode needs GPU engines (rollout.num_gpus_per_engine > 0)")
-    gpus = recipe.rollout.num_gpus_per_engine > 0 and recipe.train.num_gpus_per_trainer > 0
-    if recipe.rollout.weight_sync == "cuda_ipc" and not gpus:
-        errors.append("rollout.weight_sync: cuda_ipc needs trainers and engines on GPUs "
-                      "(train.num_gpus_per_trainer > 0 and rollout.num_gpus_per_engine > 0)")
+    if recipe.rollout.weight_sync == "cuda_ipc" and not _colocated(recipe):
+        errors.append("rollout.weight_sync: cuda_ipc needs one engine per trainer rank sharing its GPU "
+                      "(rollout.num_engines == train.num_trainers, rollout.tensor_parallel_size 1, "
+                      "rollout.num_gpus_per_engine + train.num_gpus_per_trainer <= 1, both > 0)")
     if recipe.eval.num_prompts and not recipe.data.eval:
         errors.append("eval.num_prompts: set, but data.eval names no held-out set")
     return errors

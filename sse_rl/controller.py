@@ -22,7 +22,7 @@ import ray
 import torch
 
 from sse_rl import checkpoint, weight_sync
-from sse_rl.config import Recipe
+from sse_rl.config import Recipe, resolve_sync_method
 from sse_rl.data import EpochSampler, Prompt
 from sse_rl.eval import Generation, GenRequest, Grade, Problem, SamplingConfig, extract_answer
 from sse_rl.eval import evaluate as evaluate_benchmark
@@ -82,19 +82,31 @@ class Controller:
         self.trainers: list[Any] = []
         self.reward: Any = None
         self.reward_names: list[str] = []
+        self.sync_method = resolve_sync_method(recipe)
+        self.asleep = False  # engines released their GPU memory for the trainer (rollout.sleep_level)
 
     # ----------------------------------------------------------------------------------------------------------
     def start_actors(self) -> None:
-        """Create engines, trainer ranks and the reward pool; engines and trainers start in parallel."""
+        """Create engines, trainer ranks and the reward pool.
+
+        CPU: engines and trainers start in parallel. GPU: engines first, so that vLLM's memory profiling at start-up
+        does not count a trainer's allocations as its own. cuda_ipc: engine r and trainer rank r are placed in
+        bundle r of one placement group (one GPU each), then checked to really share a device.
+        """
         c = self.cfg
+        bundles = self._placement() if self.sync_method == "cuda_ipc" else None
+        place = (lambda i: bundles[i]) if bundles else (lambda i: {})
         engine_cls = ray.remote(num_cpus=1, num_gpus=c.rollout.num_gpus_per_engine)(RolloutWorker)
-        self.engines = [engine_cls.remote(
+        self.engines = [engine_cls.options(**place(i)).remote(
             self.model_path, dtype=c.rollout.dtype, max_model_len=c.rollout.max_model_len, seed=c.seed + i,
             enforce_eager=c.rollout.enforce_eager, gpu_memory_utilization=c.rollout.gpu_memory_utilization,
             tensor_parallel_size=c.rollout.tensor_parallel_size, cpu_kvcache_space_gib=c.rollout.cpu_kvcache_space_gib,
+            enable_sleep_mode=c.rollout.sleep_level > 0,
         ) for i in range(c.rollout.num_engines)]
+        if c.rollout.num_gpus_per_engine:
+            ray.get([e.__ray_ready__.remote() for e in self.engines])
         trainer_cls = ray.remote(num_cpus=1, num_gpus=c.train.num_gpus_per_trainer)(TrainerWorker)
-        self.trainers = [trainer_cls.remote(
+        self.trainers = [trainer_cls.options(**place(r)).remote(
             self.model_path, rank=r, world_size=c.train.num_trainers, train=c.train, algo=c.algo,
             temperature=c.rollout.temperature, seed=c.seed, dtype=c.model.dtype,
             gradient_checkpointing=c.model.gradient_checkpointing,
@@ -103,6 +115,26 @@ class Controller:
         self.reward_names = ray.get(self.reward.function_names.remote())
         master = ray.get(self.trainers[0].address.remote())
         ray.get([t.join.remote(*master) for t in self.trainers] + [e.__ray_ready__.remote() for e in self.engines])
+        if self.sync_method == "cuda_ipc":
+            self._check_shared_gpus()
+
+    def _placement(self) -> list[dict[str, Any]]:
+        """One bundle per trainer rank holding that rank and its engine (same GPU: CUDA IPC needs it)."""
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundles = [{"GPU": 1, "CPU": 2} for _ in range(self.cfg.train.num_trainers)]
+        group = placement_group(bundles, strategy="PACK")
+        ray.get(group.ready())
+        return [{"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=r)}
+                for r in range(len(bundles))]
+
+    def _check_shared_gpus(self) -> None:
+        engines = ray.get([e.device_uuid.remote() for e in self.engines])
+        trainers = ray.get([t.device_uuid.remote() for t in self.trainers])
+        if engines != trainers:
+            raise RuntimeError(f"rollout.weight_sync=cuda_ipc: engine r must share trainer rank r's GPU, got engine "
+                               f"GPUs {engines} and trainer GPUs {trainers}")
 
     def restore(self) -> int:
         """Load the newest checkpoint into the trainers and the sampler; returns the step to continue after."""
@@ -122,9 +154,28 @@ class Controller:
                         self.cfg.run.keep_checkpoints)
 
     def sync(self) -> dict[str, float]:
-        seconds = weight_sync.push(self.trainers, self.engines, self.cfg.rollout.dtype)
+        """New weights into the engines (waking sleeping engines around it), then the logprob probe."""
+        t0 = time.perf_counter()
+        if self.asleep:
+            ray.get([e.wake_up.remote(["weights"]) for e in self.engines])
+        seconds = weight_sync.push(self.trainers, self.engines, self.cfg.rollout.dtype, self.sync_method)
+        t1 = time.perf_counter()
+        if self.asleep:
+            ray.get([e.wake_up.remote(["kv_cache"]) for e in self.engines])
+            self.asleep = False
+        wake = time.perf_counter() - t1 + (t1 - t0 - seconds)
         diff = weight_sync.probe(self.trainers, self.engines[0], self.probe_ids)
-        return {"time/sync": seconds, "probe/max_abs_diff": diff}
+        return {"time/sync": seconds, "time/engine_wake": wake, "probe/max_abs_diff": diff}
+
+    def release_engines(self) -> dict[str, float]:
+        """Put GPU engines to sleep for the trainer's phase (rollout.sleep_level > 0); returns time/engine_sleep."""
+        level = self.cfg.rollout.sleep_level
+        if not level:
+            return {}
+        t0 = time.perf_counter()
+        ray.get([e.sleep.remote(level) for e in self.engines])
+        self.asleep = True
+        return {"time/engine_sleep": time.perf_counter() - t0}
 
     def close(self) -> None:
         """End of a run: close the reward pool, release the actors (ray.shutdown covers failed runs)."""
@@ -276,6 +327,7 @@ class Controller:
         t0 = time.perf_counter()
         groups, metrics, drawn = self.collect(step)
         if groups:
+            metrics.update(self.release_engines())
             metrics.update(self.train(groups))
             metrics.update(self.sync())
             weight_sync.check(metrics["probe/max_abs_diff"], self.cfg.run.probe_tolerance, step)
@@ -340,4 +392,7 @@ def _train_metrics(results: list[dict[str, float]]) -> dict[str, float]:
            "train/skipped_updates": first["skipped"], "train/lr": first["lr"]}
     if total["kl_sum"]:
         out["train/kl"] = total["kl_sum"] / tokens
+    if "gpu_free_gib" in first:  # GPU ranks: free memory at the step's start (after engines slept), peak allocated
+        out["train/gpu_free_gib"] = min(r["gpu_free_gib"] for r in results)
+        out["train/gpu_peak_gib"] = max(r["gpu_peak_gib"] for r in results)
     return out

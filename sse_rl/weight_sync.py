@@ -1,9 +1,12 @@
 """Trainer -> engines: new weights after every update, then a probe that checks the engines really use them.
 
 Choices:
-1) On CPU (and in general) the weights travel through the Ray object store: every trainer rank enters the gather
-   (a collective under fsdp2), rank 0 puts one full HF-named state dict, every engine resolves that same object and
-   loads it in place (the plugin's `load_weights`, no restart).
+1) object_store (CPU, and any placement): every trainer rank enters the gather (a collective under fsdp2), rank 0
+   puts one full HF-named state dict, every engine resolves that same object and loads it in place (the plugin's
+   `load_weights`, no restart).
+   cuda_ipc (engine r on the GPU of trainer rank r): each rank packs the full weights into GPU buffers and hands
+   IPC handles to its engine, which loads from views of the mapped memory: no host round trip, no serialisation.
+   The ranks keep the buffers until every engine is done (`release_shared_weights`).
 2) "Every parameter mapped": each engine reports how many of its own parameters the update wrote; anything short of
    all of them fails the run (a silently skipped tensor would leave the engine on stale weights).
 3) The probe: first-token top-k logprobs of a fixed probe batch, engine vs trainer, max |difference| is logged
@@ -20,13 +23,20 @@ import ray
 logger = logging.getLogger(__name__)
 
 
-def push(trainers: list[Any], engines: list[Any], dtype: str) -> float:
-    """Copy the full weights (cast to the engines' `dtype`) into every engine; returns the seconds it took."""
+def push(trainers: list[Any], engines: list[Any], dtype: str, method: str = "object_store") -> float:
+    """Copy the full weights (cast to the engines' `dtype`) into every engine; returns the seconds it took.
+
+    method: "object_store", or "cuda_ipc" with engine r on the same GPU as trainer rank r (one engine per rank)."""
     start = time.perf_counter()
-    states = [t.named_tensors.remote(dtype) for t in trainers]  # rank 0's is full, the others' are empty
-    state = states[0]  # stays in the object store; engines fetch it directly
-    ray.get(states[1:])
-    written = ray.get([engine.update_weights.remote(state) for engine in engines])
+    if method == "cuda_ipc":
+        handles = [t.share_weights.remote(dtype) for t in trainers]  # every rank: its full copy on its GPU
+        written = ray.get([engine.update_weights_ipc.remote(h) for engine, h in zip(engines, handles)])
+        ray.get([t.release_shared_weights.remote() for t in trainers])
+    else:
+        states = [t.named_tensors.remote(dtype) for t in trainers]  # rank 0's is full, the others' are empty
+        state = states[0]  # stays in the object store; engines fetch it directly
+        ray.get(states[1:])
+        written = ray.get([engine.update_weights.remote(state) for engine in engines])
     expected = ray.get([engine.num_parameters.remote() for engine in engines])
     for i, (got, want) in enumerate(zip(written, expected)):
         if got != want:

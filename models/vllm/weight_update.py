@@ -57,8 +57,14 @@ class WeightUpdateExtension:
 
     def update_weights_from_tensors(self, weights: dict[str, torch.Tensor]) -> list[str]:
         """Same, for engines running in the caller's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), where RPC
-        arguments are passed as objects."""
-        targets = check_update(self.model_runner.model, weights)
+        arguments are passed as objects (CPU tensors, or GPU tensors such as views of CUDA IPC buffers).
+
+        Other architectures (e.g. a Transformer policy served natively by vLLM for comparisons) load through the
+        model's own `load_weights`, which returns the vLLM parameter names it wrote."""
+        model = self.model_runner.model
+        if not hasattr(model, "checkpoint_shapes"):
+            return sorted(model.load_weights(weights.items()))
+        targets = check_update(model, weights)
         compat.reload_weights(self.model_runner, weights.items())
         return sorted(targets)
 
@@ -98,6 +104,20 @@ def save_weights(weights: NamedTensors, path: str | Path) -> None:
     save_file(tensors, str(path))
 
 
+def update_weights_from_tensors(llm: LLM, weights: Mapping[str, torch.Tensor]) -> list[str]:
+    """The in-process variant of `update_weights` (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, one worker): tensors are
+    handed over as objects, on any device; returns the vLLM parameter names loaded."""
+    loaded = llm.collective_rpc("update_weights_from_tensors", args=(dict(weights),))
+    _reset_caches(llm)
+    return loaded[0]
+
+
+def _reset_caches(llm: LLM) -> None:
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("weights were updated but the prefix cache could not be reset (requests still "
+                           "running); update weights only between generate() calls")
+
+
 def update_weights(llm: LLM, weights: NamedTensors, tmp_dir: str | Path | None = None) -> list[str]:
     """Push HF-named tensors into a running `vllm.LLM` built with `worker_extension_cls=WORKER_EXTENSION`.
 
@@ -108,7 +128,5 @@ def update_weights(llm: LLM, weights: NamedTensors, tmp_dir: str | Path | None =
         path = Path(folder) / "weights.safetensors"
         save_weights(weights, path)
         loaded = llm.collective_rpc("update_weights_from_file", args=(str(path),))
-    if not llm.reset_prefix_cache():
-        raise RuntimeError("weights were updated but the prefix cache could not be reset (requests still "
-                           "running); update weights only between generate() calls")
+    _reset_caches(llm)
     return loaded[0]

@@ -7,10 +7,14 @@ Choices:
 3) Logprobs are vLLM's "processed" logprobs (after temperature), the distribution the samples came from; the
    trainer divides its logits by the same temperature.
 4) Weight updates use the plugin's in-place path (`sse_rl.models.vllm.weight_update`): no restart. The engine
-   core runs in this process (no extra process per engine on small machines).
+   core runs in this process (no extra process per engine on small machines), so tensors reach the model
+   runner as objects: CPU tensors from the object store, or views of a trainer's GPU buffers mapped over CUDA IPC.
+5) An engine that shares its GPU with a trainer sleeps (vLLM sleep mode) while the trainer runs: level 1 keeps a
+   CPU copy of the weights, level 2 drops them (the next sync rewrites every parameter).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +48,8 @@ class RolloutWorker:
     """Wraps `vllm.LLM`; made a Ray actor by the controller (`ray.remote(RolloutWorker)`)."""
 
     def __init__(self, model_path: str, *, dtype: str, max_model_len: int, seed: int, enforce_eager: bool,
-                 gpu_memory_utilization: float, tensor_parallel_size: int, cpu_kvcache_space_gib: int):
+                 gpu_memory_utilization: float, tensor_parallel_size: int, cpu_kvcache_space_gib: int,
+                 enable_sleep_mode: bool = False):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_space_gib))
         from vllm import LLM
@@ -54,7 +59,7 @@ class RolloutWorker:
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                        enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
                        tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs",
-                       worker_extension_cls=WORKER_EXTENSION)
+                       worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=enable_sleep_mode)
 
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec, seeds: list[int]) -> list[list[Rollout]]:
         """`spec.n` completions for each prompt (in prompt order); request i samples with `seeds[i]`."""
@@ -96,3 +101,32 @@ class RolloutWorker:
 
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         return len(update_weights(self.llm, named, tmp_dir=shm))
+
+    def update_weights_ipc(self, shared: list[Any]) -> int:
+        """Load new weights from a trainer's CUDA IPC buffers (`TrainerWorker.share_weights`) on this GPU; returns
+        #params set. The mapped buffers are dropped before returning, so the trainer may free them."""
+        from sse_rl.models.vllm.weight_update import update_weights_from_tensors
+
+        device = torch.cuda.current_device()
+        named = {}
+        for buffer in shared:
+            rebuild, args = buffer.handle
+            flat = rebuild(*args[:6], device, *args[7:])  # args[6] is the producer's device index
+            for name, shape, offset in buffer.entries:
+                named[name] = flat[offset:offset + math.prod(shape)].view(shape)
+        count = len(update_weights_from_tensors(self.llm, named))
+        del named, flat
+        torch.cuda.synchronize(device)
+        return count
+
+    def device_uuid(self) -> str:
+        """Which physical GPU this engine uses (CUDA IPC needs the trainer on the same one)."""
+        return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+
+    def sleep(self, level: int) -> None:
+        """Free the engine's GPU memory for the trainer (no request may be running)."""
+        self.llm.sleep(level=level)
+
+    def wake_up(self, tags: list[str]) -> None:
+        """Take the memory back: ["weights"] before a weight update, ["kv_cache"] before generating."""
+        self.llm.wake_up(tags=tags)

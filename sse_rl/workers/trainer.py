@@ -16,8 +16,16 @@ Choices:
 5) The router load-balancing aux loss of the SSE layers is added with `aux_loss_coef`, per micro-batch weighted
    by its share of the mini-batch tokens.
 6) fsdp2 forwards are collectives: every rank runs as many micro-batches per mini-batch (zero-weight fillers pad
-   the shorter lists) and every rank must enter `named_tensors`, `first_token_logprobs` and `save`; the full
-   HF-named state is gathered to rank 0's CPU (`get_model_state_dict(full_state_dict, cpu_offload)`).
+   the shorter lists) and every rank must enter `named_tensors`, `share_weights`, `first_token_logprobs` and
+   `save`; the full HF-named state is gathered to rank 0's CPU (`get_model_state_dict(full_state_dict,
+   cpu_offload)`). One rank holds the whole model anyway, so fsdp2 with a single rank trains unsharded.
+7) CUDA IPC weight sync (engine on the same GPU): every rank gathers the full state on its GPU, casts it into one
+   flat buffer per dtype and hands out IPC handles of those buffers; the engine maps them (no copy through the
+   host) and loads from views. The buffers live until `release_shared_weights`, called once the engines are done.
+8) Any causal LM with an HF packed path trains here (SSE-H, or e.g. Qwen3 for comparisons): `cu_seqlens` goes to
+   SSE-H only (others derive sequence boundaries from the restarting `position_ids`); the aux loss is SSE-H's.
+9) After each step the CUDA caching allocator gives its free blocks back, so a sleeping engine on the same GPU can
+   take its memory again.
 """
 from __future__ import annotations
 
@@ -41,6 +49,15 @@ from sse_rl.packing import MicroBatch, Sequence, pack
 
 SUMMED = ("tokens", "clip_low", "clip_high", "is_sum", "mismatch_sum", "kl_sum", "loss", "entropy_sum", "aux_sum")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
+
+
+@dataclass
+class SharedBuffer:
+    """One flat GPU buffer shared over CUDA IPC: `handle` is `reduce_tensor`'s (rebuild fn, args); `entries` are
+    (HF name, shape, element offset) of the tensors packed in it."""
+
+    handle: tuple
+    entries: list[tuple[str, tuple[int, ...], int]]
 
 
 @dataclass
@@ -101,7 +118,7 @@ class TrainerWorker:
         self.rank, self.world_size = rank, world_size
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
-        self.fsdp = train.strategy == "fsdp2"
+        self.fsdp = train.strategy == "fsdp2" and world_size > 1
         bf16 = dtype == "bfloat16"
         self.autocast_dtype = torch.bfloat16 if bf16 and not self.fsdp else None
         self.mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
@@ -119,6 +136,7 @@ class TrainerWorker:
                                   is_correction=algo.is_correction, is_cap=algo.is_cap)
         self.multi_update = algo.ppo_epochs > 1 or algo.mini_batches > 1
         self.ppo_epochs, self.max_grad_norm, self.temperature = algo.ppo_epochs, train.max_grad_norm, temperature
+        self._shared: list[Tensor] = []  # CUDA IPC buffers an engine may be reading (share_weights)
 
     def address(self) -> tuple[str, int]:
         """(this node's IP, a free port): rank 0's answer is where every rank meets."""
@@ -149,12 +167,15 @@ class TrainerWorker:
     # ----------------------------------------------------------------------------------------------------------
     def _forward(self, model: torch.nn.Module, mb: MicroBatch) -> tuple[Tensor, Tensor, Tensor]:
         """(logits at completion positions [N, V], aux loss [], entropy sum []) of one packed micro-batch."""
+        packed = {"cu_seqlens": mb.cu_seqlens.to(self.device)} if model.config.model_type == "sse_h" else {}
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             out = model.model(input_ids=mb.input_ids.to(self.device), position_ids=mb.position_ids.to(self.device),
-                              cu_seqlens=mb.cu_seqlens.to(self.device), use_cache=False)
+                              use_cache=False, **packed)
             hidden = out.last_hidden_state[0, mb.target_pos.to(self.device)]  # [N, D]
             logits = model.lm_head(hidden).float()  # [N, V]
-        return logits, out.aux_loss.float(), entropy(logits.detach(), self.temperature).sum()
+        aux = getattr(out, "aux_loss", None)
+        aux = torch.zeros((), device=self.device) if aux is None else aux.float()
+        return logits, aux, entropy(logits.detach(), self.temperature).sum()
 
     @torch.no_grad()
     def _logprobs(self, model: torch.nn.Module, mb: MicroBatch) -> Tensor:
@@ -200,6 +221,7 @@ class TrainerWorker:
     def train(self, minibatches: list[list[MicroBatch]]) -> dict[str, float]:
         """One GRPO step on this rank's share: `minibatches[j]` are its micro-batches of mini-batch j."""
         filler = _filler()
+        gpu_free = torch.cuda.mem_get_info(self.device)[0] / 2**30 if self.device.type == "cuda" else 0.0
         if self.fsdp:
             minibatches = self._even_out(minibatches, filler)
         extras = {}
@@ -225,6 +247,10 @@ class TrainerWorker:
                 totals["updates"] += 1.0
         self.scheduler.step()
         totals["lr"] = self.scheduler.get_last_lr()[0]
+        if self.device.type == "cuda":  # what the GPU had free for this step, and what the step used at peak
+            totals.update(gpu_free_gib=gpu_free, gpu_peak_gib=torch.cuda.max_memory_allocated(self.device) / 2**30)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            torch.cuda.empty_cache()
         return totals
 
     # ----------------------------------------------------------------------------------------------------------
@@ -234,6 +260,41 @@ class TrainerWorker:
         cast = getattr(torch, dtype)
         return {name: t.to(dtype=cast if t.is_floating_point() else t.dtype, copy=True)
                 for name, t in get_model_state_dict(self.model, options=FULL).items()}
+
+    def device_uuid(self) -> str:
+        """Which physical GPU this rank uses (CUDA IPC needs the engine on the same one)."""
+        return str(torch.cuda.get_device_properties(self.device).uuid)
+
+    @torch.no_grad()
+    def share_weights(self, dtype: str) -> list[SharedBuffer]:
+        """Every rank: the full HF-named weights in the engines' dtype, packed into one GPU buffer per dtype, as CUDA
+        IPC handles an engine process on this GPU can map (see `release_shared_weights`)."""
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        cast = getattr(torch, dtype)
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        by_dtype: dict[torch.dtype, list[tuple[str, Tensor]]] = {}
+        for name, t in state.items():
+            by_dtype.setdefault(cast if t.is_floating_point() else t.dtype, []).append((name, t))
+        self._shared = []
+        out = []
+        for dt, items in by_dtype.items():
+            flat = torch.empty(sum(t.numel() for _, t in items), dtype=dt, device=self.device)  # [P]
+            entries, offset = [], 0
+            for name, t in items:
+                flat[offset:offset + t.numel()].copy_(t.reshape(-1))
+                entries.append((name, tuple(t.shape), offset))
+                offset += t.numel()
+            self._shared.append(flat)
+            out.append(SharedBuffer(reduce_tensor(flat), entries))
+        torch.cuda.synchronize(self.device)  # the engine reads on its own stream
+        return out
+
+    def release_shared_weights(self) -> None:
+        """Drop the IPC buffers once every engine has loaded them; memory returns after the consumers let go."""
+        self._shared = []
+        torch.cuda.empty_cache()
+        torch.cuda.ipc_collect()
 
     @torch.no_grad()
     def first_token_logprobs(self, prompt_ids: list[list[int]], tokens: list[list[int]]) -> list[list[float]]:

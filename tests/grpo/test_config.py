@@ -83,3 +83,18 @@ def test_math_recipe_template_renders_the_boxed_instruction():
     assert text == "What is 1+1?\nPlease reason step by step, and put your final answer within \\boxed{}."
     assert recipe.rollout.group_size == 8 and recipe.rollout.max_tokens == 32768 and recipe.train.steps == 230
     assert recipe.train.lr == 1e-6 and recipe.train.prompts_per_step == 128
+
+
+def test_colocation_keys_resolve_and_check():
+    from sse_rl.config import resolve_sync_method
+
+    gpu = [*MINIMAL, "rollout.num_gpus_per_engine=0.4", "train.num_gpus_per_trainer=0.5"]
+    assert resolve_sync_method(load_recipe(None, gpu)) == "cuda_ipc"
+    assert resolve_sync_method(load_recipe(None, MINIMAL)) == "object_store"
+    # a second engine has no trainer rank to pair with: auto falls back to the object store
+    assert resolve_sync_method(load_recipe(None, [*gpu, "rollout.num_engines=2"])) == "object_store"
+    with pytest.raises(RecipeError) as err:
+        load_recipe(None, [*MINIMAL, "rollout.weight_sync=cuda_ipc", "rollout.sleep_level=1"])
+    assert {e.split(":")[0] for e in err.value.errors} == {"rollout.weight_sync", "rollout.sleep_level"}
+    with pytest.raises(RecipeError, match="rollout.sleep_level: must be <= 2"):
+        load_recipe(None, [*gpu, "rollout.sleep_level=3"])

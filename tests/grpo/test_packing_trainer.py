@@ -79,8 +79,35 @@ def _grads(model) -> torch.Tensor:
     return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in model.parameters()])
 
 
+@pytest.fixture(scope="module")
+def transformer_trainer(policy, tmp_path_factory):
+    """A tiny random Qwen3 policy (what the 2B comparison bench trains) on the same tokenizer."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from sse_rl.workers.trainer import TrainerWorker
+
+    path = tmp_path_factory.mktemp("qwen3")
+    config = Qwen3Config(vocab_size=19, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False)
+    Qwen3ForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(policy).save_pretrained(path)
+    worker = TrainerWorker(str(path), rank=0, world_size=1, train=TrainConfig(lr=1e-3), algo=AlgoConfig(),
+                           temperature=1.0, seed=0, dtype="float32", gradient_checkpointing=False)
+    return worker  # micro-steps only: no process group (the SSE-H trainer of this module holds it)
+
+
 @pytest.mark.parametrize("agg", ["dapo", "grpo", "dr_grpo"])
 def test_packed_loss_equals_unpacked(trainer, agg):
+    _check_packed_equals_unpacked(trainer, agg)
+
+
+def test_transformer_policy_packed_loss_equals_unpacked(transformer_trainer):
+    """A non-SSE-H policy packs through its own boundary handling (restarting position_ids), no cu_seqlens."""
+    assert not transformer_trainer.fsdp  # fsdp2 with one rank trains unsharded
+    _check_packed_equals_unpacked(transformer_trainer, "dapo")
+
+
+def _check_packed_equals_unpacked(trainer, agg: str) -> None:
     from sse_rl.workers.trainer import _Extra
 
     seqs = _sequences(9, seed=1)
