@@ -21,6 +21,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attn_num_kv_heads": 20, "attn_head_dim": 128, "rope_theta": 10000.0, "max_position_embeddings": 32768,
         "tie_word_embeddings": False,
     },
+    # 107.8M parameters with a 1024-token vocabulary (106.2M without the embeddings): 14 layers of width 768,
+    # [SSE x4, Attn] x2 + SSE x3, Attn; SSE 6 heads x 128, MHA 12 heads x 64. The one-GPU learning demo's size.
+    "sse-h-small": {
+        "vocab_size": 1024, "hidden_size": 768, "num_hidden_layers": 14, "num_heads": 6, "head_dim": 128,
+        "num_sparse_partition": 4, "num_writer": 1, "num_reader": 1, "attn_layers": [4, 9, 13], "attn_num_heads": 12,
+        "attn_num_kv_heads": 12, "attn_head_dim": 64, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    },
     # A ~1.3M-parameter model for tests and CPU smoke runs; attention head_dim 32 because vLLM CPU rejects 16.
     "sse-h-tiny": {
         "vocab_size": 512, "hidden_size": 128, "num_hidden_layers": 4, "num_heads": 2, "head_dim": 64,
@@ -130,7 +138,7 @@ class SSEHConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> SSEHConfig:
-        """Build a preset ("sse-h-2b", "sse-h-tiny"); keyword overrides replace preset fields."""
+        """Build a preset ("sse-h-2b", "sse-h-small", "sse-h-tiny"); keyword overrides replace preset fields."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {cls.preset_names()}")
         return cls(**{**PRESETS[name], **overrides})

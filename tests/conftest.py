@@ -29,7 +29,7 @@ def shared_data() -> Path:
 def policy(tmp_path_factory) -> str:
     """A tiny random SSE-H policy with the toy task's character tokenizer (what the tiny recipe trains)."""
     from sse_rl.init_model import init_model
-    from sse_rl.toy_task import build_tokenizer
+    from sse_rl.tasks.max_digit import build_tokenizer
 
     path = tmp_path_factory.mktemp("policy")
     init_model("sse-h-tiny", path, tokenizer=build_tokenizer(path), seed=0)

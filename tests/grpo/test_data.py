@@ -80,7 +80,7 @@ def test_sampler_resume_continues_exactly():
 
 
 def test_encode_prompts_drops_prompts_too_long_for_the_engine(tmp_path):
-    from sse_rl.toy_task import build_tokenizer
+    from sse_rl.tasks.max_digit import build_tokenizer
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(build_tokenizer(tmp_path / "tok"))

@@ -36,6 +36,14 @@ def test_tiny_preset_is_small_and_vllm_cpu_friendly() -> None:
     assert "full_attention" in config.layer_types and "linear_attention" in config.layer_types
 
 
+def test_small_preset_is_100_to_150m_with_a_1k_vocab() -> None:
+    config = SSEHConfig.from_preset("sse-h-small")
+    assert config.vocab_size == 1024 and config.hidden_size >= 512
+    assert config.head_dim >= 64 and config.attn_head_dim >= 64
+    assert [i for i, t in enumerate(config.layer_types) if t == "full_attention"] == [4, 9, 13]
+    assert 1.0e8 <= count_params(config) <= 1.5e8, count_params(config)
+
+
 def test_overrides_and_unknown_preset() -> None:
     config = SSEHConfig.from_preset("sse-h-tiny", vocab_size=300, attn_layers=[0, 3])
     assert config.vocab_size == 300

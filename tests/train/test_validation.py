@@ -15,7 +15,7 @@ import pytest
 
 from sse_rl.config import RecipeError
 from sse_rl.metrics_log import read_metrics
-from sse_rl.toy_task import max_digit_reward
+from sse_rl.tasks.max_digit import max_digit_reward
 from sse_rl.train import main
 
 ROOT = Path(__file__).resolve().parents[2]

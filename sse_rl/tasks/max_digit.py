@@ -6,9 +6,11 @@ on two CPU cores. It needs a comparison across three positions, so it is learned
 prompts (200 of the 1000 triples) never appear in training.
 
 Pieces, each reached through the recipe the way a user's own task would be:
-- `rows(split)`: the data source `sse_rl.toy_task:rows` ("train" / "test" splits, columns `problem`, `answer`);
-- `build_tokenizer(out_dir)`: a character-level tokenizer (`model.init.tokenizer: sse_rl.toy_task:build_tokenizer`);
-- `max_digit_reward`: the reward, registered as `sse_rl.toy_task:max_digit_reward` through the reward plug-in API.
+- `rows(split)`: the data source `sse_rl.tasks.max_digit:rows` ("train" / "test" splits, columns `problem`, `answer`);
+- `build_tokenizer(out_dir)`: a character-level tokenizer
+  (`model.init.tokenizer: sse_rl.tasks.max_digit:build_tokenizer`);
+- `max_digit_reward`: the reward, registered as `sse_rl.tasks.max_digit:max_digit_reward` through the reward
+  plug-in API.
 """
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Synthetic, verifiable tasks: generated prompts with known answers, their tokenizers and rewards."""
