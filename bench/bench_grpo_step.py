@@ -1,0 +1,562 @@
+"""One GRPO step of the real pipeline on one GPU, split into rollout / reward / train / sync: SSE-H-2B against a
+Qwen3-1.7B-shaped Transformer, both with random weights (issue 8, "step-time breakdown at 2B scale").
+
+Run on one GPU, from the repo root, one model and part per call (each fits a 10-minute call):
+    python bench/bench_grpo_step.py --model sse-h-2b --part plain --out /tmp/bench --results $OUT/grpo_step.json
+    python bench/bench_grpo_step.py --model sse-h-2b --part pipeline --out /tmp/bench --results $OUT/grpo_step.json
+then here: --merge FILE... (into bench/results/grpo_step.json) and --report (writes bench/results/grpo_step.md).
+`--tiny` runs the same code on CPU with tiny shapes (plumbing only: its numbers are not results).
+
+Choices:
+- Everything is built locally and deterministically (no hub): a byte-level BPE tokenizer of exactly the models'
+  vocabulary (256 bytes + generated merges + the chat special tokens, EOS <|im_end|>), so every id a random model
+  samples decodes; the policy from its config with seeded random weights, saved in the engine dtype; 32 short
+  arithmetic prompts as .jsonl. A random model almost never samples EOS, so responses run to max_tokens.
+- `pipeline` is `sse-rl train` itself (`sse_rl.train.main`) on recipes/bench_grpo_step.yaml plus overrides; the
+  numbers are the last step's row of its metrics.jsonl (time/rollout, time/reward, time/train, time/sync, ...).
+  The row is recorded as soon as it is written: the pipeline still saves a checkpoint after its last step.
+- `plain` is vLLM alone on the same batch: the same encoded prompts, n = G, max_tokens, temperature, top_p, and
+  the engine settings of the resolved recipe (dtype, gpu_memory_utilization, max_model_len, enforce_eager, sleep
+  mode); no logprobs and no per-request seeds (the pipeline asks for both). One short warm-up generate first.
+- Training FLOPs per step = 3 x forward FLOPs (MFU, model FLOPs); with gradient checkpointing the hardware does
+  4 x forward (HFU, recomputation counted). Forward FLOPs (see `forward_flops`):
+    dense:   2 * P_body * T_all + 2 * P_lm_head * T_completion      (embedding lookups cost none; logits are only
+                                                                    computed at completion positions)
+    softmax attention, per layer and sequence of length L (causal):  2 * L^2 * heads * head_dim
+    SSE (chunked GLA over the shared stream and K routed streams), per layer and token:
+             (1 + K) * heads * (4 * dk * dv + C * (dk + dv)),  C = 64 (chunk size)
+- Progress lines carry a timestamp, and a heartbeat prints every 30 s, so a call cut off by its time limit shows
+  where it was.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "bench_grpo_step.yaml"
+RESULTS = REPO / "bench" / "results" / "grpo_step.json"
+MODELS = ("sse-h-2b", "qwen3-1.7b-shape")
+PARTS = ("plain", "pipeline")
+H100_BF16_PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
+SSE_CHUNK = 64
+TINY_OVERRIDES = [  # CPU: tiny shapes, G=2, 4 prompts, 16 tokens, fp32, object-store sync, no sleep mode
+    "rollout.group_size=2", "rollout.max_tokens=16", "rollout.max_model_len=272", "rollout.dtype=float32",
+    "rollout.num_gpus_per_engine=0", "rollout.sleep_level=0", "rollout.weight_sync=object_store",
+    "rollout.enforce_eager=true", "model.dtype=float32", "train.num_gpus_per_trainer=0", "train.prompts_per_step=4",
+    "train.token_budget=1024", "train.steps=2", "reward.num_workers=1", "run.ray_num_cpus=4",
+    "run.probe_tolerance=1e-3",
+]
+_START = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - _START:6.0f}s] {msg}", flush=True)
+
+
+@dataclass
+class Setup:
+    """What one invocation works on: the model, its folders and the resolved recipe."""
+
+    model: str
+    tiny: bool
+    work: Path  # --out: tokenizer, model, prompts, run directory
+    overrides: list[str]  # recipe overrides (paths, --tiny, --set)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.work / self.model_name
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.model}{'-tiny' if self.tiny else ''}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.work / f"run-{self.model_name}"
+
+    def recipe(self) -> Any:
+        from sse_rl.config import load_recipe
+
+        return load_recipe(RECIPE, self.overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Local artefacts: tokenizer, prompts, random policy.
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int) -> Any:
+    """A byte-level BPE of exactly `vocab_size` ids: 256 byte symbols, merges of byte pairs then of (pair, byte)
+    in a fixed order until full, and the chat special tokens last (EOS <|im_end|>). Every id decodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sse_rl.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+
+    target = vocab_size - len(SPECIAL_TOKENS)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    if target < len(alphabet):
+        raise ValueError(f"vocab_size must be >= {len(alphabet) + len(SPECIAL_TOKENS)}, got {vocab_size}")
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    merges: list[tuple[str, str]] = []
+    for lefts in (alphabet, [a + b for a in alphabet for b in alphabet]):
+        for left in lefts:
+            for right in alphabet:
+                if len(vocab) == target:
+                    break
+                if left + right not in vocab:
+                    vocab[left + right] = len(vocab)
+                    merges.append((left, right))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+                                        additional_special_tokens=SPECIAL_TOKENS[1:],
+                                        clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    if len(tokenizer) != vocab_size:
+        raise RuntimeError(f"built a tokenizer of {len(tokenizer)} ids, wanted {vocab_size}")
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def write_prompts(path: Path, count: int) -> None:
+    """`count` short arithmetic word problems with integer answers (columns problem, answer)."""
+    rows = []
+    for i in range(count):
+        a, b, c = 7 + 13 * i, 3 + 5 * (i % 7), 2 + i % 5
+        rows.append({"problem": f"A shelf holds {a} books. Someone adds {b} more, then the books are split "
+                                f"evenly into {c} boxes with the remainder left out. How many books are in "
+                                f"each box?", "answer": str((a + b) // c)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def model_config(name: str, tiny: bool, tokenizer: Any) -> Any:
+    """The policy's config: the SSE-H preset, or Qwen3-1.7B's shape (untied lm_head: fsdp2 shards it alone)."""
+    from transformers import Qwen3Config
+
+    from sse_rl.models import SSEHConfig
+
+    ids = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None}
+    if name == "sse-h-2b":
+        config = SSEHConfig.from_preset("sse-h-tiny" if tiny else "sse-h-2b", **ids)
+        config.architectures = ["SSEHForCausalLM"]
+        return config
+    shape = (dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32) if tiny else
+             dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128))
+    return Qwen3Config(**shape, **ids, rope_theta=1_000_000.0, max_position_embeddings=40960,
+                       tie_word_embeddings=False, architectures=["Qwen3ForCausalLM"])
+
+
+def build_model(setup: Setup, dtype: str) -> None:
+    """Tokenizer + seeded random weights, saved in the engine dtype. Built on the CPU, so this process holds no
+    GPU memory while the engine and the trainer start."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if (setup.model_dir / "config.json").is_file():
+        say(f"reusing {setup.model_dir}")
+        return
+    tmp = setup.model_dir.with_name(setup.model_dir.name + ".tmp")
+    t0 = time.perf_counter()
+    tokenizer = build_tokenizer(tmp, 384 if setup.tiny else 151936)
+    say(f"tokenizer: {len(tokenizer)} ids in {time.perf_counter() - t0:.1f}s")
+    config = model_config(setup.model, setup.tiny, tokenizer)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.save_pretrained(str(tmp))
+    os.replace(tmp, setup.model_dir)
+    count = sum(p.numel() for p in model.parameters())
+    say(f"model: {setup.model_name}, {count:,} parameters, saved to {setup.model_dir}")
+
+
+def encoded_prompts(setup: Setup, recipe: Any) -> list[Any]:
+    """The training prompts exactly as `sse-rl train` encodes them (template, chat template, token ids)."""
+    from transformers import AutoTokenizer
+
+    from sse_rl.data import encode_prompts, load_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
+    d = recipe.data
+    prompts = load_prompts(d.train, split=d.train_split, subset=d.subset, template=d.prompt_template,
+                           answer_column=d.answer_column, tokenizer=tokenizer, chat_template=d.chat_template)
+    return encode_prompts(prompts, tokenizer, recipe.rollout.max_model_len - recipe.rollout.max_tokens, d.train)
+
+
+def prepare(setup: Setup) -> Any:
+    """Tokenizer, policy and prompts on disk; returns the resolved recipe."""
+    setup.work.mkdir(parents=True, exist_ok=True)
+    prompts = setup.work / "prompts.jsonl"
+    write_prompts(prompts, 4 if setup.tiny else 32)
+    recipe = setup.recipe()
+    build_model(setup, recipe.rollout.dtype)
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two parts.
+
+
+def run_plain(setup: Setup, recipe: Any) -> dict[str, Any]:
+    """vLLM alone on the step's batch (see module doc): completion tokens / seconds of one generate call."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    r = recipe.rollout
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(r.cpu_kvcache_space_gib))
+    prompts = [TokensPrompt(prompt_token_ids=p.ids) for p in encoded_prompts(setup, recipe)]
+    prompts = prompts[:recipe.train.prompts_per_step]
+    say("plain: starting vLLM")
+    t0 = time.perf_counter()
+    llm = LLM(model=recipe.model.path, dtype=r.dtype, max_model_len=r.max_model_len, seed=recipe.seed,
+              enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization,
+              tensor_parallel_size=r.tensor_parallel_size, enable_sleep_mode=r.sleep_level > 0)
+    start_s = time.perf_counter() - t0
+    llm.generate(prompts[:2], SamplingParams(n=2, max_tokens=16), use_tqdm=False)
+    say(f"plain: engine up in {start_s:.0f}s; generating {len(prompts)} prompts x {r.group_size}, "
+        f"up to {r.max_tokens} tokens")
+    params = SamplingParams(n=r.group_size, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p)
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    lengths = [len(c.token_ids) for o in outputs for c in o.outputs]
+    say(f"plain: {sum(lengths)} tokens in {seconds:.1f}s = {sum(lengths) / seconds:,.0f} tok/s")
+    return {"seconds": seconds, "completion_tokens": sum(lengths), "tokens_per_s": sum(lengths) / seconds,
+            "sequences": len(lengths), "truncated_frac": sum(n == r.max_tokens for n in lengths) / len(lengths),
+            "engine_start_s": start_s}
+
+
+def watch_metrics(run_dir: Path, last_step: int, on_last: Any, stop: threading.Event) -> None:
+    """Heartbeat (every 30 s) and step rows as they land; `on_last(row)` as soon as the last step's row exists."""
+    from sse_rl.metrics_log import read_metrics
+
+    seen, beat = 0, time.perf_counter()
+    while not stop.wait(2.0):
+        rows = read_metrics(run_dir)
+        for row in rows[seen:]:
+            times = {k.split("/")[1]: round(v, 2) for k, v in row.items() if k.startswith("time/")}
+            say(f"pipeline: step {row['step']} logged: {times}")
+            if row["step"] == last_step:
+                on_last(row)
+        seen = len(rows)
+        if time.perf_counter() - beat >= 30:
+            beat = time.perf_counter()
+            say(f"pipeline: running, {seen} metric rows, GPU memory used {gpu_memory_used()}")
+
+
+def gpu_memory_used() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "n/a"
+    except (OSError, subprocess.SubprocessError):
+        return "n/a (no nvidia-smi)"
+
+
+def run_pipeline(setup: Setup, recipe: Any, record: Any) -> None:
+    """`sse-rl train` on the bench recipe; `record(result)` gets the last step's numbers when its row lands."""
+    import shutil
+
+    from sse_rl import train
+
+    shutil.rmtree(setup.run_dir, ignore_errors=True)  # a fresh run: no resume from an earlier attempt
+    prompts = encoded_prompts(setup, recipe)
+    counts = param_counts(recipe.model.path)
+    done = threading.Event()
+
+    def on_last(row: dict[str, float]) -> None:
+        record(pipeline_result(row, recipe, prompts, counts))
+        done.set()
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_metrics, args=(setup.run_dir, recipe.train.steps, on_last, stop),
+                               daemon=True)
+    watcher.start()
+    say(f"pipeline: sse_rl.train.main, {recipe.train.steps} step(s)")
+    try:
+        train.main([str(RECIPE), *setup.overrides])
+    finally:
+        time.sleep(2.5)  # the watcher's last poll
+        stop.set()
+        watcher.join()
+    if not done.is_set():
+        raise RuntimeError(f"{setup.run_dir}/metrics.jsonl has no row for step {recipe.train.steps}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOPs and the pipeline's numbers.
+
+
+def param_counts(model_path: str) -> dict[str, int]:
+    """Parameters of the embedding, the lm_head and the rest (the body), counted on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import sse_rl.models  # noqa: F401  (registers SSE-H with the Auto classes)
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
+    return {"total": total, "embedding": embed, "lm_head": head, "body": total - embed - head}
+
+
+def mixing_flops(config: dict[str, Any], length: int) -> float:
+    """Forward FLOPs of the token mixing (not in the parameter count) for one sequence of `length` tokens."""
+    if config["model_type"] == "sse_h":
+        attn = len(config["attn_layers"])
+        dk, dv = config["head_dim"], int(config["head_dim"] * config["expand_v"])
+        per_token = (1 + config["num_writer"]) * config["num_heads"] * (4 * dk * dv + SSE_CHUNK * (dk + dv))
+        sse = (config["num_hidden_layers"] - attn) * per_token * length
+        return sse + attn * 2.0 * length**2 * config["attn_num_heads"] * config["attn_head_dim"]
+    return config["num_hidden_layers"] * 2.0 * length**2 * config["num_attention_heads"] * config["head_dim"]
+
+
+def forward_flops(config: dict[str, Any], counts: dict[str, int], prompt_lens: list[int], group: int,
+                  completion_len: float) -> float:
+    """Forward FLOPs of one training batch: G completions of `completion_len` tokens per prompt."""
+    lengths = [p + completion_len for p in prompt_lens for _ in range(group)]
+    dense = 2.0 * counts["body"] * sum(lengths) + 2.0 * counts["lm_head"] * completion_len * len(lengths)
+    return dense + sum(mixing_flops(config, round(n)) for n in lengths)
+
+
+def pipeline_result(row: dict[str, float], recipe: Any, prompts: list[Any], counts: dict[str, int]) -> dict:
+    """The reported numbers of one step's metrics row (FLOPs from the step's prompts and mean response length;
+    exact when every response has the same length, e.g. all truncated)."""
+    config = json.loads((Path(recipe.model.path) / "config.json").read_text())
+    drawn = prompts[:recipe.train.prompts_per_step]
+    completion = row["response_length/mean"]
+    fwd = forward_flops(config, counts, [len(p.ids) for p in drawn], recipe.rollout.group_size, completion)
+    recompute = recipe.model.gradient_checkpointing
+    tokens = sum(len(p.ids) + completion for p in drawn) * recipe.rollout.group_size
+    trained = row["throughput/train_tokens_per_s"] * row["time/train"]
+    if abs(tokens - trained) > 0.01 * trained:
+        say(f"warning: the FLOPs count {tokens:.0f} tokens, the trainer reports {trained:.0f}")
+    keys = ("time/step", "time/rollout", "time/reward", "time/train", "time/sync", "time/engine_sleep",
+            "time/engine_wake", "throughput/rollout_tokens_per_s", "throughput/train_tokens_per_s",
+            "response_length/mean", "response_length/truncated_frac", "probe/max_abs_diff", "train/grad_norm",
+            "sampling/kept_groups")
+    return {"step": row["step"], **{k: row[k] for k in keys if k in row},
+            "train_tokens": trained, "flops_tokens": tokens,
+            "completion_tokens": completion * len(drawn) * recipe.rollout.group_size,
+            "params": counts, "model_flops": 3 * fwd, "hardware_flops": (4 if recompute else 3) * fwd,
+            "flops_exact": row["response_length/truncated_frac"] == 1.0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Results file and report.
+
+
+def environment(recipe: Any, tiny: bool) -> dict[str, Any]:
+    import torch
+    import transformers
+    import vllm
+
+    r = recipe.rollout
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "tiny": tiny,
+            "torch": torch.__version__, "vllm": vllm.__version__, "transformers": transformers.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "setting": {"prompts": recipe.train.prompts_per_step, "group_size": r.group_size,
+                        "max_tokens": r.max_tokens, "max_model_len": r.max_model_len, "dtype": r.dtype,
+                        "gpu_memory_utilization": r.gpu_memory_utilization, "enforce_eager": r.enforce_eager,
+                        "sleep_level": r.sleep_level, "weight_sync": r.weight_sync,
+                        "token_budget": recipe.train.token_budget, "trainer_dtype": recipe.model.dtype,
+                        "steps": recipe.train.steps,
+                        "gradient_checkpointing": recipe.model.gradient_checkpointing}}
+
+
+def merge_into(path: Path, model: str, part: str, result: dict[str, Any]) -> None:
+    """results[model][part] = result, keeping every other entry of the file."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault(model, {})[part] = result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    say(f"results: {model}/{part} written to {path}")
+
+
+PHASES = ("step", "rollout", "reward", "train", "sync")
+
+
+def derived(model: dict[str, Any], peak_tflops: float) -> dict[str, float | None]:
+    """The table's numbers of one model (None where a part is missing)."""
+    plain, pipe = model.get("plain"), model.get("pipeline")
+    out: dict[str, float | None] = {f"{p}_s": pipe.get(f"time/{p}") if pipe else None for p in PHASES}
+    out["rollout_tok_s"] = pipe["throughput/rollout_tokens_per_s"] if pipe else None
+    out["plain_tok_s"] = plain["tokens_per_s"] if plain else None
+    out["rollout_frac"] = out["rollout_tok_s"] / out["plain_tok_s"] if pipe and plain else None
+    out["train_tok_s"] = pipe["throughput/train_tokens_per_s"] if pipe else None
+    peak = peak_tflops * 1e12
+    out["mfu"] = pipe["model_flops"] / pipe["time/train"] / peak if pipe else None
+    out["hfu"] = pipe["hardware_flops"] / pipe["time/train"] / peak if pipe else None
+    out["sleep_wake_s"] = (pipe.get("time/engine_sleep", 0.0) + pipe.get("time/engine_wake", 0.0)) if pipe else None
+    return out
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _table(data: dict[str, Any], nums: dict[str, dict], peak_tflops: float) -> list[str]:
+    lines = ["| model | params | step s | rollout s | reward s | train s | sync s | sleep+wake s | rollout tok/s | "
+             "plain vLLM tok/s | rollout / plain | train tok/s | MFU | HFU |", "|---" * 14 + "|"]
+    for name, n in nums.items():
+        pipe = data[name].get("pipeline", {})
+        params = pipe.get("params", {}).get("total")
+        size = "—" if params is None else f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.1f}M"
+        lines.append(f"| {name} | {size} | " + " | ".join(
+            _fmt(n[f"{p}_s"], ".1f") for p in PHASES) + f" | {_fmt(n['sleep_wake_s'], '.1f')} | "
+            f"{_fmt(n['rollout_tok_s'], ',.0f')} | {_fmt(n['plain_tok_s'], ',.0f')} | {_fmt(n['rollout_frac'], '.1%')} "
+            f"| {_fmt(n['train_tok_s'], ',.0f')} | {_fmt(n['mfu'], '.1%')} | {_fmt(n['hfu'], '.1%')} |")
+    lines += ["", f"Targets: rollout / plain >= 90 %, MFU >= 30 % (peak {peak_tflops:.0f} TFLOP/s dense bf16), "
+              "weight sync < 2 s."]
+    for name, n in nums.items():
+        checks = [("rollout / plain >= 90 %", n["rollout_frac"], 0.9, True), ("MFU >= 30 %", n["mfu"], 0.3, True),
+                  ("sync < 2 s", n["sync_s"], 2.0, False)]
+        verdicts = [f"{label}: {'—' if v is None else ('met' if (v >= bar if high else v < bar) else 'NOT met')}"
+                    for label, v, bar, high in checks]
+        lines.append(f"- {name}: " + "; ".join(verdicts))
+    return lines
+
+
+def _comparison(sse: dict[str, float | None], qwen: dict[str, float | None]) -> list[str]:
+    """SSE-H / Qwen ratios per phase and the generated wins/losses."""
+    lines = ["## SSE-H-2B / Qwen3-1.7B-shape", "", "| phase | SSE-H s | Qwen s | ratio (time) |", "|---|---|---|---|"]
+    wins, losses = [], []
+    for p in PHASES:
+        a, b = sse[f"{p}_s"], qwen[f"{p}_s"]
+        if a is None or b is None:
+            continue
+        lines.append(f"| {p} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
+        if p == "step":
+            continue
+        text = f"{p}: {a:.1f} s vs {b:.1f} s ({max(a, b) / max(min(a, b), 1e-9):.2f}x, {abs(a - b):.1f} s per step)"
+        (wins if a < b else losses).append(text)
+    for key, label, spec in (("rollout_tok_s", "rollout tok/s", ",.0f"), ("plain_tok_s", "plain vLLM tok/s", ",.0f"),
+                             ("train_tok_s", "train tok/s", ",.0f"), ("mfu", "MFU", ".1%")):
+        if sse[key] is not None and qwen[key] is not None:
+            lines.append(f"| {label} | {sse[key]:{spec}} | {qwen[key]:{spec}} | {sse[key] / qwen[key]:.2f} "
+                         "(SSE-H / Qwen) |")
+    lines += ["", "Where SSE-H wins: " + ("; ".join(wins) or "nowhere") + ".",
+              "Where SSE-H loses: " + ("; ".join(losses) or "nowhere") + "."]
+    if sse["step_s"] and qwen["step_s"]:
+        lines.append(f"Whole step: SSE-H takes {sse['step_s'] / qwen['step_s']:.2f}x Qwen's time "
+                     f"({sse['step_s']:.1f} s vs {qwen['step_s']:.1f} s).")
+    return lines
+
+
+def write_report(path: Path, peak_tflops: float) -> None:
+    """bench/results/grpo_step.md from the results json: environment, table, ratios, wins and losses."""
+    data = json.loads(path.read_text())
+    nums = {name: derived(data[name], peak_tflops) for name in MODELS if name in data}
+    metas = [part for name in nums for part in data[name].values()]
+    meta = metas[0]
+    devices = sorted({m["device"] for m in metas})
+    s = meta["setting"]
+    lines = [f"# One GRPO step, engine and trainer on one GPU ({', '.join(devices)})", "",
+             f"torch {meta['torch']}, vLLM {meta['vllm']}, transformers {meta['transformers']}; "
+             f"{s['prompts']} prompts x G={s['group_size']}, responses up to {s['max_tokens']} tokens "
+             f"(max_model_len {s['max_model_len']}), engine {s['dtype']} at gpu_memory_utilization "
+             f"{s['gpu_memory_utilization']}, {'eager' if s['enforce_eager'] else 'CUDA graphs'}, sleep level "
+             f"{s['sleep_level']}, weight sync {s['weight_sync']}; trainer {s['trainer_dtype']}, gradient "
+             f"checkpointing "
+             f"{'on' if s['gradient_checkpointing'] else 'off'}, token budget {s['token_budget']}; random weights, "
+             f"dynamic sampling off. Reported step: the last of {s['steps']}"
+             f"{' (so it includes first-step warm-up)' if s['steps'] == 1 else ''}."]
+    if any(m.get("tiny") for m in metas):
+        lines += ["", "**Tiny CPU plumbing check: these numbers are not results.**"]
+    lines += ["", *_table(data, nums, peak_tflops), ""]
+    if len(nums) == 2:
+        lines += [*_comparison(nums[MODELS[0]], nums[MODELS[1]]), ""]
+    lines += ["## How the numbers are made", "",
+              "- Phases are the pipeline's own `time/*` metrics of the step (metrics.jsonl); sleep+wake is vLLM "
+              "sleep mode around the train phase (in the step, not in train or sync).",
+              "- rollout tok/s = completion tokens / time/rollout; plain vLLM = the same prompts, n, max_tokens, "
+              "temperature and engine settings with `vllm.LLM` alone (no logprobs, no per-request seeds).",
+              "- MFU = 3 x forward FLOPs / time/train / peak; HFU counts the recomputation of gradient checkpointing "
+              "(4 x forward). Forward FLOPs = 2 P_body T_all + 2 P_lm_head T_completion + mixing; mixing = "
+              "2 L^2 heads head_dim per softmax-attention layer and sequence, (1 + K) heads (4 dk dv + 64 (dk + dv)) "
+              "per SSE layer and token. time/train includes packing and the optimizer step.",
+              "- The pipeline writes one checkpoint after the last step (run.save_every=0 does not disable it); "
+              "it comes after the step's metrics and is not timed."]
+    out = path.with_suffix(".md")
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.merge:
+        for file in args.merge:
+            for model, parts in json.loads(Path(file).read_text()).items():
+                for part, result in parts.items():
+                    merge_into(args.results, model, part, result)
+        return
+    if args.report:
+        write_report(args.results, args.peak_tflops)
+        return
+    for part in PARTS if args.part == "all" else (args.part,):
+        if args.part == "all":  # each part in its own process: an in-process vLLM engine never fully frees its GPU
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--part", part], check=True)
+        else:
+            run_part(args, part)
+
+
+def run_part(args: argparse.Namespace, part: str) -> None:
+    work = args.out.resolve()
+    setup = Setup(args.model, args.tiny, work, [])
+    setup.overrides = [f"model.path={setup.model_dir}", f"data.train={work / 'prompts.jsonl'}",
+                       f"out_dir={setup.run_dir}", *(TINY_OVERRIDES if args.tiny else []), *args.set]
+    say(f"{args.model} / {part}{' (tiny, CPU)' if args.tiny else ''}: work dir {work}")
+    recipe = prepare(setup)
+    meta = environment(recipe, args.tiny)
+
+    def record(result: dict[str, Any]) -> None:
+        merge_into(args.results, args.model, part, {**meta, **result})
+
+    if part == "plain":
+        record(run_plain(setup, recipe))
+    else:
+        run_pipeline(setup, recipe, record)
+    say(f"{args.model} / {part}: done")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=MODELS, help="the policy to time")
+    parser.add_argument("--part", choices=(*PARTS, "all"), default="all",
+                        help="plain vLLM generation of the batch, the pipeline step, or both (two processes)")
+    parser.add_argument("--out", type=Path, help="work folder: tokenizer, random model, prompts, run directory")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (plumbing check, not results)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override for both parts, e.g. --set train.token_budget=13056")
+    parser.add_argument("--results", type=Path, default=None,
+                        help=f"results json to merge into (default {RESULTS.relative_to(REPO)}; with --tiny: "
+                             "OUT/grpo_step.json)")
+    parser.add_argument("--merge", nargs="+", type=Path, help="merge these results files into --results, run nothing")
+    parser.add_argument("--report", action="store_true", help="write the .md next to --results from it, run nothing")
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_TFLOPS,
+                        help="the device's dense bf16 peak for MFU (H100/H200 SXM: 989)")
+    args = parser.parse_args()
+    if not (args.merge or args.report) and (args.model is None or args.out is None):
+        parser.error("--model and --out are required to run a part")
+    if args.results is None:
+        args.results = args.out / "grpo_step.json" if args.tiny else RESULTS
+    return args
+
+
+if __name__ == "__main__":
+    main()
