@@ -13,9 +13,10 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -29,6 +30,9 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
     list("-+0123456789."),
 )
+
+R = TypeVar("R")
+
 
 class RecipeError(ValueError):
     """All problems of a recipe, one per line, each starting with its dotted key."""
@@ -357,8 +361,12 @@ def apply_override(raw: dict, assignment: str) -> None:
         raise RecipeError([f"{key}: no such entry (from override {assignment!r})"])
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    """Read a recipe YAML (or start empty with `path=None`), apply overrides, check everything, return it."""
+def load_recipe(path: str | Path | None, overrides: list[str] = (), cls: type[R] = Recipe,
+                cross_checks: Callable[[R], list[str]] | None = None) -> R:
+    """Read a recipe YAML (or start empty with `path=None`), apply overrides, check everything, return it.
+
+    cls: the recipe dataclass (`Recipe` for GRPO, `sse_rl.sft.SFTRecipe`, ...); cross_checks: its constraints
+    between fields, reported together with the type and bound errors (default: the GRPO ones for `Recipe`)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -370,8 +378,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     for assignment in overrides:
         apply_override(raw, assignment)
     errors: list[str] = []
-    recipe = _build(Recipe, raw, "", errors)
-    errors += _cross_checks(recipe)
+    recipe = _build(cls, raw, "", errors)
+    if cross_checks is None and cls is Recipe:
+        cross_checks = _cross_checks
+    if cross_checks is not None:
+        errors += cross_checks(recipe)
     if errors:
         raise RecipeError(errors)
     return recipe

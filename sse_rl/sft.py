@@ -1,0 +1,276 @@
+"""`sse-rl sft RECIPE.yaml [key=value ...]`: supervised fine-tuning of an SSE-H policy with TRL's SFTTrainer.
+
+The warm-up before GRPO: the model learns the answer format (and, on a synthetic task, the skill) from worked
+solutions, and its final checkpoint is where `sse-rl train` (model.path=OUT_DIR/final) and `sse-rl eval` start.
+
+Choices:
+1) Config is data: `SFTRecipe`, loaded and checked like the GRPO recipe (unknown keys and bad values all reported
+   at once, each naming its key); `model` is the GRPO recipe's section, so `model.init` builds the tokenizer and
+   random policy exactly as `sse-rl train` does.
+2) Rows become TRL prompt-completion examples: the prompt is `data.prompt_template` over the row (as a user turn
+   under the chat template with `data.chat_template`, the way GRPO and eval render prompts), the completion is
+   `data.response_column`. Loss is on completion tokens only.
+3) Sequences are packed (best-fit decreasing) into rows of `train.token_budget` tokens, padding-free: the collator
+   concatenates them with positions restarting at 0, from which SSE-H derives the sequence bounds (`cu_seqlens`),
+   so no state or attention crosses a boundary, and the first token of every sequence has no label.
+4) The SSE router's balance loss (`config.aux_loss_coef`) is added to TRL's loss (`SSEHSFTTrainer`).
+5) OUT_DIR holds TRL checkpoints (checkpoint-N, resumed automatically), sft_metrics.jsonl, sft_loss.png, and the
+   HF checkpoint OUT_DIR/final (weights, config, tokenizer with its chat template).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainerState
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from sse_rl.config import ModelConfig, _bounded, load_recipe
+
+logger = logging.getLogger("sse_rl.sft")
+METRICS_FILE, LOSS_PNG, FINAL_DIR = "sft_metrics.jsonl", "sft_loss.png", "final"
+
+
+@dataclass
+class SFTDataConfig:
+    train: str = ""  # HF hub id, a local .jsonl / .parquet file, or "pkg.mod:fn" called as fn(split)
+    train_split: str = "train"
+    subset: str = ""  # HF dataset config name, if the hub dataset has several
+    prompt_template: str = "{problem}"  # str.format over the row's columns; the same template GRPO uses
+    response_column: str = "solution"  # the completion the model learns
+    chat_template: bool = True  # prompt as a user turn, response as the assistant turn (tokenizer's template)
+    max_rows: int = _bounded(0, ge=0)  # use the first N rows; 0 = all
+    num_proc: int = _bounded(1, ge=1)  # processes that tokenize and pack the dataset
+
+
+@dataclass
+class SFTTrainConfig:
+    steps: int = _bounded(0, ge=0)  # optimizer steps; 0 = `epochs` passes over the data
+    epochs: float = _bounded(1.0, gt=0)
+    lr: float = _bounded(3e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"  # after warm-up
+    warmup_steps: int = _bounded(0, ge=0)
+    weight_decay: float = _bounded(0.0, ge=0)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    max_grad_norm: float = _bounded(1.0, gt=0)
+    token_budget: int = _bounded(4096, ge=8)  # tokens per packed micro-batch (longer sequences are truncated)
+    batch_tokens: int = _bounded(65536, ge=8)  # tokens per optimizer step: a multiple of token_budget
+    seed: int = 0
+
+
+@dataclass
+class SFTRunConfig:
+    logging_steps: int = _bounded(10, ge=1)
+    save_steps: int = _bounded(200, ge=0)  # checkpoint every N steps (for resume); 0 = only OUT_DIR/final
+    keep_checkpoints: int = _bounded(2, ge=1)
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class SFTRecipe:
+    out_dir: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    run: SFTRunConfig = field(default_factory=SFTRunConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def sft_cross_checks(recipe: SFTRecipe) -> list[str]:
+    """Constraints between fields: each message names the key to change."""
+    errors = []
+    if not recipe.out_dir:
+        errors.append("out_dir: required (the run directory), e.g. out_dir=runs/my_sft")
+    if not recipe.data.train:
+        errors.append("data.train: required (HF hub id, a .jsonl/.parquet file or pkg.mod:fn)")
+    if not recipe.model.path and recipe.model.init is None:
+        errors.append("model.path: required unless model.init says how to build the policy")
+    t = recipe.train
+    if t.batch_tokens % t.token_budget:
+        errors.append(f"train.batch_tokens: {t.batch_tokens} must be a multiple of train.token_budget "
+                      f"({t.token_budget}), the tokens of one micro-batch")
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        errors.append(f"train.adam_betas: two numbers in [0, 1) expected, got {t.adam_betas}")
+    return errors
+
+
+def load_sft_recipe(path: str | Path | None, overrides: list[str] = ()) -> SFTRecipe:
+    return load_recipe(path, overrides, cls=SFTRecipe, cross_checks=sft_cross_checks)
+
+
+def build_examples(data: SFTDataConfig, tokenizer: Any) -> list[dict[str, Any]]:
+    """TRL prompt-completion examples of the training rows; a row missing a column fails naming row and column."""
+    from sse_rl.data import _read_rows
+
+    rows = _read_rows(data.train, data.train_split, data.subset)
+    if data.max_rows:
+        rows = rows[:data.max_rows]
+    if not rows:
+        raise ValueError(f"data.train: {data.train} (split {data.train_split!r}) has no rows")
+    if data.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("data.chat_template: the tokenizer has no chat template; set data.chat_template=false")
+    examples = []
+    for i, row in enumerate(rows):
+        try:
+            prompt, completion = data.prompt_template.format(**row), row[data.response_column]
+        except KeyError as err:
+            raise ValueError(f"data.train: row {i} of {data.train} has no column {err} (columns: {', '.join(row)}); "
+                             "check data.prompt_template / data.response_column") from None
+        if data.chat_template:
+            examples.append({"prompt": [{"role": "user", "content": prompt}],
+                             "completion": [{"role": "assistant", "content": completion}]})
+        else:
+            examples.append({"prompt": prompt, "completion": completion})
+    return examples
+
+
+class SSEHSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer plus SSE-H's router balance loss.
+
+    TRL's fused LM head runs the backbone (`model.model`) itself and builds the loss from the log-probabilities, so
+    the aux term the model's own forward would add is dropped; a forward hook on the backbone catches the aux loss
+    and it is added the way TRL adds MoE aux losses (divided over the accumulation steps when TRL normalises the
+    token loss by the whole batch).
+    """
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        unwrapped = self.accelerator.unwrap_model(model)
+        coef = getattr(unwrapped.config, "aux_loss_coef", 0.0)
+        caught: list[torch.Tensor] = []
+        hook = unwrapped.model.register_forward_hook(lambda _m, _args, out: caught.append(out.aux_loss))
+        try:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            hook.remove()
+        if not (coef and caught and model.training):
+            return result
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        self._metrics["train"]["aux_loss"].append(float(caught[0].detach()))
+        aux = coef * caught[0] / steps
+        return (result[0] + aux, result[1]) if return_outputs else result + aux
+
+
+class MetricsFile(TrainerCallback):
+    """Every training log row as a line of OUT_DIR/sft_metrics.jsonl. On resume from step k the rows after k (from
+    the interrupted attempt) are dropped first, so the file reads like one uninterrupted run."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / METRICS_FILE
+
+    def on_train_begin(self, args: Any, state: TrainerState, control: Any, **kwargs: Any) -> None:
+        kept = [row for row in read_metrics(self.path) if row["step"] <= state.global_step]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+
+    def on_log(self, args: Any, state: TrainerState, control: Any, logs: dict[str, float] | None = None,
+               **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(out_dir: Path) -> Path:
+    """OUT_DIR/sft_loss.png: training loss (and token accuracy) against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(out_dir / METRICS_FILE)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key in zip(axes, ("loss", "mean_token_accuracy")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, markersize=3)
+        ax.set_title(f"SFT {key.replace('_', ' ')}")
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    out = out_dir / LOSS_PNG
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def sft_config(recipe: SFTRecipe, out_dir: Path) -> SFTConfig:
+    """TRL arguments of the recipe: packed padding-free rows, completion-only loss, one packed row per forward."""
+    t, r = recipe.train, recipe.run
+    return SFTConfig(
+        output_dir=str(out_dir), max_steps=t.steps or -1, num_train_epochs=t.epochs, learning_rate=t.lr,
+        lr_scheduler_type=t.lr_schedule, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+        adam_beta1=t.adam_betas[0], adam_beta2=t.adam_betas[1], max_grad_norm=t.max_grad_norm, seed=t.seed,
+        per_device_train_batch_size=1, gradient_accumulation_steps=t.batch_tokens // t.token_budget,
+        max_length=t.token_budget, packing=True, packing_strategy="bfd", padding_free=True,
+        completion_only_loss=True, bf16=recipe.model.dtype == "bfloat16", fp16=False,
+        gradient_checkpointing=recipe.model.gradient_checkpointing, dataset_num_proc=recipe.data.num_proc,
+        logging_steps=r.logging_steps, save_strategy="steps" if r.save_steps else "no", save_steps=r.save_steps or 1,
+        save_total_limit=r.keep_checkpoints, report_to=["tensorboard"] if r.tensorboard else [],
+        disable_tqdm=not r.progress)
+
+
+def build_trainer(recipe: SFTRecipe, model_path: str, out_dir: Path) -> SSEHSFTTrainer:
+    """The trainer over the recipe's data, with the fp32 master weights of `model_path` (bf16 runs autocast)."""
+    import sse_rl.models  # noqa: F401  (registers SSE-H with the Auto classes)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    dataset = datasets.Dataset.from_list(build_examples(recipe.data, tokenizer))
+    return SSEHSFTTrainer(model=model, args=sft_config(recipe, out_dir), train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[MetricsFile(out_dir)])
+
+
+def run_sft(recipe: SFTRecipe, model_path: str, out_dir: Path) -> Path:
+    """Train (resuming from OUT_DIR's last checkpoint, if any), save OUT_DIR/final and the loss plot."""
+    trainer = build_trainer(recipe, model_path, out_dir)
+    last = get_last_checkpoint(str(out_dir))
+    if last:
+        logger.info("resuming from %s", last)
+    trainer.train(resume_from_checkpoint=last)
+    final = out_dir / FINAL_DIR
+    trainer.save_model(str(final))
+    png = plot_loss(out_dir)
+    logger.info("done: %s, %s, %s", final, out_dir / METRICS_FILE, png)
+    return final
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sse-rl sft", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="SFT recipe YAML, e.g. recipes/arith_sft.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. out_dir=runs/a train.lr=1e-4")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sse_rl.data import check_not_benchmark
+    from sse_rl.train import build_policy
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    recipe = load_sft_recipe(args.recipe, args.overrides)
+    out_dir = Path(recipe.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(recipe.to_yaml())
+    check_not_benchmark(recipe.data.train)
+    run_sft(recipe, build_policy(recipe, out_dir), out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
