@@ -108,8 +108,8 @@ class SSEMixer(nn.Module):
         q1, k1 = self.q_proj(x), self.k_proj(x)  # [B, T, H*dk]
         q2, k2 = q1 + self.lora_q_proj(x), k1 + self.lora_k_proj(x)
         q_sh, q_sp = F.silu(q1.unflatten(-1, heads)), F.silu(q2.unflatten(-1, heads))  # [B, T, H, dk]
-        k_sh = k1.unflatten(-1, heads).float().softmax(-1).to(x.dtype)
-        k_sp = k2.unflatten(-1, heads).float().softmax(-1).to(x.dtype)
+        k_sh = k1.unflatten(-1, heads).float().softmax(-1).to(q1.dtype)
+        k_sp = k2.unflatten(-1, heads).float().softmax(-1).to(q1.dtype)
         v = F.silu(self.v_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim)))  # [B, T, H, dv]
         g_sh, g_sp = (F.logsigmoid(p(x).unflatten(-1, heads).float()) / self.gate_logit_normalizer
                       for p in self.gk_proj)  # [B, T, H, dk] fp32

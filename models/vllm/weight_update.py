@@ -59,11 +59,12 @@ class WeightUpdateExtension:
         """Same, for engines running in the caller's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), where RPC
         arguments are passed as objects (CPU tensors, or GPU tensors such as views of CUDA IPC buffers).
 
-        Other architectures (e.g. a Transformer policy served natively by vLLM for comparisons) load through the
-        model's own `load_weights`, which returns the vLLM parameter names it wrote."""
+        Other architectures (e.g. a Transformer policy served natively by vLLM for comparisons) go through the same
+        reload without the SSE-H pre-validation; they must bring the whole model, and report all its parameters."""
         model = self.model_runner.model
         if not hasattr(model, "checkpoint_shapes"):
-            return sorted(model.load_weights(weights.items()))
+            compat.reload_weights(self.model_runner, weights.items())
+            return sorted(name for name, _ in model.named_parameters())
         targets = check_update(model, weights)
         compat.reload_weights(self.model_runner, weights.items())
         return sorted(targets)

@@ -166,6 +166,21 @@ def test_bf16_forward_is_finite_and_close_to_fp32(model: SSEHForCausalLM) -> Non
     assert F.cosine_similarity(low.float().flatten(), ref.flatten(), dim=0) > 0.999
 
 
+def test_autocast_features_meet_the_kernel_contract(model: SSEHForCausalLM) -> None:
+    """fp32 master weights under bf16 autocast (the trainer's mixed precision): the features handed to the SSE op
+    must be one 16-bit dtype for q/k/v (softmax runs in fp32 inside) with fp32 or 16-bit gates, as the Triton op
+    checks on CUDA."""
+    from sse_rl.models.ops.chunk import check_sse_inputs
+
+    layer = model.model.layers[0].attn
+    x = torch.randn(1, 5, model.config.hidden_size)  # fp32 residual stream
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp = layer._features(x)
+        logits = layer.e_proj(x)
+    assert {t.dtype for t in (q_sh, k_sh, q_sp, k_sp, v)} == {torch.bfloat16}
+    assert check_sse_inputs(q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, logits, model.config.num_writer, None, None) == 1
+
+
 def test_aux_loss_is_in_the_loss_in_training_only(model: SSEHForCausalLM) -> None:
     trained = copy.deepcopy(model).train()
     x = torch.randint(0, VOCAB, (2, 16))
