@@ -106,3 +106,15 @@ def test_bad_recipe_reports_every_key() -> None:
     text = str(err.value)
     assert "train.lrr: unknown key" in text and "train.batch_tokens: 1500 must be a multiple" in text
     assert "data.chat_template: expected bool" in text
+
+
+def test_demo_recipes_load_and_render_the_same_prompt() -> None:
+    from sse_rl.config import load_recipe
+
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
+    sft, grpo = load_sft_recipe(recipes / "arith_sft.yaml"), load_recipe(recipes / "arith_grpo.yaml")
+    assert sft.model.init.preset == "sse-h-small" and sft.model.dtype == grpo.model.dtype == "bfloat16"
+    assert (sft.data.prompt_template, sft.data.chat_template) == (grpo.data.prompt_template, grpo.data.chat_template)
+    assert sft.data.train == grpo.data.train == grpo.data.eval and grpo.data.eval_split == "test"
+    r, t = grpo.rollout, grpo.train
+    assert (r.sleep_level, r.num_gpus_per_engine, t.num_gpus_per_trainer) == (1, 0.4, 0.5)
