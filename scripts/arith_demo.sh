@@ -2,26 +2,26 @@
 # The one-GPU learning demo (issue 8): SFT a small SSE-H on arithmetic word problems, evaluate it on the 500
 # held-out problems, GRPO it, evaluate again. One stage per call, each under 10 minutes on one H100:
 #   scripts/arith_demo.sh OUT tokenizer+sft   # tokenizer + random sse-h-small + ~3 min SFT -> OUT/sft/final
-#   scripts/arith_demo.sh OUT eval-before     # held-out accuracy of OUT/sft/final -> OUT/eval_before{,_greedy}
+#   scripts/arith_demo.sh OUT eval-before     # held-out accuracy of OUT/sft/final -> OUT/eval_before
 #   scripts/arith_demo.sh OUT grpo            # 40 GRPO steps, engine + trainer on the GPU -> OUT/grpo
-#   scripts/arith_demo.sh OUT eval-after      # held-out accuracy of the GRPO policy -> OUT/eval_after{,_greedy}
+#   scripts/arith_demo.sh OUT eval-after      # held-out accuracy of the GRPO policy -> OUT/eval_after
 #   scripts/arith_demo.sh OUT report          # metrics, plots, eval reports, README -> bench/results/arith_demo
 # Eval prompts are exactly the training prompts: the problem alone (--instruction ""), as a user turn of the chat
-# template; sampled at temperature 1.0 (avg@4, what GRPO optimises) and greedy.
+# template; sampled at temperature 1.0 (avg@4, what GRPO optimises).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/arith_demo.sh OUT tokenizer+sft|eval-before|grpo|eval-after|report}
 STAGE=${2:?usage: scripts/arith_demo.sh OUT tokenizer+sft|eval-before|grpo|eval-after|report}
-BIN=.venv/bin
+PY=.venv/bin/python                       # this repo's venv (scripts/setup_venv.sh), else the python on PATH
+[[ -x $PY ]] || PY=$(command -v python3)
 TEST="$OUT/data/arith_test.jsonl"
 RESULTS=bench/results/arith_demo
 
-evaluate() {  # evaluate MODEL NAME: sampled (avg@4, temperature 1) and greedy
-  "$BIN/python" -m sse_rl.tasks.arithmetic --split test --out "$TEST"
+evaluate() {  # evaluate MODEL NAME: sampled (avg@4, temperature 1)
+  "$PY" -m sse_rl.tasks.arithmetic --split test --out "$TEST"
   local common=(--model "$1" --data-file "$TEST" --instruction "" --max-tokens 128 --max-model-len 256
                 --dtype bfloat16 --gpu-memory-utilization 0.5 --no-progress)
-  "$BIN/sse-rl" eval "${common[@]}" --samples 4 --temperature 1.0 --top-p 1.0 --out "$OUT/$2"
-  "$BIN/sse-rl" eval "${common[@]}" --samples 1 --temperature 0 --out "$OUT/${2}_greedy"
+  "$PY" -m sse_rl.cli eval "${common[@]}" --samples 4 --temperature 1.0 --top-p 1.0 --out "$OUT/$2"
 }
 
 last_grpo_policy() {  # the HF policy folder of the GRPO run's newest checkpoint
@@ -32,9 +32,9 @@ last_grpo_policy() {  # the HF policy folder of the GRPO run's newest checkpoint
 }
 
 case "$STAGE" in
-  tokenizer+sft) "$BIN/sse-rl" sft recipes/arith_sft.yaml out_dir="$OUT/sft" ;;
+  tokenizer+sft) "$PY" -m sse_rl.cli sft recipes/arith_sft.yaml out_dir="$OUT/sft" ;;
   eval-before) evaluate "$OUT/sft/final" eval_before ;;
-  grpo) "$BIN/sse-rl" train recipes/arith_grpo.yaml model.path="$OUT/sft/final" out_dir="$OUT/grpo" ;;
+  grpo) "$PY" -m sse_rl.cli train recipes/arith_grpo.yaml model.path="$OUT/sft/final" out_dir="$OUT/grpo" ;;
   eval-after) evaluate "$(last_grpo_policy)" eval_after ;;
   report)
     mkdir -p "$RESULTS"
@@ -42,11 +42,10 @@ case "$STAGE" in
     cp "$OUT/grpo/metrics.jsonl" "$OUT/grpo/curves.png" "$RESULTS/"
     cp "$OUT/grpo/config.yaml" "$RESULTS/grpo_config.yaml"
     mv "$RESULTS/config.yaml" "$RESULTS/sft_config.yaml"
-    for run in eval_before eval_before_greedy eval_after eval_after_greedy; do
+    for run in eval_before eval_after; do
       mkdir -p "$RESULTS/$run" && cp "$OUT/$run"/results.json "$OUT/$run"/summary.md "$RESULTS/$run/"
     done
-    "$BIN/sse-rl" eval --compare "$OUT/eval_before" "$OUT/eval_after" --out "$RESULTS/compare_sampled"
-    "$BIN/sse-rl" eval --compare "$OUT/eval_before_greedy" "$OUT/eval_after_greedy" --out "$RESULTS/compare_greedy"
+    "$PY" -m sse_rl.cli eval --compare "$OUT/eval_before" "$OUT/eval_after" --out "$RESULTS/compare_sampled"
     {
       echo "# One-GPU learning demo: SFT, then GRPO, on arithmetic word problems (issue 8)"
       echo
@@ -57,9 +56,6 @@ case "$STAGE" in
       echo
       echo "## Held-out accuracy before (SFT) and after GRPO, sampled at temperature 1.0 (avg@4)"
       cat "$RESULTS/compare_sampled/compare.md"
-      echo
-      echo "## Greedy"
-      cat "$RESULTS/compare_greedy/compare.md"
     } > "$RESULTS/README.md"
     echo "wrote $RESULTS" ;;
   *) echo "unknown stage $STAGE (tokenizer+sft, eval-before, grpo, eval-after, report)" >&2; exit 2 ;;
