@@ -35,9 +35,13 @@ NAMES = ("Ana", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris",
 
 @dataclass(frozen=True)
 class Difficulty:
+    """The default is set for the one-GPU demo: with (2, 3) steps, operands to 99 and factors to 12, a 108M SSE-H
+    after ~8.5M SFT tokens got 93.8 % of tokens right but only 1.4 % of answers (avg@4, H100 run of 2026-11-24),
+    too far from the reward for 40 GRPO steps; smaller numbers leave the model a middling start."""
+
     steps: tuple[int, ...] = (2, 3)  # operations per problem (one line of the worked solution each), drawn uniformly
-    max_operand: int = 99  # largest number added or subtracted, and largest group size
-    max_factor: int = 12  # largest number of groups (the other factor of each multiplication)
+    max_operand: int = 30  # largest number added or subtracted, and largest group size
+    max_factor: int = 6  # largest number of groups (the other factor of each multiplication)
 
 
 @dataclass(frozen=True)

@@ -117,4 +117,4 @@ def test_demo_recipes_load_and_render_the_same_prompt() -> None:
     assert (sft.data.prompt_template, sft.data.chat_template) == (grpo.data.prompt_template, grpo.data.chat_template)
     assert sft.data.train == grpo.data.train == grpo.data.eval and grpo.data.eval_split == "test"
     r, t = grpo.rollout, grpo.train
-    assert (r.sleep_level, r.num_gpus_per_engine, t.num_gpus_per_trainer) == (1, 0.4, 0.5)
+    assert (r.sleep_level, r.num_gpus_per_engine, t.num_gpus_per_trainer) == (2, 0.4, 0.5)
