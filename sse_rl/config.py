@@ -91,6 +91,10 @@ class RolloutConfig:
     cpu_kvcache_space_gib: int = _bounded(1, ge=1)  # VLLM_CPU_KVCACHE_SPACE on CPU engines
     tensor_parallel_size: int = _bounded(1, ge=1)
     enforce_eager: bool = True
+    # Concurrent sequences per engine. SSE-H keeps one state slot per running sequence, and vLLM refuses CUDA-graph
+    # capture when this exceeds the slots its memory share holds (seen on an H100: 1024 > 656 slots for SSE-H-2B at
+    # gpu_memory_utilization 0.4), so it is set here rather than left at vLLM's default.
+    max_num_seqs: int = _bounded(256, ge=1)
     num_gpus_per_engine: float = _bounded(0.0, ge=0)  # 0 = CPU engine
     # GPU engines sharing the GPU with the trainer: what the engine frees while the trainer runs (vLLM sleep mode).
     # 0 = nothing; 1 = offload weights to CPU, drop the KV/state cache; 2 = drop both (the next sync rewrites all

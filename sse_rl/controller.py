@@ -101,7 +101,7 @@ class Controller:
             self.model_path, dtype=c.rollout.dtype, max_model_len=c.rollout.max_model_len, seed=c.seed + i,
             enforce_eager=c.rollout.enforce_eager, gpu_memory_utilization=c.rollout.gpu_memory_utilization,
             tensor_parallel_size=c.rollout.tensor_parallel_size, cpu_kvcache_space_gib=c.rollout.cpu_kvcache_space_gib,
-            enable_sleep_mode=c.rollout.sleep_level > 0,
+            enable_sleep_mode=c.rollout.sleep_level > 0, max_num_seqs=c.rollout.max_num_seqs,
         ) for i in range(c.rollout.num_engines)]
         if c.rollout.num_gpus_per_engine:
             ray.get([e.__ray_ready__.remote() for e in self.engines])

@@ -49,7 +49,7 @@ class RolloutWorker:
 
     def __init__(self, model_path: str, *, dtype: str, max_model_len: int, seed: int, enforce_eager: bool,
                  gpu_memory_utilization: float, tensor_parallel_size: int, cpu_kvcache_space_gib: int,
-                 enable_sleep_mode: bool = False):
+                 enable_sleep_mode: bool = False, max_num_seqs: int = 256):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_space_gib))
         from vllm import LLM
@@ -59,7 +59,8 @@ class RolloutWorker:
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                        enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
                        tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs",
-                       worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=enable_sleep_mode)
+                       worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=enable_sleep_mode,
+                       max_num_seqs=max_num_seqs)
 
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec, seeds: list[int]) -> list[list[Rollout]]:
         """`spec.n` completions for each prompt (in prompt order); request i samples with `seeds[i]`."""
