@@ -101,9 +101,10 @@ class RolloutConfig:
     # weights anyway, so 2 costs no copy back).
     sleep_level: int = _bounded(0, ge=0, le=2)
     # How new weights reach the engines: object_store = full HF-named CPU state through Ray (any device);
-    # cuda_ipc = the trainer's GPU tensors shared in place with engines on the same GPU; auto = cuda_ipc when
-    # trainers and engines are on GPUs, else object_store.
-    weight_sync: Literal["auto", "object_store", "cuda_ipc"] = "auto"
+    # cuda_ipc = the trainer's GPU tensors shared in place with engines on the same GPU; collective = trainer rank 0
+    # broadcasts to the engines over a process group of their own (NCCL on GPU, gloo on CPU; engines anywhere);
+    # auto = cuda_ipc when each engine shares its trainer rank's GPU, else object_store.
+    weight_sync: Literal["auto", "object_store", "cuda_ipc", "collective"] = "auto"
 
 
 @dataclass
@@ -251,6 +252,10 @@ def _cross_checks(recipe: Recipe) -> list[str]:
         errors.append("rollout.weight_sync: cuda_ipc needs one engine per trainer rank sharing its GPU "
                       "(rollout.num_engines == train.num_trainers, rollout.tensor_parallel_size 1, "
                       "rollout.num_gpus_per_engine + train.num_gpus_per_trainer <= 1, both > 0)")
+    if recipe.rollout.weight_sync == "collective" and \
+            (recipe.rollout.num_gpus_per_engine > 0) != (recipe.train.num_gpus_per_trainer > 0):
+        errors.append("rollout.weight_sync: collective needs engines and trainers on the same kind of device "
+                      "(both on GPUs: NCCL, or both on CPUs: gloo)")
     if recipe.eval.num_prompts and not recipe.data.eval:
         errors.append("eval.num_prompts: set, but data.eval names no held-out set")
     return errors

@@ -117,6 +117,8 @@ class Controller:
         ray.get([t.join.remote(*master) for t in self.trainers] + [e.__ray_ready__.remote() for e in self.engines])
         if self.sync_method == "cuda_ipc":
             self._check_shared_gpus()
+        if self.sync_method == "collective":
+            weight_sync.connect(self.trainers, self.engines)
 
     def _placement(self) -> list[dict[str, Any]]:
         """One bundle per trainer rank holding that rank and its engine (same GPU: CUDA IPC needs it)."""

@@ -14,12 +14,13 @@ Choices:
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from sse_rl.workers import flat_weights
 
 
 @dataclass
@@ -113,12 +114,28 @@ class RolloutWorker:
         for buffer in shared:
             rebuild, args = buffer.handle
             flat = rebuild(*args[:6], device, *args[7:])  # args[6] is the producer's device index
-            for name, shape, offset in buffer.entries:
-                named[name] = flat[offset:offset + math.prod(shape)].view(shape)
+            named.update(flat_weights.unpack(flat, buffer.entries))
         count = len(update_weights_from_tensors(self.llm, named))
         del named, flat
         torch.cuda.synchronize(device)
         return count
+
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """Join trainer rank 0's weight-broadcast group (NCCL for a GPU engine, gloo for a CPU one)."""
+        self.group_device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
+            torch.device("cpu")
+        self.weight_group = flat_weights.join_group(host, port, rank, world_size, self.group_device)
+
+    def receive_weights(self, layout: list[tuple[torch.dtype, flat_weights.Entries, int]]) -> int:
+        """Receive trainer rank 0's broadcast (`TrainerWorker.broadcast_weights`) and load it; returns #params set."""
+        from sse_rl.models.vllm.weight_update import update_weights_from_tensors
+
+        named = {}
+        for dtype, entries, total in layout:
+            flat = torch.empty(total, dtype=dtype, device=self.group_device)  # [P]
+            self.weight_group.broadcast(flat, 0).wait()
+            named.update(flat_weights.unpack(flat, entries))
+        return len(update_weights_from_tensors(self.llm, named))
 
     def device_uuid(self) -> str:
         """Which physical GPU this engine uses (CUDA IPC needs the trainer on the same one)."""

@@ -22,6 +22,8 @@ Choices:
 7) CUDA IPC weight sync (engine on the same GPU): every rank gathers the full state on its GPU, casts it into one
    flat buffer per dtype and hands out IPC handles of those buffers; the engine maps them (no copy through the
    host) and loads from views. The buffers live until `release_shared_weights`, called once the engines are done.
+   Collective weight sync (engines elsewhere): rank 0 broadcasts the same buffers to every engine over a process
+   group of their own (NCCL on GPU, gloo on CPU).
 8) Any causal LM with an HF packed path trains here (SSE-H, or e.g. Qwen3 for comparisons): `cu_seqlens` goes to
    SSE-H only (others derive sequence boundaries from the restarting `position_ids`); the aux loss is SSE-H's.
 9) After each step the CUDA caching allocator gives its free blocks back, so a sleeping engine on the same GPU can
@@ -46,6 +48,7 @@ from sse_rl.config import AlgoConfig, TrainConfig
 from sse_rl.grpo.logprobs import entropy, token_logprobs
 from sse_rl.grpo.losses import LossInputs, PolicyLoss
 from sse_rl.packing import MicroBatch, Sequence, pack
+from sse_rl.workers import flat_weights
 
 SUMMED = ("tokens", "clip_low", "clip_high", "is_sum", "mismatch_sum", "kl_sum", "loss", "entropy_sum", "aux_sum")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
@@ -271,24 +274,30 @@ class TrainerWorker:
         IPC handles an engine process on this GPU can map (see `release_shared_weights`)."""
         from torch.multiprocessing.reductions import reduce_tensor
 
-        cast = getattr(torch, dtype)
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        by_dtype: dict[torch.dtype, list[tuple[str, Tensor]]] = {}
-        for name, t in state.items():
-            by_dtype.setdefault(cast if t.is_floating_point() else t.dtype, []).append((name, t))
-        self._shared = []
-        out = []
-        for dt, items in by_dtype.items():
-            flat = torch.empty(sum(t.numel() for _, t in items), dtype=dt, device=self.device)  # [P]
-            entries, offset = [], 0
-            for name, t in items:
-                flat[offset:offset + t.numel()].copy_(t.reshape(-1))
-                entries.append((name, tuple(t.shape), offset))
-                offset += t.numel()
-            self._shared.append(flat)
-            out.append(SharedBuffer(reduce_tensor(flat), entries))
+        packed = flat_weights.pack(state, getattr(torch, dtype), self.device)
+        self._shared = [flat for flat, _ in packed]
         torch.cuda.synchronize(self.device)  # the engine reads on its own stream
-        return out
+        return [SharedBuffer(reduce_tensor(flat), entries) for flat, entries in packed]
+
+    def weight_layout(self, dtype: str) -> list[tuple[torch.dtype, flat_weights.Entries, int]]:
+        """How `broadcast_weights` packs the weights (buffer dtypes, names, shapes, offsets): engines allocate
+        their receive buffers from it. Shapes only, so no gather (DTensor shapes are global)."""
+        shapes = {name: torch.empty(t.shape, dtype=t.dtype, device="meta")
+                  for name, t in self.model.state_dict().items()}
+        return flat_weights.layout(shapes, getattr(torch, dtype))
+
+    def join_weight_group(self, host: str, port: int, world_size: int) -> None:
+        """Rank 0: host the weight-broadcast group with the engines (ranks 1..world_size-1)."""
+        self.weight_group = flat_weights.join_group(host, port, 0, world_size, self.device)
+
+    @torch.no_grad()
+    def broadcast_weights(self, dtype: str) -> None:
+        """Every rank enters the gather (a collective under fsdp2); rank 0 broadcasts the packed buffers."""
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        if self.rank == 0:
+            for flat, _ in flat_weights.pack(state, getattr(torch, dtype), self.device):
+                self.weight_group.broadcast(flat, 0).wait()
 
     def release_shared_weights(self) -> None:
         """Drop the IPC buffers once every engine has loaded them; memory returns after the consumers let go."""

@@ -102,5 +102,8 @@ def test_colocation_keys_resolve_and_check():
     with pytest.raises(RecipeError) as err:
         load_recipe(None, [*MINIMAL, "rollout.weight_sync=cuda_ipc", "rollout.sleep_level=1"])
     assert {e.split(":")[0] for e in err.value.errors} == {"rollout.weight_sync", "rollout.sleep_level"}
+    with pytest.raises(RecipeError, match="rollout.weight_sync: collective needs"):
+        load_recipe(None, [*MINIMAL, "rollout.weight_sync=collective", "train.num_gpus_per_trainer=1"])
+    assert resolve_sync_method(load_recipe(None, [*MINIMAL, "rollout.weight_sync=collective"])) == "collective"
     with pytest.raises(RecipeError, match="rollout.sleep_level: must be <= 2"):
         load_recipe(None, [*gpu, "rollout.sleep_level=3"])

@@ -55,18 +55,35 @@ def test_seeded_sampling_is_reproducible(actors):
             assert all(lp <= 0 for lp in r.logprobs) and r.finish_reason in ("stop", "length")
 
 
-def test_weight_sync_makes_engine_and_trainer_agree(actors):
-    engine, trainer = actors
-    assert weight_sync.probe([trainer], engine, PROMPTS) < 1e-4  # same initial checkpoint
-    rollouts = ray.get(engine.generate.remote(PROMPTS, SamplingSpec(n=4, max_tokens=4, temperature=1.0), [0, 1, 2]))
+def _update_trainer(engine, trainer, seed: int) -> None:
+    """One policy update on the engine's own samples: afterwards engine and trainer disagree."""
+    rollouts = ray.get(engine.generate.remote(PROMPTS, SamplingSpec(n=4, max_tokens=4, temperature=1.0),
+                                              [seed, seed + 1, seed + 2]))
     seqs = [Sequence(p, r.completion_ids, r.logprobs, advantage=1.0 if k % 2 else -1.0, weight=1 / 40)
             for p, group in zip(PROMPTS, rollouts) for k, r in enumerate(group)]
     stats = ray.get(trainer.train.remote([pack(seqs, 256)[0]]))
     assert stats["updates"] == 1 and stats["skipped"] == 0
     stale = weight_sync.probe([trainer], engine, PROMPTS)
     assert stale > 1e-3, "the update should have moved the policy away from the engine's weights"
+
+
+def test_weight_sync_makes_engine_and_trainer_agree(actors):
+    engine, trainer = actors
+    assert weight_sync.probe([trainer], engine, PROMPTS) < 1e-4  # same initial checkpoint
+    _update_trainer(engine, trainer, seed=0)
     weight_sync.push([trainer], [engine], "float32")
     assert weight_sync.probe([trainer], engine, PROMPTS) < 1e-4
+
+
+def test_collective_weight_sync_broadcasts_over_its_own_group(actors):
+    """rollout.weight_sync=collective: trainer rank 0 broadcasts flat buffers to the engine over a gloo group of
+    their own (NCCL on GPU), beside the trainer's default group and vLLM's."""
+    engine, trainer = actors
+    weight_sync.connect([trainer], [engine])
+    for seed in (10, 20):  # the group is reused step after step
+        _update_trainer(engine, trainer, seed)
+        weight_sync.push([trainer], [engine], "float32", "collective")
+        assert weight_sync.probe([trainer], engine, PROMPTS) < 1e-4
 
 
 def test_hanging_and_dying_rewards_cost_one_sample(actors):
