@@ -1,6 +1,6 @@
 """Memory-traffic bound of a decode step, SSE-H-2B vs the Qwen3-1.7B-shaped Transformer (no GPU needed).
 
-    python bench/roofline_decode.py      # reads bench/results/vllm_throughput.json, writes bench/results/decode_roofline.md
+    python bench/roofline_decode.py   # bench/results/vllm_throughput.json -> bench/results/decode_roofline.md
 
 Why: at these batch sizes a decode step is bandwidth-bound, so the throughput ratio the issue asks for (1.5x at
 64 x 8k) is bounded by the ratio of bytes each model must move per step. Per step and sequence SSE-H reads and writes
@@ -61,8 +61,9 @@ def main() -> None:
         bound = r["num_prompts"] * copy_bw / total  # tokens/s if every step ran at copy bandwidth
         achieved = total * r["output_tokens_per_s"] / r["num_prompts"]  # bytes/s implied by the measurement
         bounds[(r["model"], r["setting"])] = bound
-        rows.append(f"| {r['model']} | {r['setting']} | {r['num_prompts']} | {context:,} | {parts['weights'] / 1e9:.2f} | "
-                    f"{parts['state'] / 1e9:.2f} | {parts['kv'] / 1e9:.2f} | {total / 1e9:.2f} | {bound:,.0f} | "
+        rows.append(f"| {r['model']} | {r['setting']} | {r['num_prompts']} | {context:,} | "
+                    f"{parts['weights'] / 1e9:.2f} | {parts['state'] / 1e9:.2f} | {parts['kv'] / 1e9:.2f} | "
+                    f"{total / 1e9:.2f} | {bound:,.0f} | "
                     f"{r['output_tokens_per_s']:,.0f} | {achieved / 1e12:.2f} ({achieved / copy_bw:.0%}) |")
     ratio = bounds[("sse-h-2b", "64x8k")] / bounds[("qwen3-1.7b-shape", "64x8k")]
     lines = [
