@@ -157,17 +157,19 @@ class Controller:
 
     def sync(self) -> dict[str, float]:
         """New weights into the engines (waking sleeping engines around it), then the logprob probe."""
-        t0 = time.perf_counter()
-        if self.asleep:
-            ray.get([e.wake_up.remote(["weights"]) for e in self.engines])
+        wake = self._wake(["weights"]) if self.asleep else 0.0
         seconds = weight_sync.push(self.trainers, self.engines, self.cfg.rollout.dtype, self.sync_method)
-        t1 = time.perf_counter()
         if self.asleep:
-            ray.get([e.wake_up.remote(["kv_cache"]) for e in self.engines])
+            wake += self._wake(["kv_cache"])
             self.asleep = False
-        wake = time.perf_counter() - t1 + (t1 - t0 - seconds)
         diff = weight_sync.probe(self.trainers, self.engines[0], self.probe_ids)
         return {"time/sync": seconds, "time/engine_wake": wake, "probe/max_abs_diff": diff}
+
+    def _wake(self, tags: list[str]) -> float:
+        """Give sleeping engines back the memory named by `tags`; returns the seconds it took."""
+        t0 = time.perf_counter()
+        ray.get([e.wake_up.remote(tags) for e in self.engines])
+        return time.perf_counter() - t0
 
     def release_engines(self) -> dict[str, float]:
         """Put GPU engines to sleep for the trainer's phase (rollout.sleep_level > 0); returns time/engine_sleep."""
