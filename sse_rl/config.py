@@ -218,15 +218,21 @@ def resolve_sync_method(recipe: Recipe) -> str:
     return "cuda_ipc" if _colocated(recipe) else "object_store"
 
 
+def required_fields(out_dir: str, train: str, model: ModelConfig) -> list[str]:
+    """What every recipe (GRPO or SFT) must name: a run directory, training data and a policy."""
+    errors = []
+    if not out_dir:
+        errors.append("out_dir: required (the run directory), e.g. out_dir=runs/my_run")
+    if not train:
+        errors.append("data.train: required (HF hub id, a .jsonl/.parquet file or pkg.mod:fn)")
+    if not model.path and model.init is None:
+        errors.append("model.path: required unless model.init says how to build the policy")
+    return errors
+
+
 def _cross_checks(recipe: Recipe) -> list[str]:
     """Constraints between fields: each message names the key to change."""
-    errors = []
-    if not recipe.out_dir:
-        errors.append("out_dir: required (the run directory), e.g. out_dir=runs/my_run")
-    if not recipe.data.train:
-        errors.append("data.train: required (HF hub id or a .jsonl/.parquet file)")
-    if not recipe.model.path and recipe.model.init is None:
-        errors.append("model.path: required unless model.init says how to build the policy")
+    errors = required_fields(recipe.out_dir, recipe.data.train, recipe.model)
     if not recipe.reward.functions:
         errors.append("reward.functions: at least one reward function is required")
     elif recipe.reward.accuracy >= len(recipe.reward.functions):

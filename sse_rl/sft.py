@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, T
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from sse_rl.config import ModelConfig, _bounded, load_recipe
+from sse_rl.config import ModelConfig, _bounded, load_recipe, required_fields
 
 logger = logging.getLogger("sse_rl.sft")
 METRICS_FILE, LOSS_PNG, FINAL_DIR = "sft_metrics.jsonl", "sft_loss.png", "final"
@@ -90,13 +90,7 @@ class SFTRecipe:
 
 def sft_cross_checks(recipe: SFTRecipe) -> list[str]:
     """Constraints between fields: each message names the key to change."""
-    errors = []
-    if not recipe.out_dir:
-        errors.append("out_dir: required (the run directory), e.g. out_dir=runs/my_sft")
-    if not recipe.data.train:
-        errors.append("data.train: required (HF hub id, a .jsonl/.parquet file or pkg.mod:fn)")
-    if not recipe.model.path and recipe.model.init is None:
-        errors.append("model.path: required unless model.init says how to build the policy")
+    errors = required_fields(recipe.out_dir, recipe.data.train, recipe.model)
     t = recipe.train
     if t.batch_tokens % t.token_budget:
         errors.append(f"train.batch_tokens: {t.batch_tokens} must be a multiple of train.token_budget "
