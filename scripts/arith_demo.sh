@@ -5,7 +5,7 @@
 #   scripts/arith_demo.sh OUT eval-before     # held-out accuracy of OUT/sft/final -> OUT/eval_before
 #   scripts/arith_demo.sh OUT grpo            # 40 GRPO steps, engine + trainer on the GPU -> OUT/grpo
 #   scripts/arith_demo.sh OUT eval-after      # held-out accuracy of the GRPO policy -> OUT/eval_after
-#   scripts/arith_demo.sh OUT report          # metrics, plots, eval reports, README -> bench/results/arith_demo
+#   scripts/arith_demo.sh OUT report          # metrics, plots, eval reports, README -> bench/results/arith_demo/NAME
 # Eval prompts are exactly the training prompts: the problem alone (--instruction ""), as a user turn of the chat
 # template; sampled at temperature 1.0 (avg@4, what GRPO optimises).
 set -euo pipefail
@@ -15,7 +15,7 @@ STAGE=${2:?usage: scripts/arith_demo.sh OUT tokenizer+sft|eval-before|grpo|eval-
 PY=.venv/bin/python                       # this repo's venv (scripts/setup_venv.sh), else the python on PATH
 [[ -x $PY ]] || PY=$(command -v python3)
 TEST="$OUT/data/arith_test.jsonl"
-RESULTS=bench/results/arith_demo
+RESULTS="bench/results/arith_demo/$(basename "$OUT")"  # one folder per run
 
 evaluate() {  # evaluate MODEL NAME: sampled (avg@4, temperature 1)
   "$PY" -m sse_rl.tasks.arithmetic --split test --out "$TEST"
