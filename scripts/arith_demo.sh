@@ -6,12 +6,15 @@
 #   scripts/arith_demo.sh OUT grpo            # 40 GRPO steps, engine + trainer on the GPU -> OUT/grpo
 #   scripts/arith_demo.sh OUT eval-after      # held-out accuracy of the GRPO policy -> OUT/eval_after
 #   scripts/arith_demo.sh OUT report          # metrics, plots, eval reports, README -> bench/results/arith_demo/NAME
+# Extra KEY=VALUE arguments after the stage override the recipe of the sft and grpo stages, e.g.
+#   scripts/arith_demo.sh OUT grpo model.dtype=float32 train.lr=1e-5
 # Eval prompts are exactly the training prompts: the problem alone (--instruction ""), as a user turn of the chat
 # template; sampled at temperature 1.0 (avg@4, what GRPO optimises).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/arith_demo.sh OUT tokenizer+sft|eval-before|grpo|eval-after|report}
 STAGE=${2:?usage: scripts/arith_demo.sh OUT tokenizer+sft|eval-before|grpo|eval-after|report}
+shift 2  # the rest: recipe overrides for the sft and grpo stages
 PY=.venv/bin/python                       # this repo's venv (scripts/setup_venv.sh), else the python on PATH
 [[ -x $PY ]] || PY=$(command -v python3)
 TEST="$OUT/data/arith_test.jsonl"
@@ -32,9 +35,9 @@ last_grpo_policy() {  # the HF policy folder of the GRPO run's newest checkpoint
 }
 
 case "$STAGE" in
-  tokenizer+sft) "$PY" -m sse_rl.cli sft recipes/arith_sft.yaml out_dir="$OUT/sft" ;;
+  tokenizer+sft) "$PY" -m sse_rl.cli sft recipes/arith_sft.yaml out_dir="$OUT/sft" "$@" ;;
   eval-before) evaluate "$OUT/sft/final" eval_before ;;
-  grpo) "$PY" -m sse_rl.cli train recipes/arith_grpo.yaml model.path="$OUT/sft/final" out_dir="$OUT/grpo" ;;
+  grpo) "$PY" -m sse_rl.cli train recipes/arith_grpo.yaml model.path="$OUT/sft/final" out_dir="$OUT/grpo" "$@" ;;
   eval-after) evaluate "$(last_grpo_policy)" eval_after ;;
   report)
     mkdir -p "$RESULTS"
