@@ -15,6 +15,8 @@ Choices:
 - `pipeline` is `sse-rl train` itself (`sse_rl.train.main`) on recipes/bench_grpo_step.yaml plus overrides; the
   numbers are the last step's row of its metrics.jsonl (time/rollout, time/reward, time/train, time/sync, ...).
   The row is recorded as soon as it is written: the pipeline still saves a checkpoint after its last step.
+  Before it starts, the SSE kernels of the policy's shapes are compiled once (`warm_kernels`, Triton's disk cache),
+  so the one timed step does not include the trainer's first-call compilation.
 - `plain` is vLLM alone on the same batch: the same encoded prompts, n = G, max_tokens, temperature, top_p, and
   the engine settings of the resolved recipe (dtype, gpu_memory_utilization, max_model_len, enforce_eager, sleep
   mode); no logprobs and no per-request seeds (the pipeline asks for both). One short warm-up generate first.
@@ -266,6 +268,32 @@ def gpu_memory_used() -> str:
         return "n/a (no nvidia-smi)"
 
 
+def warm_kernels(model_path: str) -> None:
+    """Compile the SSE Triton kernels of this policy's shapes once, before the run: Triton keeps them in its disk
+    cache, so the trainer's first (the timed) step loads them instead of compiling (~10 s on the H100). A two-layer
+    copy of the config (same heads and head dims) on the GPU, one packed forward + backward under bf16 autocast."""
+    import torch
+    from transformers import AutoConfig
+
+    from sse_rl.models import SSEHForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    if config.model_type != "sse_h" or not torch.cuda.is_available():
+        return
+    t0 = time.perf_counter()
+    fields = {**config.to_dict(), "num_hidden_layers": 2, "attn_layers": [1], "vocab_size": 1024}
+    small = type(config).from_dict({k: v for k, v in fields.items() if k != "layer_types"})
+    model = SSEHForCausalLM(small).cuda().train()
+    ids = torch.randint(0, 1024, (1, 300), device="cuda")
+    pos = torch.cat([torch.arange(100), torch.arange(200)])[None].cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(input_ids=ids, position_ids=pos, cu_seqlens=torch.tensor([0, 100, 300], device="cuda"))
+    out.logits.float().mean().backward()
+    del model, out
+    torch.cuda.empty_cache()
+    say(f"SSE kernels compiled for the trainer's shapes in {time.perf_counter() - t0:.1f}s")
+
+
 def run_pipeline(setup: Setup, recipe: Any, record: Any) -> None:
     """`sse-rl train` on the bench recipe; `record(result)` gets the last step's numbers when its row lands."""
     import shutil
@@ -275,6 +303,7 @@ def run_pipeline(setup: Setup, recipe: Any, record: Any) -> None:
     shutil.rmtree(setup.run_dir, ignore_errors=True)  # a fresh run: no resume from an earlier attempt
     prompts = encoded_prompts(setup, recipe)
     counts = param_counts(recipe.model.path)
+    warm_kernels(recipe.model.path)
     done = threading.Event()
 
     def on_last(row: dict[str, float]) -> None:
