@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The one-GPU learning demo (issue 8): SFT a small SSE-H on arithmetic word problems, evaluate it on the 500
 # held-out problems, GRPO it, evaluate again. One stage per call, each under 10 minutes on one H100:
-#   scripts/arith_demo.sh OUT tokenizer+sft   # tokenizer + random sse-h-small + ~3 min SFT -> OUT/sft/final
+#   scripts/arith_demo.sh OUT tokenizer+sft   # tokenizer + random sse-h-small + ~4.5 min SFT -> OUT/sft/final
 #   scripts/arith_demo.sh OUT eval-before     # held-out accuracy of OUT/sft/final -> OUT/eval_before
-#   scripts/arith_demo.sh OUT grpo            # 40 GRPO steps, engine + trainer on the GPU -> OUT/grpo
+#   scripts/arith_demo.sh OUT grpo            # 40 GRPO steps (~10 s each; run it again to resume) -> OUT/grpo
 #   scripts/arith_demo.sh OUT eval-after      # held-out accuracy of the GRPO policy -> OUT/eval_after
 #   scripts/arith_demo.sh OUT report          # metrics, plots, eval reports, README -> bench/results/arith_demo/NAME
 # Extra KEY=VALUE arguments after the stage override the recipe of the sft and grpo stages, e.g.
