@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from kernel_testing import DEVICE, ON_GPU, assert_close
 from sse_rl.models.ops.chunk import chunk_gla_segments, sse_triton
-from sse_rl.models.ops.naive import gla_chunk, sse_recurrent
+from sse_rl.models.ops.naive import gla_chunk, sse_chunk_varlen, sse_recurrent
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
@@ -156,3 +156,34 @@ def test_sse_triton_takes_fp32_gates_beside_16bit_inputs() -> None:
     assert_close("final_state", rht, ht, 2e-2)
     o.float().sum().backward()
     assert tri_in[5].grad.dtype == torch.float32 and tri_in[0].grad.dtype == dtype
+
+
+def model_like_inputs(lengths, H, DK, DV, N, dtype):
+    """Inputs as an SSE-H layer at init makes them under bf16 autocast: small silu features, softmax keys of size
+    ~1/dk, fp32 log-decays near logsigmoid(0)/16, many short packed sequences (so short sparse segments that start
+    anywhere in the stream). Returns the features, cu_seqlens and a cotangent of the model's tiny scale (~1e-4)."""
+    T = sum(lengths)
+    x = lambda *shape: torch.randn(1, T, *shape, device=DEVICE)
+    feats = [F.silu(0.4 * x(H, DK)), (0.1 * x(H, DK)).softmax(-1), F.silu(0.4 * x(H, DK)),
+             (0.1 * x(H, DK)).softmax(-1), F.silu(0.4 * x(H, DV))]
+    gates = [F.logsigmoid(0.3 * x(H, DK)) / 16 for _ in range(2)]
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0)
+    return [f.to(dtype) for f in feats] + gates + [(0.1 * x(N)).to(dtype)], cu, 1e-4 * x(H, DV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sse_triton_grads_on_model_like_inputs(dtype: torch.dtype) -> None:
+    """Gradients (values, not only dtypes) with fp32 gates beside q/k/v of `dtype`, on the distribution the model
+    feeds the op; the GPU sweep runs it at the model's head size in bf16."""
+    lengths = [20, 130, 64, 1, 75, 33, 128, 90] if ON_GPU else [20, 45, 1, 34]
+    H, DK, DV, N, K = (6, 128, 128, 4, 1) if ON_GPU else (1, 32, 32, 4, 1)
+    feats, cu, do = model_like_inputs(lengths, H, DK, DV, N, dtype)
+    tri_in = [f.clone().requires_grad_() for f in feats]
+    ref_in = [f.float().requires_grad_() for f in feats]
+    o = sse_triton(*tri_in, top_k=K, cu_seqlens=cu)[0]
+    ro = sse_chunk_varlen(*ref_in, top_k=K, cu_seqlens=cu)[0]
+    assert_close("o", ro, o.float(), TOL[dtype])
+    names = ["q_shared", "k_shared", "q_sparse", "k_sparse", "v", "g_shared", "g_sparse", "router_logits"]
+    for name, r, t in zip(names, grads([ro], [do], ref_in), grads([o], [do], tri_in)):
+        assert t.dtype == (torch.float32 if name.startswith("g_") else dtype), name
+        assert_close(f"d{name}", r, t, TOL[dtype])
