@@ -136,6 +136,10 @@ class AlgoConfig:
     dynamic_sampling: bool = True  # drop groups whose accuracy has zero variance, refill the batch
     max_sampling_rounds: int = _bounded(3, ge=1)
     overlong_filter: bool = False  # truncated completions (finish "length") get no loss
+    # weight of the SSE router balance loss added to the policy loss; None = the policy config's aux_loss_coef
+    # (the SFT/pre-training weight). Adam turns even a tiny but consistent gradient into lr-sized steps, so RL runs
+    # on a balanced router may want it lower or 0 (MoE RL recipes commonly lower or drop theirs).
+    aux_loss_coef: float | None = _bounded(None, ge=0)
 
 
 @dataclass

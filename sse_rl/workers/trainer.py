@@ -13,8 +13,8 @@ Choices:
 3) pi_old is the policy before this step's updates: with one update per batch it is the same forward pass
    (detached); with several (ppo_epochs or mini_batches > 1) it is computed once up front.
 4) A step whose loss or gradient norm is not finite is skipped on every rank (the all-reduced norm is identical).
-5) The router load-balancing aux loss of the SSE layers is added with `aux_loss_coef`, per micro-batch weighted
-   by its share of the mini-batch tokens.
+5) The router load-balancing aux loss of the SSE layers is added with `algo.aux_loss_coef` (default: the policy
+   config's `aux_loss_coef`), per micro-batch weighted by its share of the mini-batch tokens.
 6) fsdp2 forwards are collectives: every rank runs as many micro-batches per mini-batch (zero-weight fillers pad
    the shorter lists) and every rank must enter `named_tensors`, `share_weights`, `first_token_logprobs` and
    `save`; the full HF-named state is gathered to rank 0's CPU (`get_model_state_dict(full_state_dict,
@@ -137,6 +137,8 @@ class TrainerWorker:
         self.train_cfg = train
         self.loss_fn = PolicyLoss(eps_low=algo.clip_eps_low, eps_high=algo.clip_eps_high, kl_coef=algo.kl_coef,
                                   is_correction=algo.is_correction, is_cap=algo.is_cap)
+        self.aux_coef = getattr(self.model.config, "aux_loss_coef", 0.0) if algo.aux_loss_coef is None \
+            else algo.aux_loss_coef  # SSE-H's router balance loss; other policies have none
         self.multi_update = algo.ppo_epochs > 1 or algo.mini_batches > 1
         self.ppo_epochs, self.max_grad_norm, self.temperature = algo.ppo_epochs, train.max_grad_norm, temperature
         self._shared: list[Tensor] = []  # CUDA IPC buffers an engine may be reading (share_weights)
@@ -194,8 +196,7 @@ class TrainerWorker:
                        rollout_logp=mb.rollout_logp.to(dev), advantages=mb.advantages.to(dev),
                        weights=mb.weights.to(dev), seq_ids=mb.seq_ids.to(dev), ref_logp=extra.ref_logp)
         loss, stats = self.loss_fn(x)
-        aux_coef = getattr(self.model.config, "aux_loss_coef", 0.0)
-        (loss + aux_coef * mb.aux_weight * aux).backward()
+        (loss + self.aux_coef * mb.aux_weight * aux).backward()
         stats.update(entropy_sum=float(ent), aux_sum=float(aux.detach()) * mb.aux_weight)
         return stats
 

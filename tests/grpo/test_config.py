@@ -28,6 +28,13 @@ def test_overrides_parse_yaml_scalars_and_list_indices():
     assert recipe.model.init is not None and recipe.model.init.preset == "sse-h-tiny"
 
 
+def test_aux_loss_coef_defaults_to_the_policy_and_is_bounded():
+    assert load_recipe(None, MINIMAL).algo.aux_loss_coef is None  # None = the policy config's weight
+    assert load_recipe(None, MINIMAL + ["algo.aux_loss_coef=0"]).algo.aux_loss_coef == 0.0
+    with pytest.raises(RecipeError, match="algo.aux_loss_coef: must be >= 0, got -0.1"):
+        load_recipe(None, MINIMAL + ["algo.aux_loss_coef=-0.1"])
+
+
 def test_all_errors_at_once_each_naming_its_key(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({

@@ -57,12 +57,11 @@ def trainer(policy):
 
     path = policy
     # ddp: a plain module whose .grad tensors the tests read directly
+    # the router aux loss is a product of batch means, not a sum over sequences: compare the policy loss alone
     worker = TrainerWorker(str(path), rank=0, world_size=1, train=TrainConfig(lr=1e-3, strategy="ddp"),
-                           algo=AlgoConfig(),
+                           algo=AlgoConfig(aux_loss_coef=0.0),
                            temperature=1.0, seed=0, dtype="float32", gradient_checkpointing=False)
     worker.join("127.0.0.1", _port())
-    # the router aux loss is a product of batch means, not a sum over sequences: compare the policy loss alone
-    worker.model.config.aux_loss_coef = 0.0
     yield worker
     worker.close()
 
