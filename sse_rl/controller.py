@@ -233,7 +233,8 @@ class Controller:
         for rnd in range(rounds):
             drawn += self.sampler.take(c.train.prompts_per_step)
             prompts = [self.train_prompts[i] for i in drawn[-c.train.prompts_per_step:]]
-            seeds = [request_seed(c.seed, step, rnd, i) for i in range(len(prompts))]
+            seeds = [request_seed(c.seed, step, rnd, i) if c.rollout.seeded_requests else None
+                     for i in range(len(prompts))]
             t0 = time.perf_counter()
             rollouts = self.generate([p.ids for p in prompts], self.spec, seeds)
             t1 = time.perf_counter()

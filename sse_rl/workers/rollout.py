@@ -2,8 +2,8 @@
 
 Choices:
 1) Prompts go in as token ids, so the trainer scores exactly the tokens the engine saw.
-2) Every request carries its own seed, so sampling does not depend on how requests are batched and a resumed run
-   draws the same completions as an uninterrupted one.
+2) Every request carries its own seed (unless `rollout.seeded_requests` is off), so sampling does not depend on
+   how requests are batched and a resumed run draws the same completions as an uninterrupted one.
 3) Logprobs are vLLM's "processed" logprobs (after temperature), the distribution the samples came from; the
    trainer divides its logits by the same temperature.
 4) Weight updates use the plugin's in-place path (`sse_rl.models.vllm.weight_update`): no restart. The engine
@@ -63,8 +63,10 @@ class RolloutWorker:
                        worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=enable_sleep_mode,
                        max_num_seqs=max_num_seqs)
 
-    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec, seeds: list[int]) -> list[list[Rollout]]:
-        """`spec.n` completions for each prompt (in prompt order); request i samples with `seeds[i]`."""
+    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec,
+                 seeds: list[int | None]) -> list[list[Rollout]]:
+        """`spec.n` completions for each prompt (in prompt order); request i samples with `seeds[i]` (None: the
+        engine's own random stream)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

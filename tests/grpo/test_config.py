@@ -28,6 +28,11 @@ def test_overrides_parse_yaml_scalars_and_list_indices():
     assert recipe.model.init is not None and recipe.model.init.preset == "sse-h-tiny"
 
 
+def test_training_requests_are_seeded_unless_turned_off():
+    assert load_recipe(None, MINIMAL).rollout.seeded_requests is True
+    assert load_recipe(None, MINIMAL + ["rollout.seeded_requests=false"]).rollout.seeded_requests is False
+
+
 def test_aux_loss_coef_defaults_to_the_policy_and_is_bounded():
     assert load_recipe(None, MINIMAL).algo.aux_loss_coef is None  # None = the policy config's weight
     assert load_recipe(None, MINIMAL + ["algo.aux_loss_coef=0"]).algo.aux_loss_coef == 0.0

@@ -48,6 +48,9 @@ def test_seeded_sampling_is_reproducible(actors):
     ids = lambda out: [[r.completion_ids for r in group] for group in out]  # noqa: E731
     assert ids(first) == ids(again)
     assert ids(first) != ids(other)
+    # rollout.seeded_requests=false: no seeds, the engine's own stream (valid samples, a new draw each call)
+    unseeded = [ray.get(engine.generate.remote(PROMPTS, spec, [None] * 3)) for _ in range(2)]
+    assert ids(unseeded[0]) != ids(unseeded[1]) and [len(g) for g in unseeded[0]] == [4, 4, 4]
     for group in first:
         assert len(group) == 4
         for r in group:
