@@ -9,37 +9,34 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sse_rl.models import SSEHConfig, SSEHForCausalLM
-from sse_rl.models import ops
+from sse_rl.grpo.logprobs import token_logprobs
+from sse_rl.models import SSEHConfig, SSEHForCausalLM, ops
+from sse_rl.packing import MicroBatch, Sequence, pack
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _packed_batch(num_seqs: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
+def _packed_batch(num_seqs: int, vocab: int, seed: int) -> MicroBatch:
+    """Random prompts + completions packed into one micro-batch by the trainer's own packing."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(20, 130, (num_seqs,), generator=g)
-    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    ids = torch.randint(0, vocab, (1, int(cu[-1])), generator=g)
-    pos = torch.cat([torch.arange(int(n)) for n in lengths])[None]
-    prompt = torch.randint(5, 15, (num_seqs,), generator=g)  # the first tokens of each sequence are its prompt
-    spans = [(int(s) + int(p), int(e)) for s, e, p in zip(cu[:-1], cu[1:], prompt)]  # completion token ranges
-    target_pos = torch.cat([torch.arange(s - 1, e - 1) for s, e in spans])  # logits one position earlier
-    adv = torch.randn(num_seqs, generator=g)
-    seq_of = torch.cat([torch.full((e - s,), i) for i, (s, e) in enumerate(spans)])
-    return {"input_ids": ids, "position_ids": pos, "cu_seqlens": cu, "target_pos": target_pos,
-            "targets": ids[0, target_pos + 1], "adv": adv[seq_of]}
+    seqs = []
+    for _ in range(num_seqs):
+        length, prompt = int(torch.randint(20, 130, (1,), generator=g)), int(torch.randint(5, 15, (1,), generator=g))
+        ids = torch.randint(0, vocab, (length,), generator=g).tolist()
+        advantage = float(torch.randn(1, generator=g))
+        seqs.append(Sequence(ids[:prompt], ids[prompt:], [0.0] * (length - prompt), advantage, weight=1.0))
+    (micro,) = pack(seqs, token_budget=sum(len(s) for s in seqs))[0]
+    return micro
 
 
-def _grads(model: SSEHForCausalLM, batch: dict[str, torch.Tensor],
-           dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _grads(model: SSEHForCausalLM, mb: MicroBatch, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    b = {k: v.cuda() for k, v in batch.items()}
     with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-        out = model.model(input_ids=b["input_ids"], position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"],
-                          use_cache=False)
-        logits = model.lm_head(out.last_hidden_state[0, b["target_pos"]]).float()
-    logp = torch.log_softmax(logits, -1).gather(1, b["targets"][:, None])[:, 0]
-    loss = -(b["adv"] * logp).mean() + model.config.aux_loss_coef * out.aux_loss.float()
+        out = model.model(input_ids=mb.input_ids.cuda(), position_ids=mb.position_ids.cuda(),
+                          cu_seqlens=mb.cu_seqlens.cuda(), use_cache=False)
+        logits = model.lm_head(out.last_hidden_state[0, mb.target_pos.cuda()]).float()
+    logp = token_logprobs(logits, mb.targets.cuda())
+    loss = -(mb.advantages.cuda() * logp).mean() + model.config.aux_loss_coef * out.aux_loss.float()
     loss.backward()
     return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
