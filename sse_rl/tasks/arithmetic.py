@@ -27,7 +27,9 @@ from typing import TypeVar
 
 T = TypeVar("T")
 TEST_SIZE, TRAIN_SIZE = 500, 200_000
-TEST_SEED, TRAIN_SEED = 1, 2
+TEST_SEED, TRAIN_SEED, SLIP_SEED = 1, 2, 3
+SLIP_RATE = 0.4  # share of slipped solutions in `slipped_rows`
+SLIP_DELTAS = (-10, -2, -1, 1, 2, 10)  # how far a slipped result is off: a carry or a digit
 TOKENIZER_TEXTS = 20_000  # train problems the BPE is fitted on (more adds nothing: the wording repeats)
 NAMES = ("Ana", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jonas", "Kemal", "Lena", "Maya",
          "Noah", "Olga", "Pablo", "Rosa", "Sami", "Tara", "Umar", "Vera", "Wei", "Yuki", "Zoe")
@@ -99,54 +101,92 @@ def _pick(rng: random.Random, options: Sequence[T]) -> T:
     return options[int(rng.random() * len(options))]
 
 
-def _expression(a: int, op: str, b: int) -> tuple[int, str]:
-    value = {"+": a + b, "-": a - b, "x": a * b}[op]
-    return value, f"{a} {op} {b} = {value}."
+OPS: dict[str, Callable[[int, int], int]] = {"+": lambda a, b: a + b, "-": lambda a, b: a - b,
+                                             "x": lambda a, b: a * b}
 
 
-def _story(rng: random.Random, d: Difficulty, steps: int) -> tuple[list[str], list[str], int]:
-    """(sentences, solution lines, answer) of a quantity story with exactly `steps` operations."""
+@dataclass(frozen=True)
+class Ref:
+    """An operand that is the result of an earlier solution line (its index)."""
+
+    line: int
+
+
+Operand = int | Ref
+
+
+class Chain:
+    """A worked solution as operations on numbers of the problem and earlier results (`Ref`), not as text: written
+    out plainly (`render()`) or with one result off (`render(slip=...)`), the error carried through every later
+    line the way a person's slip is."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[Operand, str, Operand]] = []
+        self.results: list[int] = []
+
+    def value(self, x: Operand) -> int:
+        return self.results[x.line] if isinstance(x, Ref) else x
+
+    def add(self, a: Operand, op: str, b: Operand) -> Ref:
+        """Append the line `a op b = result`; returns the reference to its result."""
+        self.ops.append((a, op, b))
+        self.results.append(OPS[op](self.value(a), self.value(b)))
+        return Ref(len(self.ops) - 1)
+
+    def render(self, slip: tuple[int, int] | None = None) -> tuple[list[str], int]:
+        """(solution lines, final result); slip = (line, delta) adds delta to that line's result."""
+        results: list[int] = []
+        lines = []
+        for i, (a, op, b) in enumerate(self.ops):
+            x, y = (results[v.line] if isinstance(v, Ref) else v for v in (a, b))
+            results.append(OPS[op](x, y) + (slip[1] if slip and slip[0] == i else 0))
+            lines.append(f"{x} {op} {y} = {results[-1]}.")
+        return lines, results[-1]
+
+
+def _story(rng: random.Random, d: Difficulty, steps: int) -> tuple[list[str], Chain]:
+    """(sentences, solution) of a quantity story with exactly `steps` operations."""
     sc, i = _pick(rng, SCENARIOS), _int(rng, 0, len(NAMES) - 1)
     name, other = NAMES[i], NAMES[(i + _int(rng, 1, len(NAMES) - 1)) % len(NAMES)]  # two different names
     fill = functools.partial(str.format, name=name, other=other)
-    lines: list[str] = []
+    chain = Chain()
+    value: Operand
     if rng.random() < 0.6:
         a, b = _int(rng, 2, d.max_factor), _int(rng, 2, d.max_operand)
-        value, line = _expression(a, "x", b)
-        sentences, lines = [fill(sc.groups, a=a, b=b)], [line]
+        value, sentences = chain.add(a, "x", b), [fill(sc.groups, a=a, b=b)]
     else:
         value = _int(rng, 10, d.max_operand)
         sentences = [fill(sc.has, a=value)]
-    while len(lines) < steps:
-        grouped = steps - len(lines) >= 2 and rng.random() < 0.5
+    while len(chain.ops) < steps:
+        grouped = steps - len(chain.ops) >= 2 and rng.random() < 0.5
         sign = _pick(rng, "+-")
         if grouped:
             a, b = _int(rng, 2, d.max_factor), _int(rng, 2, d.max_operand)
-            if sign == "-" and a * b > value:
+            if sign == "-" and a * b > chain.value(value):
                 sign = "+"
-            part, line = _expression(a, "x", b)
-            value, total = _expression(value, sign, part)
+            part = chain.add(a, "x", b)
+            value = chain.add(value, sign, part)
             sentences.append(fill(sc.add_groups if sign == "+" else sc.sub_groups, a=a, b=b))
-            lines += [line, total]
         else:
-            if sign == "-" and value < 2:
+            if sign == "-" and chain.value(value) < 2:
                 sign = "+"
-            a = _int(rng, 2, d.max_operand if sign == "+" else min(value, d.max_operand))
-            value, line = _expression(value, sign, a)
+            a = _int(rng, 2, d.max_operand if sign == "+" else min(chain.value(value), d.max_operand))
+            value = chain.add(value, sign, a)
             sentences.append(fill(_pick(rng, sc.add if sign == "+" else sc.sub), a=a))
-            lines.append(line)
     sentences.append(fill(sc.question))
-    return sentences, lines, value
+    return sentences, chain
 
 
-def _ages(rng: random.Random, d: Difficulty, steps: int) -> tuple[list[str], list[str], int]:
-    """(sentences, solution lines, answer) of an age chain: each relative's age follows from the previous one's."""
+def _ages(rng: random.Random, d: Difficulty, steps: int) -> tuple[list[str], Chain]:
+    """(sentences, solution) of an age chain: each relative's age follows from the previous one's."""
     name = _pick(rng, NAMES)
     people = [name, *(f"{name}'s {r}" for r in rng.sample(RELATIVES, steps))]
-    value = _int(rng, 3, 15)
-    sentences, lines = [f"{name} is {value} years old."], []
+    chain = Chain()
+    value: Operand = _int(rng, 3, 15)
+    sentences = [f"{name} is {value} years old."]
     for prev, person in zip(people, people[1:]):
-        op = _pick(rng, ("x" if value * 2 < 100 else "") + "+" + ("-" if value > 2 else ""))
+        age = chain.value(value)
+        op = _pick(rng, ("x" if age * 2 < 100 else "") + "+" + ("-" if age > 2 else ""))
         if op == "x":
             b = _int(rng, 2, min(9, d.max_factor))
             sentences.append(f"{person.capitalize()} is {b} times as old as {prev}.")
@@ -154,56 +194,84 @@ def _ages(rng: random.Random, d: Difficulty, steps: int) -> tuple[list[str], lis
             b = _int(rng, 2, min(40, d.max_operand))
             sentences.append(f"{person.capitalize()} is {b} years older than {prev}.")
         else:
-            b = _int(rng, 1, min(value - 1, d.max_operand))
+            b = _int(rng, 1, min(age - 1, d.max_operand))
             sentences.append(f"{person.capitalize()} is {b} years younger than {prev}.")
-        value, line = _expression(value, op, b)
-        lines.append(line)
+        value = chain.add(value, op, b)
     sentences.append(f"How old is {people[-1]}?")
-    return sentences, lines, value
+    return sentences, chain
+
+
+def _write(lines: list[str], answer: int) -> str:
+    return " ".join(lines) + f" The answer is \\boxed{{{answer}}}."
+
+
+def make_chain(rng: random.Random, d: Difficulty = Difficulty()) -> tuple[str, Chain]:
+    """(problem text, its worked solution as a Chain)."""
+    steps = _pick(rng, d.steps)
+    make: Callable = _ages if rng.random() < 1 / (len(SCENARIOS) + 1) else _story
+    sentences, chain = make(rng, d, steps)
+    return " ".join(sentences), chain
 
 
 def make_problem(rng: random.Random, d: Difficulty = Difficulty()) -> dict[str, str]:
     """One problem: {"problem", "solution", "answer"} (answer as a decimal string)."""
-    steps = _pick(rng, d.steps)
-    make: Callable = _ages if rng.random() < 1 / (len(SCENARIOS) + 1) else _story
-    sentences, lines, answer = make(rng, d, steps)
-    solution = " ".join(lines) + f" The answer is \\boxed{{{answer}}}."
-    return {"problem": " ".join(sentences), "solution": solution, "answer": str(answer)}
+    problem, chain = make_chain(rng, d)
+    lines, answer = chain.render()
+    return {"problem": problem, "solution": _write(lines, answer), "answer": str(answer)}
+
+
+def slip(rng: random.Random, chain: Chain) -> tuple[int, int]:
+    """A (line, delta) slip for `chain.render`: one result off by 1, 2 or 10 either way, chosen so that no line of the
+    slipped solution goes negative."""
+    while True:
+        line, delta = _int(rng, 0, len(chain.ops) - 1), _pick(rng, SLIP_DELTAS)
+        results = [int(text.split("= ")[1].rstrip(".")) for text in chain.render((line, delta))[0]]
+        if min(results) >= 0:
+            return line, delta
 
 
 @functools.cache
-def _test_rows(d: Difficulty) -> tuple[dict[str, str], ...]:
-    rng, seen, out = random.Random(TEST_SEED), set(), []
-    while len(out) < TEST_SIZE:
-        row = make_problem(rng, d)
-        if row["problem"] not in seen:
-            seen.add(row["problem"])
-            out.append(row)
-    return tuple(out)
+def _chains(split: str, d: Difficulty) -> tuple[tuple[str, Chain], ...]:
+    """(problem, solution) pairs of a split: "test" is 500 distinct problems, "train" never contains one of them."""
+    if split == "test":
+        rng, out, seen = random.Random(TEST_SEED), [], set()
+        while len(out) < TEST_SIZE:
+            problem, chain = make_chain(rng, d)
+            if problem not in seen:
+                seen.add(problem)
+                out.append((problem, chain))
+        return tuple(out)
+    if split == "train":
+        held_out = {problem for problem, _ in _chains("test", d)}
+        rng, out = random.Random(TRAIN_SEED), []
+        while len(out) < TRAIN_SIZE:
+            problem, chain = make_chain(rng, d)
+            if problem not in held_out:
+                out.append((problem, chain))
+        return tuple(out)
+    raise ValueError(f"arithmetic task split must be 'train' or 'test', got {split!r}")
 
 
-@functools.cache
-def _train_rows(d: Difficulty) -> tuple[dict[str, str], ...]:
-    held_out = {row["problem"] for row in _test_rows(d)}
-    rng, out = random.Random(TRAIN_SEED), []
-    while len(out) < TRAIN_SIZE:
-        row = make_problem(rng, d)
-        if row["problem"] not in held_out:
-            out.append(row)
-    return tuple(out)
-
-
-def make_rows(split: str, d: Difficulty = Difficulty()) -> list[dict[str, str]]:
-    """The rows of `split` ("train" or "test") at difficulty `d`; the same every call."""
-    splits = {"train": _train_rows, "test": _test_rows}
-    if split not in splits:
-        raise ValueError(f"arithmetic task split must be 'train' or 'test', got {split!r}")
-    return [dict(row) for row in splits[split](d)]
+def make_rows(split: str, d: Difficulty = Difficulty(), slip_rate: float = 0.0) -> list[dict[str, str]]:
+    """The rows of `split` ("train" or "test") at difficulty `d`; the same every call. With `slip_rate`, that share of
+    the worked solutions (drawn with a fixed seed) carries one slip (`slip`); `answer` always stays the true one."""
+    rng, rows = random.Random(SLIP_SEED), []
+    for problem, chain in _chains(split, d):
+        answer = chain.results[-1]
+        lines, boxed = chain.render(slip(rng, chain) if slip_rate and rng.random() < slip_rate else None)
+        rows.append({"problem": problem, "solution": _write(lines, boxed), "answer": str(answer)})
+    return rows
 
 
 def rows(split: str) -> list[dict[str, str]]:
     """Data source `sse_rl.tasks.arithmetic:rows` at the default difficulty."""
     return make_rows(split)
+
+
+def slipped_rows(split: str) -> list[dict[str, str]]:
+    """Data source `sse_rl.tasks.arithmetic:slipped_rows`: `rows` with SLIP_RATE of the solutions slipped, the
+    imperfect teacher the one-GPU demo's SFT learns from (GRPO then rewards only the true answer)."""
+    return make_rows(split, slip_rate=SLIP_RATE)
 
 
 def write_split(split: str, path: str | Path, d: Difficulty = Difficulty()) -> Path:

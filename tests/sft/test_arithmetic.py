@@ -1,4 +1,5 @@
-"""The arithmetic task: answers recomputed with Python ints, a disjoint held-out split, determinism, the tokenizer."""
+"""The arithmetic task: answers recomputed with Python ints, a disjoint held-out split, determinism, slipped
+solutions for the SFT teacher, the tokenizer."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import re
 
 import pytest
 from sse_rl.tasks import arithmetic
-from sse_rl.tasks.arithmetic import Difficulty, make_problem, make_rows
+from sse_rl.tasks.arithmetic import SLIP_DELTAS, SLIP_RATE, Difficulty, make_problem, make_rows, slipped_rows
 from transformers import AutoTokenizer
 
 LINE = re.compile(r"(\d+) ([+x-]) (\d+) = (-?\d+)\.")
@@ -51,10 +52,27 @@ def test_held_out_split_is_fixed_disjoint_and_deterministic() -> None:
     assert len(test) == 500 == len({r["problem"] for r in test})
     assert len(train) == 200_000
     assert not {r["problem"] for r in test} & {r["problem"] for r in train}
-    arithmetic._test_rows.cache_clear()  # regenerate from the seed, not from the cache
+    arithmetic._chains.cache_clear()  # regenerate from the seed, not from the cache
     assert make_rows("test") == test
     with pytest.raises(ValueError, match="'train' or 'test'"):
         make_rows("validation")
+
+
+def test_slipped_rows_keep_problems_and_true_answers_and_slip_one_result_carried_through() -> None:
+    clean, slipped = make_rows("train"), slipped_rows("train")
+    assert [(r["problem"], r["answer"]) for r in slipped] == [(r["problem"], r["answer"]) for r in clean]
+    changed = [(c, s) for c, s in zip(clean, slipped) if c["solution"] != s["solution"]]
+    assert abs(len(changed) / len(clean) - SLIP_RATE) < 0.01
+    for c, s in random.Random(0).sample(changed, 2000):
+        ours, theirs = LINE.findall(s["solution"]), LINE.findall(c["solution"])
+        assert len(ours) == len(theirs)
+        offs = [int(res) - OPS[op](int(a), int(b)) for a, op, b, res in ours]  # each written line checked on its own
+        slips = [off for off in offs if off]
+        assert len(slips) == 1 and slips[0] in SLIP_DELTAS, s
+        assert all(int(res) >= 0 for *_, res in ours), s
+        boxed = s["solution"].rsplit("{", 1)[1].split("}")[0]
+        assert boxed == ours[-1][3] != s["answer"] == theirs[-1][3], (c, s)  # the slip reaches the boxed answer
+    assert make_rows("test", slip_rate=SLIP_RATE) != make_rows("test")  # the rate applies to any split it is asked of
 
 
 def test_cli_writes_the_split_for_sse_rl_eval(tmp_path) -> None:

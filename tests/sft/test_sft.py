@@ -115,6 +115,8 @@ def test_demo_recipes_load_and_render_the_same_prompt() -> None:
     sft, grpo = load_sft_recipe(recipes / "arith_sft.yaml"), load_recipe(recipes / "arith_grpo.yaml")
     assert sft.model.init.preset == "sse-h-small" and sft.model.dtype == grpo.model.dtype == "bfloat16"
     assert (sft.data.prompt_template, sft.data.chat_template) == (grpo.data.prompt_template, grpo.data.chat_template)
-    assert sft.data.train == grpo.data.train == grpo.data.eval and grpo.data.eval_split == "test"
+    # SFT learns from the slipped teacher; GRPO trains on the same problems and is scored on the true answers
+    assert (sft.data.train, grpo.data.train) == ("sse_rl.tasks.arithmetic:slipped_rows", "sse_rl.tasks.arithmetic:rows")
+    assert grpo.data.eval == grpo.data.train and grpo.data.eval_split == "test"
     r, t = grpo.rollout, grpo.train
     assert (r.sleep_level, r.num_gpus_per_engine, t.num_gpus_per_trainer) == (2, 0.4, 0.5)
