@@ -62,3 +62,29 @@ def test_metrics_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1]) == {"step": 3, "reward/mean": 0.33}
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_plot_runs_overlays_runs_and_names_a_bad_run(tmp_path) -> None:
+    """bench/plot_runs.py: one panel per key, one line per run; a missing metrics file is named in the error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "plot_runs.py"
+    runs = []
+    for name, slope in (("a", 0.01), ("b", -0.01)):
+        path = tmp_path / name / "metrics.jsonl"
+        path.parent.mkdir()
+        path.write_text("".join(json.dumps({"step": s, "reward/mean": 0.5 + slope * s, **(
+            {"eval/accuracy": 0.4 + slope * s} if s % 5 == 0 else {})}) + "\n" for s in range(21)))
+        runs += ["--run", f"{name}={path}"]
+    out = tmp_path / "cmp.png"
+    done = subprocess.run([sys.executable, str(script), *runs, "--keys", "eval/accuracy", "reward/mean",
+                           "--out", str(out)], capture_output=True, text=True, check=True)
+    assert str(out) in done.stdout
+    assert Image.open(out).size == (880, 340)  # two panels of 4.4 x 3.4 inches at 100 dpi
+    bad = subprocess.run([sys.executable, str(script), "--run", f"c={tmp_path / 'none.jsonl'}", "--out", str(out)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "none.jsonl" in bad.stderr
