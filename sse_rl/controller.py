@@ -11,6 +11,7 @@ the run's engines and grade with the run's reward pool, so they cost no extra pr
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from collections.abc import Iterator
@@ -57,12 +58,17 @@ class ValSet:
     sampling: SamplingConfig
 
 
+SEED_SPAN = 2**31 - 2**16  # request seeds stay below this, so vLLM's child seeds (seed + sample index) fit in 31 bits
+
+
 def request_seed(seed: int, *parts: int) -> int:
-    """A per-request sampling seed from the run seed and the request's coordinates (step, round, index)."""
-    value = seed
-    for p in parts:
-        value = (value * 1_000_003 + p + 1) % (2**31 - 1)
-    return value
+    """A per-request sampling seed from the run seed and the request's coordinates (step, round, index).
+
+    Hashed, not counted: vLLM gives the n samples of a request the seeds seed, seed + 1, ..., seed + n - 1, so
+    consecutive request seeds would hand prompt i + 1 the noise of prompt i's second sample, and so on.
+    """
+    digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % SEED_SPAN
 
 
 class Controller:

@@ -33,6 +33,19 @@ def test_training_requests_are_seeded_unless_turned_off():
     assert load_recipe(None, MINIMAL + ["rollout.seeded_requests=false"]).rollout.seeded_requests is False
 
 
+def test_request_seeds_give_every_sample_of_a_batch_its_own_noise():
+    """vLLM seeds sample k of a request with seed + k: no two requests of a step may share one of those seeds."""
+    from sse_rl.controller import SEED_SPAN, request_seed
+
+    group, prompts = 16, 512
+    for step, rnd in ((1, 0), (1, 1), (2, 0)):
+        seeds = [request_seed(0, step, rnd, i) for i in range(prompts)]
+        children = {s + k for s in seeds for k in range(group)}
+        assert len(children) == prompts * group and max(seeds) < SEED_SPAN
+    assert request_seed(0, 1, 0, 5) == request_seed(0, 1, 0, 5) != request_seed(1, 1, 0, 5)
+    assert request_seed(0, -1, 3) != request_seed(0, 1, 0, 3)  # eval requests differ from training ones
+
+
 def test_aux_loss_coef_defaults_to_the_policy_and_is_bounded():
     assert load_recipe(None, MINIMAL).algo.aux_loss_coef is None  # None = the policy config's weight
     assert load_recipe(None, MINIMAL + ["algo.aux_loss_coef=0"]).algo.aux_loss_coef == 0.0
