@@ -16,6 +16,7 @@ Internals used (same in both releases, guarded by `check_version`): `Compilation
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -99,6 +100,19 @@ def host_seq_lens(common_attn_metadata: CommonAttentionMetadata) -> torch.Tensor
     if seq_lens is None:
         seq_lens = common_attn_metadata.seq_lens.cpu()
     return seq_lens[: common_attn_metadata.num_reqs]
+
+
+class _DerivedBufferReloadFilter(logging.Filter):
+    """Drops the reload's "RotaryEmbedding: Failed to load weights": vLLM counts the rotary cos/sin cache as loadable
+    and warns on every update that no checkpoint weight reached it, though the cache is derived (vLLM puts it back).
+    Warnings for real layers that a partial update left out still get through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+
+
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"  # where the layer-wise reload logs (0.32)
+logging.getLogger(RELOAD_LOGGER).addFilter(_DerivedBufferReloadFilter())
 
 
 def reload_weights(model_runner, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

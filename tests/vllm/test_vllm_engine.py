@@ -5,9 +5,12 @@ seed-1 weights, against a fresh engine started on the seed-1 checkpoint.
 """
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from safetensors.torch import load_file
+from sse_rl.models.vllm import compat
 from sse_rl.models.vllm.weight_update import WORKER_EXTENSION, update_weights
 from vllm_testing import assert_matches_hf, engine_env, greedy, load_hf, make_llm, random_prompts
 
@@ -66,7 +69,16 @@ def test_weight_update_equals_fresh_engine(engine, fresh_w1_engine, tiny_checkpo
     # Two partial batches of whole layers, as an RL trainer streams them.
     first_half = {n: t for n, t in new_weights.items() if n.startswith(("model.layers.0.", "model.layers.1."))}
     second_half = {n: t for n, t in new_weights.items() if n not in first_half}
-    first = update_weights(engine, first_half)
+    reload_log = logging.getLogger(compat.RELOAD_LOGGER)  # the engine runs in this process
+    collect = _Collect()
+    reload_log.addHandler(collect)
+    try:
+        first = update_weights(engine, first_half)
+    finally:
+        reload_log.removeHandler(collect)
+    # the layers a partial update leaves out are still reported; the derived rotary cache is not
+    assert "ReplicatedLinear: Failed to load weights" in collect.messages
+    assert "RotaryEmbedding: Failed to load weights" not in collect.messages
     second = update_weights(engine, second_half)
     assert set(first) | set(second) == set(engine.collective_rpc(_parameter_names)[0])
     assert not set(first) & set(second)
@@ -80,6 +92,15 @@ def test_weight_update_equals_fresh_engine(engine, fresh_w1_engine, tiny_checkpo
     engine.collective_rpc("update_weights_from_file", args=(str(tiny_checkpoints.w0 / "model.safetensors"),))
     assert engine.reset_prefix_cache()
     assert [c.tokens for c in greedy(engine, prompts, NEW_TOKENS)] == [c.tokens for c in before]
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def _load_into_model(worker, name: str) -> set[str]:
