@@ -6,6 +6,8 @@ seed-1 weights, against a fresh engine started on the seed-1 checkpoint.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -69,16 +71,11 @@ def test_weight_update_equals_fresh_engine(engine, fresh_w1_engine, tiny_checkpo
     # Two partial batches of whole layers, as an RL trainer streams them.
     first_half = {n: t for n, t in new_weights.items() if n.startswith(("model.layers.0.", "model.layers.1."))}
     second_half = {n: t for n, t in new_weights.items() if n not in first_half}
-    reload_log = logging.getLogger(compat.RELOAD_LOGGER)  # the engine runs in this process
-    collect = _Collect()
-    reload_log.addHandler(collect)
-    try:
+    with _reload_messages() as messages:  # the engine runs in this process
         first = update_weights(engine, first_half)
-    finally:
-        reload_log.removeHandler(collect)
     # the layers a partial update leaves out are still reported; the derived rotary cache is not
-    assert "ReplicatedLinear: Failed to load weights" in collect.messages
-    assert "RotaryEmbedding: Failed to load weights" not in collect.messages
+    assert "ReplicatedLinear: Failed to load weights" in messages
+    assert "RotaryEmbedding: Failed to load weights" not in messages
     second = update_weights(engine, second_half)
     assert set(first) | set(second) == set(engine.collective_rpc(_parameter_names)[0])
     assert not set(first) & set(second)
@@ -101,6 +98,24 @@ class _Collect(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+
+
+@contextmanager
+def _reload_messages() -> Iterator[list[str]]:
+    """The messages vLLM's weight reload logs, whatever earlier tests did to logging (levels, disabled loggers)."""
+    log, collect = logging.getLogger(compat.RELOAD_LOGGER), _Collect()
+    saved = log.disabled, log.level, logging.root.manager.disable
+    log.disabled = False
+    log.setLevel(logging.WARNING)
+    logging.disable(logging.NOTSET)
+    log.addHandler(collect)
+    try:
+        yield collect.messages
+    finally:
+        log.removeHandler(collect)
+        log.disabled = saved[0]
+        log.setLevel(saved[1])
+        logging.disable(saved[2])
 
 
 def _load_into_model(worker, name: str) -> set[str]:
