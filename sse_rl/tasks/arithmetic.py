@@ -133,15 +133,15 @@ class Chain:
         self.results.append(OPS[op](self.value(a), self.value(b)))
         return Ref(len(self.ops) - 1)
 
-    def render(self, slip: tuple[int, int] | None = None) -> tuple[list[str], int]:
-        """(solution lines, final result); slip = (line, delta) adds delta to that line's result."""
+    def render(self, slip: tuple[int, int] | None = None) -> tuple[list[str], list[int]]:
+        """(solution lines, their results); slip = (line, delta) adds delta to that line's result."""
         results: list[int] = []
         lines = []
         for i, (a, op, b) in enumerate(self.ops):
             x, y = (results[v.line] if isinstance(v, Ref) else v for v in (a, b))
             results.append(OPS[op](x, y) + (slip[1] if slip and slip[0] == i else 0))
             lines.append(f"{x} {op} {y} = {results[-1]}.")
-        return lines, results[-1]
+        return lines, results
 
 
 def _story(rng: random.Random, d: Difficulty, steps: int) -> tuple[list[str], Chain]:
@@ -216,8 +216,8 @@ def make_chain(rng: random.Random, d: Difficulty = Difficulty()) -> tuple[str, C
 def make_problem(rng: random.Random, d: Difficulty = Difficulty()) -> dict[str, str]:
     """One problem: {"problem", "solution", "answer"} (answer as a decimal string)."""
     problem, chain = make_chain(rng, d)
-    lines, answer = chain.render()
-    return {"problem": problem, "solution": _write(lines, answer), "answer": str(answer)}
+    lines, results = chain.render()
+    return {"problem": problem, "solution": _write(lines, results[-1]), "answer": str(results[-1])}
 
 
 def slip(rng: random.Random, chain: Chain) -> tuple[int, int]:
@@ -225,8 +225,7 @@ def slip(rng: random.Random, chain: Chain) -> tuple[int, int]:
     slipped solution goes negative."""
     while True:
         line, delta = _int(rng, 0, len(chain.ops) - 1), _pick(rng, SLIP_DELTAS)
-        results = [int(text.split("= ")[1].rstrip(".")) for text in chain.render((line, delta))[0]]
-        if min(results) >= 0:
+        if min(chain.render((line, delta))[1]) >= 0:
             return line, delta
 
 
@@ -257,9 +256,8 @@ def make_rows(split: str, d: Difficulty = Difficulty(), slip_rate: float = 0.0) 
     the worked solutions (drawn with a fixed seed) carries one slip (`slip`); `answer` always stays the true one."""
     rng, rows = random.Random(SLIP_SEED), []
     for problem, chain in _chains(split, d):
-        answer = chain.results[-1]
-        lines, boxed = chain.render(slip(rng, chain) if slip_rate and rng.random() < slip_rate else None)
-        rows.append({"problem": problem, "solution": _write(lines, boxed), "answer": str(answer)})
+        lines, results = chain.render(slip(rng, chain) if slip_rate and rng.random() < slip_rate else None)
+        rows.append({"problem": problem, "solution": _write(lines, results[-1]), "answer": str(chain.results[-1])})
     return rows
 
 
