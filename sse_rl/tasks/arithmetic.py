@@ -11,6 +11,8 @@ SSE-H after minutes of SFT gets only part of the held-out problems right, which 
 Pieces, each reached through a recipe the way a user's own task would be:
 - `rows(split)`: data source `sse_rl.tasks.arithmetic:rows`, columns `problem`, `solution`, `answer`; "test" is a
   fixed set of 500 problems whose texts never occur in "train" (200k problems; enforced, not assumed);
+- `slipped_rows(split)`: data source `sse_rl.tasks.arithmetic:slipped_rows`, the same problems and true answers with
+  SLIP_RATE of the solutions carrying one slip (an imperfect teacher for SFT; `Chain` carries the slip through);
 - `build_tokenizer(out_dir)`: a 1024-token byte-level BPE trained on the train split, one token per digit;
 - `python -m sse_rl.tasks.arithmetic --split test --out FILE.jsonl`: a split as jsonl for `sse-rl eval --data-file`.
 """
