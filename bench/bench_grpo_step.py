@@ -4,6 +4,7 @@ Qwen3-1.7B-shaped Transformer, both with random weights (issue 8, "step-time bre
 Run on one GPU, from the repo root, one model and part per call (each fits a 10-minute call):
     python bench/bench_grpo_step.py --model sse-h-2b --part plain --out /tmp/bench --results $OUT/grpo_step.json
     python bench/bench_grpo_step.py --model sse-h-2b --part pipeline --out /tmp/bench --results $OUT/grpo_step.json
+    python bench/bench_grpo_step.py --model sse-h-2b --part sampling --out /tmp/bench --results $OUT/grpo_step.json
 then here: --merge FILE... (into bench/results/grpo_step.json) and --report (writes bench/results/grpo_step.md).
 `--tiny` runs the same code on CPU with tiny shapes (plumbing only: its numbers are not results).
 
@@ -19,7 +20,10 @@ Choices:
   so the one timed step does not include the trainer's first-call compilation.
 - `plain` is vLLM alone on the same batch: the same encoded prompts, n = G, max_tokens, temperature, top_p, and
   the engine settings of the resolved recipe (dtype, gpu_memory_utilization, max_model_len, enforce_eager, sleep
-  mode); no logprobs and no per-request seeds (the pipeline asks for both). One short warm-up generate first.
+  mode); text, no logprobs and no per-request seeds (the rollout worker asks for logprobs and seeds, and for token
+  ids only). One short warm-up generate first.
+- `sampling` times the same batch on one engine with the rollout worker's additions one at a time: logprobs,
+  logprobs + seeds, logprobs with token ids only (~10 minutes for SSE-H-2B on an H100).
 - Training FLOPs per step = 3 x forward FLOPs (MFU, model FLOPs); with gradient checkpointing the hardware does
   4 x forward (HFU, recomputation counted). Forward FLOPs (see `forward_flops`):
     dense:   2 * P_body * T_all + 2 * P_lm_head * T_completion      (embedding lookups cost none; logits are only
@@ -49,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "bench_grpo_step.yaml"
 RESULTS = REPO / "bench" / "results" / "grpo_step.json"
 MODELS = ("sse-h-2b", "qwen3-1.7b-shape")
-PARTS = ("plain", "pipeline")
+PARTS = ("plain", "pipeline", "sampling")
 H100_BF16_PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
 SSE_CHUNK = 64
 TINY_OVERRIDES = [  # CPU: tiny shapes, G=2, 4 prompts, 16 tokens, fp32, object-store sync, no sleep mode
@@ -164,8 +168,8 @@ def model_config(name: str, tiny: bool, tokenizer: Any) -> Any:
 
 
 def build_model(setup: Setup, dtype: str) -> None:
-    """Tokenizer + seeded random weights, saved in the engine dtype. Built on the CPU, so this process holds no
-    GPU memory while the engine and the trainer start."""
+    """Tokenizer + seeded random weights, saved in the engine dtype. Initialised on the GPU where there is one (2B
+    parameters: seconds there, two minutes on 16 CPU cores), then freed before the engine and the trainer start."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -178,10 +182,13 @@ def build_model(setup: Setup, dtype: str) -> None:
     say(f"tokenizer: {len(tokenizer)} ids in {time.perf_counter() - t0:.1f}s")
     config = model_config(setup.model, setup.tiny, tokenizer)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.save_pretrained(str(tmp))
     os.replace(tmp, setup.model_dir)
     count = sum(p.numel() for p in model.parameters())
+    del model
+    torch.cuda.empty_cache()
     say(f"model: {setup.model_name}, {count:,} parameters, saved to {setup.model_dir}")
 
 
@@ -212,8 +219,9 @@ def prepare(setup: Setup) -> Any:
 # The two parts.
 
 
-def run_plain(setup: Setup, recipe: Any) -> dict[str, Any]:
-    """vLLM alone on the step's batch (see module doc): completion tokens / seconds of one generate call."""
+def start_engine(setup: Setup, recipe: Any, part: str) -> tuple[Any, list[Any], float]:
+    """(engine, the step's prompts, start seconds): `vllm.LLM` with the resolved recipe's engine settings and the
+    rollout worker's logprobs mode, after one short warm-up generate."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -221,23 +229,57 @@ def run_plain(setup: Setup, recipe: Any) -> dict[str, Any]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(r.cpu_kvcache_space_gib))
     prompts = [TokensPrompt(prompt_token_ids=p.ids) for p in encoded_prompts(setup, recipe)]
     prompts = prompts[:recipe.train.prompts_per_step]
-    say("plain: starting vLLM")
+    say(f"{part}: starting vLLM")
     t0 = time.perf_counter()
     llm = LLM(model=recipe.model.path, dtype=r.dtype, max_model_len=r.max_model_len, seed=recipe.seed,
               enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization,
-              tensor_parallel_size=r.tensor_parallel_size, enable_sleep_mode=r.sleep_level > 0)
+              tensor_parallel_size=r.tensor_parallel_size, enable_sleep_mode=r.sleep_level > 0,
+              max_num_seqs=r.max_num_seqs, logprobs_mode="processed_logprobs")
     start_s = time.perf_counter() - t0
     llm.generate(prompts[:2], SamplingParams(n=2, max_tokens=16), use_tqdm=False)
-    say(f"plain: engine up in {start_s:.0f}s; generating {len(prompts)} prompts x {r.group_size}, "
-        f"up to {r.max_tokens} tokens")
-    params = SamplingParams(n=r.group_size, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p)
+    say(f"{part}: engine up in {start_s:.0f}s; {len(prompts)} prompts x {r.group_size}, up to {r.max_tokens} tokens")
+    return llm, prompts, start_s
+
+
+def timed_generate(llm: Any, prompts: list[Any], recipe: Any, label: str, *, logprobs: bool,
+                   seeds: list[int] | None, detokenize: bool = True) -> dict[str, Any]:
+    """Completion tokens / seconds of one generate call over the batch; `seeds`: one per request (None: none)."""
+    from vllm import SamplingParams
+
+    r = recipe.rollout
+    params = [SamplingParams(n=r.group_size, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
+                             logprobs=0 if logprobs else None, seed=None if seeds is None else seeds[i],
+                             detokenize=detokenize)
+              for i in range(len(prompts))]
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - t0
     lengths = [len(c.token_ids) for o in outputs for c in o.outputs]
-    say(f"plain: {sum(lengths)} tokens in {seconds:.1f}s = {sum(lengths) / seconds:,.0f} tok/s")
+    say(f"{label}: {sum(lengths)} tokens in {seconds:.1f}s = {sum(lengths) / seconds:,.0f} tok/s")
     return {"seconds": seconds, "completion_tokens": sum(lengths), "tokens_per_s": sum(lengths) / seconds,
-            "sequences": len(lengths), "truncated_frac": sum(n == r.max_tokens for n in lengths) / len(lengths),
+            "sequences": len(lengths), "truncated_frac": sum(n == r.max_tokens for n in lengths) / len(lengths)}
+
+
+def run_plain(setup: Setup, recipe: Any) -> dict[str, Any]:
+    """vLLM alone on the step's batch (see module doc): no logprobs, no per-request seeds."""
+    llm, prompts, start_s = start_engine(setup, recipe, "plain")
+    return {**timed_generate(llm, prompts, recipe, "plain", logprobs=False, seeds=None), "engine_start_s": start_s}
+
+
+def run_sampling(setup: Setup, recipe: Any) -> dict[str, Any]:
+    """What the rollout worker's requests cost beside plain generation, one engine, the batch three times: with
+    sampled-token logprobs; with logprobs and the pipeline's per-request seeds (`request_seed` of step 1, round
+    0); with logprobs and token ids only (`detokenize=False`, as the rollout worker asks since it decodes the texts
+    itself)."""
+    from sse_rl.controller import request_seed
+
+    llm, prompts, start_s = start_engine(setup, recipe, "sampling")
+    seeds = [request_seed(recipe.seed, 1, 0, i) for i in range(len(prompts))]
+    return {"logprobs": timed_generate(llm, prompts, recipe, "sampling, logprobs", logprobs=True, seeds=None),
+            "logprobs_seeded": timed_generate(llm, prompts, recipe, "sampling, logprobs + seeds", logprobs=True,
+                                              seeds=seeds),
+            "logprobs_ids_only": timed_generate(llm, prompts, recipe, "sampling, logprobs, ids only", logprobs=True,
+                                                seeds=None, detokenize=False),
             "engine_start_s": start_s}
 
 
@@ -418,6 +460,7 @@ def merge_into(path: Path, model: str, part: str, result: dict[str, Any]) -> Non
 
 
 PHASES = ("step", "rollout", "reward", "train", "sync")
+EVEN_S = 0.5  # phases closer than this are reported as even, not as a win or a loss
 
 
 def derived(model: dict[str, Any], peak_tflops: float) -> dict[str, float | None]:
@@ -464,7 +507,7 @@ def _table(data: dict[str, Any], nums: dict[str, dict], peak_tflops: float) -> l
 def _comparison(sse: dict[str, float | None], qwen: dict[str, float | None]) -> list[str]:
     """SSE-H / Qwen ratios per phase and the generated wins/losses."""
     lines = ["## SSE-H-2B / Qwen3-1.7B-shape", "", "| phase | SSE-H s | Qwen s | ratio (time) |", "|---|---|---|---|"]
-    wins, losses = [], []
+    wins, losses, even = [], [], []
     for p in PHASES:
         a, b = sse[f"{p}_s"], qwen[f"{p}_s"]
         if a is None or b is None:
@@ -473,7 +516,7 @@ def _comparison(sse: dict[str, float | None], qwen: dict[str, float | None]) -> 
         if p == "step":
             continue
         text = f"{p}: {a:.1f} s vs {b:.1f} s ({max(a, b) / max(min(a, b), 1e-9):.2f}x, {abs(a - b):.1f} s per step)"
-        (wins if a < b else losses).append(text)
+        (even if abs(a - b) < EVEN_S else wins if a < b else losses).append(text if abs(a - b) >= EVEN_S else p)
     for key, label, spec in (("rollout_tok_s", "rollout tok/s", ",.0f"), ("plain_tok_s", "plain vLLM tok/s", ",.0f"),
                              ("train_tok_s", "train tok/s", ",.0f"), ("mfu", "MFU", ".1%")):
         if sse[key] is not None and qwen[key] is not None:
@@ -481,9 +524,37 @@ def _comparison(sse: dict[str, float | None], qwen: dict[str, float | None]) -> 
                          "(SSE-H / Qwen) |")
     lines += ["", "Where SSE-H wins: " + ("; ".join(wins) or "nowhere") + ".",
               "Where SSE-H loses: " + ("; ".join(losses) or "nowhere") + "."]
+    if even:
+        lines.append(f"Even (within {EVEN_S} s per step): {', '.join(even)}.")
     if sse["step_s"] and qwen["step_s"]:
         lines.append(f"Whole step: SSE-H takes {sse['step_s'] / qwen['step_s']:.2f}x Qwen's time "
                      f"({sse['step_s']:.1f} s vs {qwen['step_s']:.1f} s).")
+    return lines
+
+
+SAMPLING = (("logprobs", "+ sampled-token logprobs"), ("logprobs_seeded", "+ logprobs + per-request seeds"),
+            ("logprobs_ids_only", "+ logprobs, token ids only (`detokenize=False`)"))
+
+
+def _sampling(data: dict[str, Any]) -> list[str]:
+    """The rollout worker's request variants against plain generation, for each model with a sampling part."""
+    lines = []
+    for name in MODELS:
+        parts = data.get(name, {})
+        plain, sampling, pipe = parts.get("plain"), parts.get("sampling"), parts.get("pipeline")
+        if not (plain and sampling):
+            continue
+        rows = [("plain: text, no logprobs, no seeds", plain)] + [(label, sampling[k]) for k, label in SAMPLING
+                                                                 if k in sampling]
+        lines += [f"## What the rollout's requests cost ({name}, the same batch, vLLM alone)", "",
+                  "| request | s | tok/s | of plain |", "|---|---|---|---|"]
+        lines += [f"| {label} | {r['seconds']:.1f} | {r['tokens_per_s']:,.0f} | "
+                  f"{r['tokens_per_s'] / plain['tokens_per_s']:.1%} |" for label, r in rows]
+        if pipe:
+            tok_s = pipe["throughput/rollout_tokens_per_s"]
+            lines.append(f"| the pipeline's rollout phase (table above) | {pipe['time/rollout']:.1f} | {tok_s:,.0f} | "
+                         f"{tok_s / plain['tokens_per_s']:.1%} |")
+        lines.append("")
     return lines
 
 
@@ -510,6 +581,9 @@ def write_report(path: Path, peak_tflops: float) -> None:
     lines += ["", *_table(data, nums, peak_tflops), ""]
     if len(nums) == 2:
         lines += [*_comparison(nums[MODELS[0]], nums[MODELS[1]]), ""]
+    lines += _sampling(data)
+    if data.get("notes"):
+        lines += ["## Notes on these runs", "", *[f"- {note}" for note in data["notes"]], ""]
     lines += ["## How the numbers are made", "",
               "- Phases are the pipeline's own `time/*` metrics of the step (metrics.jsonl); sleep+wake is vLLM "
               "sleep mode around the train phase (in the step, not in train or sync).",
@@ -531,7 +605,7 @@ def main() -> None:
     if args.merge:
         for file in args.merge:
             for model, parts in json.loads(Path(file).read_text()).items():
-                for part, result in parts.items():
+                for part, result in parts.items() if model in MODELS else ():
                     merge_into(args.results, model, part, result)
         return
     if args.report:
@@ -556,8 +630,8 @@ def run_part(args: argparse.Namespace, part: str) -> None:
     def record(result: dict[str, Any]) -> None:
         merge_into(args.results, args.model, part, {**meta, **result})
 
-    if part == "plain":
-        record(run_plain(setup, recipe))
+    if part in ("plain", "sampling"):
+        record((run_plain if part == "plain" else run_sampling)(setup, recipe))
     else:
         run_pipeline(setup, recipe, record)
     say(f"{args.model} / {part}: done")
@@ -567,7 +641,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=MODELS, help="the policy to time")
     parser.add_argument("--part", choices=(*PARTS, "all"), default="all",
-                        help="plain vLLM generation of the batch, the pipeline step, or both (two processes)")
+                        help="plain vLLM generation of the batch, the pipeline step, plain generation with the "
+                             "rollout worker's logprobs and seeds, or all three (one process each)")
     parser.add_argument("--out", type=Path, help="work folder: tokenizer, random model, prompts, run directory")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (plumbing check, not results)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

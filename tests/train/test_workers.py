@@ -58,6 +58,26 @@ def test_seeded_sampling_is_reproducible(actors):
             assert all(lp <= 0 for lp in r.logprobs) and r.finish_reason in ("stop", "length")
 
 
+def test_rollout_texts_equal_vllm_detokenization(actors):
+    """The worker asks vLLM for token ids only and decodes the texts itself: the texts are vLLM's own."""
+    engine, _ = actors
+    spec = SamplingSpec(n=4, max_tokens=12, temperature=1.0)
+
+    def vllm_texts(worker: RolloutWorker) -> list:  # runs in the actor (defined here: pickled by value)
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [SamplingParams(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, seed=s)
+                  for s in (4, 5, 6)]
+        outputs = worker.llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False)
+        return [[(list(c.token_ids), c.text) for c in out.outputs] for out in outputs]
+
+    ours = ray.get(engine.generate.remote(PROMPTS, spec, [4, 5, 6]))
+    assert [[(r.completion_ids, r.text) for r in group] for group in ours] == ray.get(
+        engine.__ray_call__.remote(vllm_texts))
+    assert any(r.text for group in ours for r in group)
+
+
 def _update_trainer(engine, trainer, seed: int) -> None:
     """One policy update on the engine's own samples: afterwards engine and trainer disagree."""
     rollouts = ray.get(engine.generate.remote(PROMPTS, SamplingSpec(n=4, max_tokens=4, temperature=1.0),

@@ -62,9 +62,10 @@ def _cli_env(tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def server(tiny_checkpoints, tmp_path):
     port, log = _free_port(), tmp_path / "serve.log"
-    command = [str(Path(sys.executable).parent / "vllm"), "serve", str(tiny_checkpoints.w0), "--host", "127.0.0.1",
-               "--port", str(port), "--served-model-name", "sse-h-tiny", "--dtype", "float32", "--enforce-eager",
-               "--max-model-len", "512", "--max-num-seqs", "2"]
+    # the `vllm` console script's own entry point, run by this interpreter (an install without scripts has none)
+    command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_checkpoints.w0),
+               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "sse-h-tiny", "--dtype", "float32",
+               "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "2"]
     with log.open("w") as out:
         process = subprocess.Popen(command, env=_cli_env(tmp_path), stdout=out, stderr=subprocess.STDOUT)
     try:

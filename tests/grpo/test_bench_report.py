@@ -1,0 +1,35 @@
+"""bench/bench_grpo_step.py's report: the committed markdown is what the script makes of the committed results, and
+the verdicts follow the numbers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _report(results: dict, tmp_path: Path) -> str:
+    path = tmp_path / "grpo_step.json"
+    path.write_text(json.dumps(results))
+    subprocess.run([sys.executable, str(BENCH / "bench_grpo_step.py"), "--report", "--results", str(path)],
+                   check=True, capture_output=True)
+    return path.with_suffix(".md").read_text()
+
+
+def test_committed_report_is_made_from_committed_results(tmp_path) -> None:
+    results = json.loads((BENCH / "results" / "grpo_step.json").read_text())
+    assert _report(results, tmp_path) == (BENCH / "results" / "grpo_step.md").read_text()
+
+
+def test_verdicts_follow_mfu_rollout_fraction_and_sync(tmp_path) -> None:
+    results = json.loads((BENCH / "results" / "grpo_step.json").read_text())
+    sse = results["sse-h-2b"]
+    sse["pipeline"]["model_flops"] = 0.31 * 989e12 * sse["pipeline"]["time/train"]  # 31 % MFU
+    sse["pipeline"]["throughput/rollout_tokens_per_s"] = 0.95 * sse["plain"]["tokens_per_s"]
+    sse["pipeline"]["time/sync"] = 2.5
+    report = _report(results, tmp_path)
+    assert "| 31.0% |" in report.split("| sse-h-2b |")[1].split("\n")[0]
+    assert "- sse-h-2b: rollout / plain >= 90 %: met; MFU >= 30 %: met; sync < 2 s: NOT met" in report
+    assert "- qwen3-1.7b-shape: rollout / plain >= 90 %: NOT met; MFU >= 30 %: NOT met; sync < 2 s: met" in report
