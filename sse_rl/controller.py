@@ -32,6 +32,7 @@ from sse_rl.grpo.filters import group_has_variance, loss_keep_mask
 from sse_rl.grpo.losses import build_loss_agg
 from sse_rl.metrics_log import MetricsLog
 from sse_rl.packing import MicroBatch, Sequence, pack
+from sse_rl.placement import packed_group
 from sse_rl.workers.reward import RewardWorker
 from sse_rl.workers.rollout import Rollout, RolloutWorker, SamplingSpec
 from sse_rl.workers.trainer import TrainerWorker
@@ -96,14 +97,18 @@ class Controller:
         """Create engines, trainer ranks and the reward pool.
 
         CPU: engines and trainers start in parallel. GPU: engines first, so that vLLM's memory profiling at start-up
-        does not count a trainer's allocations as its own. cuda_ipc: engine r and trainer rank r are placed in
-        bundle r of one placement group (one GPU each), then checked to really share a device.
+        does not count a trainer's allocations as its own. Placement (`sse_rl.placement`): with cuda_ipc, engine r
+        and trainer rank r share bundle r of one group (one GPU each), then are checked to really share a device;
+        otherwise the trainer ranks get a group of their own and the engines go where Ray's scheduler puts them.
         """
         c = self.cfg
-        bundles = self._placement() if self.sync_method == "cuda_ipc" else None
-        place = (lambda i: bundles[i]) if bundles else (lambda i: {})
+        if self.sync_method == "cuda_ipc":
+            engine_place = trainer_place = packed_group({"GPU": 1, "CPU": 2}, c.train.num_trainers,
+                                                        "engine + trainer pairs (colocated)")
+        else:
+            engine_place = [{}] * c.rollout.num_engines
         engine_cls = ray.remote(num_cpus=1, num_gpus=c.rollout.num_gpus_per_engine)(RolloutWorker)
-        self.engines = [engine_cls.options(**place(i)).remote(
+        self.engines = [engine_cls.options(**engine_place[i]).remote(
             self.model_path, dtype=c.rollout.dtype, max_model_len=c.rollout.max_model_len, seed=c.seed + i,
             enforce_eager=c.rollout.enforce_eager, gpu_memory_utilization=c.rollout.gpu_memory_utilization,
             tensor_parallel_size=c.rollout.tensor_parallel_size, cpu_kvcache_space_gib=c.rollout.cpu_kvcache_space_gib,
@@ -111,8 +116,11 @@ class Controller:
         ) for i in range(c.rollout.num_engines)]
         if c.rollout.num_gpus_per_engine:
             ray.get([e.__ray_ready__.remote() for e in self.engines])
+        if self.sync_method != "cuda_ipc":  # after the engines: on one GPU they start first (see above)
+            trainer_place = packed_group({"GPU": c.train.num_gpus_per_trainer, "CPU": 1}, c.train.num_trainers,
+                                         "trainer ranks")
         trainer_cls = ray.remote(num_cpus=1, num_gpus=c.train.num_gpus_per_trainer)(TrainerWorker)
-        self.trainers = [trainer_cls.options(**place(r)).remote(
+        self.trainers = [trainer_cls.options(**trainer_place[r]).remote(
             self.model_path, rank=r, world_size=c.train.num_trainers, train=c.train, algo=c.algo,
             temperature=c.rollout.temperature, seed=c.seed, dtype=c.model.dtype,
             gradient_checkpointing=c.model.gradient_checkpointing,
@@ -125,17 +133,6 @@ class Controller:
             self._check_shared_gpus()
         if self.sync_method == "collective":
             weight_sync.connect(self.trainers, self.engines)
-
-    def _placement(self) -> list[dict[str, Any]]:
-        """One bundle per trainer rank holding that rank and its engine (same GPU: CUDA IPC needs it)."""
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        bundles = [{"GPU": 1, "CPU": 2} for _ in range(self.cfg.train.num_trainers)]
-        group = placement_group(bundles, strategy="PACK")
-        ray.get(group.ready())
-        return [{"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=r)}
-                for r in range(len(bundles))]
 
     def _check_shared_gpus(self) -> None:
         engines = ray.get([e.device_uuid.remote() for e in self.engines])
