@@ -11,7 +11,7 @@ Choices:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -47,6 +47,11 @@ class MicroBatch:
     @property
     def num_tokens(self) -> int:
         return self.input_ids.shape[1]
+
+    def to(self, device: torch.device) -> MicroBatch:
+        """This micro-batch with its tensors on `device`."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), Tensor)})
 
 
 def _bins(lengths: list[int], budget: int) -> list[list[int]]:

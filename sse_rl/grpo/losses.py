@@ -41,8 +41,8 @@ def _token_truncate(log_ratio: Tensor, seq_ids: Tensor, cap: float) -> Tensor:
 
 
 def _sequence_truncate(log_ratio: Tensor, seq_ids: Tensor, cap: float) -> Tensor:
-    n_seqs = int(seq_ids.max()) + 1 if seq_ids.numel() else 0
-    per_seq = log_ratio.new_zeros(n_seqs).index_add_(0, seq_ids, log_ratio)  # [S] log of the sequence ratio
+    # one slot per token bounds the sequence count without reading seq_ids.max() (a read waits for the GPU)
+    per_seq = log_ratio.new_zeros(seq_ids.numel()).index_add_(0, seq_ids, log_ratio)  # [N] log of each seq's ratio
     return torch.exp(per_seq).clamp(max=cap)[seq_ids]  # [N]
 
 
@@ -104,19 +104,20 @@ class PolicyLoss:
         self.eps_low, self.eps_high, self.kl_coef, self.is_cap = eps_low, eps_high, kl_coef, is_cap
         self.is_weights = _lookup(IS_CORRECTIONS, is_correction, "IS correction")
 
-    def __call__(self, x: LossInputs) -> tuple[Tensor, dict[str, float]]:
-        """Returns (sum of weighted token losses, summable statistics of this micro-batch)."""
+    def __call__(self, x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns (sum of weighted token losses, statistics of this micro-batch as detached fp32 scalars). The
+        statistics stay on the device: reading one waits for the GPU, so the trainer reads them once per step."""
         pg, low, high = ppo_clip_loss(x.logp, x.old_logp, x.advantages, self.eps_low, self.eps_high)
         log_ratio = (x.old_logp - x.rollout_logp).detach()  # [N]
         is_w = self.is_weights(log_ratio, x.seq_ids, self.is_cap)  # [N]
         per_token = pg * is_w  # [N]
-        stats = {"tokens": float(x.logp.numel()), "clip_low": float(low.sum()), "clip_high": float(high.sum()),
-                 "is_sum": float(is_w.sum()), "is_max": float(is_w.max()), "is_min": float(is_w.min()),
-                 "mismatch_sum": float(log_ratio.abs().sum())}
+        stats = {"tokens": x.logp.new_tensor(float(x.logp.numel())), "clip_low": low.sum(), "clip_high": high.sum(),
+                 "is_sum": is_w.sum(), "is_max": is_w.max(), "is_min": is_w.min(),
+                 "mismatch_sum": log_ratio.abs().sum()}
         if self.kl_coef > 0:
             kl = k3_kl(x.logp, x.ref_logp)  # [N]
             per_token = per_token + self.kl_coef * kl
-            stats["kl_sum"] = float(kl.detach().sum())
+            stats["kl_sum"] = kl.sum()
         loss = (per_token * x.weights).sum()
-        stats["loss"] = float(loss.detach())
-        return loss, stats
+        stats["loss"] = loss
+        return loss, {k: v.detach().float() for k, v in stats.items()}

@@ -28,6 +28,9 @@ Choices:
    SSE-H only (others derive sequence boundaries from the restarting `position_ids`); the aux loss is SSE-H's.
 9) After each step the CUDA caching allocator gives its free blocks back, so a sleeping engine on the same GPU can
    take its memory again.
+10) No host-device synchronisation inside the micro-batch loop: the micro-batches are copied to the device up
+   front, and the loss statistics are summed on the device and read once per step. The host can then queue the
+   next micro-batch's kernels while the GPU still runs the last one.
 """
 from __future__ import annotations
 
@@ -172,11 +175,11 @@ class TrainerWorker:
     # ----------------------------------------------------------------------------------------------------------
     def _forward(self, model: torch.nn.Module, mb: MicroBatch) -> tuple[Tensor, Tensor, Tensor]:
         """(logits at completion positions [N, V], aux loss [], entropy sum []) of one packed micro-batch."""
-        packed = {"cu_seqlens": mb.cu_seqlens.to(self.device)} if model.config.model_type == "sse_h" else {}
+        packed = {"cu_seqlens": mb.cu_seqlens} if model.config.model_type == "sse_h" else {}
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            out = model.model(input_ids=mb.input_ids.to(self.device), position_ids=mb.position_ids.to(self.device),
+            out = model.model(input_ids=mb.input_ids, position_ids=mb.position_ids,
                               use_cache=False, **packed)
-            hidden = out.last_hidden_state[0, mb.target_pos.to(self.device)]  # [N, D]
+            hidden = out.last_hidden_state[0, mb.target_pos]  # [N, D]
             logits = model.lm_head(hidden).float()  # [N, V]
         aux = getattr(out, "aux_loss", None)
         aux = torch.zeros((), device=self.device) if aux is None else aux.float()
@@ -185,19 +188,18 @@ class TrainerWorker:
     @torch.no_grad()
     def _logprobs(self, model: torch.nn.Module, mb: MicroBatch) -> Tensor:
         logits, _, _ = self._forward(model, mb)
-        return token_logprobs(logits, mb.targets.to(self.device), self.temperature)  # [N]
+        return token_logprobs(logits, mb.targets, self.temperature)  # [N]
 
-    def _micro_step(self, mb: MicroBatch, extra: _Extra) -> dict[str, float]:
-        """Forward + backward of one micro-batch; returns its summable statistics."""
+    def _micro_step(self, mb: MicroBatch, extra: _Extra) -> dict[str, Tensor]:
+        """Forward + backward of one micro-batch; returns its statistics (detached scalars on the device)."""
         logits, aux, ent = self._forward(self.model, mb)
-        logp = token_logprobs(logits, mb.targets.to(self.device), self.temperature)  # [N]
-        dev = self.device
+        logp = token_logprobs(logits, mb.targets, self.temperature)  # [N]
         x = LossInputs(logp=logp, old_logp=logp.detach() if extra.old_logp is None else extra.old_logp,
-                       rollout_logp=mb.rollout_logp.to(dev), advantages=mb.advantages.to(dev),
-                       weights=mb.weights.to(dev), seq_ids=mb.seq_ids.to(dev), ref_logp=extra.ref_logp)
+                       rollout_logp=mb.rollout_logp, advantages=mb.advantages, weights=mb.weights,
+                       seq_ids=mb.seq_ids, ref_logp=extra.ref_logp)
         loss, stats = self.loss_fn(x)
         (loss + self.aux_coef * mb.aux_weight * aux).backward()
-        stats.update(entropy_sum=float(ent), aux_sum=float(aux.detach()) * mb.aux_weight)
+        stats.update(entropy_sum=ent, aux_sum=aux.detach() * mb.aux_weight)
         return stats
 
     def _optimizer_step(self) -> tuple[float, bool]:
@@ -224,7 +226,10 @@ class TrainerWorker:
 
     def train(self, minibatches: list[list[MicroBatch]]) -> dict[str, float]:
         """One GRPO step on this rank's share: `minibatches[j]` are its micro-batches of mini-batch j."""
-        filler = _filler()
+        # every micro-batch goes to the device before the first forward: a blocking host-to-device copy
+        # synchronises the stream, so copies between micro-batches would drain the GPU's queue once per micro-batch
+        minibatches = [[mb.to(self.device) for mb in mini] for mini in minibatches]
+        filler = _filler().to(self.device)
         gpu_free = torch.cuda.mem_get_info(self.device)[0] / 2**30 if self.device.type == "cuda" else 0.0
         if self.fsdp:
             minibatches = self._even_out(minibatches, filler)
@@ -233,22 +238,24 @@ class TrainerWorker:
             old = self._logprobs(self.model, mb) if self.multi_update else None
             ref = self._logprobs(self.ref, mb) if self.ref is not None else None
             extras[id(mb)] = _Extra(old, ref)
-        totals = dict.fromkeys(SUMMED, 0.0)
-        totals.update(is_max=0.0, is_min=float("inf"), grad_norm=0.0, skipped=0.0, updates=0.0)
+        zero = torch.zeros((), device=self.device)
+        sums = dict.fromkeys(SUMMED, zero)  # on the device, read once after the loop (a read waits for the GPU)
+        is_max, is_min = zero, torch.full((), float("inf"), device=self.device)
+        totals = dict(grad_norm=0.0, skipped=0.0, updates=0.0)
         for _ in range(self.ppo_epochs):
             for mini in minibatches:
                 for mb in mini:
                     stats = self._micro_step(mb, extras[id(mb)])
                     if mb is filler:
                         continue
-                    for key in SUMMED:
-                        totals[key] += stats.get(key, 0.0)
-                    totals["is_max"] = max(totals["is_max"], stats["is_max"])
-                    totals["is_min"] = min(totals["is_min"], stats["is_min"])
+                    sums = {key: total + stats[key] if key in stats else total for key, total in sums.items()}
+                    is_max, is_min = torch.maximum(is_max, stats["is_max"]), torch.minimum(is_min, stats["is_min"])
                 norm, applied = self._optimizer_step()
                 totals["grad_norm"] = max(totals["grad_norm"], norm if math.isfinite(norm) else float("inf"))
                 totals["skipped"] += float(not applied)
                 totals["updates"] += 1.0
+        values = torch.stack([*sums.values(), is_max, is_min]).tolist()
+        totals.update(zip([*sums, "is_max", "is_min"], values))
         self.scheduler.step()
         totals["lr"] = self.scheduler.get_last_lr()[0]
         if self.device.type == "cuda":  # what the GPU had free for this step, and what the step used at peak

@@ -118,7 +118,7 @@ def _check_packed_equals_unpacked(trainer, agg: str) -> None:
     model.zero_grad()
     micro = pack(seqs, token_budget=48)[0]
     assert len(micro) >= 2
-    packed_loss = sum(trainer._micro_step(mb, _Extra(None, None))["loss"] for mb in micro)
+    packed_loss = sum(trainer._micro_step(mb.to(trainer.device), _Extra(None, None))["loss"].item() for mb in micro)
     packed_grads = _grads(model)
     # unpacked: each sequence alone through the ordinary forward, the loss written out directly
     model.zero_grad()
