@@ -82,13 +82,13 @@ class RolloutWorker:
                                     use_tqdm=False)
         ids = [list(c.token_ids) for out in outputs for c in out.outputs]
         # as vLLM's own detokenizer: special tokens (EOS) skipped, no clean-up of spaces
-        texts = iter(self.llm.get_tokenizer().batch_decode(ids, skip_special_tokens=True,
-                                                           clean_up_tokenization_spaces=False))
-        return [[self._rollout(c, next(texts)) for c in out.outputs] for out in outputs]
+        texts = self.llm.get_tokenizer().batch_decode(ids, skip_special_tokens=True,
+                                                      clean_up_tokenization_spaces=False)
+        made = iter(map(self._rollout, [c for out in outputs for c in out.outputs], ids, texts))
+        return [[next(made) for _ in out.outputs] for out in outputs]
 
     @staticmethod
-    def _rollout(completion: Any, text: str) -> Rollout:
-        ids = list(completion.token_ids)
+    def _rollout(completion: Any, ids: list[int], text: str) -> Rollout:
         logprobs = [step[token].logprob for token, step in zip(ids, completion.logprobs)]
         return Rollout(ids, logprobs, text, completion.finish_reason)
 
