@@ -1,75 +1,288 @@
-"""Where a packed training micro-batch of a small SSE-H spends its time (GPU), to explain SFT/GRPO throughput.
+"""Where the GRPO trainer's time goes on one GPU: the real `TrainerWorker` on the bench's 2B policy.
 
-    python bench/profile_train_step.py [--preset sse-h-small] [--tokens 4096] [--seq-len 93]
+    python bench/profile_train_step.py --model sse-h-2b --out /tmp/bench [--micro-batches 6] [--no-checkpointing]
 
-Times forward+backward of one packed micro-batch (bf16 autocast over fp32 weights, as `sse-rl sft` and the GRPO
-trainer run it) for sequences of `--seq-len` tokens packed to `--tokens`, and for one unpacked sequence of the same
-total length, then prints the profiler's top operators by device and by host time.
+Builds (or reuses, same folder) the random policy of `bench_grpo_step.py`, starts one `TrainerWorker` rank with the
+settings of `recipes/bench_grpo_step.yaml` (bf16 autocast over fp32 weights, AdamW, the recipe's token budget) and
+feeds it random rollouts shaped like the bench's step: `--prompt-len` prompt + `--completion-len` completion tokens
+per sequence, non-zero advantages so every token has a gradient. After a warm-up call (kernel compilation, the
+allocator), it times `TrainerWorker.train` over `--micro-batches` micro-batches and one optimizer step, and reports
+seconds per micro-batch, tokens/s, MFU / HFU counted as `bench_grpo_step.py` counts them, and peak memory. Then it
+profiles one micro-batch's forward + backward and sums the GPU kernel time by kind (matmul, attention, SSE
+kernels, elementwise and copies, other), which is what shows the gap to a matmul-bound step.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import random
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_grpo_step as bench  # noqa: E402  (the same policy, FLOP count and recipe as the GRPO step bench)
 
-def micro_batch(tokens: int, seq_len: int, vocab: int, device: str) -> dict[str, torch.Tensor]:
-    """input_ids [1, tokens] with position_ids restarting every `seq_len` tokens (packed sequences)."""
-    ids = torch.randint(0, vocab, (1, tokens), device=device)
-    pos = (torch.arange(tokens, device=device) % seq_len)[None]
-    return {"input_ids": ids, "position_ids": pos, "labels": ids}
+KINDS = {  # kernel name fragments (lower case) -> kind; the first match wins
+    "attention": ("flash", "fmha", "attention", "attn"),  # before matmul: fmha kernels are cutlass kernels
+    "matmul": ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_"),
+    "sse": ("chunk_", "router", "routing", "gate_", "segments"),
+    "elementwise/copy": ("elementwise", "vectorized", "reduce", "copy", "cat", "index", "scatter", "gather",
+                         "softmax", "fill", "sort", "radix", "scan", "cumsum", "where", "memcpy", "memset"),
+}
 
 
-def step_ms(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: int) -> float:
-    for _ in range(2):  # warm-up: kernel compilation, allocator
-        run(model, batch)
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    return next((kind for kind, parts in KINDS.items() if any(p in name for p in parts)), "other")
+
+
+def rollouts(count: int, prompt_len: int, completion_len: int, vocab: int, total_tokens: int) -> list[Any]:
+    """Random sequences with the loss weights of token-mean aggregation over `total_tokens` completion tokens."""
+    from sse_rl.packing import Sequence
+
+    rng = random.Random(0)
+    return [Sequence(prompt_ids=[rng.randrange(vocab) for _ in range(prompt_len)],
+                     completion_ids=[rng.randrange(vocab) for _ in range(completion_len)],
+                     rollout_logprobs=[-rng.uniform(0.5, 12.0) for _ in range(completion_len)],
+                     advantage=rng.gauss(0.0, 1.0), weight=1.0 / total_tokens)
+            for _ in range(count)]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def timed_train(worker: Any, micro: list[Any]) -> tuple[float, float]:
+    """(seconds, peak GiB allocated) of one `train` call on these micro-batches (one mini-batch, one update)."""
     torch.cuda.synchronize()
-    start = time.perf_counter()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    totals = worker.train([micro])
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, totals["gpu_peak_gib"]
+
+
+def kernel_time_by_kind(worker: Any, mb: Any) -> tuple[dict[str, float], str]:
+    """GPU ms per kernel kind of one micro-batch's forward + backward, and the profiler's top-25 table."""
+    from sse_rl.workers.trainer import _Extra
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        worker._micro_step(mb, _Extra(None, None))
+        torch.cuda.synchronize()
+    worker.optimizer.zero_grad(set_to_none=True)
+    table = prof.key_averages()
+    kinds: dict[str, float] = {}
+    for event in table:
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kinds[kind_of(event.key)] = kinds.get(kind_of(event.key), 0.0) + event.self_device_time_total / 1e3
+    return kinds, table.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+
+
+def attention_check(tokens: int, seqs: int, heads: int, head_dim: int) -> dict[str, float]:
+    """ms of forward + backward of one packed causal attention: SDPA with the model's block-diagonal boolean mask
+    vs torch's varlen flash attention, `seqs` equal sequences in `tokens` tokens (bf16)."""
+    from sse_rl.models.modeling import attention_mask_4d
+
+    cu = torch.arange(0, tokens + 1, tokens // seqs, device="cuda")
+    q, k, v = (torch.randn(tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    mask = attention_mask_4d(tokens, tokens, None, cu, torch.device("cuda"))
+
+    def sdpa() -> torch.Tensor:
+        qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+
+    out = {"sdpa_mask_ms": _fwd_bwd_ms(sdpa)}
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        out["varlen_ms"] = _fwd_bwd_ms(lambda: varlen_attn(q, k, v, cu.int(), cu.int(), tokens, tokens,
+                                                           **_causal_kwargs(varlen_attn)))
+    except (ImportError, RuntimeError, TypeError) as err:
+        print(f"varlen_attn unavailable: {type(err).__name__}: {err}", flush=True)
+    return out
+
+
+def _causal_kwargs(fn: Any) -> dict[str, Any]:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    print(f"varlen_attn signature: {inspect.signature(fn)}", flush=True)
+    return {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+
+
+def _fwd_bwd_ms(fn: Any, repeats: int = 10) -> float:
+    for _ in range(2):
+        fn().float().sum().backward()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     for _ in range(repeats):
-        run(model, batch)
+        fn().float().sum().backward()
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats * 1e3
+    return (time.perf_counter() - t0) / repeats * 1e3
 
 
-def run(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+def components(config_dir: Path, tokens: int, seqs: int, compile_too: bool) -> dict[str, dict[str, float]]:
+    """ms of forward + backward of each piece of one SSE-H block (the bench policy's shapes, fp32 weights under
+    bf16 autocast, `seqs` packed sequences in `tokens` tokens), eager and, with `compile_too`, under
+    `torch.compile(dynamic=True)` with the SSE op left out of the graph; plus the compile seconds."""
+    from transformers import AutoConfig
+
+    from sse_rl.grpo.logprobs import logprobs_and_entropy
+    from sse_rl.models import ops
+    from sse_rl.models.modeling import SSEHBlock, attention_mask_4d
+
+    config = AutoConfig.from_pretrained(config_dir)
+    sse = SSEHBlock(config, next(i for i, t in enumerate(config.layer_types) if t != "full_attention")).cuda()
+    attn = SSEHBlock(config, config.attn_layers[0]).cuda()
+    head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False).cuda()
+    cu = torch.arange(0, tokens + 1, tokens // seqs, device="cuda")
+    pos = (torch.arange(tokens, device="cuda") % (tokens // seqs))[None]
+    mask = attention_mask_4d(tokens, tokens, None, cu, torch.device("cuda"))
+    x = torch.randn(1, tokens, config.hidden_size, device="cuda", requires_grad=True)
+    targets = torch.randint(0, config.vocab_size, (tokens,), device="cuda")
+    mixer = sse.attn
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(**batch, use_cache=False).loss
-    loss.backward()
-    model.zero_grad(set_to_none=True)
+        feats = [t.detach().requires_grad_() for t in mixer._features(x)]
+        logits = mixer.e_proj(x).detach()
+
+    def out(y: Any) -> torch.Tensor:
+        return sum(t.float().sum() for t in (y if isinstance(y, (tuple, list)) else (y,)) if t.requires_grad)
+
+    def logits_loss(h: torch.Tensor) -> torch.Tensor:
+        logp, ent = logprobs_and_entropy(head(h[0]), targets)
+        return logp.sum() + ent.sum()
+
+    pieces = {
+        "rms_norm": lambda: sse.attn_norm(x),
+        "sse_features": lambda: mixer._features(x),
+        "sse_op": lambda: ops.sse_chunk(*feats, logits, top_k=mixer.top_k, cu_seqlens=cu)[0],
+        "sse_mixer": lambda: mixer(x, None, cu)[0],
+        "mlp": lambda: sse.mlp(x),
+        "sse_block": lambda: sse(x, position_ids=pos, cu_seqlens=cu)[0],
+        "attn_block": lambda: attn(x, position_ids=pos, attn_mask=mask, cu_seqlens=cu)[0],
+        "logits_loss": lambda: logits_loss(x),
+    }
+    results: dict[str, dict[str, float]] = {}
+    for name, fn in pieces.items():
+        def step(f: Any = fn) -> torch.Tensor:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return out(f())
+
+        row = {"eager_ms": _fwd_bwd_ms(step)}
+        if compile_too and name != "sse_op":
+            compiled = torch.compile(step, dynamic=True)
+            t0 = time.perf_counter()
+            try:
+                compiled().backward()
+                torch.cuda.synchronize()
+                row["compile_s"] = time.perf_counter() - t0
+                row["compiled_ms"] = _fwd_bwd_ms(compiled)
+            except Exception as err:  # noqa: BLE001  (a report, not a failure: say what broke)
+                print(f"{name}: torch.compile failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+        results[name] = row
+        bench.say(f"component {name}: {row}")
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="sse-h-small")
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--seq-len", type=int, default=93)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model", choices=bench.MODELS, default="sse-h-2b")
+    parser.add_argument("--out", type=Path, required=True, help="work folder (the policy is reused from here)")
+    parser.add_argument("--micro-batches", type=int, default=6)
+    parser.add_argument("--prompt-len", type=int, default=82)
+    parser.add_argument("--completion-len", type=int, default=4096)
+    parser.add_argument("--no-checkpointing", action="store_true", help="also time without gradient checkpointing")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
+    parser.add_argument("--components", action="store_true",
+                        help="time the pieces of one SSE-H block alone, eager and compiled, and nothing else")
+    parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
 
-    from sse_rl.models import SSEHConfig, SSEHForCausalLM
+    from sse_rl.packing import pack
+    from sse_rl.workers.trainer import TrainerWorker
 
-    torch.manual_seed(0)
-    config = SSEHConfig.from_preset(args.preset, vocab_size=args.vocab)
-    model = SSEHForCausalLM(config).cuda().train()
-    params = sum(p.numel() for p in model.parameters())
-    print(f"{args.preset}: {params / 1e6:.1f}M parameters, {torch.cuda.get_device_name()}", flush=True)
-    for name, seq_len in (("packed", args.seq_len), ("one sequence", args.tokens)):
-        batch = micro_batch(args.tokens, seq_len, args.vocab, "cuda")
-        ms = step_ms(model, batch, args.repeats)
-        print(f"{name} ({args.tokens // seq_len} x {seq_len}): {ms:.1f} ms fwd+bwd, "
-              f"{args.tokens / ms * 1e3:,.0f} tokens/s, {6 * params * args.tokens / ms / 1e9:.1f} TFLOP/s (6PT)",
-              flush=True)
+    work = args.out.resolve()
+    setup = bench.Setup(args.model, False, work, [])
+    setup.overrides = [f"model.path={setup.model_dir}", f"data.train={work / 'prompts.jsonl'}", *args.set]
+    recipe = bench.prepare(setup)
+    bench.warm_kernels(recipe.model.path)
+    config = json.loads((setup.model_dir / "config.json").read_text())
+    if args.components:
+        per_mb = max(1, recipe.train.token_budget // (args.prompt_len + args.completion_len))
+        tokens = per_mb * (args.prompt_len + args.completion_len)
+        results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": tokens,
+                   "components": components(setup.model_dir, tokens, per_mb, compile_too=True)}
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return
+    counts = bench.param_counts(recipe.model.path)
+    t0 = time.perf_counter()
+    worker = TrainerWorker(recipe.model.path, rank=0, world_size=1, train=recipe.train, algo=recipe.algo,
+                           temperature=recipe.rollout.temperature, seed=0, dtype=recipe.model.dtype,
+                           gradient_checkpointing=recipe.model.gradient_checkpointing)
+    worker.join("127.0.0.1", free_port())
+    bench.say(f"trainer up in {time.perf_counter() - t0:.0f}s: {counts['total'] / 1e9:.2f}B parameters, "
+              f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
 
-    batch = micro_batch(args.tokens, args.seq_len, args.vocab, "cuda")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run(model, batch)
-        torch.cuda.synchronize()
-    table = prof.key_averages()
-    print(table.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
-    print(table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    per_mb = max(1, recipe.train.token_budget // (args.prompt_len + args.completion_len))
+    n_seq = per_mb * args.micro_batches
+    seqs = rollouts(n_seq, args.prompt_len, args.completion_len, config["vocab_size"], n_seq * args.completion_len)
+    (micro,) = pack(seqs, recipe.train.token_budget)
+    tokens = sum(mb.num_tokens for mb in micro)
+    fwd = bench.forward_flops(config, counts, [args.prompt_len] * n_seq, 1, args.completion_len)
+    bench.say(f"{len(micro)} micro-batches of {per_mb} x {args.prompt_len + args.completion_len} tokens "
+              f"(budget {recipe.train.token_budget}), {tokens} tokens")
+
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                               "model": args.model, "params": counts, "token_budget": recipe.train.token_budget,
+                               "micro_batches": len(micro), "tokens": tokens}
+    variants = [("checkpointing", True)] + ([("no_checkpointing", False)] if args.no_checkpointing else [])
+    for name, ckpt in variants:
+        if not ckpt:
+            worker.model.gradient_checkpointing_disable()
+        try:
+            timed_train(worker, micro[:1])  # warm-up: compilation, allocator, optimizer state
+            seconds, peak = timed_train(worker, micro)
+        except torch.OutOfMemoryError as err:
+            bench.say(f"{name}: out of memory ({str(err).splitlines()[0]})")
+            results[name] = {"oom": True}
+            worker.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            continue
+        peak_flops = bench.H100_BF16_PEAK_TFLOPS * 1e12
+        row = {"seconds": seconds, "s_per_micro_batch": seconds / len(micro), "tokens_per_s": tokens / seconds,
+               "mfu": 3 * fwd / seconds / peak_flops, "hfu": (4 if ckpt else 3) * fwd / seconds / peak_flops,
+               "peak_gib": peak}
+        kinds, table = kernel_time_by_kind(worker, micro[0].to(worker.device))
+        row["kernel_ms"] = kinds
+        results[name] = row
+        bench.say(f"{name}: {seconds:.2f}s for {len(micro)} micro-batches ({row['s_per_micro_batch']:.3f} s each), "
+                  f"{row['tokens_per_s']:,.0f} tok/s, MFU {row['mfu']:.1%}, HFU {row['hfu']:.1%}, "
+                  f"peak {peak:.1f} GiB")
+        bench.say(f"{name}: kernel ms of one micro-batch by kind: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+                  + f" (sum {sum(kinds.values()):.1f})")
+        print(table, flush=True)
+    if config.get("model_type") == "sse_h":
+        results["attention_fwd_bwd_ms"] = attention_check(recipe.train.token_budget, per_mb,
+                                                          config["attn_num_heads"], config["attn_head_dim"])
+        bench.say(f"attention alone, {per_mb} sequences in {recipe.train.token_budget} tokens: "
+                  f"{results['attention_fwd_bwd_ms']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    worker.close()
 
 
 if __name__ == "__main__":

@@ -155,6 +155,14 @@ class RotaryEmbedding(nn.Module):
         return (xf * angles.cos() + rotate_half(xf) * angles.sin()).to(x.dtype)
 
 
+def uses_varlen(x: Tensor) -> bool:
+    """Whether packed attention on `x` runs as flash varlen attention: CUDA in half precision (x's dtype, or
+    autocast's); otherwise SDPA with a block-diagonal mask."""
+    half = (torch.float16, torch.bfloat16)
+    return x.is_cuda and (x.dtype in half or (torch.is_autocast_enabled("cuda")
+                                              and torch.get_autocast_dtype("cuda") in half))
+
+
 class Attention(nn.Module):
     """Causal softmax attention (MHA/GQA) with RoPE, via SDPA; the KV cache is a transformers `Cache` layer."""
 
@@ -169,12 +177,15 @@ class Attention(nn.Module):
         self.rotary = RotaryEmbedding(head_dim, rope_theta)
 
     def forward(self, x: Tensor, position_ids: Tensor, attn_mask: Tensor | None = None,
-                past_key_values: Cache | None = None) -> Tensor:
+                past_key_values: Cache | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
         """x: [B, T, D]; position_ids: [B, T]; attn_mask: [B, 1, T, T_past + T] bool (True = attend), or None for
-        plain causal attention over the new tokens and everything cached before them."""
+        plain causal attention over the new tokens and everything cached before them. Packed sequences
+        (`cu_seqlens`, B = 1, no cache) go through flash varlen attention where `uses_varlen`, with no mask."""
         q = self.rotary(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)), position_ids)  # [B, T, H, d]
         k = self.rotary(self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)), position_ids)
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if cu_seqlens is not None and uses_varlen(x):
+            return self.o_proj(self._varlen(q[0], k[0], v[0], cu_seqlens).flatten(-2)[None])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)  # [B, Hkv, T_past + T, d]
@@ -184,3 +195,13 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and q_len > 1,
                                            enable_gqa=self.num_heads != self.num_kv_heads)  # [B, H, T, d]
         return self.o_proj(o.transpose(1, 2).flatten(-2))
+
+    def _varlen(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
+        """Causal flash attention over packed sequences: q [L, H, d], k/v [L, Hkv, d] -> [L, H, d]. The total length
+        bounds every sequence's length (no host sync to find the longest)."""
+        from torch.nn.attention.varlen import varlen_attn
+
+        if self.num_kv_heads != self.num_heads:  # torch 2.11's varlen_attn has no GQA
+            k, v = (t.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1) for t in (k, v))
+        cu, length = cu_seqlens.to(torch.int32), q.shape[0]
+        return varlen_attn(q, k, v, cu, cu, length, length, window_size=(-1, 0))

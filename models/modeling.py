@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 from sse_rl.models.configuration import SSEHConfig
-from sse_rl.models.layers import Attention, GatedMLP, RMSNorm, SSEMixer
+from sse_rl.models.layers import Attention, GatedMLP, RMSNorm, SSEMixer, uses_varlen
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
@@ -51,7 +51,8 @@ class SSEHBlock(GradientCheckpointingLayer):
         """Returns the new hidden states [B, T, D] and the layer's router aux loss (0 for attention layers)."""
         h = self.attn_norm(hidden_states)
         if isinstance(self.attn, Attention):
-            h, aux = self.attn(h, position_ids, attn_mask, past_key_values), h.new_zeros((), dtype=torch.float32)
+            h, aux = (self.attn(h, position_ids, attn_mask, past_key_values, cu_seqlens),
+                      h.new_zeros((), dtype=torch.float32))
         else:
             h, aux = self.attn(h, token_mask, cu_seqlens, past_key_values)
         hidden_states = hidden_states + h
@@ -147,7 +148,9 @@ class SSEHModel(SSEHPreTrainedModel):
         if position_ids is None:
             position_ids = (packed_position_ids(cu_seqlens) if cu_seqlens is not None else
                             torch.arange(past_len, past_len + length, device=hidden.device)[None].expand(batch, -1))
-        attn_mask = attention_mask_4d(length, past_len + length, key_mask, cu_seqlens, hidden.device)
+        # packed sequences in flash varlen attention need no dense mask (layers.uses_varlen)
+        attn_mask = None if cu_seqlens is not None and uses_varlen(hidden) else \
+            attention_mask_4d(length, past_len + length, key_mask, cu_seqlens, hidden.device)
         token_mask = None if key_mask is None else key_mask[:, -length:]  # [B, T]
         all_hidden = [] if output_hidden_states else None
         aux_loss = hidden.new_zeros((), dtype=torch.float32)

@@ -17,6 +17,7 @@ from sse_rl.models.ops.naive import (
 from sse_rl.models.ops.naive import (
     sse_decode as sse_decode_reference,
 )
+import torch
 from torch import Tensor
 
 
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 
+@torch.compiler.disable  # the Triton op stays outside torch.compile graphs (a graph break around it)
 def sse_chunk(q_shared: Tensor, k_shared: Tensor, q_sparse: Tensor, k_sparse: Tensor, v: Tensor, g_shared: Tensor,
               g_sparse: Tensor, router_logits: Tensor, *, top_k: int, scale: float | None = None,
               initial_state: Tensor | None = None, output_final_state: bool = False,
@@ -45,6 +47,7 @@ def sse_chunk(q_shared: Tensor, k_shared: Tensor, q_sparse: Tensor, k_sparse: Te
                 cu_seqlens=cu_seqlens)
 
 
+@torch.compiler.disable
 def sse_decode(q_shared: Tensor, k_shared: Tensor, q_sparse: Tensor, k_sparse: Tensor, v: Tensor, g_shared: Tensor,
                g_sparse: Tensor, router_logits: Tensor, state: Tensor, slot_ids: Tensor, *, top_k: int,
                scale: float | None = None) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from sse_rl.grpo.advantages import EPS, build_advantage_fn
 from sse_rl.grpo.filters import group_has_variance, loss_keep_mask
-from sse_rl.grpo.logprobs import entropy, token_logprobs
+from sse_rl.grpo.logprobs import logprobs_and_entropy
 from sse_rl.grpo.losses import LossInputs, PolicyLoss, build_loss_agg, k3_kl, ppo_clip_loss
 
 REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
@@ -105,11 +105,13 @@ def test_filters():
 
 
 def test_token_logprobs_and_entropy():
-    logits = torch.tensor([[0.0, math.log(3.0)], [2.0, 2.0]])
-    lp = token_logprobs(logits, torch.tensor([1, 0]))
+    logits = torch.tensor([[0.0, math.log(3.0)], [2.0, 2.0]], requires_grad=True)
+    lp, ent = logprobs_and_entropy(logits, torch.tensor([1, 0]))
     torch.testing.assert_close(lp, torch.log(torch.tensor([0.75, 0.5])))
-    # temperature 2 halves the logits: p = (1, sqrt 3) / (1 + sqrt 3)
-    lp2 = token_logprobs(logits, torch.tensor([1, 0]), temperature=2.0)
-    torch.testing.assert_close(lp2, torch.log(torch.tensor([3 ** 0.5 / (1 + 3 ** 0.5), 0.5])))
-    ent = entropy(logits)
     torch.testing.assert_close(ent, torch.tensor([-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), math.log(2)]))
+    assert not ent.requires_grad  # a metric: no gradient flows through the entropy
+    lp.sum().backward()  # d log p_y / d logits = onehot(y) - softmax
+    torch.testing.assert_close(logits.grad, torch.tensor([[-0.25, 0.25], [0.5, -0.5]]))
+    # temperature 2 halves the logits: p = (1, sqrt 3) / (1 + sqrt 3)
+    lp2, _ = logprobs_and_entropy(logits, torch.tensor([1, 0]), temperature=2.0)
+    torch.testing.assert_close(lp2, torch.log(torch.tensor([3 ** 0.5 / (1 + 3 ** 0.5), 0.5])))

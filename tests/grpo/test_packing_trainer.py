@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sse_rl.config import AlgoConfig, TrainConfig
-from sse_rl.grpo.logprobs import token_logprobs
+from sse_rl.grpo.logprobs import logprobs_and_entropy
 from sse_rl.grpo.losses import build_loss_agg
 from sse_rl.packing import Sequence, pack
 
@@ -95,6 +95,17 @@ def transformer_trainer(policy, tmp_path_factory):
     return worker  # micro-steps only: no process group (the SSE-H trainer of this module holds it)
 
 
+@pytest.fixture(scope="module")
+def compiled_trainer(policy):
+    """train.compile: every block under torch.compile (the SSE op a graph break), the loss head compiled, with
+    gradient checkpointing recomputing the compiled blocks."""
+    from sse_rl.workers.trainer import TrainerWorker
+
+    return TrainerWorker(str(policy), rank=0, world_size=1, train=TrainConfig(lr=1e-3, strategy="ddp", compile=True),
+                         algo=AlgoConfig(aux_loss_coef=0.0), temperature=1.0, seed=0, dtype="float32",
+                         gradient_checkpointing=True)
+
+
 @pytest.mark.parametrize("agg", ["dapo", "grpo", "dr_grpo"])
 def test_packed_loss_equals_unpacked(trainer, agg):
     _check_packed_equals_unpacked(trainer, agg)
@@ -104,6 +115,13 @@ def test_transformer_policy_packed_loss_equals_unpacked(transformer_trainer):
     """A non-SSE-H policy packs through its own boundary handling (restarting position_ids), no cu_seqlens."""
     assert not transformer_trainer.fsdp  # fsdp2 with one rank trains unsharded
     _check_packed_equals_unpacked(transformer_trainer, "dapo")
+
+
+def test_compiled_trainer_packed_loss_equals_unpacked(compiled_trainer):
+    """The compiled, checkpointed micro-step gives the eager per-sequence loss and gradients (three micro-batches
+    of different lengths: dynamic shapes, no recompilation per length)."""
+    _check_packed_equals_unpacked(compiled_trainer, "dapo")
+    assert all(block._compiled_call_impl is not None for block in compiled_trainer.model.model.layers)
 
 
 def _check_packed_equals_unpacked(trainer, agg: str) -> None:
@@ -126,7 +144,8 @@ def _check_packed_equals_unpacked(trainer, agg: str) -> None:
     for s in seqs:
         out = model(input_ids=torch.tensor([s.prompt_ids + s.completion_ids]), use_cache=False)
         n = len(s.prompt_ids)
-        logp = token_logprobs(out.logits[0, n - 1:n - 1 + len(s.completion_ids)], torch.tensor(s.completion_ids))
+        logp, _ = logprobs_and_entropy(out.logits[0, n - 1:n - 1 + len(s.completion_ids)],
+                                       torch.tensor(s.completion_ids))
         ratio = torch.exp(logp - logp.detach())
         is_w = torch.exp(logp.detach() - torch.tensor(s.rollout_logprobs)).clamp(max=2.0)
         loss = (-ratio * s.advantage * is_w * s.weight).sum()

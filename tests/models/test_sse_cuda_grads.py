@@ -1,5 +1,6 @@
 """On CUDA: the whole SSE-H model's gradients through the Triton kernels equal those through the PyTorch reference,
-on a GRPO-shaped packed micro-batch (many short sequences in one row), for a policy-gradient loss.
+on a GRPO-shaped packed micro-batch (many short sequences in one row), for a policy-gradient loss; packed
+sequences give what each sequence gives alone (Triton SSE op, flash varlen attention under bf16).
 
 The op-level kernel tests check each kernel; this checks the model as the GRPO trainer drives it (packed rows,
 `cu_seqlens`, logits gathered at completion positions, advantage-weighted log-probabilities), in fp32 and under
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sse_rl.grpo.logprobs import token_logprobs
+from sse_rl.grpo.logprobs import logprobs_and_entropy
 from sse_rl.models import SSEHConfig, SSEHForCausalLM, ops
 from sse_rl.packing import MicroBatch, Sequence, pack
 
@@ -35,7 +36,7 @@ def _grads(model: SSEHForCausalLM, mb: MicroBatch, dtype: torch.dtype | None) ->
         out = model.model(input_ids=mb.input_ids.cuda(), position_ids=mb.position_ids.cuda(),
                           cu_seqlens=mb.cu_seqlens.cuda(), use_cache=False)
         logits = model.lm_head(out.last_hidden_state[0, mb.target_pos.cuda()]).float()
-    logp = token_logprobs(logits, mb.targets.cuda())
+    logp, _ = logprobs_and_entropy(logits, mb.targets.cuda())
     loss = -(mb.advantages.cuda() * logp).mean() + model.config.aux_loss_coef * out.aux_loss.float()
     loss.backward()
     return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -68,3 +69,53 @@ def test_model_grads_triton_equal_reference(monkeypatch) -> None:
     print("bf16 kernels vs fp32:", _worst(kernel), "\nbf16 reference vs fp32:", _worst(reference))
     too_far = {n: (kernel[n], reference[n]) for n in truth if kernel[n] > max(2 * reference[n], 2e-2)}
     assert not too_far, too_far
+
+
+def test_packed_equals_each_sequence_alone() -> None:
+    """fp32 on CUDA (the Triton SSE op, masked SDPA): every packed sequence's logits and the gradients of a per-token
+    loss equal running each sequence alone (no cu_seqlens)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    config = SSEHConfig.from_preset("sse-h-small", num_hidden_layers=4, attn_layers=[1, 3])
+    model = SSEHForCausalLM(config).cuda().train()
+    lengths = [37, 200, 5, 121]
+    ids = torch.randint(0, config.vocab_size, (1, sum(lengths)), device="cuda")
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda")
+    weights = torch.randn(sum(lengths), config.vocab_size, device="cuda")
+
+    packed = model(input_ids=ids, cu_seqlens=cu, use_cache=False).logits[0]  # [L, V]
+    (packed * weights).sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    alone = []
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        logits = model(input_ids=ids[:, start:end], use_cache=False).logits[0]
+        (logits * weights[start:end]).sum().backward()
+        alone.append(logits.detach())
+    torch.testing.assert_close(packed.detach(), torch.cat(alone), rtol=1e-4, atol=1e-4)
+    errors = _rel_errors({n: p.grad for n, p in model.named_parameters()}, packed_grads)
+    assert max(errors.values()) < 1e-3, _worst(errors)
+
+
+def test_varlen_attention_equals_sdpa_per_sequence() -> None:
+    """Under bf16 autocast, packed sequences take flash varlen attention (no mask): outputs and input gradients
+    match the same layer on each sequence alone (causal SDPA) to bf16 accuracy."""
+    from sse_rl.models.layers import Attention, uses_varlen
+
+    torch.manual_seed(0)
+    layer = Attention(hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64, rope_theta=10000.0).cuda()
+    lengths = [300, 17, 129]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda")
+    pos = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
+    x = torch.randn(1, sum(lengths), 256, device="cuda", requires_grad=True)
+    grad_out = torch.randn(1, sum(lengths), 256, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert uses_varlen(x)
+        packed = layer(x, pos, cu_seqlens=cu)
+        (packed.float() * grad_out).sum().backward()
+        packed_grad, x.grad = x.grad.clone(), None
+        alone = [layer(x[:, s:e], pos[:, s:e]) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        (torch.cat(alone, 1).float() * grad_out).sum().backward()
+    torch.testing.assert_close(packed.float(), torch.cat(alone, 1).float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(packed_grad, x.grad, rtol=2e-2, atol=2e-2)
