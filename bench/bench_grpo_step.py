@@ -446,7 +446,7 @@ def environment(recipe: Any, tiny: bool) -> dict[str, Any]:
                         "gpu_memory_utilization": r.gpu_memory_utilization, "enforce_eager": r.enforce_eager,
                         "sleep_level": r.sleep_level, "weight_sync": r.weight_sync,
                         "token_budget": recipe.train.token_budget, "trainer_dtype": recipe.model.dtype,
-                        "steps": recipe.train.steps,
+                        "steps": recipe.train.steps, "compile": recipe.train.compile,
                         "gradient_checkpointing": recipe.model.gradient_checkpointing}}
 
 
@@ -573,7 +573,8 @@ def write_report(path: Path, peak_tflops: float) -> None:
              f"{s['gpu_memory_utilization']}, {'eager' if s['enforce_eager'] else 'CUDA graphs'}, sleep level "
              f"{s['sleep_level']}, weight sync {s['weight_sync']}; trainer {s['trainer_dtype']}, gradient "
              f"checkpointing "
-             f"{'on' if s['gradient_checkpointing'] else 'off'}, token budget {s['token_budget']}; random weights, "
+             f"{'on' if s['gradient_checkpointing'] else 'off'}, torch.compile {'on' if s.get('compile') else 'off'}, "
+             f"token budget {s['token_budget']}; random weights, "
              f"dynamic sampling off. Reported step: the last of {s['steps']}"
              f"{' (so it includes first-step warm-up)' if s['steps'] == 1 else ''}."]
     if any(m.get("tiny") for m in metas):

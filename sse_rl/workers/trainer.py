@@ -157,11 +157,15 @@ class TrainerWorker:
         self._shared: list[Tensor] = []  # CUDA IPC buffers an engine may be reading (share_weights)
 
     def _compile_now(self) -> None:
-        """Compile at start-up, not in the first step: forward + backward of a two-sequence micro-batch (dynamic
-        shapes, so the real micro-batches reuse the graphs), gradients dropped. Every rank (fsdp2 collectives)."""
-        seqs = [Sequence([1, 2, 3], [4, 5, 6, 7], [0.0] * 4, advantage=1.0, weight=1.0),
-                Sequence([1, 2], [3, 4, 5], [0.0] * 3, advantage=1.0, weight=1.0)]
-        (mb,) = pack(seqs, token_budget=12)[0]  # sizes unlike each other: no duck-shaped guard on real batches
+        """Compile at start-up, not in the first step: forward + backward of a micro-batch of two sequences that fill
+        the token budget, gradients dropped. Shapes are dynamic, but Inductor also guards on the size ranges it saw
+        (at 2B on the H100: 5120 <= tokens, from fusion and matmul-padding choices), so the warm-up looks like a
+        full micro-batch: after a tiny one the first step recompiled mid-step; after this one only micro-batches
+        below such a bound (the packing's short tail) do, once. Every rank (fsdp2 collectives)."""
+        half = max(self.train_cfg.token_budget // 2, 8)
+        seqs = [Sequence([1, 2, 3], [4] * (half - 3), [0.0] * (half - 3), advantage=1.0, weight=1.0),
+                Sequence([1, 2], [3] * (half - 7), [0.0] * (half - 7), advantage=1.0, weight=1.0)]
+        (mb,) = pack(seqs, token_budget=2 * half)[0]  # sizes unlike each other: no duck-sized guard either
         self._micro_step(mb.to(self.device), _Extra(None, None))
         self.model.zero_grad(set_to_none=True)
 

@@ -29,6 +29,9 @@ def test_verdicts_follow_mfu_rollout_fraction_and_sync(tmp_path) -> None:
     sse["pipeline"]["model_flops"] = 0.31 * 989e12 * sse["pipeline"]["time/train"]  # 31 % MFU
     sse["pipeline"]["throughput/rollout_tokens_per_s"] = 0.95 * sse["plain"]["tokens_per_s"]
     sse["pipeline"]["time/sync"] = 2.5
+    qwen = results["qwen3-1.7b-shape"]
+    qwen["pipeline"]["throughput/rollout_tokens_per_s"] = 0.8 * qwen["plain"]["tokens_per_s"]
+    qwen["pipeline"]["model_flops"] = 0.2 * 989e12 * qwen["pipeline"]["time/train"]  # 20 % MFU
     report = _report(results, tmp_path)
     assert "| 31.0% |" in report.split("| sse-h-2b |")[1].split("\n")[0]
     assert "- sse-h-2b: rollout / plain >= 90 %: met; MFU >= 30 %: met; sync < 2 s: NOT met" in report
