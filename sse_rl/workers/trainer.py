@@ -339,12 +339,15 @@ class TrainerWorker:
 
     @torch.no_grad()
     def first_token_logprobs(self, prompt_ids: list[list[int]], tokens: list[list[int]]) -> list[list[float]]:
-        """log softmax of the policy after each prompt, at the given tokens (the probe's trainer side)."""
+        """log softmax of the policy after each prompt, at the given tokens (the probe's trainer side). Eager even
+        under train.compile: a few short prompts without gradients would otherwise compile a second set of graphs
+        (seen on the H100: ~20 s at start-up)."""
         out = []
-        for ids, toks in zip(prompt_ids, tokens):
-            logits = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False).logits
-            logp = torch.log_softmax(logits[0, -1].float(), dim=-1)  # [V]
-            out.append(logp[torch.tensor(toks, device=self.device)].tolist())
+        with torch.compiler.set_stance("force_eager"):
+            for ids, toks in zip(prompt_ids, tokens):
+                logits = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False).logits
+                logp = torch.log_softmax(logits[0, -1].float(), dim=-1)  # [V]
+                out.append(logp[torch.tensor(toks, device=self.device)].tolist())
         return out
 
     def save(self, path: str) -> None:

@@ -124,6 +124,27 @@ def test_compiled_trainer_packed_loss_equals_unpacked(compiled_trainer):
     assert all(block._compiled_call_impl is not None for block in compiled_trainer.model.model.layers)
 
 
+def test_compiled_trainer_probe_runs_eager(compiled_trainer):
+    """The weight-sync probe (no gradients, unpacked prompts) runs the blocks eagerly: nothing new is compiled."""
+    from torch._dynamo.utils import counters
+
+    compiled_trainer._micro_step(*_one_micro_batch(compiled_trainer))  # the training graphs exist
+    captured = counters["stats"]["calls_captured"]
+    logp = compiled_trainer.first_token_logprobs([[1, 2, 3], [4, 5]], [[6, 7], [8]])
+    assert counters["stats"]["calls_captured"] == captured
+    model = compiled_trainer.model
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        expected = torch.log_softmax(model(input_ids=torch.tensor([[4, 5]]), use_cache=False).logits[0, -1], -1)
+    assert logp[1] == pytest.approx([float(expected[8])], abs=1e-6)
+
+
+def _one_micro_batch(trainer):
+    from sse_rl.workers.trainer import _Extra
+
+    (mb,) = pack(_sequences(2, seed=3), token_budget=64)[0]
+    return mb.to(trainer.device), _Extra(None, None)
+
+
 def _check_packed_equals_unpacked(trainer, agg: str) -> None:
     from sse_rl.workers.trainer import _Extra
 
