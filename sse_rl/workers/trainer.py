@@ -33,9 +33,10 @@ Choices:
    next micro-batch's kernels while the GPU still runs the last one.
 11) `train.compile`: each decoder block runs under torch.compile (dynamic shapes; the SSE Triton op is a graph break)
    and so does the logprob/entropy head, which fuses the fp32 [N, V] temporaries. Compilation happens when the
-   worker joins (`_compile_now`), so step times are steady-state. Gradient checkpointing recomputes the compiled
-   blocks. On the H100 at 2B, compilation plus flash varlen attention took an 8,704-token micro-batch from
-   0.68 s to 0.41-0.43 s (bench/profile_train_step.py).
+   worker joins (`_compile_now`), not in the first step (a micro-batch of a new size class may still recompile
+   once); the weight-sync probe runs eagerly. Gradient checkpointing recomputes the compiled blocks; fsdp2 shards
+   the compiled blocks (tested on 2 gloo ranks). On the H100 at 2B, compilation plus flash varlen attention took
+   an 8,704-token micro-batch from 0.68 s to 0.41-0.43 s (bench/profile_train_step.py).
 """
 from __future__ import annotations
 
@@ -166,7 +167,8 @@ class TrainerWorker:
         seqs = [Sequence([1, 2, 3], [4] * (half - 3), [0.0] * (half - 3), advantage=1.0, weight=1.0),
                 Sequence([1, 2], [3] * (half - 7), [0.0] * (half - 7), advantage=1.0, weight=1.0)]
         (mb,) = pack(seqs, token_budget=2 * half)[0]  # sizes unlike each other: no duck-sized guard either
-        self._micro_step(mb.to(self.device), _Extra(None, None))
+        mb = mb.to(self.device)
+        self._micro_step(mb, self._extra(mb))  # also the no-grad passes a step makes (pi_old, reference)
         self.model.zero_grad(set_to_none=True)
 
     def address(self) -> tuple[str, int]:
@@ -215,6 +217,11 @@ class TrainerWorker:
     def _logprobs(self, model: torch.nn.Module, mb: MicroBatch) -> Tensor:
         return self._forward(model, mb)[0]  # [N]
 
+    def _extra(self, mb: MicroBatch) -> _Extra:
+        """pi_old (only with several updates per batch) and reference logprobs (only with a KL term) of `mb`."""
+        return _Extra(self._logprobs(self.model, mb) if self.multi_update else None,
+                      self._logprobs(self.ref, mb) if self.ref is not None else None)
+
     def _micro_step(self, mb: MicroBatch, extra: _Extra) -> dict[str, Tensor]:
         """Forward + backward of one micro-batch; returns its statistics (detached scalars on the device)."""
         logp, aux, ent = self._forward(self.model, mb)
@@ -257,11 +264,7 @@ class TrainerWorker:
         gpu_free = torch.cuda.mem_get_info(self.device)[0] / 2**30 if self.device.type == "cuda" else 0.0
         if self.fsdp:
             minibatches = self._even_out(minibatches, filler)
-        extras = {}
-        for mb in (mb for mini in minibatches for mb in mini):
-            old = self._logprobs(self.model, mb) if self.multi_update else None
-            ref = self._logprobs(self.ref, mb) if self.ref is not None else None
-            extras[id(mb)] = _Extra(old, ref)
+        extras = {id(mb): self._extra(mb) for mini in minibatches for mb in mini}
         zero = torch.zeros((), device=self.device)
         sums = dict.fromkeys(SUMMED, zero)  # on the device, read once after the loop (a read waits for the GPU)
         is_max, is_min = zero, torch.full((), float("inf"), device=self.device)

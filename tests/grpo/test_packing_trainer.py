@@ -200,9 +200,11 @@ def _train_rank(rank: int, world: int, port: int, strategy: str, path: str, mini
 
     from sse_rl.workers.trainer import FULL, TrainerWorker
 
-    worker = TrainerWorker(path, rank=rank, world_size=world, train=TrainConfig(lr=1e-3, strategy=strategy),
+    fsdp = strategy == "fsdp2"  # as recipes/sse_h_2b_grpo.yaml: sharded, checkpointed and compiled
+    worker = TrainerWorker(path, rank=rank, world_size=world,
+                           train=TrainConfig(lr=1e-3, strategy=strategy, compile=fsdp, token_budget=256),
                            algo=AlgoConfig(mini_batches=2, kl_coef=0.1), temperature=1.0, seed=0, dtype="float32",
-                           gradient_checkpointing=strategy == "fsdp2")
+                           gradient_checkpointing=fsdp)
     worker.join("127.0.0.1", port)
     stats = worker.train(minibatches)
     named = {k: v.numpy() for k, v in worker.named_tensors("float32").items()}  # by value, not shm
@@ -231,7 +233,7 @@ def distributed_runs(policy, tmp_path_factory):
     """One rank that sees everything (ddp) and two ranks with half of each mini-batch, for ddp and for fsdp2.
 
     Two mini-batches (pi_old computed up front, ratios != 1 in the second) and a k3 KL to the reference model, so the
-    off-policy and KL paths are covered too; fsdp2 ranks also use gradient checkpointing."""
+    off-policy and KL paths are covered too; fsdp2 ranks also use gradient checkpointing and train.compile."""
     import torch.multiprocessing as mp
 
     seqs = _sequences(16, seed=2)
@@ -293,9 +295,15 @@ def test_two_gloo_ranks_match_one(distributed_runs, policy, strategy):
     assert {k: v.shape for k, v in dist_weights.items()} == {k: tuple(v.shape) for k, v in initial.items()}
     moved = 0.0
     for name, value in single[4].items():
-        torch.testing.assert_close(torch.from_numpy(dist_weights[name]), torch.from_numpy(value), rtol=1e-5,
-                                   atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
-        moved = max(moved, float((torch.from_numpy(value) - initial[name]).abs().max()))
+        got, want = torch.from_numpy(dist_weights[name]), torch.from_numpy(value)
+        if strategy == "ddp":  # eager, like the single rank
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        else:
+            # compiled: Inductor's fused fp32 reductions round differently, and where a gradient is ~0 Adam's
+            # m / sqrt(v) turns a 1e-9 difference into one of the update's size (~1e-3): a rare element may differ
+            off = (got - want).abs() > 1e-6 + 1e-5 * want.abs()
+            assert float(off.float().mean()) < 1e-3 and float((got - want).abs().max()) < 1e-3, name
+        moved = max(moved, float((want - initial[name]).abs().max()))
     assert moved > 1e-4  # the step changed the weights
     # save -> another step -> load gives back the saved weights and the full (unsharded) optimizer state
     restored = next(r[5] for r in double if r[1] == 0)
