@@ -105,8 +105,8 @@ def attention_check(tokens: int, seqs: int, heads: int, head_dim: int) -> dict[s
     try:
         from torch.nn.attention.varlen import varlen_attn
 
-        out["varlen_ms"] = _fwd_bwd_ms(lambda: varlen_attn(q, k, v, cu.int(), cu.int(), tokens, tokens,
-                                                           **_causal_kwargs(varlen_attn)))
+        causal = _causal_kwargs(varlen_attn)
+        out["varlen_ms"] = _fwd_bwd_ms(lambda: varlen_attn(q, k, v, cu.int(), cu.int(), tokens, tokens, **causal))
     except (ImportError, RuntimeError, TypeError) as err:
         print(f"varlen_attn unavailable: {type(err).__name__}: {err}", flush=True)
     return out
