@@ -27,6 +27,9 @@ from sse_rl.models.ops.router import fused_router
 from sse_rl.models.ops.routing import from_stream, sort_by_partition, to_stream
 
 BT = 64
+# Software-pipelining depth per kernel (num_warps 4): Triton's default of 3 stages is 5-15 % slower for the kernels
+# below on the H100 (bench/results/sse_kernel_launch.md: H=10, dk=dv=256, 13,056 tokens; 8 warps is slower).
+STAGES = {"fwd_h": 2, "fwd_o": 1, "bwd_dh": 1, "bwd_dv": 1, "bwd_dqkg": 2}
 
 
 def chunk_table(seg_start: torch.Tensor, seg_len: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,9 +275,10 @@ def chunk_gla_fwd(q, k, v, g, h0, seg_start, seg_len, chunk_off, table, scale: f
     ht = q.new_empty(G, H, DK, DV, dtype=torch.float32) if store_ht else None
     grid = (triton.cdiv(DK, BK) * triton.cdiv(DV, BV), G, H)
     chunk_fwd_h_kernel[grid](k, v, g, h, h0, ht, seg_start, seg_len, chunk_off,
-                             USE_H0=h0 is not None, STORE_HT=store_ht, **meta)
+                             USE_H0=h0 is not None, STORE_HT=store_ht, num_stages=STAGES["fwd_h"], **meta)
     o = torch.empty_like(v)
-    chunk_fwd_o_kernel[(triton.cdiv(DV, BV), NC, H)](q, k, v, g, h, o, table, scale, **meta)
+    chunk_fwd_o_kernel[(triton.cdiv(DV, BV), NC, H)](q, k, v, g, h, o, table, scale, num_stages=STAGES["fwd_o"],
+                                                     **meta)
     return o, h, ht
 
 
@@ -287,11 +291,13 @@ def chunk_gla_bwd(q, k, v, g, h, do, dht, seg_start, seg_len, chunk_off, table, 
     dh0 = q.new_empty(G, H, DK, DV, dtype=torch.float32) if need_dh0 else None
     grid = (triton.cdiv(DK, BK) * triton.cdiv(DV, BV), G, H)
     chunk_bwd_dh_kernel[grid](q, do, g, dh, dht, dh0, seg_start, seg_len, chunk_off, scale,
-                              USE_DHT=dht is not None, STORE_DH0=need_dh0, **meta)
+                              USE_DHT=dht is not None, STORE_DH0=need_dh0, num_stages=STAGES["bwd_dh"], **meta)
     dv = torch.empty_like(v)
-    chunk_bwd_dv_kernel[(triton.cdiv(DV, BV), NC, H)](q, k, g, do, dh, dv, table, scale, **meta)
+    chunk_bwd_dv_kernel[(triton.cdiv(DV, BV), NC, H)](q, k, g, do, dh, dv, table, scale,
+                                                      num_stages=STAGES["bwd_dv"], **meta)
     dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
-    chunk_bwd_dqkg_kernel[(triton.cdiv(DK, BK), NC, H)](q, k, v, g, h, do, dh, dq, dk, dg, table, scale, **meta)
+    chunk_bwd_dqkg_kernel[(triton.cdiv(DK, BK), NC, H)](q, k, v, g, h, do, dh, dq, dk, dg, table, scale,
+                                                        num_stages=STAGES["bwd_dqkg"], **meta)
     return dq, dk, dv, dg, dh0
 
 

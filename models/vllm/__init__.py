@@ -13,7 +13,7 @@ ARCHITECTURE = "SSEHForCausalLM"
 MODEL_TYPE = "sse_h"
 MODEL_CLASS_PATH = "sse_rl.models.vllm.model:SSEHForCausalLM"
 STATE_BACKEND_CLASS_PATH = "sse_rl.models.vllm.backend.SSEStateBackend"
-MIXER_OP = "vllm::sse_h_mixer"
+MIXER_OP = "vllm::sse_h_mix"
 
 
 def register() -> None:

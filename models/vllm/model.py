@@ -2,8 +2,9 @@
 softmax-attention layers (vLLM `Attention`, RoPE), pre-norm blocks with a SwiGLU MLP.
 
 Weights load from the HF checkpoint's names (`sse_rl.models`, fla SSE naming); q/k/v and gate/up are stacked into
-`qkv_proj` / `gate_up_proj` here. `load_weights` takes any subset, any number of times (RL weight updates), returns the
-vLLM names it loaded, and raises on a name it cannot place.
+`qkv_proj` / `gate_up_proj` here, and an SSE layer's replicated projections of x into `x_proj` (`stacked_target`).
+`load_weights` takes any subset, any number of times (RL weight updates), returns the vLLM names it loaded, and
+raises on a name it cannot place.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
-from sse_rl.models.vllm.sse_layer import SSEHMixer, sse_state_shape
+from sse_rl.models.vllm.sse_layer import X_PROJ_PARTS, SSEHMixer, sse_state_shape
 from torch import nn
 from transformers import PretrainedConfig
 from vllm.compilation.decorators import support_torch_compile
@@ -140,10 +141,20 @@ def stacked_target(name: str, attn_layers: set[int]) -> tuple[str, int | str | N
     if ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
         shard = 0 if ".gate_proj." in name else 1
         return name.replace(".gate_proj.", ".gate_up_proj.").replace(".up_proj.", ".gate_up_proj."), shard
+    if ".attn." not in name or len(parts) < 3 or not parts[2].isdigit():
+        return name, None
+    is_attention = int(parts[2]) in attn_layers
+    head, _, tail = name.partition(".attn.")
+    module, _, param = tail.rpartition(".")  # e.g. "gk_proj.1.0", "weight"
     for index, proj in enumerate(("q", "k", "v")):
-        if f".attn.{proj}_proj." in name:
-            is_attention = len(parts) > 2 and parts[2].isdigit() and int(parts[2]) in attn_layers
-            return name.replace(f".attn.{proj}_proj.", ".attn.qkv_proj."), proj if is_attention else index
+        if module == f"{proj}_proj":
+            return f"{head}.attn.qkv_proj.{param}", proj if is_attention else index
+    if is_attention:
+        return name, None
+    if module in X_PROJ_PARTS:  # replicated projections of x, one matmul
+        return f"{head}.attn.x_proj.{param}", X_PROJ_PARTS.index(module)
+    if module.endswith(".1"):  # the column-parallel second half of a low-rank pair
+        return f"{head}.attn.{module[:-2]}.{param}", None
     return name, None
 
 

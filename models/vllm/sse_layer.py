@@ -3,15 +3,18 @@
 Choices:
 - One state tensor per layer and request: fp32 `[N+1, H/tp, dk, dv]` (partition 0 shared, K-major as in
   `sse_rl.models.ops`), held in vLLM's hybrid state cache; a slot is a state-cache block id.
-- The whole layer (projections, mixing, output norm, out-projection) runs inside one opaque custom op,
-  `vllm::sse_h_mixer`: its prefill path needs host-side batch metadata, so torch.compile must not trace it and
-  piecewise CUDA graphs split at it (registered in `compat.register_splitting_op`). The decode path is free of
-  host syncs, so FULL decode graphs can capture it.
+- Three parts, as vLLM's own linear-attention layers: projections and feature maps, then the state mixing as one
+  opaque custom op (`vllm::sse_h_mix`), then the gated norm and out-projection. torch.compile sees the first and
+  last parts (their ~30 elementwise ops per layer fuse into a few kernels); the op reads host-side batch metadata
+  (prefill/decode split), so it stays opaque and piecewise CUDA graphs split at it (`compat.register_splitting_op`).
+  Its decode path is free of host syncs, so FULL decode graphs capture it.
+- The projections of x that are replicated over TP (the low-rank "A" halves of the q/k LoRAs and gates, and the
+  router `e_proj`) are stacked into one matmul, `x_proj`; `model.stacked_target` maps the HF names onto it.
 - Decode rows go to `sse_decode` (in place on the cache); prefill rows (new, chunked, resumed from a prefix-cache
   hit) go to `sse_chunk` with per-sequence initial states gathered from the cache (zero for new requests) and the
   final states scattered back.
 - Tensor parallelism: heads are sharded (q/k/v, LoRA-B, gate-B, decay-B column-parallel, o_proj row-parallel);
-  the router `e_proj` and the low-rank A matrices are replicated, so every rank routes identically.
+  `x_proj` is replicated, so every rank routes identically.
 """
 from __future__ import annotations
 
@@ -28,14 +31,15 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
-    ReplicatedLinear,
     RowParallelLinear,
 )
 from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.utils.torch_utils import direct_register_custom_op
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
-OP_NAME = "sse_h_mixer"
+OP_NAME = "sse_h_mix"
+# HF modules stacked into `x_proj`, in shard order (the last one only with an output gate).
+X_PROJ_PARTS = ("lora_q_proj.0", "lora_k_proj.0", "gk_proj.0.0", "gk_proj.1.0", "e_proj", "g_proj.0")
 
 
 def sse_state_shape(config: PretrainedConfig, tp_size: int) -> tuple[int, int, int, int]:
@@ -45,11 +49,6 @@ def sse_state_shape(config: PretrainedConfig, tp_size: int) -> tuple[int, int, i
                          f"({tp_size})")
     head_v_dim = int(config.head_dim * config.expand_v)
     return config.num_sparse_partition + 1, config.num_heads // tp_size, config.head_dim, head_v_dim
-
-
-def _low_rank(pair: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-    """x -> B(A(x)) for a (replicated A, column-parallel B) pair; vLLM linears return (out, bias)."""
-    return pair[1](pair[0](x)[0])[0]
 
 
 class GatedRMSNorm(nn.Module):
@@ -88,20 +87,15 @@ class SSEHMixer(nn.Module, MambaBase):
 
         self.qkv_proj = MergedColumnParallelLinear(hidden, [heads * dk, heads * dk, heads * dv], bias=False,
                                                    prefix=f"{prefix}.qkv_proj")
-        self.lora_q_proj = nn.ModuleList([
-            ReplicatedLinear(hidden, dv, bias=False, prefix=f"{prefix}.lora_q_proj.0"),
-            ColumnParallelLinear(dv, heads * dk, bias=False, prefix=f"{prefix}.lora_q_proj.1")])
-        self.lora_k_proj = nn.ModuleList([
-            ReplicatedLinear(hidden, dv, bias=False, prefix=f"{prefix}.lora_k_proj.0"),
-            ColumnParallelLinear(dv, heads * dk, bias=False, prefix=f"{prefix}.lora_k_proj.1")])
-        self.gk_proj = nn.ModuleList([nn.ModuleList([
-            ReplicatedLinear(hidden, rank, bias=False, prefix=f"{prefix}.gk_proj.{i}.0"),
-            ColumnParallelLinear(rank, heads * dk, bias=True, prefix=f"{prefix}.gk_proj.{i}.1")]) for i in range(2)])
-        self.e_proj = ReplicatedLinear(hidden, config.num_sparse_partition, bias=False, prefix=f"{prefix}.e_proj")
-        self.g_proj = nn.ModuleList([
-            ReplicatedLinear(hidden, dv, bias=False, prefix=f"{prefix}.g_proj.0"),
-            ColumnParallelLinear(dv, heads * dv, bias=False, prefix=f"{prefix}.g_proj.1"),
-        ]) if config.use_output_gate else None
+        self.x_sizes = [dv, dv, rank, rank, config.num_sparse_partition] + ([dv] if config.use_output_gate else [])
+        self.x_proj = MergedColumnParallelLinear(hidden, self.x_sizes, bias=False, disable_tp=True,
+                                                 prefix=f"{prefix}.x_proj")
+        self.lora_q_proj = ColumnParallelLinear(dv, heads * dk, bias=False, prefix=f"{prefix}.lora_q_proj")
+        self.lora_k_proj = ColumnParallelLinear(dv, heads * dk, bias=False, prefix=f"{prefix}.lora_k_proj")
+        self.gk_proj = nn.ModuleList([
+            ColumnParallelLinear(rank, heads * dk, bias=True, prefix=f"{prefix}.gk_proj.{i}") for i in range(2)])
+        self.g_proj = ColumnParallelLinear(dv, heads * dv, bias=False, prefix=f"{prefix}.g_proj") \
+            if config.use_output_gate else None
         self.o_norm = GatedRMSNorm(dv, eps=config.norm_eps)
         self.o_proj = RowParallelLinear(heads * dv, hidden, bias=False, input_is_parallel=True,
                                         prefix=f"{prefix}.o_proj")
@@ -124,40 +118,41 @@ class SSEHMixer(nn.Module, MambaBase):
         return (torch.float32,)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        output = torch.empty_like(hidden_states)
-        torch.ops.vllm.sse_h_mixer(hidden_states, output, self.prefix)
-        return output
+        """Features (compiled) -> state mixing on the cache (opaque op) -> gated norm and o_proj (compiled)."""
+        feats, gate = self._features(hidden_states)
+        o = torch.zeros_like(feats[4])  # [T, H, dv]: rows the op does not write (graph padding) stay zero
+        torch.ops.vllm.sse_h_mix(*feats, o, self.prefix)
+        y, _ = self.o_proj(self.o_norm(o, gate).flatten(1))
+        return y
 
-    def forward_impl(self, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
-        """Body of the custom op: features -> SSE mixing on the cached states -> gated norm -> o_proj."""
+    def mix(self, feats: tuple[torch.Tensor, ...], o: torch.Tensor) -> None:
+        """Body of the custom op: decode rows, then prefill rows, on this layer's cached states, into `o`."""
         metadata = get_forward_context().attn_metadata
-        num_tokens = hidden_states.shape[0]
-        q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, router_logits = self._features(hidden_states)
-        o = torch.zeros(num_tokens, self.num_heads, self.head_v_dim, dtype=v.dtype, device=v.device)
         # No metadata during vLLM's memory-profiling run: states are not allocated yet.
-        if metadata is not None:
-            step = metadata[self.prefix]
-            assert isinstance(step, SSEStateMetadata), f"{self.prefix}: unexpected metadata {type(step)}"
-            feats = (q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, router_logits)
-            self._decode(feats, step, o)
-            self._prefill(feats, step, o)
-        output.copy_(self._output(o, hidden_states))
+        if metadata is None:
+            return
+        step = metadata[self.prefix]
+        assert isinstance(step, SSEStateMetadata), f"{self.prefix}: unexpected metadata {type(step)}"
+        self._decode(feats, step, o)
+        self._prefill(feats, step, o)
 
-    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _features(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
         """Feature maps of spec §1.2 with the HF model's numerics: q = silu, k = softmax over dk (fp32), v = silu,
-        log-decays logsigmoid(.) / normalizer in fp32, router logits [T, N]."""
+        log-decays logsigmoid(.) / normalizer in fp32, router logits [T, N]; and the output gate [T, H, dv]."""
         t, heads = x.shape[0], (self.num_heads, self.head_k_dim)
         qkv, _ = self.qkv_proj(x)
         q1, k1, v = qkv.split([self.num_heads * self.head_k_dim] * 2 + [self.num_heads * self.head_v_dim], dim=-1)
-        q2, k2 = q1 + _low_rank(self.lora_q_proj, x), k1 + _low_rank(self.lora_k_proj, x)  # [T, H*dk]
+        xs, _ = self.x_proj(x)
+        lq, lk, gk0, gk1, router_logits, *g = xs.split(self.x_sizes, dim=-1)
+        q2, k2 = q1 + self.lora_q_proj(lq)[0], k1 + self.lora_k_proj(lk)[0]  # [T, H*dk]
         q_sh, q_sp = F.silu(q1.view(t, *heads)), F.silu(q2.view(t, *heads))  # [T, H, dk]
         k_sh = k1.view(t, *heads).float().softmax(-1).to(x.dtype)
         k_sp = k2.view(t, *heads).float().softmax(-1).to(x.dtype)
         v = F.silu(v.view(t, self.num_heads, self.head_v_dim))  # [T, H, dv]
-        g_sh, g_sp = (F.logsigmoid(_low_rank(p, x).view(t, *heads).float()) / self.gate_logit_normalizer
-                      for p in self.gk_proj)  # [T, H, dk] fp32
-        router_logits, _ = self.e_proj(x)  # [T, N]
-        return q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, router_logits
+        g_sh, g_sp = (F.logsigmoid(proj(a)[0].view(t, *heads).float()) / self.gate_logit_normalizer
+                      for proj, a in zip(self.gk_proj, (gk0, gk1)))  # [T, H, dk] fp32
+        gate = None if self.g_proj is None else self.g_proj(g[0])[0].view_as(v)
+        return (q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, router_logits.contiguous()), gate
 
     def _decode(self, feats: tuple[torch.Tensor, ...], step: SSEStateMetadata, o: torch.Tensor) -> None:
         """One token per decode row, state updated in place; padded rows (slot -1) give zero output."""
@@ -181,21 +176,19 @@ class SSEHMixer(nn.Module, MambaBase):
         o[start:end] = out[0]
         state[slots] = final
 
-    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """y = o_proj(RMSNorm_dv(o) [* silu(g)]) per head (spec §1.3 last line)."""
-        gate = None if self.g_proj is None else _low_rank(self.g_proj, x).view_as(o)  # [T, H, dv]
-        y, _ = self.o_proj(self.o_norm(o, gate).flatten(1))
-        return y
 
-
-def _sse_h_mixer(hidden_states: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+def _sse_h_mix(q_shared: torch.Tensor, k_shared: torch.Tensor, q_sparse: torch.Tensor, k_sparse: torch.Tensor,
+               v: torch.Tensor, g_shared: torch.Tensor, g_sparse: torch.Tensor, router_logits: torch.Tensor,
+               output: torch.Tensor, layer_name: str) -> None:
     layer: SSEHMixer = get_forward_context().no_compile_layers[layer_name]
-    layer.forward_impl(hidden_states, output)
+    layer.mix((q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits), output)
 
 
-def _sse_h_mixer_fake(hidden_states: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+def _sse_h_mix_fake(q_shared: torch.Tensor, k_shared: torch.Tensor, q_sparse: torch.Tensor, k_sparse: torch.Tensor,
+                    v: torch.Tensor, g_shared: torch.Tensor, g_sparse: torch.Tensor, router_logits: torch.Tensor,
+                    output: torch.Tensor, layer_name: str) -> None:
     return None
 
 
-direct_register_custom_op(op_name=OP_NAME, op_func=_sse_h_mixer, mutates_args=["output"],
-                          fake_impl=_sse_h_mixer_fake)
+direct_register_custom_op(op_name=OP_NAME, op_func=_sse_h_mix, mutates_args=["output"],
+                          fake_impl=_sse_h_mix_fake)

@@ -1,0 +1,148 @@
+"""Launch settings of the SSE Triton kernels on one GPU: decode tile width x warps, chunk kernels' warps x stages.
+
+    python bench/sweep_sse_kernels.py --out bench/results   # ~2 minutes on an H100, no autotuning
+
+Why: the kernels launch with fixed settings (no autotune lists: autotuning costs minutes on a fresh machine), so
+the fixed settings are chosen from this sweep at the 2B model's shapes (H=10, dk=dv=256, N=4, K=1, bf16):
+- decode at batch 64, states in a slot cache four times the batch (as vLLM's), as a fraction of copy bandwidth;
+- each chunk kernel on a 13,056-token micro-batch (3 x 4,352 tokens, the GRPO bench's token budget) at
+  num_warps in {4, 8} and num_stages in {1, 2, 3}, tiles BK = BV = 64 (smaller tiles crash the H100 with triton 3.6).
+Results: `<out>/sse_kernel_launch.json` and `.md`; the chosen settings are `decode.DECODE_BV` and `chunk.STAGES`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from sse_rl.models.ops import chunk as C
+from sse_rl.models.ops.decode import sse_decode_kernel
+from sse_rl.models.ops.router import fused_router
+from sse_rl.models.ops.routing import sort_by_partition, to_stream
+
+H, DK, DV, N, K = 10, 256, 256, 4, 1
+DEV = "cuda"
+BF16 = torch.bfloat16
+
+
+def say(*parts: object) -> None:
+    print(time.strftime("%H:%M:%S"), *parts, flush=True)
+
+
+def bench_ms(fn: Callable[[], object]) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB, bytes read + written per second."""
+    x = torch.empty(2 * 1024**3 // 4, device=DEV)
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / (bench_ms(lambda: y.copy_(x)) / 1e3)
+
+
+def rand(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, device=DEV)
+
+
+def sweep_decode(batch: int, bandwidth: float) -> list[dict]:
+    feats = [F.silu(rand(batch, H, DK)).to(BF16), rand(batch, H, DK).softmax(-1).to(BF16),
+             F.silu(rand(batch, H, DK)).to(BF16), rand(batch, H, DK).softmax(-1).to(BF16),
+             F.silu(rand(batch, H, DV)).to(BF16), F.logsigmoid(rand(batch, H, DK)) / 16,
+             F.logsigmoid(rand(batch, H, DK)) / 16, rand(batch, N).to(BF16)]
+    state = torch.zeros(4 * batch, N + 1, H, DK, DV, device=DEV)
+    slots = torch.randperm(4 * batch, device=DEV)[:batch].int()
+    out = torch.empty_like(feats[4])
+    moved = batch * H * (K + 1) * DK * DV * 4 * 2  # fp32 states of the touched partitions, read and written
+    rows = []
+    for bv in (16, 32, 64):
+        for warps in (2, 4, 8):
+            ms = bench_ms(partial(
+                sse_decode_kernel[(triton.cdiv(DV, bv), batch, H)], *feats, state, state.stride(0), slots, out,
+                DK ** -0.5, H=H, DK=DK, DV=DV, N=N, K=K, BK=DK, BV=bv, BN=triton.next_power_of_2(N),
+                num_warps=warps))
+            rows.append({"batch": batch, "BV": bv, "num_warps": warps, "ms": ms,
+                         "fraction_of_copy_bw": moved / (ms / 1e3) / bandwidth})
+            say(f"decode BV={bv} warps={warps}: {ms * 1e3:.0f} us, {rows[-1]['fraction_of_copy_bw']:.0%} of copy bw")
+    return rows
+
+
+def stream_inputs(lengths: list[int]) -> tuple[torch.Tensor, ...]:
+    """The chunk kernels' inputs as the SSE op builds them: the [shared | routed] stream and its segments."""
+    L = sum(lengths)
+    q_sh, q_sp, v = (F.silu(rand(L, H, d)).to(BF16) for d in (DK, DK, DV))
+    k_sh, k_sp = (rand(L, H, DK).softmax(-1).to(BF16) for _ in range(2))
+    g_sh, g_sp = (F.logsigmoid(rand(L, H, DK)) / 16 for _ in range(2))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEV)
+    _, weights, indices = fused_router(rand(L, N).to(BF16), K)
+    routing = sort_by_partition(indices, cu, N)
+    q, k = to_stream(q_sh, q_sp, routing, weights), to_stream(k_sh, k_sp, routing, weights)
+    return q, k, to_stream(v, v, routing), to_stream(g_sh, g_sp, routing), routing.seg_start, routing.seg_len
+
+
+def sweep_chunk(lengths: list[int]) -> list[dict]:
+    q, k, v, g, seg_start, seg_len = stream_inputs(lengths)
+    chunk_off, table = C.chunk_table(seg_start, seg_len, q.shape[0])
+    G, NC, scale = seg_len.numel(), table.shape[0], DK ** -0.5
+    h, do = q.new_empty(NC, H, DK, DV), torch.randn_like(v)
+    o, dh, dq, dk, dv, dg = (torch.empty_like(x) for x in (v, h, q, k, v, g))
+    meta = {"H": H, "DK": DK, "DV": DV, "BT": C.BT, "BK": 64, "BV": 64, "PREC": "tf32"}
+    walk, tiles = (16, G, H), (4, NC, H)  # the two grid kinds: per segment (state walk), per chunk
+    kernels: dict[str, Callable[..., object]] = {
+        "fwd_h": lambda **kw: C.chunk_fwd_h_kernel[walk](
+            k, v, g, h, None, None, seg_start, seg_len, chunk_off, USE_H0=False, STORE_HT=False, **meta, **kw),
+        "fwd_o": lambda **kw: C.chunk_fwd_o_kernel[tiles](q, k, v, g, h, o, table, scale, **meta, **kw),
+        "bwd_dh": lambda **kw: C.chunk_bwd_dh_kernel[walk](
+            q, do, g, dh, None, None, seg_start, seg_len, chunk_off, scale, USE_DHT=False, STORE_DH0=False,
+            **meta, **kw),
+        "bwd_dv": lambda **kw: C.chunk_bwd_dv_kernel[tiles](q, k, g, do, dh, dv, table, scale, **meta, **kw),
+        "bwd_dqkg": lambda **kw: C.chunk_bwd_dqkg_kernel[tiles](
+            q, k, v, g, h, do, dh, dq, dk, dg, table, scale, **meta, **kw),
+    }
+    rows = []
+    for name, launch in kernels.items():
+        for warps in (4, 8):
+            for stages in (1, 2, 3):
+                ms = bench_ms(partial(launch, num_warps=warps, num_stages=stages))
+                rows.append({"kernel": name, "num_warps": warps, "num_stages": stages, "ms": ms})
+                say(f"chunk {name} warps={warps} stages={stages}: {ms:.3f} ms")
+    return rows
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    lines = [f"# SSE kernel launch settings on {result['device']}", "",
+             f"`bench/sweep_sse_kernels.py`, torch {result['torch']}, triton {result['triton']}; H=10, dk=dv=256, "
+             f"N=4, K=1, bf16. Copy bandwidth {result['copy_bw_gbs']:,.0f} GB/s.", "",
+             "## Decode step, batch 64 (fraction of copy bandwidth for the touched fp32 states, read + written)", "",
+             "| BV | warps | us | of copy bw |", "|---|---|---|---|"]
+    lines += [f"| {r['BV']} | {r['num_warps']} | {r['ms'] * 1e3:.0f} | {r['fraction_of_copy_bw']:.0%} |"
+              for r in result["decode"]]
+    lines += ["", f"## Chunk kernels, {result['tokens']:,} tokens (ms)", "",
+              "| kernel | 4 warps, 1 stage | 2 | 3 | 8 warps, 1 stage | 2 | 3 |", "|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["kernel"] for r in result["chunk"]):
+        times = [f"{r['ms']:.3f}" for r in result["chunk"] if r["kernel"] == name]
+        lines.append(f"| {name} | {' | '.join(times)} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    lengths = [4352] * 3
+    bandwidth = copy_bandwidth()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "copy_bw_gbs": bandwidth / 1e9, "tokens": sum(lengths),
+              "decode": sweep_decode(64, bandwidth), "chunk": sweep_chunk(lengths)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sse_kernel_launch.json").write_text(json.dumps(result, indent=1))
+    write_markdown(result, args.out / "sse_kernel_launch.md")
+
+
+if __name__ == "__main__":
+    main()
