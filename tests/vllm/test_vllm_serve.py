@@ -26,18 +26,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _failure(log: Path) -> str:
+    """The log's error lines (the engine core's root cause comes long before the front end's traceback) + its tail."""
+    text = log.read_text()
+    errors = [line for line in text.splitlines() if "Error" in line][:20]
+    return "\n".join(errors) + "\n...\n" + text[-3000:]
+
+
 def _wait_until_healthy(url: str, server: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise AssertionError(f"vllm serve exited with {server.returncode}:\n{log.read_text()[-4000:]}")
+            raise AssertionError(f"vllm serve exited with {server.returncode}:\n{_failure(log)}")
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
                     return
         except OSError:
             time.sleep(2)
-    raise AssertionError(f"vllm serve not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+    raise AssertionError(f"vllm serve not healthy after {STARTUP_TIMEOUT_S} s:\n{_failure(log)}")
 
 
 def _cli_env(tmp_path: Path) -> dict[str, str]:
@@ -62,10 +69,12 @@ def _cli_env(tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def server(tiny_checkpoints, tmp_path):
     port, log = _free_port(), tmp_path / "serve.log"
-    # the `vllm` console script's own entry point, run by this interpreter (an install without scripts has none)
+    # the `vllm` console script's own entry point, run by this interpreter (an install without scripts has none);
+    # on a GPU the server takes a small share of memory: this test process may still hold its earlier engines'
     command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_checkpoints.w0),
                "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "sse-h-tiny", "--dtype", "float32",
-               "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "2"]
+               "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "2",
+               "--gpu-memory-utilization", "0.2"]
     with log.open("w") as out:
         process = subprocess.Popen(command, env=_cli_env(tmp_path), stdout=out, stderr=subprocess.STDOUT)
     try:
