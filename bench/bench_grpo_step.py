@@ -544,12 +544,17 @@ def _sampling(data: dict[str, Any]) -> list[str]:
         plain, sampling, pipe = parts.get("plain"), parts.get("sampling"), parts.get("pipeline")
         if not (plain and sampling):
             continue
-        rows = [("plain: text, no logprobs, no seeds", plain)] + [(label, sampling[k]) for k, label in SAMPLING
-                                                                 if k in sampling]
+        # variants measured beside an older plain run (older code or machine) are compared with that run
+        base = sampling.get("plain", plain)
+        rows = [(f"plain: text, no logprobs, no seeds ({base['date']})", base)] + [
+            (label, sampling[k]) for k, label in SAMPLING if k in sampling]
         lines += [f"## What the rollout's requests cost ({name}, the same batch, vLLM alone)", "",
                   "| request | s | tok/s | of plain |", "|---|---|---|---|"]
         lines += [f"| {label} | {r['seconds']:.1f} | {r['tokens_per_s']:,.0f} | "
-                  f"{r['tokens_per_s'] / plain['tokens_per_s']:.1%} |" for label, r in rows]
+                  f"{r['tokens_per_s'] / base['tokens_per_s']:.1%} |" for label, r in rows]
+        if pipe and base is not plain:
+            lines.append(f"| plain, measured with the pipeline row ({plain['date']}) | {plain['seconds']:.1f} | "
+                         f"{plain['tokens_per_s']:,.0f} | 100.0% |")
         if pipe:
             tok_s = pipe["throughput/rollout_tokens_per_s"]
             lines.append(f"| the pipeline's rollout phase (table above) | {pipe['time/rollout']:.1f} | {tok_s:,.0f} | "

@@ -27,8 +27,8 @@ from sse_rl.models.ops.router import fused_router
 from sse_rl.models.ops.routing import from_stream, sort_by_partition, to_stream
 
 BT = 64
-# Software-pipelining depth per kernel (num_warps 4): Triton's default of 3 stages is 5-15 % slower for the kernels
-# below on the H100 (bench/results/sse_kernel_launch.md: H=10, dk=dv=256, 13,056 tokens; 8 warps is slower).
+# Software-pipelining depth per kernel (num_warps 4): Triton's default of 3 stages costs up to 19 % per kernel and
+# 8 % over the five on the H100 (bench/results/sse_kernel_launch.md: H=10, dk=dv=256, 13,056 tokens; 8 warps is slower).
 STAGES = {"fwd_h": 2, "fwd_o": 1, "bwd_dh": 1, "bwd_dv": 1, "bwd_dqkg": 2}
 
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from sse_rl.models.ops.router import pick_top1, router_softmax, topk_candidates
 
-DECODE_BV = 64  # H100, dk=dv=256, batch 64: 79 % of copy bandwidth vs 74 % at 32 (bench/results/sse_kernel_launch.md)
+DECODE_BV = 64  # H100, dk=dv=256, batch 64: 78 % of copy bandwidth vs 73 % at 32 (bench/results/sse_kernel_launch.md)
 
 
 @triton.jit
