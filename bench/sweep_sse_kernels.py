@@ -4,10 +4,11 @@
 
 Why: the kernels launch with fixed settings (no autotune lists: autotuning costs minutes on a fresh machine), so
 the fixed settings are chosen from this sweep at the 2B model's shapes (H=10, dk=dv=256, N=4, K=1, bf16):
-- decode at batch 64, states in a slot cache four times the batch (as vLLM's), as a fraction of copy bandwidth;
+- decode at batch 64 (row block BK x tile width BV x warps), states in a slot cache four times the batch (as
+  vLLM's), as a fraction of copy bandwidth;
 - each chunk kernel on a 13,056-token micro-batch (3 x 4,352 tokens, the GRPO bench's token budget) at
   num_warps in {4, 8} and num_stages in {1, 2, 3}, tiles BK = BV = 64 (smaller tiles crash the H100 with triton 3.6).
-Results: `<out>/sse_kernel_launch.json` and `.md`; the chosen settings are `decode.DECODE_BV` and `chunk.STAGES`.
+Results: `<out>/sse_kernel_launch.json` and `.md`; the chosen settings are `decode.DECODE_BK/BV` and `chunk.STAGES`.
 """
 from __future__ import annotations
 
@@ -60,15 +61,17 @@ def sweep_decode(batch: int, bandwidth: float) -> list[dict]:
     out = torch.empty_like(feats[4])
     moved = batch * H * (K + 1) * DK * DV * 4 * 2  # fp32 states of the touched partitions, read and written
     rows = []
-    for bv in (16, 32, 64):
-        for warps in (2, 4, 8):
-            ms = bench_ms(partial(
-                sse_decode_kernel[(triton.cdiv(DV, bv), batch, H)], *feats, state, state.stride(0), slots, out,
-                DK ** -0.5, H=H, DK=DK, DV=DV, N=N, K=K, BK=DK, BV=bv, BN=triton.next_power_of_2(N),
-                num_warps=warps))
-            rows.append({"batch": batch, "BV": bv, "num_warps": warps, "ms": ms,
-                         "fraction_of_copy_bw": moved / (ms / 1e3) / bandwidth})
-            say(f"decode BV={bv} warps={warps}: {ms * 1e3:.0f} us, {rows[-1]['fraction_of_copy_bw']:.0%} of copy bw")
+    for bk in (16, 32, 64):
+        for bv in (32, 64, 128):
+            for warps in (4, 8):
+                ms = bench_ms(partial(
+                    sse_decode_kernel[(triton.cdiv(DV, bv), batch, H)], *feats, state, state.stride(0), slots, out,
+                    DK ** -0.5, H=H, DK=DK, DV=DV, N=N, K=K, BK=bk, BV=bv, BN=triton.next_power_of_2(N),
+                    num_warps=warps))
+                rows.append({"batch": batch, "BK": bk, "BV": bv, "num_warps": warps, "ms": ms,
+                             "fraction_of_copy_bw": moved / (ms / 1e3) / bandwidth})
+                say(f"decode BK={bk} BV={bv} warps={warps}: {ms * 1e3:.0f} us, "
+                    f"{rows[-1]['fraction_of_copy_bw']:.0%} of copy bw")
     return rows
 
 
@@ -119,8 +122,8 @@ def write_markdown(result: dict, path: Path) -> None:
              f"`bench/sweep_sse_kernels.py`, torch {result['torch']}, triton {result['triton']}; H=10, dk=dv=256, "
              f"N=4, K=1, bf16. Copy bandwidth {result['copy_bw_gbs']:,.0f} GB/s.", "",
              "## Decode step, batch 64 (fraction of copy bandwidth for the touched fp32 states, read + written)", "",
-             "| BV | warps | us | of copy bw |", "|---|---|---|---|"]
-    lines += [f"| {r['BV']} | {r['num_warps']} | {r['ms'] * 1e3:.0f} | {r['fraction_of_copy_bw']:.0%} |"
+             "| BK | BV | warps | us | of copy bw |", "|---|---|---|---|---|"]
+    lines += [f"| {r['BK']} | {r['BV']} | {r['num_warps']} | {r['ms'] * 1e3:.0f} | {r['fraction_of_copy_bw']:.0%} |"
               for r in result["decode"]]
     lines += ["", f"## Chunk kernels, {result['tokens']:,} tokens (ms)", "",
               "| kernel | 4 warps, 1 stage | 2 | 3 | 8 warps, 1 stage | 2 | 3 |", "|---|---|---|---|---|---|---|"]

@@ -1,10 +1,13 @@
 """Fused SSE decode step: router + shared and top-K partition updates + read-out, in place on a slot cache.
 
 One program owns one (sequence, head, dv-tile): it routes the token (same softmax/top-K code as router.py), then
-for the shared partition and each selected partition loads the fp32 state tile [dk, BV] of
-`state[slot, partition, head]`, decays and writes it, stores it back and accumulates the read-out. A step moves
-exactly the (K+1) touched partitions' states once in and once out, which is the bandwidth bound the benchmark
-compares against. Rows with a negative slot id (padding) write a zero output and touch no state.
+for the shared partition and each selected partition walks the fp32 state tile [dk, BV] of
+`state[slot, partition, head]` in blocks of BK rows: load, decay and add k^T v, store back, accumulate the read-out.
+A step moves exactly the (K+1) touched partitions' states once in and once out, which is the bandwidth bound the
+benchmark compares against; small row blocks without software pipelining keep few registers per program, so many
+programs stream at once (87-89 % of copy bandwidth on the H100 at batch 64, against 78 % when each program loaded
+its whole [dk, 64] tile: bench/results/sse_kernel_launch.md). Rows with a negative slot id (padding) write a zero
+output and touch no state.
 """
 from __future__ import annotations
 
@@ -13,18 +16,28 @@ import triton
 import triton.language as tl
 from sse_rl.models.ops.router import pick_top1, router_softmax, topk_candidates
 
-DECODE_BV = 64  # H100, dk=dv=256, batch 64: 78 % of copy bandwidth vs 73 % at 32 (bench/results/sse_kernel_launch.md)
+DECODE_BK, DECODE_BV = 16, 64
 
 
 @triton.jit
-def update_partition(state, i_slot, stride_slot, i_p, i_h, o_k, o_v, m_kv, b_q, b_k, b_g, b_v,
-                     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
-    """S <- diag(exp g) S + k^T v on the tile [BK, BV] of state[slot, i_p, head], stored in place; returns q S."""
-    p_s = state + i_slot * stride_slot + ((i_p * H + i_h) * DK + o_k[:, None]) * DV + o_v[None, :]
-    b_s = tl.load(p_s, mask=m_kv, other=0.0)
-    b_s = b_s * tl.exp(b_g)[:, None] + b_k[:, None] * b_v[None, :]
-    tl.store(p_s, b_s, mask=m_kv)
-    return tl.sum(b_q[:, None] * b_s, 0)
+def update_partition(slot_state, i_p, i_h, o_v, m_v, q, k, g, p_k, b_w, b_v,
+                     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """S <- diag(exp g) S + (w k)^T v on the tile [DK, BV] of partition i_p, head i_h of one slot, in BK-row blocks
+    stored in place; returns (w q) S [BV]. q/k/g point at the token's head rows (offset p_k)."""
+    b_o = tl.zeros([BV], dtype=tl.float32)
+    for i_k in tl.range(0, DK, BK, num_stages=1):
+        o_k = i_k + tl.arange(0, BK)
+        m_k = o_k < DK
+        m_kv = m_k[:, None] & m_v[None, :]
+        p_s = slot_state + ((i_p * H + i_h) * DK + o_k[:, None]) * DV + o_v[None, :]
+        b_s = tl.load(p_s, mask=m_kv, other=0.0)
+        b_q = tl.load(q + p_k + o_k, mask=m_k, other=0.0).to(tl.float32) * b_w
+        b_k = tl.load(k + p_k + o_k, mask=m_k, other=0.0).to(tl.float32) * b_w
+        b_g = tl.load(g + p_k + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_s = b_s * tl.exp(b_g)[:, None] + b_k[:, None] * b_v[None, :]
+        tl.store(p_s, b_s, mask=m_kv)
+        b_o += tl.sum(b_q[:, None] * b_s, 0)
+    return b_o
 
 
 @triton.jit
@@ -34,8 +47,8 @@ def sse_decode_kernel(
     BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
 ):
     i_v, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_k, o_v, o_n = tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BN)
-    m_k, m_v = o_k < DK, o_v < DV
+    o_v, o_n = i_v * BV + tl.arange(0, BV), tl.arange(0, BN)
+    m_v = o_v < DV
     p_o = o + (i_b * H + i_h) * DV + o_v
     i_slot = tl.load(slot_ids + i_b).to(tl.int64)
     if i_slot < 0:
@@ -44,21 +57,14 @@ def sse_decode_kernel(
     b_x = tl.load(logits + i_b * N + o_n, mask=o_n < N, other=0.0)
     b_p = router_softmax(b_x[None, :], o_n, N)                                   # [1, BN]
     b_rem = topk_candidates(b_p, o_n, N)
-    m_kv = m_k[:, None] & m_v[None, :]
-    p_k = (i_b * H + i_h) * DK + o_k
     b_v = tl.load(v + (i_b * H + i_h) * DV + o_v, mask=m_v, other=0.0).to(tl.float32)
-    b_q = tl.load(q_sh + p_k, mask=m_k, other=0.0).to(tl.float32)
-    b_k = tl.load(k_sh + p_k, mask=m_k, other=0.0).to(tl.float32)
-    b_g = tl.load(g_sh + p_k, mask=m_k, other=0.0).to(tl.float32)
-    b_o = update_partition(state, i_slot, stride_slot, 0, i_h, o_k, o_v, m_kv, b_q, b_k, b_g, b_v, H, DK, DV)
-    b_q = tl.load(q_sp + p_k, mask=m_k, other=0.0).to(tl.float32)
-    b_k = tl.load(k_sp + p_k, mask=m_k, other=0.0).to(tl.float32)
-    b_g = tl.load(g_sp + p_k, mask=m_k, other=0.0).to(tl.float32)
+    slot_state, p_k = state + i_slot * stride_slot, (i_b * H + i_h) * DK
+    b_o = update_partition(slot_state, 0, i_h, o_v, m_v, q_sh, k_sh, g_sh, p_k, 1.0, b_v, H, DK, DV, BK, BV)
     for _ in tl.static_range(K):
         _, b_idx, b_rem = pick_top1(b_rem, o_n)                                   # [1]
         b_w = tl.sum(tl.sum(tl.where(o_n[None, :] == b_idx[:, None], b_p, 0.0), 1), 0)
-        b_o += update_partition(state, i_slot, stride_slot, 1 + tl.sum(b_idx, 0), i_h, o_k, o_v, m_kv,
-                                b_w * b_q, b_w * b_k, b_g, b_v, H, DK, DV)
+        b_o += update_partition(slot_state, 1 + tl.sum(b_idx, 0), i_h, o_v, m_v, q_sp, k_sp, g_sp, p_k, b_w, b_v,
+                                H, DK, DV, BK, BV)
     tl.store(p_o, (b_o * scale).to(o.dtype.element_ty), mask=m_v)
 
 
@@ -104,13 +110,13 @@ def sse_decode_triton(
                         slot_ids, top_k)
     B, H, DK = q_shared.shape
     DV, N = v.shape[-1], router_logits.shape[1]
-    BV = min(DECODE_BV, max(16, triton.next_power_of_2(DV)))
+    BK, BV = min(DECODE_BK, triton.next_power_of_2(DK)), min(DECODE_BV, max(16, triton.next_power_of_2(DV)))
     o = torch.empty_like(v)
     q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits = (
         x.contiguous() for x in (q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits))
     sse_decode_kernel[(triton.cdiv(DV, BV), B, H)](
         q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, state, state.stride(0),
         slot_ids, o, DK ** -0.5 if scale is None else scale,
-        H=H, DK=DK, DV=DV, N=N, K=top_k, BK=triton.next_power_of_2(DK), BV=BV, BN=triton.next_power_of_2(N),
+        H=H, DK=DK, DV=DV, N=N, K=top_k, BK=BK, BV=BV, BN=triton.next_power_of_2(N),
     )
     return o
