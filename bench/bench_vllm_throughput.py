@@ -105,7 +105,7 @@ def run_setting(model_dir: Path, setting: Setting, args: argparse.Namespace) -> 
     llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, seed=0,
               max_model_len=PROMPT_LEN + setting.new_tokens, enable_prefix_caching=False,
               max_num_seqs=setting.num_prompts or args.max_fit_prompts,
-              gpu_memory_utilization=args.gpu_memory_utilization)
+              gpu_memory_utilization=args.gpu_memory_utilization, disable_log_stats=not args.progress)
     num_prompts = setting.num_prompts or min(max_concurrency(llm), args.max_fit_prompts)
     gen = torch.Generator().manual_seed(0)
     prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, 150_000, (PROMPT_LEN,), generator=gen).tolist())
@@ -148,6 +148,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--max-fit-prompts", type=int, default=1024, help="cap of the 'as many as fit' setting")
+    parser.add_argument("--progress", action="store_true",
+                        help="log vLLM's running generation throughput every 10 s (a run cut off by a time limit "
+                             "still shows its pace; costs some host work per step, so not for the reported rows)")
     parser.add_argument("--settings", nargs="+", default=[s.name for s in SETTINGS],
                         choices=[s.name for s in SETTINGS], help="run only these settings")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
