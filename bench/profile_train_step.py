@@ -70,8 +70,9 @@ def timed_train(worker: Any, micro: list[Any]) -> tuple[float, float]:
     return time.perf_counter() - t0, totals["gpu_peak_gib"]
 
 
-def kernel_time_by_kind(worker: Any, mb: Any) -> tuple[dict[str, float], str]:
-    """GPU ms per kernel kind of one micro-batch's forward + backward, and the profiler's top-25 table."""
+def kernel_time_by_kind(worker: Any, mb: Any) -> tuple[dict[str, float], list[list], str]:
+    """GPU ms per kernel kind of one micro-batch's forward + backward, the 25 costliest kernels ([name, ms, calls],
+    kept in the results so the next optimisation starts from them) and the profiler's top-25 table."""
     from sse_rl.workers.trainer import _Extra
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -80,11 +81,13 @@ def kernel_time_by_kind(worker: Any, mb: Any) -> tuple[dict[str, float], str]:
         torch.cuda.synchronize()
     worker.optimizer.zero_grad(set_to_none=True)
     table = prof.key_averages()
+    kernels = [e for e in table if e.device_type == torch.autograd.DeviceType.CUDA]
     kinds: dict[str, float] = {}
-    for event in table:
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kinds[kind_of(event.key)] = kinds.get(kind_of(event.key), 0.0) + event.self_device_time_total / 1e3
-    return kinds, table.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+    for event in kernels:
+        kinds[kind_of(event.key)] = kinds.get(kind_of(event.key), 0.0) + event.self_device_time_total / 1e3
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
+    top_rows = [[e.key[:120], round(e.self_device_time_total / 1e3, 3), e.count] for e in top]
+    return kinds, top_rows, table.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
 
 
 def attention_check(tokens: int, seqs: int, heads: int, head_dim: int) -> dict[str, float]:
@@ -264,7 +267,7 @@ def main() -> None:
         row = {"seconds": seconds, "s_per_micro_batch": seconds / len(micro), "tokens_per_s": tokens / seconds,
                "mfu": 3 * fwd / seconds / peak_flops, "hfu": (4 if ckpt else 3) * fwd / seconds / peak_flops,
                "peak_gib": peak}
-        kinds, table = kernel_time_by_kind(worker, micro[0].to(worker.device))
+        kinds, row["top_kernels"], table = kernel_time_by_kind(worker, micro[0].to(worker.device))
         row["kernel_ms"] = kinds
         results[name] = row
         bench.say(f"{name}: {seconds:.2f}s for {len(micro)} micro-batches ({row['s_per_micro_batch']:.3f} s each), "
