@@ -5,7 +5,7 @@ for the shared partition and each selected partition walks the fp32 state tile [
 `state[slot, partition, head]` in blocks of BK rows: load, decay and add k^T v, store back, accumulate the read-out.
 A step moves exactly the (K+1) touched partitions' states once in and once out, which is the bandwidth bound the
 benchmark compares against; small row blocks without software pipelining keep few registers per program, so many
-programs stream at once (87-89 % of copy bandwidth on the H100 at batch 64, against 78 % when each program loaded
+programs stream at once (87 % of copy bandwidth on the H100 at batch 64, against 78 % when each program loaded
 its whole [dk, 64] tile: bench/results/sse_kernel_launch.md). Rows with a negative slot id (padding) write a zero
 output and touch no state.
 """

@@ -70,7 +70,7 @@ def _cli_env(tmp_path: Path) -> dict[str, str]:
 def server(tiny_checkpoints, tmp_path):
     port, log = _free_port(), tmp_path / "serve.log"
     # the `vllm` console script's own entry point, run by this interpreter (an install without scripts has none);
-    # on a GPU the server takes a small share of memory: this test process may still hold its earlier engines'
+    # a small memory share: on a GPU this test process may still hold its earlier engines (CPU ignores it)
     command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_checkpoints.w0),
                "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "sse-h-tiny", "--dtype", "float32",
                "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "2",
