@@ -1,0 +1,206 @@
+"""Where a vLLM decode step's time goes: SSE-H-2B vs the Qwen3-1.7B-shaped Transformer at batch 64 (GPU).
+
+    python bench/profile_vllm_decode.py    # bench/results/vllm_decode_profile.{json,md}
+
+Why: the throughput bench (bench_vllm_throughput.py) gives one number per run; this one splits a steady decode
+step into kernel kinds, so it shows which part of SSE-H's step falls short of the memory-traffic bound
+(decode_roofline.md) and by how much.
+
+Choices:
+- Engines as in the throughput bench (random weights, bf16, CUDA graphs and torch.compile at vLLM's defaults),
+  one process per model (an engine's GPU memory is only reliably freed when its process exits). 64 requests with
+  prompts of `--context` random tokens (4,096: near the 64 x 8k run's average context of 4,224) are prefilled
+  through `LLMEngine.step`; once every request has produced tokens, decode steps are timed (wall clock,
+  synchronized), then a few more run under torch.profiler (CPU and CUDA activity).
+- Kernels are grouped by name into kinds (the regular expressions in KINDS). The report gives each kind's share
+  of the profiler's kernel time, and that share of the measured wall time: on the H100 machines used, the
+  profiler's kernel durations sum to only ~65 % of a GPU-bound step, with or without CUDA graphs (Qwen's
+  FlashAttention would otherwise read its KV cache faster than the card's peak bandwidth), so its absolute
+  times are not used as such.
+- Bytes per step (weights, touched SSE states read + written, KV cache) come from roofline_decode.step_bytes at
+  the measured context, for the step's fraction of copy bandwidth.
+- `--no-cuda-graphs` runs the same step with kernels launched one by one (host-bound wall time; the kernel list
+  is the same as inside the graphs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+BATCH = 64
+KINDS = [  # (kind, regex over the kernel name), first match wins
+    ("sse decode", r"sse_decode"),
+    ("attention", r"flash|fmha|attn|attention|paged"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|matmul|splitk|sm90_|sm100_"),
+    ("sampling", r"sample|topk|top_k|argmax|sort|gumbel|softmax|logsumexp|exponential"),
+    ("memcpy/memset", r"memcpy|memset|copy|fill"),
+    ("fused elementwise (Inductor)", r"^triton_"),
+]
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def prefill(llm, context: int, new_tokens: int, vocab: int) -> None:
+    """Add BATCH requests of `context` random tokens and step until every one has produced two tokens."""
+    import torch
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
+    for i in range(BATCH):
+        ids = torch.randint(0, vocab, (context,), generator=gen).tolist()
+        llm.llm_engine.add_request(str(i), TokensPrompt(prompt_token_ids=ids), params)
+    produced: dict[str, int] = {}
+    while len(produced) < BATCH or min(produced.values()) < 2:
+        for out in llm.llm_engine.step():
+            produced[out.request_id] = len(out.outputs[0].token_ids)
+
+
+def measure(model_dir: Path, args: argparse.Namespace) -> dict:
+    """Wall ms per decode step and kernel ms per step by kind and by name, for one model."""
+    import torch
+    from vllm import LLM
+
+    steps = args.warmup + args.timed + args.profiled
+    llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, seed=0,
+              max_model_len=args.context + steps + 16, enable_prefix_caching=False, max_num_seqs=BATCH,
+              gpu_memory_utilization=0.9,
+              compilation_config={"cudagraph_mode": "NONE"} if args.no_cuda_graphs else None)
+    engine = llm.llm_engine
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    prefill(llm, args.context, steps + 8, vocab)
+    for _ in range(args.warmup):
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.timed):
+        engine.step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / args.timed
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(args.profiled):
+            engine.step()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    host: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0:
+            kernels[e.key][0] += e.self_device_time_total / 1e3 / args.profiled  # ms per step
+            kernels[e.key][1] += e.count / args.profiled
+        elif e.device_type == torch.autograd.DeviceType.CPU:
+            host[e.key] += e.cpu_time_total / 1e3 / args.profiled  # ms per step, children included
+    by_kind: dict[str, float] = defaultdict(float)
+    for name, (ms, _) in kernels.items():
+        by_kind[kind_of(name)] += ms
+    async_scheduling = bool(engine.vllm_config.scheduler_config.async_scheduling)
+    engine.abort_request([str(i) for i in range(BATCH)])
+    del llm, engine
+    torch.cuda.empty_cache()
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:20]
+    top_host = sorted(host.items(), key=lambda kv: -kv[1])[:25]
+    return {"wall_ms": wall_ms, "busy_ms": sum(by_kind.values()), "by_kind": dict(by_kind),
+            "async_scheduling": async_scheduling,
+            "top_host_ops": [[name[:120], round(ms, 4)] for name, ms in top_host],
+            "kernels_per_step": sum(c for _, c in kernels.values()),
+            "top_kernels": [[name[:120], round(ms, 4), round(count, 2)] for name, (ms, count) in top]}
+
+
+def write_report(results: dict, meta: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vllm_decode_profile.json").write_text(json.dumps({**meta, "results": results}, indent=2))
+    kinds = [k for k, _ in KINDS] + ["other"]
+    bw = meta["copy_bw"] / 1e9
+    lines = [f"# One vLLM decode step at batch {BATCH}, context {meta['context']:,} ({meta['device']}, "
+             f"vLLM {meta['vllm']}, torch {meta['torch']}{', no CUDA graphs' if meta['no_cuda_graphs'] else ''})",
+             "", f"`bench/profile_vllm_decode.py`: wall ms per step over {meta['timed']} steps; kernels per step "
+             f"from torch.profiler over {meta['profiled']} more. GB / step from roofline_decode.step_bytes; "
+             f"bandwidth against copy bandwidth {bw:,.0f} GB/s.", "",
+             "| model | wall ms | tok/s | GB / step | of copy bw | kernels / step | profiler kernel ms / step |",
+             "|---|---|---|---|---|---|---|"]
+    for model, r in results.items():
+        gb = sum(r["bytes"].values()) / 1e9
+        lines.append(f"| {model} | {r['wall_ms']:.2f} | {BATCH / r['wall_ms'] * 1e3:,.0f} | {gb:.2f} | "
+                     f"{gb / (r['wall_ms'] / 1e3) / bw:.0%} | {r['kernels_per_step']:.0f} | {r['busy_ms']:.2f} |")
+    lines += ["", "Share of the profiler's kernel time by kind, and that share of the wall time (ms):", "",
+              "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for model, r in results.items():
+        shares = [r["by_kind"].get(k, 0.0) / r["busy_ms"] for k in kinds]
+        cells = [f"{share:.0%} ({share * r['wall_ms']:.2f})" for share in shares]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    for model, r in results.items():
+        lines += ["", f"## {model}: costliest kernels (profiler ms and launches per step)", "",
+                  "| kernel | ms | calls |", "|---|---|---|"]
+        lines += [f"| `{name}` | {ms:.3f} | {count:g} |" for name, ms, count in r["top_kernels"]]
+        lines += ["", f"## {model}: host ops, ms per step (CPU time with children; async scheduling "
+                  f"{'on' if r['async_scheduling'] else 'off'})", "", "| op | ms |", "|---|---|"]
+        lines += [f"| `{name}` | {ms:.3f} |" for name, ms in r["top_host_ops"][:12]]
+    (out / "vllm_decode_profile.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--models", nargs="+", default=["sse-h-2b", "qwen3-1.7b-shape"])
+    parser.add_argument("--context", type=int, default=4096, help="prompt tokens per request")
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--timed", type=int, default=64)
+    parser.add_argument("--profiled", type=int, default=8)
+    parser.add_argument("--copy-bw", type=float, default=3002e9, help="bytes/s (sse_ops_h100.md)")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="launch kernels one by one: the profiler then times each kernel exactly (inside CUDA "
+                             "graphs it under-reports them), while the wall time includes launch overhead")
+    parser.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)  # internal: one model, results here
+    args = parser.parse_args()
+
+    import torch
+    import vllm
+    from bench_vllm_throughput import MODELS
+    from roofline_decode import step_bytes
+
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_vllm_decode needs a CUDA GPU")
+    if args.child_json:  # one model per process: an engine's GPU memory is only reliably freed at exit
+        (model,) = args.models
+        with tempfile.TemporaryDirectory() as tmp:
+            config = MODELS[model](Path(tmp) / model)
+            r = measure(Path(tmp) / model, args)
+        r["bytes"] = step_bytes(config, BATCH, args.context + args.warmup + args.timed // 2)
+        args.child_json.write_text(json.dumps(r))
+        return
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            child = Path(tmp) / f"{model}.json"
+            cmd = [sys.executable, __file__, "--models", model, "--child-json", str(child), "--context",
+                   str(args.context), "--warmup", str(args.warmup), "--timed", str(args.timed), "--profiled",
+                   str(args.profiled)] + (["--no-cuda-graphs"] if args.no_cuda_graphs else [])
+            subprocess.run(cmd, check=True)
+            results[model] = json.loads(child.read_text())
+            print(model, json.dumps({k: v for k, v in results[model].items() if not k.startswith("top")}),
+                  flush=True)
+    meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
+            "context": args.context, "timed": args.timed, "profiled": args.profiled, "copy_bw": args.copy_bw,
+            "no_cuda_graphs": args.no_cuda_graphs}
+    write_report(results, meta, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
