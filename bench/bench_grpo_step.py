@@ -25,7 +25,8 @@ Choices:
 - `sampling` times the same batch on one engine with the rollout worker's additions one at a time: logprobs,
   logprobs + seeds, logprobs with token ids only (~10 minutes for SSE-H-2B on an H100).
 - Training FLOPs per step = 3 x forward FLOPs (MFU, model FLOPs); with gradient checkpointing the hardware does
-  4 x forward (HFU, recomputation counted). Forward FLOPs (see `forward_flops`):
+  (3 + f) x forward, f = the share of blocks recomputed (HFU, recomputation counted). Forward FLOPs
+  (see `forward_flops`):
     dense:   2 * P_body * T_all + 2 * P_lm_head * T_completion      (embedding lookups cost none; logits are only
                                                                     computed at completion positions)
     softmax attention, per layer and sequence of length L (causal):  2 * L^2 * heads * head_dim
@@ -405,6 +406,11 @@ def forward_flops(config: dict[str, Any], counts: dict[str, int], prompt_lens: l
     return dense + sum(mixing_flops(config, round(n)) for n in lengths)
 
 
+def recomputed_share(gradient_checkpointing: bool, checkpoint_every: int, num_layers: int) -> float:
+    """Share of the decoder blocks that gradient checkpointing runs forward twice (blocks 0, k, 2k, ...)."""
+    return len(range(0, num_layers, checkpoint_every)) / num_layers if gradient_checkpointing else 0.0
+
+
 def pipeline_result(row: dict[str, float], recipe: Any, prompts: list[Any], counts: dict[str, int]) -> dict:
     """The reported numbers of one step's metrics row (FLOPs from the step's prompts and mean response length;
     exact when every response has the same length, e.g. all truncated)."""
@@ -412,7 +418,8 @@ def pipeline_result(row: dict[str, float], recipe: Any, prompts: list[Any], coun
     drawn = prompts[:recipe.train.prompts_per_step]
     completion = row["response_length/mean"]
     fwd = forward_flops(config, counts, [len(p.ids) for p in drawn], recipe.rollout.group_size, completion)
-    recompute = recipe.model.gradient_checkpointing
+    recompute = recomputed_share(recipe.model.gradient_checkpointing, recipe.model.checkpoint_every,
+                                 config["num_hidden_layers"])
     tokens = sum(len(p.ids) + completion for p in drawn) * recipe.rollout.group_size
     trained = row["throughput/train_tokens_per_s"] * row["time/train"]
     if abs(tokens - trained) > 0.01 * trained:
@@ -424,7 +431,7 @@ def pipeline_result(row: dict[str, float], recipe: Any, prompts: list[Any], coun
     return {"step": row["step"], **{k: row[k] for k in keys if k in row},
             "train_tokens": trained, "flops_tokens": tokens,
             "completion_tokens": completion * len(drawn) * recipe.rollout.group_size,
-            "params": counts, "model_flops": 3 * fwd, "hardware_flops": (4 if recompute else 3) * fwd,
+            "params": counts, "model_flops": 3 * fwd, "hardware_flops": (3 + recompute) * fwd,
             "flops_exact": row["response_length/truncated_frac"] == 1.0}
 
 
@@ -447,7 +454,8 @@ def environment(recipe: Any, tiny: bool) -> dict[str, Any]:
                         "sleep_level": r.sleep_level, "weight_sync": r.weight_sync,
                         "token_budget": recipe.train.token_budget, "trainer_dtype": recipe.model.dtype,
                         "steps": recipe.train.steps, "compile": recipe.train.compile,
-                        "gradient_checkpointing": recipe.model.gradient_checkpointing}}
+                        "gradient_checkpointing": recipe.model.gradient_checkpointing,
+                        "checkpoint_every": recipe.model.checkpoint_every}}
 
 
 def merge_into(path: Path, model: str, part: str, result: dict[str, Any]) -> None:
@@ -480,6 +488,14 @@ def derived(model: dict[str, Any], peak_tflops: float) -> dict[str, float | None
 
 def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
+
+
+def _checkpointing(setting: dict[str, Any]) -> str:
+    """'on', 'off' or 'on for every k-th block' (older results files have no checkpoint_every)."""
+    if not setting["gradient_checkpointing"]:
+        return "off"
+    every = setting.get("checkpoint_every", 1)
+    return "on" if every == 1 else f"on for every {every}th block"
 
 
 def _table(data: dict[str, Any], nums: dict[str, dict], peak_tflops: float) -> list[str]:
@@ -578,7 +594,7 @@ def write_report(path: Path, peak_tflops: float) -> None:
              f"{s['gpu_memory_utilization']}, {'eager' if s['enforce_eager'] else 'CUDA graphs'}, sleep level "
              f"{s['sleep_level']}, weight sync {s['weight_sync']}; trainer {s['trainer_dtype']}, gradient "
              f"checkpointing "
-             f"{'on' if s['gradient_checkpointing'] else 'off'}, torch.compile {'on' if s.get('compile') else 'off'}, "
+             f"{_checkpointing(s)}, torch.compile {'on' if s.get('compile') else 'off'}, "
              f"token budget {s['token_budget']}; random weights, "
              f"dynamic sampling off. Reported step: the last of {s['steps']}"
              f"{' (so it includes first-step warm-up)' if s['steps'] == 1 else ''}."]
@@ -596,7 +612,8 @@ def write_report(path: Path, peak_tflops: float) -> None:
               "- rollout tok/s = completion tokens / time/rollout; plain vLLM = the same prompts, n, max_tokens, "
               "temperature and engine settings with `vllm.LLM` alone (no logprobs, no per-request seeds).",
               "- MFU = 3 x forward FLOPs / time/train / peak; HFU counts the recomputation of gradient checkpointing "
-              "(4 x forward). Forward FLOPs = 2 P_body T_all + 2 P_lm_head T_completion + mixing; mixing = "
+              "((3 + f) x forward, f = share of the blocks recomputed). Forward FLOPs = 2 P_body T_all + "
+              "2 P_lm_head T_completion + mixing; mixing = "
               "2 L^2 heads head_dim per softmax-attention layer and sequence, (1 + K) heads (4 dk dv + 64 (dk + dv)) "
               "per SSE layer and token. time/train includes packing and the optimizer step.",
               "- The pipeline writes one checkpoint after the last step (run.save_every=0 does not disable it); "

@@ -1,15 +1,17 @@
 """Where the GRPO trainer's time goes on one GPU: the real `TrainerWorker` on the bench's 2B policy.
 
-    python bench/profile_train_step.py --model sse-h-2b --out /tmp/bench [--micro-batches 6] [--no-checkpointing]
+    python bench/profile_train_step.py --model sse-h-2b --out /tmp/bench [--variants 1@13056 3@8704 0@4352]
 
 Builds (or reuses, same folder) the random policy of `bench_grpo_step.py`, starts one `TrainerWorker` rank with the
 settings of `recipes/bench_grpo_step.yaml` (bf16 autocast over fp32 weights, AdamW, the recipe's token budget) and
 feeds it random rollouts shaped like the bench's step: `--prompt-len` prompt + `--completion-len` completion tokens
 per sequence, non-zero advantages so every token has a gradient. After a warm-up call (kernel compilation, the
-allocator), it times `TrainerWorker.train` over `--micro-batches` micro-batches and one optimizer step, and reports
-seconds per micro-batch, tokens/s, MFU / HFU counted as `bench_grpo_step.py` counts them, and peak memory. Then it
-profiles one micro-batch's forward + backward and sums the GPU kernel time by kind (matmul, attention, SSE
-kernels, elementwise and copies, other), which is what shows the gap to a matmul-bound step.
+allocator), it times `TrainerWorker.train` over `--sequences` rollouts packed into micro-batches and one optimizer
+step, and reports seconds per micro-batch, tokens/s, MFU / HFU counted as `bench_grpo_step.py` counts them, and peak
+memory. Then it profiles one micro-batch's forward + backward and sums the GPU kernel time by kind (matmul,
+attention, SSE kernels, elementwise and copies, other), which is what shows the gap to a matmul-bound step.
+`--variants` repeats this in one process for several (recomputed blocks, token budget) pairs: `model.checkpoint_every`
+trades memory for less recomputation, and a variant that does not fit reports out-of-memory.
 """
 from __future__ import annotations
 
@@ -201,10 +203,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=bench.MODELS, default="sse-h-2b")
     parser.add_argument("--out", type=Path, required=True, help="work folder (the policy is reused from here)")
-    parser.add_argument("--micro-batches", type=int, default=6)
+    parser.add_argument("--sequences", type=int, default=18, help="rollouts per timed train call (18: 6, 9 or 18 "
+                        "micro-batches of 3, 2 or 1 sequences)")
     parser.add_argument("--prompt-len", type=int, default=82)
     parser.add_argument("--completion-len", type=int, default=4096)
-    parser.add_argument("--no-checkpointing", action="store_true", help="also time without gradient checkpointing")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="EVERY@BUDGET",
+                        help="gradient checkpointing of every k-th block (0 = none) at a token budget, e.g. 1@13056 "
+                             "3@8704 0@4352; default: the recipe's")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     parser.add_argument("--components", action="store_true",
                         help="time the pieces of one SSE-H block alone, eager and compiled, and nothing else")
@@ -233,51 +238,56 @@ def main() -> None:
     t0 = time.perf_counter()
     worker = TrainerWorker(recipe.model.path, rank=0, world_size=1, train=recipe.train, algo=recipe.algo,
                            temperature=recipe.rollout.temperature, seed=0, dtype=recipe.model.dtype,
-                           gradient_checkpointing=recipe.model.gradient_checkpointing)
+                           gradient_checkpointing=True)  # the variants then pick the recomputed blocks
     worker.join("127.0.0.1", free_port())
     bench.say(f"trainer up in {time.perf_counter() - t0:.0f}s: {counts['total'] / 1e9:.2f}B parameters, "
               f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
 
-    per_mb = max(1, recipe.train.token_budget // (args.prompt_len + args.completion_len))
-    n_seq = per_mb * args.micro_batches
-    seqs = rollouts(n_seq, args.prompt_len, args.completion_len, config["vocab_size"], n_seq * args.completion_len)
-    (micro,) = pack(seqs, recipe.train.token_budget)
-    tokens = sum(mb.num_tokens for mb in micro)
-    fwd = bench.forward_flops(config, counts, [args.prompt_len] * n_seq, 1, args.completion_len)
-    bench.say(f"{len(micro)} micro-batches of {per_mb} x {args.prompt_len + args.completion_len} tokens "
-              f"(budget {recipe.train.token_budget}), {tokens} tokens")
-
+    seqs = rollouts(args.sequences, args.prompt_len, args.completion_len, config["vocab_size"],
+                    args.sequences * args.completion_len)
+    fwd = bench.forward_flops(config, counts, [args.prompt_len] * args.sequences, 1, args.completion_len)
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                               "model": args.model, "params": counts, "token_budget": recipe.train.token_budget,
-                               "micro_batches": len(micro), "tokens": tokens}
-    variants = [("checkpointing", True)] + ([("no_checkpointing", False)] if args.no_checkpointing else [])
-    for name, ckpt in variants:
-        if not ckpt:
-            worker.model.gradient_checkpointing_disable()
+                               "model": args.model, "params": counts, "sequences": args.sequences,
+                               "sequence_tokens": args.prompt_len + args.completion_len, "variants": []}
+    layers = worker.model.model.layers
+    m = recipe.model
+    default = f"{m.checkpoint_every if m.gradient_checkpointing else 0}@{recipe.train.token_budget}"
+    for variant in args.variants or [default]:
+        every, budget = (int(x) for x in variant.split("@"))
+        for i, block in enumerate(layers):  # every = 0: no checkpointing
+            block.gradient_checkpointing = every > 0 and i % every == 0
+        (micro,) = pack(seqs, budget)
+        tokens = sum(mb.num_tokens for mb in micro)
+        row: dict[str, Any] = {"checkpoint_every": every, "token_budget": budget, "micro_batches": len(micro),
+                               "tokens": tokens}
+        results["variants"].append(row)
         try:
-            timed_train(worker, micro[:1])  # warm-up: compilation, allocator, optimizer state
+            timed_train(worker, micro[:1])  # warm-up: a recompile for a new size class, the allocator
             seconds, peak = timed_train(worker, micro)
         except torch.OutOfMemoryError as err:
-            bench.say(f"{name}: out of memory ({str(err).splitlines()[0]})")
-            results[name] = {"oom": True}
+            bench.say(f"{variant}: out of memory ({str(err).splitlines()[0]})")
+            row["oom"] = True
             worker.optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
             continue
         peak_flops = bench.H100_BF16_PEAK_TFLOPS * 1e12
-        row = {"seconds": seconds, "s_per_micro_batch": seconds / len(micro), "tokens_per_s": tokens / seconds,
-               "mfu": 3 * fwd / seconds / peak_flops, "hfu": (4 if ckpt else 3) * fwd / seconds / peak_flops,
-               "peak_gib": peak}
+        share = bench.recomputed_share(every > 0, max(every, 1), len(layers))
+        row.update(seconds=seconds, s_per_micro_batch=seconds / len(micro), tokens_per_s=tokens / seconds,
+                   mfu=3 * fwd / seconds / peak_flops, hfu=(3 + share) * fwd / seconds / peak_flops, peak_gib=peak)
         kinds, row["top_kernels"], table = kernel_time_by_kind(worker, micro[0].to(worker.device))
         row["kernel_ms"] = kinds
-        results[name] = row
-        bench.say(f"{name}: {seconds:.2f}s for {len(micro)} micro-batches ({row['s_per_micro_batch']:.3f} s each), "
-                  f"{row['tokens_per_s']:,.0f} tok/s, MFU {row['mfu']:.1%}, HFU {row['hfu']:.1%}, "
-                  f"peak {peak:.1f} GiB")
-        bench.say(f"{name}: kernel ms of one micro-batch by kind: "
+        bench.say(f"{variant} (checkpoint every {every}, budget {budget}): {seconds:.2f}s for {len(micro)} "
+                  f"micro-batches ({row['s_per_micro_batch']:.3f} s each), {row['tokens_per_s']:,.0f} tok/s, "
+                  f"MFU {row['mfu']:.1%}, HFU {row['hfu']:.1%}, peak {peak:.1f} GiB")
+        bench.say(f"{variant}: kernel ms of one micro-batch by kind: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
                   + f" (sum {sum(kinds.values()):.1f})")
         print(table, flush=True)
+        if args.json:  # after every variant: a run cut off by a time limit keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
     if config.get("model_type") == "sse_h":
+        per_mb = max(1, recipe.train.token_budget // (args.prompt_len + args.completion_len))
         results["attention_fwd_bwd_ms"] = attention_check(recipe.train.token_budget, per_mb,
                                                           config["attn_num_heads"], config["attn_head_dim"])
         bench.say(f"attention alone, {per_mb} sequences in {recipe.train.token_budget} tokens: "

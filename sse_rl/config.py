@@ -63,6 +63,9 @@ class ModelConfig:
     init: InitConfig | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"  # trainer compute dtype (master weights stay fp32)
     gradient_checkpointing: bool = False
+    # With gradient_checkpointing: recompute every k-th decoder block only (blocks 0, k, 2k, ...; 1 = all, as in
+    # torchtune's selective `ac_option`). The other blocks keep their activations: less recomputation, more memory.
+    checkpoint_every: int = _bounded(1, ge=1)
 
 
 @dataclass

@@ -123,7 +123,7 @@ class Controller:
         self.trainers = [trainer_cls.options(**trainer_place[r]).remote(
             self.model_path, rank=r, world_size=c.train.num_trainers, train=c.train, algo=c.algo,
             temperature=c.rollout.temperature, seed=c.seed, dtype=c.model.dtype,
-            gradient_checkpointing=c.model.gradient_checkpointing,
+            gradient_checkpointing=c.model.gradient_checkpointing, checkpoint_every=c.model.checkpoint_every,
         ) for r in range(c.train.num_trainers)]
         self.reward = ray.remote(num_cpus=1)(RewardWorker).remote(c.reward)
         self.reward_names = ray.get(self.reward.function_names.remote())

@@ -98,12 +98,12 @@ def transformer_trainer(policy, tmp_path_factory):
 @pytest.fixture(scope="module")
 def compiled_trainer(policy):
     """train.compile: every block under torch.compile (the SSE op a graph break), the loss head compiled, with
-    gradient checkpointing recomputing the compiled blocks."""
+    gradient checkpointing recomputing every other compiled block (model.checkpoint_every=2)."""
     from sse_rl.workers.trainer import TrainerWorker
 
     return TrainerWorker(str(policy), rank=0, world_size=1, train=TrainConfig(lr=1e-3, strategy="ddp", compile=True),
                          algo=AlgoConfig(aux_loss_coef=0.0), temperature=1.0, seed=0, dtype="float32",
-                         gradient_checkpointing=True)
+                         gradient_checkpointing=True, checkpoint_every=2)
 
 
 @pytest.mark.parametrize("agg", ["dapo", "grpo", "dr_grpo"])
@@ -118,8 +118,10 @@ def test_transformer_policy_packed_loss_equals_unpacked(transformer_trainer):
 
 
 def test_compiled_trainer_packed_loss_equals_unpacked(compiled_trainer):
-    """The compiled, checkpointed micro-step gives the eager per-sequence loss and gradients (three micro-batches
-    of different lengths: dynamic shapes, no recompilation per length)."""
+    """The compiled micro-step, half of its blocks recomputed, gives the eager per-sequence loss and gradients
+    (three micro-batches of different lengths: dynamic shapes, no recompilation per length)."""
+    layers = compiled_trainer.model.model.layers
+    assert [block.gradient_checkpointing for block in layers] == [i % 2 == 0 for i in range(len(layers))]
     _check_packed_equals_unpacked(compiled_trainer, "dapo")
     assert all(block._compiled_call_impl is not None for block in compiled_trainer.model.model.layers)
 
