@@ -15,6 +15,8 @@ Choices:
    returns. vLLM's incremental detokenization, and its decoding of every sampled token for the logprobs, run on
    the engine's thread between decode steps: on the H100 they made a 2B rollout of 256 x 4096 tokens 31 % slower
    (214 s instead of 164 s, `bench/results/grpo_step.md`).
+7) Logprobs come back flat (`flat_logprobs`): a few lists per completion instead of a dict and a `Logprob` object
+   per token, which the engine's thread would otherwise build between decode steps.
 """
 from __future__ import annotations
 
@@ -77,7 +79,8 @@ class RolloutWorker:
         if len(seeds) != len(prompt_ids):
             raise ValueError(f"one seed per prompt expected, got {len(seeds)} seeds for {len(prompt_ids)} prompts")
         params = [SamplingParams(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature,
-                                 top_p=spec.top_p, logprobs=0, seed=s, detokenize=False) for s in seeds]
+                                 top_p=spec.top_p, logprobs=0, seed=s, detokenize=False, flat_logprobs=True)
+                  for s in seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
                                     use_tqdm=False)
         ids = [list(c.token_ids) for out in outputs for c in out.outputs]
@@ -89,8 +92,12 @@ class RolloutWorker:
 
     @staticmethod
     def _rollout(completion: Any, ids: list[int], text: str) -> Rollout:
-        logprobs = [step[token].logprob for token, step in zip(ids, completion.logprobs)]
-        return Rollout(ids, logprobs, text, completion.finish_reason)
+        """With logprobs=0 every position of the flat logprobs holds exactly the sampled token."""
+        flat = completion.logprobs
+        if list(flat.token_ids) != ids:
+            raise RuntimeError(f"vLLM returned logprobs for tokens other than the {len(ids)} sampled ones "
+                               f"({len(flat.token_ids)} entries)")
+        return Rollout(ids, list(flat.logprobs), text, completion.finish_reason)
 
     def first_token_logprobs(self, prompt_ids: list[list[int]], k: int) -> list[dict[int, float]]:
         """The top-k logprobs (temperature 1) of the first generated token of each prompt: the weight-sync probe."""

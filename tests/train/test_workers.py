@@ -58,8 +58,9 @@ def test_seeded_sampling_is_reproducible(actors):
             assert all(lp <= 0 for lp in r.logprobs) and r.finish_reason in ("stop", "length")
 
 
-def test_rollout_texts_equal_vllm_detokenization(actors):
-    """The worker asks vLLM for token ids only and decodes the texts itself: the texts are vLLM's own."""
+def test_rollout_texts_and_logprobs_equal_vllm_defaults(actors):
+    """The worker asks vLLM for token ids only and flat logprobs, and decodes the texts itself: texts and logprobs
+    are those of vLLM's default outputs (detokenized text, a dict of `Logprob`s per token)."""
     engine, _ = actors
     spec = SamplingSpec(n=4, max_tokens=12, temperature=1.0)
 
@@ -67,13 +68,14 @@ def test_rollout_texts_equal_vllm_detokenization(actors):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = [SamplingParams(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, seed=s)
-                  for s in (4, 5, 6)]
+        params = [SamplingParams(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, seed=s,
+                                 logprobs=0) for s in (4, 5, 6)]
         outputs = worker.llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False)
-        return [[(list(c.token_ids), c.text) for c in out.outputs] for out in outputs]
+        return [[(list(c.token_ids), c.text, [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)])
+                 for c in out.outputs] for out in outputs]
 
     ours = ray.get(engine.generate.remote(PROMPTS, spec, [4, 5, 6]))
-    assert [[(r.completion_ids, r.text) for r in group] for group in ours] == ray.get(
+    assert [[(r.completion_ids, r.text, r.logprobs) for r in group] for group in ours] == ray.get(
         engine.__ray_call__.remote(vllm_texts))
     assert any(r.text for group in ours for r in group)
 
