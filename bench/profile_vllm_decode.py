@@ -49,6 +49,7 @@ KINDS = [  # (kind, regex over the kernel name), first match wins
 
 
 def kind_of(name: str) -> str:
+    """The kind of a kernel by its name (KINDS, in order)."""
     for kind, pattern in KINDS:
         if re.search(pattern, name, re.IGNORECASE):
             return kind
@@ -110,9 +111,6 @@ def measure(model_dir: Path, args: argparse.Namespace) -> dict:
     for name, (ms, _) in kernels.items():
         by_kind[kind_of(name)] += ms
     async_scheduling = bool(engine.vllm_config.scheduler_config.async_scheduling)
-    engine.abort_request([str(i) for i in range(BATCH)])
-    del llm, engine
-    torch.cuda.empty_cache()
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:20]
     top_host = sorted(host.items(), key=lambda kv: -kv[1])[:25]
     return {"wall_ms": wall_ms, "busy_ms": sum(by_kind.values()), "by_kind": dict(by_kind),
