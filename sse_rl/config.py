@@ -266,6 +266,10 @@ def _cross_checks(recipe: Recipe) -> list[str]:
     if recipe.eval.benchmark_max_tokens >= recipe.rollout.max_model_len:
         errors.append(f"eval.benchmark_max_tokens: {recipe.eval.benchmark_max_tokens} leaves no room for the prompt "
                       f"in rollout.max_model_len={recipe.rollout.max_model_len}")
+    if recipe.model.checkpoint_every > 1 and not recipe.model.gradient_checkpointing:
+        errors.append(f"model.checkpoint_every: {recipe.model.checkpoint_every} picks the blocks gradient "
+                      "checkpointing recomputes, but model.gradient_checkpointing is false; turn it on or leave "
+                      "checkpoint_every 1")
     if recipe.rollout.sleep_level and not recipe.rollout.num_gpus_per_engine:
         errors.append("rollout.sleep_level: vLLM sleep mode needs GPU engines (rollout.num_gpus_per_engine > 0)")
     if recipe.rollout.weight_sync == "cuda_ipc" and not _colocated(recipe):

@@ -97,6 +97,9 @@ def sft_cross_checks(recipe: SFTRecipe) -> list[str]:
                       f"({t.token_budget}), the tokens of one micro-batch")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         errors.append(f"train.adam_betas: two numbers in [0, 1) expected, got {t.adam_betas}")
+    if recipe.model.checkpoint_every != 1:
+        errors.append(f"model.checkpoint_every: {recipe.model.checkpoint_every}, but SFT (TRL) recomputes every block "
+                      "under model.gradient_checkpointing; only the GRPO trainer takes checkpoint_every")
     return errors
 
 

@@ -132,3 +132,12 @@ def test_colocation_keys_resolve_and_check():
     assert resolve_sync_method(load_recipe(None, [*MINIMAL, "rollout.weight_sync=collective"])) == "collective"
     with pytest.raises(RecipeError, match="rollout.sleep_level: must be <= 2"):
         load_recipe(None, [*gpu, "rollout.sleep_level=3"])
+
+
+def test_checkpoint_every_needs_gradient_checkpointing():
+    recipe = load_recipe(None, [*MINIMAL, "model.gradient_checkpointing=true", "model.checkpoint_every=2"])
+    assert recipe.model.checkpoint_every == 2
+    with pytest.raises(RecipeError, match="model.checkpoint_every: 2 picks the blocks"):
+        load_recipe(None, [*MINIMAL, "model.checkpoint_every=2"])
+    with pytest.raises(RecipeError, match="model.checkpoint_every: must be >= 1"):
+        load_recipe(None, [*MINIMAL, "model.gradient_checkpointing=true", "model.checkpoint_every=0"])

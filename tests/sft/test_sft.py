@@ -102,9 +102,11 @@ def test_final_checkpoint_loads_with_auto_classes_and_generates(run: Path) -> No
 def test_bad_recipe_reports_every_key() -> None:
     with pytest.raises(RecipeError) as err:
         load_sft_recipe(None, ["out_dir=runs/x", "data.train=a.jsonl", "model.path=m", "train.lrr=1",
-                               "train.token_budget=1000", "train.batch_tokens=1500", "data.chat_template=maybe"])
+                               "train.token_budget=1000", "train.batch_tokens=1500", "data.chat_template=maybe",
+                               "model.checkpoint_every=2"])
     text = str(err.value)
     assert "train.lrr: unknown key" in text and "train.batch_tokens: 1500 must be a multiple" in text
+    assert "model.checkpoint_every: 2, but SFT (TRL) recomputes every block" in text
     assert "data.chat_template: expected bool" in text
 
 
