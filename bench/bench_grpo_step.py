@@ -407,8 +407,10 @@ def forward_flops(config: dict[str, Any], counts: dict[str, int], prompt_lens: l
 
 
 def recomputed_share(gradient_checkpointing: bool, checkpoint_every: int, num_layers: int) -> float:
-    """Share of the decoder blocks that gradient checkpointing runs forward twice (blocks 0, k, 2k, ...)."""
-    return len(range(0, num_layers, checkpoint_every)) / num_layers if gradient_checkpointing else 0.0
+    """Share of the decoder blocks that gradient checkpointing runs forward twice (the trainer's own choice)."""
+    from sse_rl.workers.trainer import recomputed_blocks
+
+    return sum(recomputed_blocks(num_layers, checkpoint_every if gradient_checkpointing else 0)) / num_layers
 
 
 def pipeline_result(row: dict[str, float], recipe: Any, prompts: list[Any], counts: dict[str, int]) -> dict:
@@ -491,11 +493,11 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def _checkpointing(setting: dict[str, Any]) -> str:
-    """'on', 'off' or 'on for every k-th block' (older results files have no checkpoint_every)."""
+    """'on', 'off' or 'on for blocks 0, k, 2k, ...' (older results files have no checkpoint_every)."""
     if not setting["gradient_checkpointing"]:
         return "off"
     every = setting.get("checkpoint_every", 1)
-    return "on" if every == 1 else f"on for every {every}th block"
+    return "on" if every == 1 else f"on for blocks 0, {every}, {2 * every}, ..."
 
 
 def _table(data: dict[str, Any], nums: dict[str, dict], peak_tflops: float) -> list[str]:

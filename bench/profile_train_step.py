@@ -217,7 +217,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from sse_rl.packing import pack
-    from sse_rl.workers.trainer import TrainerWorker
+    from sse_rl.workers.trainer import TrainerWorker, recomputed_blocks
 
     work = args.out.resolve()
     setup = bench.Setup(args.model, False, work, [])
@@ -254,8 +254,9 @@ def main() -> None:
     default = f"{m.checkpoint_every if m.gradient_checkpointing else 0}@{recipe.train.token_budget}"
     for variant in args.variants or [default]:
         every, budget = (int(x) for x in variant.split("@"))
-        for i, block in enumerate(layers):  # every = 0: no checkpointing
-            block.gradient_checkpointing = every > 0 and i % every == 0
+        recomputed = recomputed_blocks(len(layers), every)  # every = 0: no checkpointing
+        for block, recompute in zip(layers, recomputed):
+            block.gradient_checkpointing = recompute
         (micro,) = pack(seqs, budget)
         tokens = sum(mb.num_tokens for mb in micro)
         row: dict[str, Any] = {"checkpoint_every": every, "token_budget": budget, "micro_batches": len(micro),
@@ -271,7 +272,7 @@ def main() -> None:
             torch.cuda.empty_cache()
             continue
         peak_flops = bench.H100_BF16_PEAK_TFLOPS * 1e12
-        share = bench.recomputed_share(every > 0, max(every, 1), len(layers))
+        share = sum(recomputed) / len(layers)
         row.update(seconds=seconds, s_per_micro_batch=seconds / len(micro), tokens_per_s=tokens / seconds,
                    mfu=3 * fwd / seconds / peak_flops, hfu=(3 + share) * fwd / seconds / peak_flops, peak_gib=peak)
         kinds, row["top_kernels"], table = kernel_time_by_kind(worker, micro[0].to(worker.device))

@@ -163,8 +163,8 @@ def main() -> None:
     parser.add_argument("--profiled", type=int, default=8)
     parser.add_argument("--copy-bw", type=float, default=3002e9, help="bytes/s (sse_ops_h100.md)")
     parser.add_argument("--no-cuda-graphs", action="store_true",
-                        help="launch kernels one by one: the profiler then times each kernel exactly (inside CUDA "
-                             "graphs it under-reports them), while the wall time includes launch overhead")
+                        help="launch kernels one by one (the same kernels as inside the graphs; the wall time then "
+                             "includes launch overhead)")
     parser.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)  # internal: one model, results here
     args = parser.parse_args()
 

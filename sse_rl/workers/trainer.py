@@ -111,6 +111,11 @@ def _shard(model: torch.nn.Module, mp: MixedPrecisionPolicy) -> None:
         unit.set_force_sum_reduction_for_comms(True)
 
 
+def recomputed_blocks(num_layers: int, checkpoint_every: int) -> list[bool]:
+    """Which decoder blocks gradient checkpointing recomputes: 0, k, 2k, ... (k = checkpoint_every; 0 = none)."""
+    return [checkpoint_every > 0 and i % checkpoint_every == 0 for i in range(num_layers)]
+
+
 def _filler() -> MicroBatch:
     """A two-token micro-batch that contributes nothing (weight 0, aux weight 0): pads a rank's list under fsdp2."""
     (mb,) = pack([Sequence([0], [0], [0.0], advantage=0.0, weight=0.0)], token_budget=2)[0]
@@ -140,8 +145,9 @@ class TrainerWorker:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            for i, block in enumerate(self.model.model.layers):  # recompute blocks 0, k, 2k, ... only
-                block.gradient_checkpointing = i % checkpoint_every == 0
+            layers = self.model.model.layers
+            for block, recompute in zip(layers, recomputed_blocks(len(layers), checkpoint_every)):
+                block.gradient_checkpointing = recompute
         self.head = logprobs_and_entropy
         if train.compile:
             for block in self.model.model.layers:  # one graph per block kind; checkpointing wraps the compiled call
