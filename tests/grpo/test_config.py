@@ -28,22 +28,18 @@ def test_overrides_parse_yaml_scalars_and_list_indices():
     assert recipe.model.init is not None and recipe.model.init.preset == "sse-h-tiny"
 
 
-def test_training_requests_are_seeded_unless_turned_off():
-    assert load_recipe(None, MINIMAL).rollout.seeded_requests is True
-    assert load_recipe(None, MINIMAL + ["rollout.seeded_requests=false"]).rollout.seeded_requests is False
+def test_call_seeds_differ_between_calls_and_engines_and_fit_torch():
+    """Every rollout call of a run (step, round; eval -1) gets its own seed, engine i of a call seed + i: no two
+    (call, engine) pairs may share a random stream, and every seed must be one `torch.manual_seed` accepts."""
+    import torch
 
+    from sse_rl.controller import call_seed
 
-def test_request_seeds_give_every_sample_of_a_batch_its_own_noise():
-    """vLLM seeds sample k of a request with seed + k: no two requests of a step may share one of those seeds."""
-    from sse_rl.controller import SEED_SPAN, request_seed
-
-    group, prompts = 16, 512
-    for step, rnd in ((1, 0), (1, 1), (2, 0)):
-        seeds = [request_seed(0, step, rnd, i) for i in range(prompts)]
-        children = {s + k for s in seeds for k in range(group)}
-        assert len(children) == prompts * group and max(seeds) < SEED_SPAN
-    assert request_seed(0, 1, 0, 5) == request_seed(0, 1, 0, 5) != request_seed(1, 1, 0, 5)
-    assert request_seed(0, -1, 3) != request_seed(0, 1, 0, 3)  # eval requests differ from training ones
+    calls = [(step, rnd) for step in range(1, 200) for rnd in range(4)] + [(-1,)]
+    seeds = [call_seed(0, *c) + engine for c in calls for engine in range(8)]
+    assert len(set(seeds)) == len(seeds)
+    assert call_seed(0, 1, 0) == call_seed(0, 1, 0) != call_seed(1, 1, 0)
+    torch.manual_seed(max(seeds))
 
 
 def test_aux_loss_coef_defaults_to_the_policy_and_is_bounded():

@@ -39,17 +39,18 @@ def actors(policy):
 PROMPTS = [[12, 13, 14, 15, 11, 17, 5, 17, 7, 16, 18], [12, 13, 14, 15, 3, 17, 4, 17, 2, 16, 18], [15, 2, 16, 18]]
 
 
-def test_seeded_sampling_is_reproducible(actors):
+def test_seeded_calls_are_reproducible(actors):
+    """A seed restarts the engine's random stream: the same call with the same seed draws the same completions,
+    whatever unseeded calls ran in between; another seed, or no seed, draws anew."""
     engine, _ = actors
     spec = SamplingSpec(n=4, max_tokens=6, temperature=1.0)
-    first = ray.get(engine.generate.remote(PROMPTS, spec, [1, 2, 3]))
-    again = ray.get(engine.generate.remote(PROMPTS[::-1], spec, [3, 2, 1]))[::-1]
-    other = ray.get(engine.generate.remote(PROMPTS, spec, [7, 8, 9]))
     ids = lambda out: [[r.completion_ids for r in group] for group in out]  # noqa: E731
+    first = ray.get(engine.generate.remote(PROMPTS, spec, 1))
+    unseeded = [ray.get(engine.generate.remote(PROMPTS, spec, None)) for _ in range(2)]
+    again = ray.get(engine.generate.remote(PROMPTS, spec, 1))
+    other = ray.get(engine.generate.remote(PROMPTS, spec, 2))
     assert ids(first) == ids(again)
     assert ids(first) != ids(other)
-    # rollout.seeded_requests=false: no seeds, the engine's own stream (valid samples, a new draw each call)
-    unseeded = [ray.get(engine.generate.remote(PROMPTS, spec, [None] * 3)) for _ in range(2)]
     assert ids(unseeded[0]) != ids(unseeded[1]) and [len(g) for g in unseeded[0]] == [4, 4, 4]
     for group in first:
         assert len(group) == 4
@@ -60,21 +61,23 @@ def test_seeded_sampling_is_reproducible(actors):
 
 def test_rollout_texts_and_logprobs_equal_vllm_defaults(actors):
     """The worker asks vLLM for token ids only and flat logprobs, and decodes the texts itself: texts and logprobs
-    are those of vLLM's default outputs (detokenized text, a dict of `Logprob`s per token)."""
+    are those of vLLM's default outputs (detokenized text, a dict of `Logprob`s per token), and its seed is that of
+    a freshly seeded engine."""
     engine, _ = actors
     spec = SamplingSpec(n=4, max_tokens=12, temperature=1.0)
 
     def vllm_texts(worker: RolloutWorker) -> list:  # runs in the actor (defined here: pickled by value)
+        import torch
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = [SamplingParams(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, seed=s,
-                                 logprobs=0) for s in (4, 5, 6)]
+        torch.manual_seed(4)
+        params = SamplingParams(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, logprobs=0)
         outputs = worker.llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False)
         return [[(list(c.token_ids), c.text, [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)])
                  for c in out.outputs] for out in outputs]
 
-    ours = ray.get(engine.generate.remote(PROMPTS, spec, [4, 5, 6]))
+    ours = ray.get(engine.generate.remote(PROMPTS, spec, 4))
     assert [[(r.completion_ids, r.text, r.logprobs) for r in group] for group in ours] == ray.get(
         engine.__ray_call__.remote(vllm_texts))
     assert any(r.text for group in ours for r in group)
@@ -82,8 +85,7 @@ def test_rollout_texts_and_logprobs_equal_vllm_defaults(actors):
 
 def _update_trainer(engine, trainer, seed: int) -> None:
     """One policy update on the engine's own samples: afterwards engine and trainer disagree."""
-    rollouts = ray.get(engine.generate.remote(PROMPTS, SamplingSpec(n=4, max_tokens=4, temperature=1.0),
-                                              [seed, seed + 1, seed + 2]))
+    rollouts = ray.get(engine.generate.remote(PROMPTS, SamplingSpec(n=4, max_tokens=4, temperature=1.0), seed))
     seqs = [Sequence(p, r.completion_ids, r.logprobs, advantage=1.0 if k % 2 else -1.0, weight=1 / 40)
             for p, group in zip(PROMPTS, rollouts) for k, r in enumerate(group)]
     stats = ray.get(trainer.train.remote([pack(seqs, 256)[0]]))
