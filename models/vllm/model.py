@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
-from sse_rl.models.vllm.sse_layer import LOW_RANK_B_PARTS, X_PROJ_PARTS, SSEHMixer, sse_state_shape
+from sse_rl.models.vllm.sse_layer import X_PROJ_PARTS, SSEHMixer, sse_state_shape
 from torch import nn
 from transformers import PretrainedConfig
 from vllm.compilation.decorators import support_torch_compile
@@ -153,9 +153,6 @@ def stacked_target(name: str, attn_layers: set[int]) -> tuple[str, int | str | N
         return name, None
     if module in X_PROJ_PARTS:  # replicated projections of x, one matmul
         return f"{head}.attn.x_proj.{param}", X_PROJ_PARTS.index(module)
-    for stacked, modules in LOW_RANK_B_PARTS.items():  # low-rank second halves, one batched matmul
-        if module in modules:
-            return f"{head}.attn.{stacked}.{param}", modules.index(module)
     if module.endswith(".1"):  # the column-parallel second half of a low-rank pair
         return f"{head}.attn.{module[:-2]}.{param}", None
     return name, None

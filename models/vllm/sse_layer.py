@@ -9,9 +9,7 @@ Choices:
   (prefill/decode split), so it stays opaque and piecewise CUDA graphs split at it (`compat.register_splitting_op`).
   Its decode path is free of host syncs, so FULL decode graphs capture it.
 - The projections of x that are replicated over TP (the low-rank "A" halves of the q/k LoRAs and gates, and the
-  router `e_proj`) are stacked into one matmul, `x_proj`; the "B" halves of the q/k LoRAs, and those of the two
-  decay gates, run as one batched matmul each (`StackedLowRankB`): at decode batch sizes every matmul costs a
-  kernel of a few microseconds whatever its size. `model.stacked_target` maps the HF names onto them.
+  router `e_proj`) are stacked into one matmul, `x_proj`; `model.stacked_target` maps the HF names onto it.
 - Decode rows go to `sse_decode` (in place on the cache); prefill rows (new, chunked, resumed from a prefix-cache
   hit) go to `sse_chunk` with per-sequence initial states gathered from the cache (zero for new requests) and the
   final states scattered back.
@@ -28,7 +26,7 @@ from sse_rl.models.vllm.compat import STATE_BACKEND
 from torch import nn
 from transformers import PretrainedConfig
 from vllm.config import VllmConfig
-from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
@@ -36,15 +34,12 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 from vllm.model_executor.layers.mamba.abstract import MambaBase
-from vllm.model_executor.utils import set_weight_attrs
 from vllm.utils.torch_utils import direct_register_custom_op
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 OP_NAME = "sse_h_mix"
-# HF modules stacked into `x_proj`, in shard order (the last one only with an output gate), and the second halves
-# of low-rank pairs stacked into a `StackedLowRankB` (vLLM module name, shard order).
+# HF modules stacked into `x_proj`, in shard order (the last one only with an output gate).
 X_PROJ_PARTS = ("lora_q_proj.0", "lora_k_proj.0", "gk_proj.0.0", "gk_proj.1.0", "e_proj", "g_proj.0")
-LOW_RANK_B_PARTS = {"lora_qk_proj": ("lora_q_proj.1", "lora_k_proj.1"), "gk_proj": ("gk_proj.0.1", "gk_proj.1.1")}
 
 
 def sse_state_shape(config: PretrainedConfig, tp_size: int) -> tuple[int, int, int, int]:
@@ -73,29 +68,6 @@ class GatedRMSNorm(nn.Module):
         return y
 
 
-class StackedLowRankB(nn.Module):
-    """The column-parallel second halves of `n` low-rank pairs of equal shapes, as one batched matmul:
-    [n, T, rank] -> [n, T, out / tp]. Weight [n, out / tp, rank], bias [n, out / tp]; shard i of the checkpoint
-    ([out, rank], [out]) is loaded into slot i, this TP rank's rows only."""
-
-    def __init__(self, n: int, rank: int, out: int, bias: bool) -> None:
-        super().__init__()
-        self.tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-        self.weight = nn.Parameter(torch.empty(n, out // tp_size, rank), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(n, out // tp_size), requires_grad=False) if bias else None
-        for param in (self.weight, self.bias):
-            if param is not None:
-                set_weight_attrs(param, {"weight_loader": self.weight_loader})
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: int) -> None:
-        rows = param.shape[1]
-        param.data[shard].copy_(loaded.narrow(0, self.tp_rank * rows, rows))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.transpose(1, 2)
-        return torch.bmm(x, w) if self.bias is None else torch.baddbmm(self.bias[:, None], x, w)
-
-
 class SSEHMixer(nn.Module, MambaBase):
     """SSE layer of SSE-H (spec §1.2–1.3) with parameter names of the HF model (`...attn.<name>`)."""
 
@@ -118,8 +90,10 @@ class SSEHMixer(nn.Module, MambaBase):
         self.x_sizes = [dv, dv, rank, rank, config.num_sparse_partition] + ([dv] if config.use_output_gate else [])
         self.x_proj = MergedColumnParallelLinear(hidden, self.x_sizes, bias=False, disable_tp=True,
                                                  prefix=f"{prefix}.x_proj")
-        self.lora_qk_proj = StackedLowRankB(2, dv, heads * dk, bias=False)
-        self.gk_proj = StackedLowRankB(2, rank, heads * dk, bias=True)
+        self.lora_q_proj = ColumnParallelLinear(dv, heads * dk, bias=False, prefix=f"{prefix}.lora_q_proj")
+        self.lora_k_proj = ColumnParallelLinear(dv, heads * dk, bias=False, prefix=f"{prefix}.lora_k_proj")
+        self.gk_proj = nn.ModuleList([
+            ColumnParallelLinear(rank, heads * dk, bias=True, prefix=f"{prefix}.gk_proj.{i}") for i in range(2)])
         self.g_proj = ColumnParallelLinear(dv, heads * dv, bias=False, prefix=f"{prefix}.g_proj") \
             if config.use_output_gate else None
         self.o_norm = GatedRMSNorm(dv, eps=config.norm_eps)
@@ -169,15 +143,14 @@ class SSEHMixer(nn.Module, MambaBase):
         qkv, _ = self.qkv_proj(x)
         q1, k1, v = qkv.split([self.num_heads * self.head_k_dim] * 2 + [self.num_heads * self.head_v_dim], dim=-1)
         xs, _ = self.x_proj(x)
-        lora, gates, router_logits, *g = xs.split([2 * self.x_sizes[0], 2 * self.x_sizes[2], *self.x_sizes[4:]], -1)
-        lq, lk = self.lora_qk_proj(lora.unflatten(-1, (2, -1)).transpose(0, 1))  # [T, H*dk] each
-        q2, k2 = q1 + lq, k1 + lk
+        lq, lk, gk0, gk1, router_logits, *g = xs.split(self.x_sizes, dim=-1)
+        q2, k2 = q1 + self.lora_q_proj(lq)[0], k1 + self.lora_k_proj(lk)[0]  # [T, H*dk]
         q_sh, q_sp = F.silu(q1.view(t, *heads)), F.silu(q2.view(t, *heads))  # [T, H, dk]
         k_sh = k1.view(t, *heads).float().softmax(-1).to(x.dtype)
         k_sp = k2.view(t, *heads).float().softmax(-1).to(x.dtype)
         v = F.silu(v.view(t, self.num_heads, self.head_v_dim))  # [T, H, dv]
-        g_sh, g_sp = (F.logsigmoid(a.view(t, *heads).float()) / self.gate_logit_normalizer
-                      for a in self.gk_proj(gates.unflatten(-1, (2, -1)).transpose(0, 1)))  # [T, H, dk] fp32
+        g_sh, g_sp = (F.logsigmoid(proj(a)[0].view(t, *heads).float()) / self.gate_logit_normalizer
+                      for proj, a in zip(self.gk_proj, (gk0, gk1)))  # [T, H, dk] fp32
         gate = None if self.g_proj is None else self.g_proj(g[0])[0].view_as(v)
         return (q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, router_logits.contiguous()), gate
 
