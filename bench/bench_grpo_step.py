@@ -552,10 +552,7 @@ def _comparison(sse: dict[str, float | None], qwen: dict[str, float | None]) -> 
 
 
 SAMPLING = (("worker", "the rollout worker's requests: logprobs (flat), token ids only, one seed per call"),
-            ("worker_request_seeds", "the same + a seed per request"),
-            # rows of older runs
-            ("logprobs", "+ sampled-token logprobs"), ("logprobs_seeded", "+ logprobs + per-request seeds"),
-            ("logprobs_ids_only", "+ logprobs, token ids only (`detokenize=False`)"))
+            ("worker_request_seeds", "the same + a seed per request"))
 
 
 def _sampling(data: dict[str, Any]) -> list[str]:
