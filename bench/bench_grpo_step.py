@@ -21,7 +21,7 @@ Choices:
 - `plain` is vLLM alone on the same batch: the same encoded prompts, n = G, max_tokens, temperature, top_p, and
   the engine settings of the resolved recipe (dtype, gpu_memory_utilization, max_model_len, enforce_eager, sleep
   mode); text, no logprobs and no seeds (the rollout worker asks for flat logprobs and token ids only, and reseeds
-  the engine for each call). One short warm-up generate first.
+  the engine for each call). One short warm-up generate first (a plain request and one of the worker's).
 - `sampling` times the same batch on one engine three times: plain, as the rollout worker asks, and that with a
   seed per request (~8 minutes for SSE-H-2B on an H100).
 - Training FLOPs per step = 3 x forward FLOPs (MFU, model FLOPs); with gradient checkpointing the hardware does
@@ -237,7 +237,10 @@ def start_engine(setup: Setup, recipe: Any, part: str) -> tuple[Any, list[Any], 
               tensor_parallel_size=r.tensor_parallel_size, enable_sleep_mode=r.sleep_level > 0,
               max_num_seqs=r.max_num_seqs, logprobs_mode="processed_logprobs")
     start_s = time.perf_counter() - t0
-    llm.generate(prompts[:2], SamplingParams(n=2, max_tokens=16), use_tqdm=False)
+    # warm-up: one plain request and one as the rollout worker asks (its logprobs path has first-use costs too)
+    llm.generate(prompts[:2], [SamplingParams(n=2, max_tokens=16),
+                               SamplingParams(n=2, max_tokens=16, logprobs=0, flat_logprobs=True, detokenize=False)],
+                 use_tqdm=False)
     say(f"{part}: engine up in {start_s:.0f}s; {len(prompts)} prompts x {r.group_size}, up to {r.max_tokens} tokens")
     return llm, prompts, start_s
 
@@ -247,8 +250,9 @@ def timed_generate(llm: Any, prompts: list[Any], recipe: Any, label: str, *, wor
     """Completion tokens / seconds of one generate call over the batch. `worker`: the rollout worker's requests
     (sampled-token logprobs, flat, token ids only; the engine reseeded for the call), else plain text requests;
     `request_seeds`: a seed per request besides."""
-    import torch
     from vllm import SamplingParams
+
+    from sse_rl.workers.rollout import reseed_sampler
 
     r = recipe.rollout
     extra = {"logprobs": 0, "flat_logprobs": True, "detokenize": False} if worker else {}
@@ -256,7 +260,7 @@ def timed_generate(llm: Any, prompts: list[Any], recipe: Any, label: str, *, wor
     params = [SamplingParams(n=r.group_size, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
                              seed=seed, **extra) for seed in seeds]
     if worker:
-        torch.manual_seed(recipe.seed)  # what RolloutWorker.generate does on every worker before a seeded call
+        llm.collective_rpc(reseed_sampler, args=(recipe.seed,))  # as RolloutWorker.generate before a seeded call
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - t0

@@ -50,9 +50,9 @@ class SamplingSpec:
     top_p: float = 1.0
 
 
-def _reseed(worker: Any, seed: int) -> None:
-    """Restart the worker's random stream: vLLM draws the sampling noise of requests without a seed of their own from
-    torch's default generators."""
+def reseed_sampler(worker: Any, seed: int) -> None:
+    """Restart a vLLM worker's random stream (`llm.collective_rpc(reseed_sampler, args=(seed,))`): vLLM draws the
+    sampling noise of requests without a seed of their own from torch's default generators."""
     torch.manual_seed(seed)
 
 
@@ -85,7 +85,7 @@ class RolloutWorker:
         from vllm.inputs import TokensPrompt
 
         if seed is not None:
-            self.llm.collective_rpc(_reseed, args=(seed,))
+            self.llm.collective_rpc(reseed_sampler, args=(seed,))
         params = SamplingParams(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
                                 logprobs=0, detokenize=False, flat_logprobs=True)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
