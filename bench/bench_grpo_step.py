@@ -226,6 +226,8 @@ def start_engine(setup: Setup, recipe: Any, part: str) -> tuple[Any, list[Any], 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from sse_rl.workers.rollout import SamplingSpec, request_params
+
     r = recipe.rollout
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(r.cpu_kvcache_space_gib))
     prompts = [TokensPrompt(prompt_token_ids=p.ids) for p in encoded_prompts(setup, recipe)]
@@ -238,9 +240,8 @@ def start_engine(setup: Setup, recipe: Any, part: str) -> tuple[Any, list[Any], 
               max_num_seqs=r.max_num_seqs, logprobs_mode="processed_logprobs")
     start_s = time.perf_counter() - t0
     # warm-up: one plain request and one as the rollout worker asks (its logprobs path has first-use costs too)
-    llm.generate(prompts[:2], [SamplingParams(n=2, max_tokens=16),
-                               SamplingParams(n=2, max_tokens=16, logprobs=0, flat_logprobs=True, detokenize=False)],
-                 use_tqdm=False)
+    warm = SamplingSpec(n=2, max_tokens=16, temperature=r.temperature)
+    llm.generate(prompts[:2], [SamplingParams(n=2, max_tokens=16), request_params(warm)], use_tqdm=False)
     say(f"{part}: engine up in {start_s:.0f}s; {len(prompts)} prompts x {r.group_size}, up to {r.max_tokens} tokens")
     return llm, prompts, start_s
 
@@ -252,15 +253,18 @@ def timed_generate(llm: Any, prompts: list[Any], recipe: Any, label: str, *, wor
     `request_seeds`: a seed per request besides."""
     from vllm import SamplingParams
 
-    from sse_rl.workers.rollout import reseed_sampler
+    from sse_rl.workers.rollout import SamplingSpec, request_params, reseed_sampler
 
     r = recipe.rollout
-    extra = {"logprobs": 0, "flat_logprobs": True, "detokenize": False} if worker else {}
-    seeds = request_seeds or [None] * len(prompts)
-    params = [SamplingParams(n=r.group_size, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
-                             seed=seed, **extra) for seed in seeds]
     if worker:
+        params = request_params(SamplingSpec(r.group_size, r.max_tokens, r.temperature, r.top_p))
         llm.collective_rpc(reseed_sampler, args=(recipe.seed,))  # as RolloutWorker.generate before a seeded call
+    else:
+        params = SamplingParams(n=r.group_size, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p)
+    params = [params] * len(prompts)
+    for i, seed in enumerate(request_seeds or []):
+        params[i] = params[i].clone()
+        params[i].seed = seed
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - t0

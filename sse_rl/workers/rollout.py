@@ -56,6 +56,15 @@ def reseed_sampler(worker: Any, seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def request_params(spec: SamplingSpec) -> Any:
+    """The `SamplingParams` of every rollout request: the sampled token's logprob, flat, and token ids only (module
+    doc, choices 3, 6 and 7); no seed of its own (choice 2)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
+                          logprobs=0, detokenize=False, flat_logprobs=True)
+
+
 def _count_parameters(worker: Any) -> int:
     return sum(1 for _ in worker.model_runner.model.named_parameters())
 
@@ -81,15 +90,12 @@ class RolloutWorker:
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec, seed: int | None) -> list[list[Rollout]]:
         """`spec.n` completions for each prompt (in prompt order), sampled from the engine's random stream restarted
         from `seed` (None: continued)."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         if seed is not None:
             self.llm.collective_rpc(reseed_sampler, args=(seed,))
-        params = SamplingParams(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
-                                logprobs=0, detokenize=False, flat_logprobs=True)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
-                                    use_tqdm=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
+                                    request_params(spec), use_tqdm=False)
         ids = [list(c.token_ids) for out in outputs for c in out.outputs]
         # as vLLM's own detokenizer: special tokens (EOS) skipped, no clean-up of spaces
         texts = self.llm.get_tokenizer().batch_decode(ids, skip_special_tokens=True,
