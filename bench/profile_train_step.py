@@ -31,7 +31,7 @@ import bench_grpo_step as bench  # noqa: E402  (the same policy, FLOP count and 
 KINDS = {  # kernel name fragments (lower case) -> kind; the first match wins
     "attention": ("flash", "fmha", "attention", "attn"),  # before matmul: fmha kernels are cutlass kernels
     "matmul": ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_"),
-    "sse": ("chunk_", "router", "routing", "gate_", "segments"),
+    "sse": ("chunk_", "router", "routing", "gate_", "segments", "stream_kernel", "pair_sum"),
     "elementwise/copy": ("elementwise", "vectorized", "reduce", "copy", "cat", "index", "scatter", "gather",
                          "softmax", "fill", "sort", "radix", "scan", "cumsum", "where", "memcpy", "memset"),
 }
@@ -62,14 +62,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def timed_train(worker: Any, micro: list[Any]) -> tuple[float, float]:
-    """(seconds, peak GiB allocated) of one `train` call on these micro-batches (one mini-batch, one update)."""
+def timed_train(worker: Any, micro: list[Any]) -> tuple[float, float, int]:
+    """(seconds, peak GiB allocated, allocator retries) of one `train` call on these micro-batches (one mini-batch,
+    one update). A retry means the caching allocator ran out, freed its cache and synchronised with the GPU."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     t0 = time.perf_counter()
     totals = worker.train([micro])
     torch.cuda.synchronize()
-    return time.perf_counter() - t0, totals["gpu_peak_gib"]
+    return (time.perf_counter() - t0, totals["gpu_peak_gib"],
+            torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries)
 
 
 def kernel_time_by_kind(worker: Any, mb: Any) -> tuple[dict[str, float], list[list], str]:
@@ -264,7 +267,7 @@ def main() -> None:
         results["variants"].append(row)
         try:
             timed_train(worker, micro[:1])  # warm-up: a recompile for a new size class, the allocator
-            seconds, peak = timed_train(worker, micro)
+            seconds, peak, retries = timed_train(worker, micro)
         except torch.OutOfMemoryError as err:
             bench.say(f"{variant}: out of memory ({str(err).splitlines()[0]})")
             row["oom"] = True
@@ -274,12 +277,13 @@ def main() -> None:
         peak_flops = bench.H100_BF16_PEAK_TFLOPS * 1e12
         share = sum(recomputed) / len(layers)
         row.update(seconds=seconds, s_per_micro_batch=seconds / len(micro), tokens_per_s=tokens / seconds,
-                   mfu=3 * fwd / seconds / peak_flops, hfu=(3 + share) * fwd / seconds / peak_flops, peak_gib=peak)
+                   mfu=3 * fwd / seconds / peak_flops, hfu=(3 + share) * fwd / seconds / peak_flops, peak_gib=peak,
+                   alloc_retries=retries)
         kinds, row["top_kernels"], table = kernel_time_by_kind(worker, micro[0].to(worker.device))
         row["kernel_ms"] = kinds
         bench.say(f"{variant} (checkpoint every {every}, budget {budget}): {seconds:.2f}s for {len(micro)} "
                   f"micro-batches ({row['s_per_micro_batch']:.3f} s each), {row['tokens_per_s']:,.0f} tok/s, "
-                  f"MFU {row['mfu']:.1%}, HFU {row['hfu']:.1%}, peak {peak:.1f} GiB")
+                  f"MFU {row['mfu']:.1%}, HFU {row['hfu']:.1%}, peak {peak:.1f} GiB, {retries} allocator retries")
         bench.say(f"{variant}: kernel ms of one micro-batch by kind: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
                   + f" (sum {sum(kinds.values()):.1f})")

@@ -92,7 +92,10 @@ class Controller:
         """Create engines, trainer ranks and the reward pool.
 
         CPU: engines and trainers start in parallel. GPU: engines first, so that vLLM's memory profiling at start-up
-        does not count a trainer's allocations as its own. Placement (`sse_rl.placement`): with cuda_ipc, engine r
+        does not count a trainer's allocations as its own; then engines with sleep mode go to sleep until the first
+        weight sync, so the trainer's start-up compilation (a full micro-batch, `TrainerWorker._compile_now`) has
+        the memory a train phase has (2B with half the blocks recomputed: 70 GiB, which does not fit beside an
+        awake engine on an 80 GB GPU). Placement (`sse_rl.placement`): with cuda_ipc, engine r
         and trainer rank r share bundle r of one group (one GPU each), then are checked to really share a device;
         otherwise the trainer ranks get a group of their own and the engines go where Ray's scheduler puts them.
         """
@@ -111,6 +114,7 @@ class Controller:
         ) for i in range(c.rollout.num_engines)]
         if c.rollout.num_gpus_per_engine:
             ray.get([e.__ray_ready__.remote() for e in self.engines])
+            self.release_engines()  # woken by run()'s first sync
         if self.sync_method != "cuda_ipc":  # after the engines: on one GPU they start first (see above)
             trainer_place = packed_group({"GPU": c.train.num_gpus_per_trainer, "CPU": 1}, c.train.num_trainers,
                                          "trainer ranks")

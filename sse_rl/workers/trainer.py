@@ -202,8 +202,10 @@ class TrainerWorker:
                 if model is not None:
                     _shard(model, self.mp)
         t = self.train_cfg  # the optimizer holds the (sharded) parameters, so it is built after sharding
+        # fused: one kernel per parameter group on the GPU instead of a dozen passes of foreach kernels
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
-                                           weight_decay=t.weight_decay)
+                                           weight_decay=t.weight_decay,
+                                           fused=self.device.type == "cuda" and not self.fsdp)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
         if t.compile:  # after sharding: the graphs are traced over the modules the steps will run

@@ -36,25 +36,29 @@ def test_sort_matches_argsort_order(cu: list[int], N: int, K: int) -> None:
     assert torch.equal(row_seg, (seq * N + idx.flatten())[r.perm])
 
 
-def test_stream_maps_are_adjoint_and_weighted() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stream_maps_are_adjoint_and_weighted(dtype: torch.dtype) -> None:
     """The backward of to_stream is from_stream's gather (split into the shared and the sparse part) and vice
-    versa, and the weight gradient of to_stream is <d(row), row> per pair."""
-    L, N, K, H = 23, 5, 2, 3
+    versa, and the weight gradient of to_stream is <d(row), row> per pair (sums and products in fp32)."""
+    L, N, K, H, D = 23, 5, 2, 3, 40  # H * D = 120 columns: a partial column tile
     r = sort_by_partition(distinct_partitions(L, N, K), torch.tensor([0, 9, L], device=DEVICE), N)
-    f64 = {"device": DEVICE, "dtype": torch.float64}
-    shared, sparse = torch.randn(L, H, **f64, requires_grad=True), torch.randn(L, H, **f64, requires_grad=True)
-    y = torch.randn(L * (1 + K), H, **f64, requires_grad=True)
-    x = to_stream(shared, sparse, r)                                      # [L*(1+K), H]
-    fy = from_stream(y, r)                                                # [L, H]
-    assert torch.equal(x[:L], shared) and torch.equal(x[L:], sparse[r.src])
-    torch.testing.assert_close(fy, y[:L] + y[L:][r.inv].view(L, K, H).sum(1))
+    src = r.perm // K
+    opts = {"device": DEVICE, "dtype": dtype}
+    shared, sparse = torch.randn(L, H, D, **opts, requires_grad=True), torch.randn(L, H, D, **opts, requires_grad=True)
+    y = torch.randn(L * (1 + K), H, D, **opts, requires_grad=True)
+    x = to_stream(shared, sparse, r)                                      # [L*(1+K), H, D]
+    fy = from_stream(y, r)                                                # [L, H, D]
+    assert torch.equal(x[:L], shared) and torch.equal(x[L:], sparse[src])
+    torch.testing.assert_close(fy, (y[:L].float() + y[L:][r.inv].float().view(L, K, H, D).sum(1)).to(dtype))
     dsh, dsp = torch.autograd.grad(x, (shared, sparse), y)
     torch.testing.assert_close(dsh, y[:L])
-    torch.testing.assert_close(dsp, fy - y[:L])
+    torch.testing.assert_close(dsp, y[L:][r.inv].float().view(L, K, H, D).sum(1).to(dtype))
     (dy,) = torch.autograd.grad(fy, y, shared)
-    torch.testing.assert_close(dy, to_stream(shared, shared, r))
-    w = torch.rand(L, K, **f64, requires_grad=True)
+    assert torch.equal(dy, to_stream(shared, shared, r))
+    w = torch.rand(L, K, device=DEVICE, requires_grad=True)
     xw = to_stream(shared, sparse, r, w)
-    torch.testing.assert_close(xw[L:], sparse[r.src] * w.flatten()[r.perm][:, None])
-    (dw,) = torch.autograd.grad(xw, w, y)
-    torch.testing.assert_close(dw, (y[L:] * sparse[r.src]).sum(1)[r.inv].view(L, K))
+    wf = w.flatten()[r.perm][:, None, None]
+    torch.testing.assert_close(xw[L:], (sparse[src].float() * wf).to(dtype))
+    dw, dsp = torch.autograd.grad(xw, (w, sparse), y)
+    torch.testing.assert_close(dw, (y[L:].float() * sparse[src].float()).sum((1, 2))[r.inv].view(L, K))
+    torch.testing.assert_close(dsp, (y[L:].float() * wf)[r.inv].view(L, K, H, D).sum(1).to(dtype))

@@ -41,6 +41,7 @@ def test_weights_reach_the_engine_over_cuda_ipc(run_rows):
 
 def test_sleeping_engine_leaves_its_memory_to_the_trainer(run_rows):
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    assert run_rows[0]["time/engine_wake"] > 0  # asleep from the trainer's start-up until the first sync
     for row in (r for r in run_rows if r["step"] > 0):
         assert row["time/engine_sleep"] > 0 and row["time/engine_wake"] > 0
         # awake, the engine holds ENGINE_SHARE of the GPU; asleep (level 2) only its CUDA context is left
