@@ -395,7 +395,8 @@ def _train_metrics(results: list[dict[str, float]]) -> dict[str, float]:
            "train/skipped_updates": first["skipped"], "train/lr": first["lr"]}
     if total["kl_sum"]:
         out["train/kl"] = total["kl_sum"] / tokens
-    if "gpu_free_gib" in first:  # GPU ranks: free memory at the step's start (after engines slept), peak allocated
-        out["train/gpu_free_gib"] = min(r["gpu_free_gib"] for r in results)
-        out["train/gpu_peak_gib"] = max(r["gpu_peak_gib"] for r in results)
+    if "gpu_free_gib" in first:  # GPU ranks: free memory at the step's start (after engines slept), peak allocated,
+        out["train/gpu_free_gib"] = min(r["gpu_free_gib"] for r in results)  # and what a rank keeps reserved after
+        out["train/gpu_peak_gib"] = max(r["gpu_peak_gib"] for r in results)  # the step, beside the woken engines
+        out["train/gpu_kept_gib"] = max(r["gpu_kept_gib"] for r in results)
     return out

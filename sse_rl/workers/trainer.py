@@ -257,6 +257,11 @@ class TrainerWorker:
         norm = float(norm.full_tensor() if self.fsdp else norm)  # a DTensor over the shards under fsdp2
         applied = math.isfinite(norm)
         if applied:
+            if self.device.type == "cuda" and not self.optimizer.state:
+                # AdamW creates its moments (2x the fp32 weights) in this first step; from a cache full of freed
+                # activation blocks they would land inside those blocks' segments and pin them, so that
+                # empty_cache could no longer give that memory back to the engines after training
+                torch.cuda.empty_cache()
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm, applied
@@ -301,6 +306,7 @@ class TrainerWorker:
             totals.update(gpu_free_gib=gpu_free, gpu_peak_gib=torch.cuda.max_memory_allocated(self.device) / 2**30)
             torch.cuda.reset_peak_memory_stats(self.device)
             torch.cuda.empty_cache()
+            totals["gpu_kept_gib"] = torch.cuda.memory_reserved(self.device) / 2**30  # held while engines run
         return totals
 
     # ----------------------------------------------------------------------------------------------------------
