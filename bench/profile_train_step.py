@@ -67,12 +67,10 @@ def timed_train(worker: Any, micro: list[Any]) -> tuple[float, float, int]:
     one update). A retry means the caching allocator ran out, freed its cache and synchronised with the GPU."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     t0 = time.perf_counter()
     totals = worker.train([micro])
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0, totals["gpu_peak_gib"],
-            torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries)
+    return time.perf_counter() - t0, totals["gpu_peak_gib"], int(totals["gpu_alloc_retries"])
 
 
 def kernel_time_by_kind(worker: Any, mb: Any) -> tuple[dict[str, float], list[list], str]:

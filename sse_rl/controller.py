@@ -399,4 +399,5 @@ def _train_metrics(results: list[dict[str, float]]) -> dict[str, float]:
         out["train/gpu_free_gib"] = min(r["gpu_free_gib"] for r in results)  # and what a rank keeps reserved after
         out["train/gpu_peak_gib"] = max(r["gpu_peak_gib"] for r in results)  # the step, beside the woken engines
         out["train/gpu_kept_gib"] = max(r["gpu_kept_gib"] for r in results)
+        out["train/gpu_alloc_retries"] = max(r["gpu_alloc_retries"] for r in results)
     return out

@@ -15,6 +15,7 @@ copies and multiplies, these moves took about a tenth of a 2B training step on t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -111,7 +112,8 @@ def pair_sum_kernel(stream, inv, weights, sparse, out, dweights, L, W: tl.conste
 
 def build_stream(shared: torch.Tensor, sparse: torch.Tensor, perm: torch.Tensor, top_k: int,
                  weights: torch.Tensor | None) -> torch.Tensor:
-    L, W = shared.shape[0], shared[0].numel()
+    """Launch `stream_kernel`: [L, ...] x2 -> [L * (1 + K), ...] (an unused pointer argument gets any tensor)."""
+    L, W = shared.shape[0], math.prod(shared.shape[1:])
     out = shared.new_empty(L * (1 + top_k), *shared.shape[1:])
     grid = (triton.cdiv(out.shape[0], BR), triton.cdiv(W, BW))
     stream_kernel[grid](shared, sparse, weights if weights is not None else perm, perm, out, L, W=W, K=top_k,
@@ -120,9 +122,12 @@ def build_stream(shared: torch.Tensor, sparse: torch.Tensor, perm: torch.Tensor,
 
 
 def pair_sum(stream: torch.Tensor, inv: torch.Tensor, top_k: int, add_shared: bool,
-             weights: torch.Tensor | None = None, sparse: torch.Tensor | None = None):
+             weights: torch.Tensor | None = None,
+             sparse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch `pair_sum_kernel`: the token-order sum [L, ...] of a stream, and with `weights` [L, K] (and the
+    unweighted `sparse` rows) the weight gradient [L, K] fp32, else None."""
     L = stream.shape[0] // (1 + top_k)
-    W = stream[0].numel()
+    W = math.prod(stream.shape[1:])
     out = stream.new_empty(L, *stream.shape[1:])
     dweights = stream.new_empty(L, top_k, dtype=torch.float32) if weights is not None else None
     pair_sum_kernel[(triton.cdiv(L, BR),)](

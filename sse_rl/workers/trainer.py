@@ -116,6 +116,12 @@ def recomputed_blocks(num_layers: int, checkpoint_every: int) -> list[bool]:
     return [checkpoint_every > 0 and i % checkpoint_every == 0 for i in range(num_layers)]
 
 
+def _alloc_retries(device: torch.device) -> int:
+    """How often the CUDA caching allocator has run out, freed its cache and retried (each time it waits for the
+    GPU): many retries in a train phase mean it runs at the memory limit, slowly."""
+    return torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
+
+
 def _filler() -> MicroBatch:
     """A two-token micro-batch that contributes nothing (weight 0, aux weight 0): pads a rank's list under fsdp2."""
     (mb,) = pack([Sequence([0], [0], [0.0], advantage=0.0, weight=0.0)], token_budget=2)[0]
@@ -279,6 +285,7 @@ class TrainerWorker:
         minibatches = [[mb.to(self.device) for mb in mini] for mini in minibatches]
         filler = _filler().to(self.device)
         gpu_free = torch.cuda.mem_get_info(self.device)[0] / 2**30 if self.device.type == "cuda" else 0.0
+        retries = _alloc_retries(self.device)
         if self.fsdp:
             minibatches = self._even_out(minibatches, filler)
         extras = {id(mb): self._extra(mb) for mini in minibatches for mb in mini}
@@ -307,6 +314,7 @@ class TrainerWorker:
             torch.cuda.reset_peak_memory_stats(self.device)
             torch.cuda.empty_cache()
             totals["gpu_kept_gib"] = torch.cuda.memory_reserved(self.device) / 2**30  # held while engines run
+            totals["gpu_alloc_retries"] = float(_alloc_retries(self.device) - retries)
         return totals
 
     # ----------------------------------------------------------------------------------------------------------

@@ -46,3 +46,4 @@ def test_sleeping_engine_leaves_its_memory_to_the_trainer(run_rows):
         assert row["time/engine_sleep"] > 0 and row["time/engine_wake"] > 0
         # awake, the engine holds ENGINE_SHARE of the GPU; asleep (level 2) only its CUDA context is left
         assert row["train/gpu_free_gib"] > total * (1 - ENGINE_SHARE / 2), (row["train/gpu_free_gib"], total)
+        assert row["train/gpu_alloc_retries"] == 0  # far from the memory limit, the allocator never had to retry
