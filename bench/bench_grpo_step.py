@@ -183,14 +183,18 @@ def in_child(fn: Any, *args: Any) -> None:
 
 
 def build_model(setup: Setup, dtype: str) -> None:
-    """Tokenizer + seeded random weights, saved in the engine dtype. Initialised on the GPU where there is one (2B
-    parameters: seconds there, two minutes on 16 CPU cores), then freed before the engine and the trainer start."""
+    """Tokenizer + seeded random weights, saved in the engine dtype, unless already there. Initialised on the GPU
+    where there is one (2B parameters: seconds there, two minutes on 16 CPU cores), in a child process."""
+    if (setup.model_dir / "config.json").is_file():
+        say(f"reusing {setup.model_dir}")
+    else:
+        in_child(save_random_policy, setup, dtype)
+
+
+def save_random_policy(setup: Setup, dtype: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    if (setup.model_dir / "config.json").is_file():
-        say(f"reusing {setup.model_dir}")
-        return
     tmp = setup.model_dir.with_name(setup.model_dir.name + ".tmp")
     t0 = time.perf_counter()
     tokenizer = build_tokenizer(tmp, 384 if setup.tiny else 151936)
@@ -202,8 +206,6 @@ def build_model(setup: Setup, dtype: str) -> None:
     model.save_pretrained(str(tmp))
     os.replace(tmp, setup.model_dir)
     count = sum(p.numel() for p in model.parameters())
-    del model
-    torch.cuda.empty_cache()
     say(f"model: {setup.model_name}, {count:,} parameters, saved to {setup.model_dir}")
 
 
@@ -226,7 +228,7 @@ def prepare(setup: Setup) -> Any:
     prompts = setup.work / "prompts.jsonl"
     write_prompts(prompts, 4 if setup.tiny else 32)
     recipe = setup.recipe()
-    in_child(build_model, setup, recipe.rollout.dtype)
+    build_model(setup, recipe.rollout.dtype)
     return recipe
 
 
