@@ -39,6 +39,8 @@ Choices:
    an 8,704-token micro-batch from 0.68 s to 0.41-0.43 s (bench/profile_train_step.py).
 12) Gradient checkpointing may cover every k-th block only (`model.checkpoint_every`): each block not recomputed
    saves a quarter of its compute per micro-batch and keeps its activations, so the setting trades memory for speed.
+13) On CUDA the trainer allocates from expandable segments (`cuda_alloc`): micro-batches of many sizes otherwise
+   fragment the cache by gigabytes, which a GPU shared with a sleeping engine does not have to spare.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ from sse_rl.config import AlgoConfig, TrainConfig
 from sse_rl.grpo.logprobs import logprobs_and_entropy
 from sse_rl.grpo.losses import LossInputs, PolicyLoss
 from sse_rl.packing import MicroBatch, Sequence, pack
-from sse_rl.workers import flat_weights
+from sse_rl.workers import cuda_alloc, flat_weights
 
 SUMMED = ("tokens", "clip_low", "clip_high", "is_sum", "mismatch_sum", "kl_sum", "loss", "entropy_sum", "aux_sum")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
@@ -143,6 +145,7 @@ class TrainerWorker:
         self.rank, self.world_size = rank, world_size
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
+        self.expandable = self.device.type == "cuda" and cuda_alloc.use_for_trainer()
         self.fsdp = train.strategy == "fsdp2" and world_size > 1
         bf16 = dtype == "bfloat16"
         self.autocast_dtype = torch.bfloat16 if bf16 and not self.fsdp else None
@@ -336,7 +339,8 @@ class TrainerWorker:
         from torch.multiprocessing.reductions import reduce_tensor
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        packed = flat_weights.pack(state, getattr(torch, dtype), self.device)
+        with cuda_alloc.plain_segments(self.expandable):  # an engine maps these (see cuda_alloc)
+            packed = flat_weights.pack(state, getattr(torch, dtype), self.device)
         self._shared = [flat for flat, _ in packed]
         torch.cuda.synchronize(self.device)  # the engine reads on its own stream
         return [SharedBuffer(reduce_tensor(flat), entries) for flat, entries in packed]
