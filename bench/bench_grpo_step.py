@@ -451,10 +451,11 @@ def pipeline_result(row: dict[str, float], recipe: Any, prompts: list[Any], coun
     trained = row["throughput/train_tokens_per_s"] * row["time/train"]
     if abs(tokens - trained) > 0.01 * trained:
         say(f"warning: the FLOPs count {tokens:.0f} tokens, the trainer reports {trained:.0f}")
-    keys = ("time/step", "time/rollout", "time/reward", "time/train", "time/sync", "time/engine_sleep",
-            "time/engine_wake", "throughput/rollout_tokens_per_s", "throughput/train_tokens_per_s",
+    keys = ("time/step", "time/rollout", "time/reward", "time/train", "time/train_pack", "time/train_prepare",
+            "time/train_updates", "time/train_release", "time/sync", "time/engine_sleep", "time/engine_wake",
+            "throughput/rollout_tokens_per_s", "throughput/train_tokens_per_s",
             "response_length/mean", "response_length/truncated_frac", "probe/max_abs_diff", "train/grad_norm",
-            "sampling/kept_groups")
+            "train/graphs_compiled", "train/gpu_peak_gib", "train/gpu_alloc_retries", "sampling/kept_groups")
     return {"step": row["step"], **{k: row[k] for k in keys if k in row},
             "train_tokens": trained, "flops_tokens": tokens,
             "completion_tokens": completion * len(drawn) * recipe.rollout.group_size,

@@ -274,10 +274,12 @@ class Controller:
         """One update of the trainers on the kept groups; returns train/* metrics."""
         t0 = time.perf_counter()
         per_rank = self.batches(groups)
+        packed = time.perf_counter() - t0
         results = ray.get([t.train.remote(b) for t, b in zip(self.trainers, per_rank)])
         seconds = time.perf_counter() - t0
         tokens = sum(mb.num_tokens for b in per_rank for mini in b for mb in mini)
-        return {**_train_metrics(results), "time/train": seconds, "throughput/train_tokens_per_s": tokens / seconds}
+        return {**_train_metrics(results), "time/train": seconds, "time/train_pack": packed,
+                "throughput/train_tokens_per_s": tokens / seconds}
 
     def evaluate(self) -> dict[str, float]:
         """Mean reward and accuracy on the held-out prompts (one fixed seed, so every eval draws alike)."""
@@ -392,7 +394,11 @@ def _train_metrics(results: list[dict[str, float]]) -> dict[str, float]:
            "train/is_ratio_mean": total["is_sum"] / tokens, "train/is_ratio_max": max(r["is_max"] for r in results),
            "train/is_ratio_min": min(r["is_min"] for r in results), "train/mismatch": total["mismatch_sum"] / tokens,
            "train/aux_loss": total["aux_sum"] / first["updates"], "train/grad_norm": first["grad_norm"],
-           "train/skipped_updates": first["skipped"], "train/lr": first["lr"]}
+           "train/skipped_updates": first["skipped"], "train/lr": first["lr"],
+           "train/graphs_compiled": max(r["graphs_compiled"] for r in results),
+           # the slowest rank's split of time/train (the rest of it: packing and moving the batches to the ranks)
+           **{f"time/train_{part}": max(r[f"time_{part}"] for r in results) for part in ("prepare", "updates",
+                                                                                        "release")}}
     if total["kl_sum"]:
         out["train/kl"] = total["kl_sum"] / tokens
     if "gpu_free_gib" in first:  # GPU ranks: free memory at the step's start (after engines slept), peak allocated,

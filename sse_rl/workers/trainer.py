@@ -45,6 +45,7 @@ Choices:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,14 @@ def _alloc_retries(device: torch.device) -> int:
     """How often the CUDA caching allocator has run out, freed its cache and retried (each time it waits for the
     GPU): many retries in a train phase mean it runs at the memory limit, slowly."""
     return torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
+
+
+def _graphs_compiled() -> int:
+    """How many graphs torch.compile has compiled in this process: one that grows inside a step means a micro-batch
+    of a new size class recompiled (seconds each at 2B)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def _filler() -> MicroBatch:
@@ -282,16 +291,21 @@ class TrainerWorker:
         return [mini + [filler] * (n - len(mini)) for mini, n in zip(minibatches, counts.tolist())]
 
     def train(self, minibatches: list[list[MicroBatch]]) -> dict[str, float]:
-        """One GRPO step on this rank's share: `minibatches[j]` are its micro-batches of mini-batch j."""
+        """One GRPO step on this rank's share: `minibatches[j]` are its micro-batches of mini-batch j. Besides the
+        loss statistics it reports where its time went: `time_prepare` (micro-batches to the device, pi_old and
+        reference passes queued), `time_updates` (forwards, backwards and optimizer steps, until the GPU is done) and
+        `time_release` (giving the cache back for the engines)."""
+        t0 = time.perf_counter()
         # every micro-batch goes to the device before the first forward: a blocking host-to-device copy
         # synchronises the stream, so copies between micro-batches would drain the GPU's queue once per micro-batch
         minibatches = [[mb.to(self.device) for mb in mini] for mini in minibatches]
         filler = _filler().to(self.device)
         gpu_free = torch.cuda.mem_get_info(self.device)[0] / 2**30 if self.device.type == "cuda" else 0.0
-        retries = _alloc_retries(self.device)
+        retries, graphs = _alloc_retries(self.device), _graphs_compiled()
         if self.fsdp:
             minibatches = self._even_out(minibatches, filler)
         extras = {id(mb): self._extra(mb) for mini in minibatches for mb in mini}
+        t1 = time.perf_counter()
         zero = torch.zeros((), device=self.device)
         sums = dict.fromkeys(SUMMED, zero)  # on the device, read once after the loop (a read waits for the GPU)
         is_max, is_min = zero, torch.full((), float("inf"), device=self.device)
@@ -312,12 +326,15 @@ class TrainerWorker:
         totals.update(zip([*sums, "is_max", "is_min"], values))
         self.scheduler.step()
         totals["lr"] = self.scheduler.get_last_lr()[0]
+        t2 = time.perf_counter()  # the stack's .tolist() above waited for the GPU
         if self.device.type == "cuda":  # what the GPU had free for this step, and what the step used at peak
             totals.update(gpu_free_gib=gpu_free, gpu_peak_gib=torch.cuda.max_memory_allocated(self.device) / 2**30)
             torch.cuda.reset_peak_memory_stats(self.device)
             torch.cuda.empty_cache()
             totals["gpu_kept_gib"] = torch.cuda.memory_reserved(self.device) / 2**30  # held while engines run
             totals["gpu_alloc_retries"] = float(_alloc_retries(self.device) - retries)
+        totals.update(time_prepare=t1 - t0, time_updates=t2 - t1, time_release=time.perf_counter() - t2,
+                      graphs_compiled=float(_graphs_compiled() - graphs))
         return totals
 
     # ----------------------------------------------------------------------------------------------------------

@@ -73,6 +73,10 @@ def test_short_run_learns_and_writes_its_outputs(reference):
                 "sampling/zero_variance_frac", "time/rollout", "time/reward", "time/train", "time/sync",
                 "throughput/train_tokens_per_s", "probe/max_abs_diff"):
         assert all(key in r for r in steps), key
+    for r in steps:  # the train phase's split: packing, then the trainer's own parts, within its wall time
+        parts = [r[f"time/train_{p}"] for p in ("pack", "prepare", "updates", "release")]
+        assert min(parts) >= 0 and r["time/train_updates"] > 0 and sum(parts) <= r["time/train"], (parts, r)
+        assert r["train/graphs_compiled"] == 0  # train.compile is off in this recipe
     assert max(r["probe/max_abs_diff"] for r in rows if "probe/max_abs_diff" in r) < 1e-4
     assert max(r["train/mismatch"] for r in steps) < 1e-4  # fp32 engine and trainer agree on sampled tokens
     assert (reference / "curves.png").read_bytes()[:4] == b"\x89PNG"
