@@ -491,7 +491,7 @@ def merge_into(path: Path, model: str, part: str, result: dict[str, Any]) -> Non
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.setdefault(model, {})[part] = result
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    path.write_text(json.dumps(data, indent=1) + "\n")
     say(f"results: {model}/{part} written to {path}")
 
 
