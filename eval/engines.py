@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from sse_rl import check_worker_imports
+
 # Each engine call gets fresh request ids, so ids never clash with earlier calls on the same engine.
 _call_counter = itertools.count()
 
@@ -166,6 +168,7 @@ class Engines:
             import ray
 
             if not ray.is_initialized():
+                check_worker_imports()
                 ray.init(include_dashboard=False)
                 self.own_ray = True
             gpus = spec.tensor_parallel_size if _cuda_device_count() else 0

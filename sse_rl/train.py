@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sse_rl import checkpoint
+from sse_rl import check_worker_imports, checkpoint
 from sse_rl.config import Recipe, RecipeError, load_recipe
 from sse_rl.data import check_not_benchmark, encode_prompts, load_prompts
 
@@ -119,6 +119,7 @@ def start_ray(address: str | None, num_cpus: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_worker_imports()  # before any work: the run's Ray workers must import this sse-rl
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     recipe = load_recipe(args.recipe, args.overrides)
     check_rewards(recipe)

@@ -67,3 +67,30 @@ def test_unknown_command_names_it(tmp_path):
     exe = Path(sys.executable).with_name("sse-rl")
     proc = subprocess.run([str(exe), "trian"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode != 0 and "'trian'" in proc.stderr
+
+
+def _fake_checkout(root: Path) -> Path:
+    """A folder laid out like a source checkout of sse-rl (only what the check looks at)."""
+    (root / "sse_rl").mkdir()
+    (root / "sse_rl" / "__init__.py").write_text("")
+    return root
+
+
+def test_worker_import_check_names_a_shadowing_checkout(tmp_path):
+    import pytest
+
+    import sse_rl
+
+    sse_rl.check_worker_imports(tmp_path)  # no checkout here: fine
+    sse_rl.check_worker_imports(Path(sse_rl.__file__).resolve().parents[1])  # the imported package's own root: fine
+    with pytest.raises(RuntimeError, match="holds a source checkout of sse-rl") as err:
+        sse_rl.check_worker_imports(_fake_checkout(tmp_path))
+    assert str(tmp_path) in str(err.value) and "pip install -e ." in str(err.value)
+
+
+def test_train_refuses_to_start_workers_from_a_shadowing_checkout(tmp_path):
+    exe = Path(sys.executable).with_name("sse-rl")
+    proc = subprocess.run([str(exe), "train", str(ROOT / "recipes" / "tiny_cpu.yaml"), f"out_dir={tmp_path / 'run'}"],
+                          cwd=_fake_checkout(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Ray workers would import the checkout's sse_rl/ folder" in proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before any work
