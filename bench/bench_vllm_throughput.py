@@ -12,6 +12,8 @@ Choices:
   the scheduler for that concurrency; bf16, prefix caching off, CUDA graphs and torch.compile at vLLM's defaults.
 - Throughput = generated tokens / wall time of one `generate` call over all prompts (prefill included), after a
   short warm-up generate on the same engine.
+- `--compile-sizes N ...` (both models alike): Inductor compiles those batch sizes for their static shape, with
+  max_autotune, so each GEMM is the fastest of cuBLAS and Triton templates at that batch.
 - Memory per sequence is reported analytically from the configs: SSE states (fp32, fixed size) and the KV cache
   of the softmax-attention layers (bf16) at the setting's full length.
 """
@@ -105,7 +107,8 @@ def run_setting(model_dir: Path, setting: Setting, args: argparse.Namespace) -> 
     llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, seed=0,
               max_model_len=PROMPT_LEN + setting.new_tokens, enable_prefix_caching=False,
               max_num_seqs=setting.num_prompts or args.max_fit_prompts,
-              gpu_memory_utilization=args.gpu_memory_utilization, disable_log_stats=not args.progress)
+              gpu_memory_utilization=args.gpu_memory_utilization, disable_log_stats=not args.progress,
+              compilation_config={"compile_sizes": args.compile_sizes} if args.compile_sizes else None)
     num_prompts = setting.num_prompts or min(max_concurrency(llm), args.max_fit_prompts)
     gen = torch.Generator().manual_seed(0)
     prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, 150_000, (PROMPT_LEN,), generator=gen).tolist())
@@ -126,7 +129,10 @@ def write_report(results: list[Result], out_dir: Path, meta: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vllm_throughput.json").write_text(json.dumps({**meta, "results": [asdict(r) for r in results]},
                                                              indent=2))
-    lines = [f"# vLLM decode throughput ({meta['device']}, vLLM {meta['vllm']}, torch {meta['torch']}, bf16)", "",
+    sizes = meta.get("compile_sizes")  # older results files have none
+    autotuned = f", Inductor max-autotune at batch {', '.join(map(str, sizes))}" if sizes else ""
+    lines = [f"# vLLM decode throughput ({meta['device']}, vLLM {meta['vllm']}, torch {meta['torch']}, bf16"
+             f"{autotuned})", "",
              "| model | setting | prompts | new tokens | s | output tok/s | state MiB/seq | KV MiB/seq |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -153,6 +159,9 @@ def main() -> None:
                              "still shows its pace; costs some host work per step, so not for the reported rows)")
     parser.add_argument("--settings", nargs="+", default=[s.name for s in SETTINGS],
                         choices=[s.name for s in SETTINGS], help="run only these settings")
+    parser.add_argument("--compile-sizes", nargs="+", type=int, default=[], metavar="N",
+                        help="batch sizes Inductor compiles for their static shape, which vLLM does with "
+                             "max_autotune (autotuned GEMMs, e.g. 64 for the 64 x 8k setting; longer start-up)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="write one report from the results files of earlier (partial) runs, run nothing")
     args = parser.parse_args()
@@ -178,7 +187,8 @@ def main() -> None:
                                       num_prompts * setting.new_tokens / seconds, state, kv))
                 print(results[-1], flush=True)
     meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
-            "prompt_len": PROMPT_LEN, "gpu_memory_utilization": args.gpu_memory_utilization}
+            "prompt_len": PROMPT_LEN, "gpu_memory_utilization": args.gpu_memory_utilization,
+            "compile_sizes": args.compile_sizes}
     write_report(results, Path(args.out), meta)
 
 

@@ -21,6 +21,9 @@ Choices:
   the measured context, for the step's fraction of copy bandwidth.
 - `--no-cuda-graphs` runs the same step with kernels launched one by one (host-bound wall time; the kernel list
   is the same as inside the graphs).
+- `--compile-sizes 64` has Inductor compile the batch-64 step for its static shape, which vLLM does with
+  max_autotune: every GEMM is timed against Triton templates and the fastest kept. The question it answers: do
+  vLLM's cuBLAS GEMMs at 64 rows (far below copy bandwidth in the profile) leave time that autotuning recovers?
 """
 from __future__ import annotations
 
@@ -73,6 +76,15 @@ def prefill(llm, context: int, new_tokens: int, vocab: int) -> None:
             produced[out.request_id] = len(out.outputs[0].token_ids)
 
 
+def compilation_config(args: argparse.Namespace) -> dict | None:
+    """vLLM's compilation options of the flags: no CUDA graphs, and/or batch sizes that Inductor compiles for their
+    static shape (vLLM then turns on max_autotune, so each GEMM picks the fastest of cuBLAS and Triton templates)."""
+    config = {"cudagraph_mode": "NONE"} if args.no_cuda_graphs else {}
+    if args.compile_sizes:
+        config["compile_sizes"] = args.compile_sizes
+    return config or None
+
+
 def measure(model_dir: Path, args: argparse.Namespace) -> dict:
     """Wall ms per decode step and kernel ms per step by kind and by name, for one model."""
     import torch
@@ -81,8 +93,7 @@ def measure(model_dir: Path, args: argparse.Namespace) -> dict:
     steps = args.warmup + args.timed + args.profiled
     llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, seed=0,
               max_model_len=args.context + steps + 16, enable_prefix_caching=False, max_num_seqs=BATCH,
-              gpu_memory_utilization=0.9,
-              compilation_config={"cudagraph_mode": "NONE"} if args.no_cuda_graphs else None)
+              gpu_memory_utilization=0.9, compilation_config=compilation_config(args))
     engine = llm.llm_engine
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     prefill(llm, args.context, steps + 8, vocab)
@@ -120,13 +131,19 @@ def measure(model_dir: Path, args: argparse.Namespace) -> dict:
             "top_kernels": [[name[:120], round(ms, 4), round(count, 2)] for name, (ms, count) in top]}
 
 
+def _autotuned(meta: dict) -> str:
+    sizes = meta.get("compile_sizes")  # older results files have none
+    return f", Inductor max-autotune at batch {', '.join(map(str, sizes))}" if sizes else ""
+
+
 def write_report(results: dict, meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "vllm_decode_profile.json").write_text(json.dumps({**meta, "results": results}, indent=2))
     kinds = [k for k, _ in KINDS] + ["other"]
     bw = meta["copy_bw"] / 1e9
     lines = [f"# One vLLM decode step at batch {BATCH}, context {meta['context']:,} ({meta['device']}, "
-             f"vLLM {meta['vllm']}, torch {meta['torch']}{', no CUDA graphs' if meta['no_cuda_graphs'] else ''})",
+             f"vLLM {meta['vllm']}, torch {meta['torch']}{', no CUDA graphs' if meta['no_cuda_graphs'] else ''}"
+             f"{_autotuned(meta)})",
              "", f"`bench/profile_vllm_decode.py`: wall ms per step over {meta['timed']} steps; kernels per step "
              f"from torch.profiler over {meta['profiled']} more. GB / step from roofline_decode.step_bytes; "
              f"bandwidth against copy bandwidth {bw:,.0f} GB/s.", "",
@@ -165,6 +182,9 @@ def main() -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="launch kernels one by one (the same kernels as inside the graphs; the wall time then "
                              "includes launch overhead)")
+    parser.add_argument("--compile-sizes", nargs="+", type=int, default=[], metavar="N",
+                        help=f"batch sizes Inductor compiles for their static shape with max_autotune (e.g. {BATCH}: "
+                             "autotuned GEMMs of the timed step; start-up takes longer)")
     parser.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)  # internal: one model, results here
     args = parser.parse_args()
 
@@ -189,14 +209,15 @@ def main() -> None:
             child = Path(tmp) / f"{model}.json"
             cmd = [sys.executable, __file__, "--models", model, "--child-json", str(child), "--context",
                    str(args.context), "--warmup", str(args.warmup), "--timed", str(args.timed), "--profiled",
-                   str(args.profiled)] + (["--no-cuda-graphs"] if args.no_cuda_graphs else [])
+                   str(args.profiled)] + (["--no-cuda-graphs"] if args.no_cuda_graphs else []) + (
+                ["--compile-sizes", *map(str, args.compile_sizes)] if args.compile_sizes else [])
             subprocess.run(cmd, check=True)
             results[model] = json.loads(child.read_text())
             print(model, json.dumps({k: v for k, v in results[model].items() if not k.startswith("top")}),
                   flush=True)
     meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
             "context": args.context, "timed": args.timed, "profiled": args.profiled, "copy_bw": args.copy_bw,
-            "no_cuda_graphs": args.no_cuda_graphs}
+            "no_cuda_graphs": args.no_cuda_graphs, "compile_sizes": args.compile_sizes}
     write_report(results, meta, Path(args.out))
 
 
