@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
@@ -18,9 +20,10 @@ def _report(results: dict, tmp_path: Path) -> str:
     return path.with_suffix(".md").read_text()
 
 
-def test_committed_report_is_made_from_committed_results(tmp_path) -> None:
-    results = json.loads((BENCH / "results" / "grpo_step.json").read_text())
-    assert _report(results, tmp_path) == (BENCH / "results" / "grpo_step.md").read_text()
+@pytest.mark.parametrize("name", ["grpo_step", "grpo_step_h200"])
+def test_committed_report_is_made_from_committed_results(tmp_path, name) -> None:
+    results = json.loads((BENCH / "results" / f"{name}.json").read_text())
+    assert _report(results, tmp_path) == (BENCH / "results" / f"{name}.md").read_text()
 
 
 def test_verdicts_follow_mfu_rollout_fraction_and_sync(tmp_path) -> None:
