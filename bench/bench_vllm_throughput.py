@@ -125,14 +125,18 @@ def run_setting(model_dir: Path, setting: Setting, args: argparse.Namespace) -> 
     return num_prompts, seconds
 
 
+def autotune_label(meta: dict) -> str:
+    """The report title's note of `--compile-sizes` (empty without it, and for older results files)."""
+    sizes = meta.get("compile_sizes")
+    return f", Inductor max-autotune at batch {', '.join(map(str, sizes))}" if sizes else ""
+
+
 def write_report(results: list[Result], out_dir: Path, meta: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vllm_throughput.json").write_text(json.dumps({**meta, "results": [asdict(r) for r in results]},
                                                              indent=2))
-    sizes = meta.get("compile_sizes")  # older results files have none
-    autotuned = f", Inductor max-autotune at batch {', '.join(map(str, sizes))}" if sizes else ""
     lines = [f"# vLLM decode throughput ({meta['device']}, vLLM {meta['vllm']}, torch {meta['torch']}, bf16"
-             f"{autotuned})", "",
+             f"{autotune_label(meta)})", "",
              "| model | setting | prompts | new tokens | s | output tok/s | state MiB/seq | KV MiB/seq |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:

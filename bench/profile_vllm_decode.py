@@ -131,19 +131,16 @@ def measure(model_dir: Path, args: argparse.Namespace) -> dict:
             "top_kernels": [[name[:120], round(ms, 4), round(count, 2)] for name, (ms, count) in top]}
 
 
-def _autotuned(meta: dict) -> str:
-    sizes = meta.get("compile_sizes")  # older results files have none
-    return f", Inductor max-autotune at batch {', '.join(map(str, sizes))}" if sizes else ""
-
-
 def write_report(results: dict, meta: dict, out: Path) -> None:
+    from bench_vllm_throughput import autotune_label
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "vllm_decode_profile.json").write_text(json.dumps({**meta, "results": results}, indent=2))
     kinds = [k for k, _ in KINDS] + ["other"]
     bw = meta["copy_bw"] / 1e9
     lines = [f"# One vLLM decode step at batch {BATCH}, context {meta['context']:,} ({meta['device']}, "
              f"vLLM {meta['vllm']}, torch {meta['torch']}{', no CUDA graphs' if meta['no_cuda_graphs'] else ''}"
-             f"{_autotuned(meta)})",
+             f"{autotune_label(meta)})",
              "", f"`bench/profile_vllm_decode.py`: wall ms per step over {meta['timed']} steps; kernels per step "
              f"from torch.profiler over {meta['profiled']} more. GB / step from roofline_decode.step_bytes; "
              f"bandwidth against copy bandwidth {bw:,.0f} GB/s.", "",

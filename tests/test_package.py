@@ -8,6 +8,8 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 MAPPED = {"sse_rl": "sse_rl", "sse_rl.models": "models", "sse_rl.rewards": "rewards", "sse_rl.eval": "eval"}
 
@@ -77,8 +79,6 @@ def _fake_checkout(root: Path) -> Path:
 
 
 def test_worker_import_check_names_a_shadowing_checkout(tmp_path):
-    import pytest
-
     import sse_rl
 
     sse_rl.check_worker_imports(tmp_path)  # no checkout here: fine
