@@ -18,7 +18,8 @@ Choices:
   FlashAttention would otherwise read its KV cache faster than the card's peak bandwidth), so its absolute
   times are not used as such.
 - Bytes per step (weights, touched SSE states read + written, KV cache) come from roofline_decode.step_bytes at
-  the measured context, for the step's fraction of copy bandwidth.
+  the measured context, for the step's fraction of copy bandwidth (measured on the device unless `--copy-bw`).
+- The JSON keeps one step's kernels in launch order (`step_trace`), to see what each layer launches.
 - `--no-cuda-graphs` runs the same step with kernels launched one by one (host-bound wall time; the kernel list
   is the same as inside the graphs).
 - `--compile-sizes 64` has Inductor compile the batch-64 step for its static shape, which vLLM does with
@@ -76,6 +77,17 @@ def prefill(llm, context: int, new_tokens: int, vocab: int) -> None:
             produced[out.request_id] = len(out.outputs[0].token_ids)
 
 
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a device-to-device copy of 2 GiB (the report's 100 %)."""
+    import torch
+    import triton
+
+    x = torch.empty(2 * 1024**3 // 4, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=10, rep=100, return_mode="median")
+    return 2 * x.numel() * 4 / (ms / 1e3)
+
+
 def compilation_config(args: argparse.Namespace) -> dict | None:
     """vLLM's compilation options of the flags: no CUDA graphs, and/or batch sizes that Inductor compiles for their
     static shape (vLLM then turns on max_autotune, so each GEMM picks the fastest of cuBLAS and Triton templates)."""
@@ -122,12 +134,17 @@ def measure(model_dir: Path, args: argparse.Namespace) -> dict:
     for name, (ms, _) in kernels.items():
         by_kind[kind_of(name)] += ms
     async_scheduling = bool(engine.vllm_config.scheduler_config.async_scheduling)
+    launches = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                      key=lambda e: e.time_range.start)
+    per_step = round(len(launches) / args.profiled)
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:20]
     top_host = sorted(host.items(), key=lambda kv: -kv[1])[:25]
     return {"wall_ms": wall_ms, "busy_ms": sum(by_kind.values()), "by_kind": dict(by_kind),
             "async_scheduling": async_scheduling,
             "top_host_ops": [[name[:120], round(ms, 4)] for name, ms in top_host],
             "kernels_per_step": sum(c for _, c in kernels.values()),
+            # One step's kernels in launch order (name, profiler us): which kernels each layer runs.
+            "step_trace": [[e.name[:80], round(e.time_range.elapsed_us(), 2)] for e in launches[-per_step:]],
             "top_kernels": [[name[:120], round(ms, 4), round(count, 2)] for name, (ms, count) in top]}
 
 
@@ -175,7 +192,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--timed", type=int, default=64)
     parser.add_argument("--profiled", type=int, default=8)
-    parser.add_argument("--copy-bw", type=float, default=3002e9, help="bytes/s (sse_ops_h100.md)")
+    parser.add_argument("--copy-bw", type=float, help="bytes/s of a device-to-device copy (default: measured)")
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="launch kernels one by one (the same kernels as inside the graphs; the wall time then "
                              "includes launch overhead)")
@@ -212,6 +229,8 @@ def main() -> None:
             results[model] = json.loads(child.read_text())
             print(model, json.dumps({k: v for k, v in results[model].items() if not k.startswith("top")}),
                   flush=True)
+    if args.copy_bw is None:
+        args.copy_bw = copy_bandwidth()
     meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
             "context": args.context, "timed": args.timed, "profiled": args.profiled, "copy_bw": args.copy_bw,
             "no_cuda_graphs": args.no_cuda_graphs, "compile_sizes": args.compile_sizes}

@@ -1,4 +1,5 @@
-"""Launch settings of the SSE Triton kernels on one GPU: decode tile width x warps, chunk kernels' warps x stages.
+"""Launch settings of the SSE Triton kernels on one GPU: decode row block x tile width x warps, chunk kernels' warps
+x stages.
 
     python bench/sweep_sse_kernels.py --out bench/results   # ~2 minutes on an H100, no autotuning
 
@@ -8,7 +9,8 @@ the fixed settings are chosen from this sweep at the 2B model's shapes (H=10, dk
   vLLM's), as a fraction of copy bandwidth;
 - each chunk kernel on a 13,056-token micro-batch (3 x 4,352 tokens, the GRPO bench's token budget) at
   num_warps in {4, 8} and num_stages in {1, 2, 3}, tiles BK = BV = 64 (smaller tiles crash the H100 with triton 3.6).
-Results: `<out>/sse_kernel_launch.json` and `.md`; the chosen settings are `decode.DECODE_BK/BV` and `chunk.STAGES`.
+Results: `<out>/sse_kernel_launch.json` and `.md`; the chosen settings are `decode.DECODE_BK/BV/WARPS` and
+`chunk.STAGES`.
 """
 from __future__ import annotations
 
@@ -61,9 +63,9 @@ def sweep_decode(batch: int, bandwidth: float) -> list[dict]:
     out = torch.empty_like(feats[4])
     moved = batch * H * (K + 1) * DK * DV * 4 * 2  # fp32 states of the touched partitions, read and written
     rows = []
-    for bk in (16, 32, 64):
+    for bk in (8, 16, 32):
         for bv in (32, 64, 128):
-            for warps in (4, 8):
+            for warps in (2, 4, 8):
                 ms = bench_ms(partial(
                     sse_decode_kernel[(triton.cdiv(DV, bv), batch, H)], *feats, state, state.stride(0), slots, out,
                     DK ** -0.5, H=H, DK=DK, DV=DV, N=N, K=K, BK=bk, BV=bv, BN=triton.next_power_of_2(N),
@@ -136,12 +138,14 @@ def write_markdown(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--parts", nargs="+", choices=["decode", "chunk"], default=["decode", "chunk"])
     args = parser.parse_args()
     lengths = [4352] * 3
     bandwidth = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "copy_bw_gbs": bandwidth / 1e9, "tokens": sum(lengths),
-              "decode": sweep_decode(64, bandwidth), "chunk": sweep_chunk(lengths)}
+              "decode": sweep_decode(64, bandwidth) if "decode" in args.parts else [],
+              "chunk": sweep_chunk(lengths) if "chunk" in args.parts else []}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sse_kernel_launch.json").write_text(json.dumps(result, indent=1))
     write_markdown(result, args.out / "sse_kernel_launch.md")

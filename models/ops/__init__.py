@@ -50,8 +50,12 @@ def sse_chunk(q_shared: Tensor, k_shared: Tensor, q_sparse: Tensor, k_sparse: Te
 @torch.compiler.disable
 def sse_decode(q_shared: Tensor, k_shared: Tensor, q_sparse: Tensor, k_sparse: Tensor, v: Tensor, g_shared: Tensor,
                g_sparse: Tensor, router_logits: Tensor, state: Tensor, slot_ids: Tensor, *, top_k: int,
-               scale: float | None = None) -> Tensor:
-    """One decoding step on a slot-indexed state, in place; arguments and shapes as in `naive.sse_decode`."""
-    impl = _triton_impl(q_shared, "decode", "sse_decode_triton") or sse_decode_reference
-    return impl(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, state, slot_ids,
-                top_k=top_k, scale=scale)
+               scale: float | None = None, out: Tensor | None = None) -> Tensor:
+    """One decoding step on a slot-indexed state, in place; arguments and shapes as in `naive.sse_decode`. The
+    output is written into `out` when given (a contiguous tensor of v's shape and dtype) and returned."""
+    triton_impl = _triton_impl(q_shared, "decode", "sse_decode_triton")
+    args = (q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, state, slot_ids)
+    if triton_impl is not None:
+        return triton_impl(*args, top_k=top_k, scale=scale, out=out)
+    o = sse_decode_reference(*args, top_k=top_k, scale=scale)
+    return o if out is None else out.copy_(o)

@@ -97,11 +97,13 @@ def sse_decode_triton(
     q_shared: torch.Tensor, k_shared: torch.Tensor, q_sparse: torch.Tensor, k_sparse: torch.Tensor,
     v: torch.Tensor, g_shared: torch.Tensor, g_sparse: torch.Tensor, router_logits: torch.Tensor,
     state: torch.Tensor, slot_ids: torch.Tensor, *, top_k: int, scale: float | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One SSE decoding step with the fused Triton kernel (interfaces.md `sse_decode`): inputs [B, H, d] one
     token per sequence, router_logits [B, N], state [num_slots, N+1, H, dk, dv] fp32 updated IN PLACE at the
     distinct non-negative `slot_ids` [B]; slots may be padded (any stride(0), each slot dense). Returns
-    o [B, H, dv] in v's dtype (zero for padded rows). No autograd.
+    o [B, H, dv] in v's dtype (zero for padded rows), written into `out` when given (saves the copy when the
+    caller owns the output buffer). No autograd.
 
     Examples::
         >>> o = sse_decode_triton(q1, k1, q2, k2, v, g1, g2, logits, state, slots, top_k=1)
@@ -111,12 +113,16 @@ def sse_decode_triton(
     B, H, DK = q_shared.shape
     DV, N = v.shape[-1], router_logits.shape[1]
     BK, BV = min(DECODE_BK, triton.next_power_of_2(DK)), min(DECODE_BV, max(16, triton.next_power_of_2(DV)))
-    o = torch.empty_like(v)
+    if out is None:
+        out = torch.empty_like(v)
+    elif out.shape != v.shape or out.dtype != v.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {v.dtype} tensor of v's shape {tuple(v.shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)} with strides {out.stride()}")
     q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits = (
         x.contiguous() for x in (q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits))
     sse_decode_kernel[(triton.cdiv(DV, BV), B, H)](
         q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, state, state.stride(0),
-        slot_ids, o, DK ** -0.5 if scale is None else scale,
+        slot_ids, out, DK ** -0.5 if scale is None else scale,
         H=H, DK=DK, DV=DV, N=N, K=top_k, BK=BK, BV=BV, BN=triton.next_power_of_2(N),
     )
-    return o
+    return out

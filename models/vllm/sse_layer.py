@@ -120,21 +120,25 @@ class SSEHMixer(nn.Module, MambaBase):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Features (compiled) -> state mixing on the cache (opaque op) -> gated norm and o_proj (compiled)."""
         feats, gate = self._features(hidden_states)
-        o = torch.zeros_like(feats[4])  # [T, H, dv]: rows the op does not write (graph padding) stay zero
+        o = torch.empty_like(feats[4])  # [T, H, dv], every row written by the op
         torch.ops.vllm.sse_h_mix(*feats, o, self.prefix)
         y, _ = self.o_proj(self.o_norm(o, gate).flatten(1))
         return y
 
     def mix(self, feats: tuple[torch.Tensor, ...], o: torch.Tensor) -> None:
-        """Body of the custom op: decode rows, then prefill rows, on this layer's cached states, into `o`."""
+        """Body of the custom op: decode rows, then prefill rows, on this layer's cached states, into `o`; rows
+        past them (padding of a piecewise CUDA graph) are zeroed. In a FULL decode graph every row is a decode row
+        (padding rows have slot -1 and the kernel writes their zeros), so nothing else is launched."""
         metadata = get_forward_context().attn_metadata
         # No metadata during vLLM's memory-profiling run: states are not allocated yet.
         if metadata is None:
+            o.zero_()
             return
         step = metadata[self.prefix]
         assert isinstance(step, SSEStateMetadata), f"{self.prefix}: unexpected metadata {type(step)}"
         self._decode(feats, step, o)
         self._prefill(feats, step, o)
+        o[step.num_decode_tokens + step.num_prefill_tokens:].zero_()
 
     def _features(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
         """Feature maps of spec §1.2 with the HF model's numerics: q = silu, k = softmax over dk (fp32), v = silu,
@@ -160,7 +164,7 @@ class SSEHMixer(nn.Module, MambaBase):
         if n == 0:
             return
         state = self.kv_cache[0]  # [num_slots, N+1, H, dk, dv] fp32
-        o[:n] = sse_decode(*(f[:n] for f in feats), state, step.decode_slots, top_k=self.top_k)
+        sse_decode(*(f[:n] for f in feats), state, step.decode_slots, top_k=self.top_k, out=o[:n])
 
     def _prefill(self, feats: tuple[torch.Tensor, ...], step: SSEStateMetadata, o: torch.Tensor) -> None:
         """Packed prefill rows through the chunk op, starting from cached (or zero) states, writing final states."""

@@ -83,3 +83,24 @@ def test_decode_on_padded_slot_cache() -> None:
     assert_close("o", ro, o, 1e-4)
     assert_close("state", ref_state, state, 1e-5)
     assert torch.equal(pages[:, numel:], padding)
+
+
+def test_decode_writes_into_out() -> None:
+    """`out=`: the op writes the caller's buffer in place (rows of a bigger output, as the vLLM layer passes them)
+    and returns it, through the dispatcher (Triton on CUDA, the reference on CPU); a mismatched buffer is refused."""
+    from sse_rl.models.ops import sse_decode as dispatch
+
+    B, H, DK, DV, N, K, slots = 4, 2, 16, 32, 4, 2, 6
+    feats = step_inputs(B, H, DK, DV, N, torch.float32)
+    state = torch.randn(slots, N + 1, H, DK, DV, device=DEVICE)
+    slot_ids = torch.tensor([3, -1, 0, 5], device=DEVICE)
+    ref_state = state.clone()
+    buffer = torch.full((B + 3, H, DV), float("nan"), device=DEVICE)
+    returned = dispatch(*feats, state, slot_ids, top_k=K, out=buffer[:B])
+    ro = sse_decode(*feats, ref_state, slot_ids, top_k=K)
+    assert returned.data_ptr() == buffer.data_ptr()
+    assert_close("o", ro, buffer[:B], 1e-4)
+    assert_close("state", ref_state, state, 1e-5)
+    assert buffer[B:].isnan().all()
+    with pytest.raises(ValueError, match="out must be"):
+        sse_decode_triton(*feats, state, slot_ids, top_k=K, out=buffer[:B].to(torch.bfloat16))
