@@ -8,8 +8,10 @@ Choices:
   Prompts are random token ids and the tokenizer is skipped; `ignore_eos` makes every request run to max_tokens.
 - Settings (the issue's): 64 prompts x 128 tokens generating 8,192 tokens each; then 32,768 tokens each with as
   many prompts as fit, i.e. vLLM's own maximum concurrency for the KV/state pool of that engine.
-- Engines run in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, the same for both models), so the bench can ask
-  the scheduler for that concurrency; bf16, prefix caching off, CUDA graphs and torch.compile at vLLM's defaults.
+- One child process per model and setting, its engine in that process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, so the
+  bench can ask the scheduler for that concurrency): an engine's GPU memory is only reliably freed when its process
+  exits (on the H200 a second engine in the same process found 125 of 140 GiB still held and refused to start).
+  bf16, prefix caching off, CUDA graphs and torch.compile at vLLM's defaults.
 - Throughput = generated tokens / wall time of one `generate` call over all prompts (prefill included), after a
   short warm-up generate on the same engine.
 - `--compile-sizes N ...` (both models alike): Inductor compiles those batch sizes for their static shape, with
@@ -22,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -120,8 +124,6 @@ def run_setting(model_dir: Path, setting: Setting, args: argparse.Namespace) -> 
     seconds = time.perf_counter() - start
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert produced == num_prompts * setting.new_tokens, f"expected {num_prompts * setting.new_tokens}, got {produced}"
-    del llm
-    torch.cuda.empty_cache()
     return num_prompts, seconds
 
 
@@ -152,6 +154,26 @@ def write_report(results: list[Result], out_dir: Path, meta: dict) -> None:
     print("\n".join(lines))
 
 
+def child_command(args: argparse.Namespace, model: str, setting: str, child_json: Path) -> list[str]:
+    """This script's command line for one model and setting, run in its own process."""
+    return [sys.executable, __file__, "--models", model, "--settings", setting, "--child-json", str(child_json),
+            "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-fit-prompts",
+            str(args.max_fit_prompts)] + (["--progress"] if args.progress else []) + (
+        ["--compile-sizes", *map(str, args.compile_sizes)] if args.compile_sizes else [])
+
+
+def run_child(args: argparse.Namespace) -> Result:
+    """The one model and setting of a child process: write its config, time the generate call."""
+    (model,), (name,) = args.models, args.settings
+    setting = next(s for s in SETTINGS if s.name == name)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = MODELS[model](Path(tmp) / model)
+        num_prompts, seconds = run_setting(Path(tmp) / model, setting, args)
+    state, kv = memory_per_sequence(config, PROMPT_LEN + setting.new_tokens)
+    return Result(model, setting.name, num_prompts, setting.new_tokens, seconds,
+                  num_prompts * setting.new_tokens / seconds, state, kv)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench/results", help="folder for vllm_throughput.{json,md}")
@@ -168,6 +190,7 @@ def main() -> None:
                              "max_autotune (autotuned GEMMs, e.g. 64 for the 64 x 8k setting; longer start-up)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="write one report from the results files of earlier (partial) runs, run nothing")
+    parser.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)  # internal: one model and setting
     args = parser.parse_args()
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
@@ -180,20 +203,27 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_vllm_throughput needs a CUDA GPU")
-    results = []
+    if args.child_json:
+        args.child_json.write_text(json.dumps(asdict(run_child(args))))
+        return
+    results, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
-            config = MODELS[model](Path(tmp) / model)
-            for setting in (s for s in SETTINGS if s.name in args.settings):
-                num_prompts, seconds = run_setting(Path(tmp) / model, setting, args)
-                state, kv = memory_per_sequence(config, PROMPT_LEN + setting.new_tokens)
-                results.append(Result(model, setting.name, num_prompts, setting.new_tokens, seconds,
-                                      num_prompts * setting.new_tokens / seconds, state, kv))
+            for setting in args.settings:
+                child = Path(tmp) / f"{model}-{setting}.json"
+                if subprocess.run(child_command(args, model, setting, child)).returncode != 0:
+                    failed.append(f"{model} {setting}")
+                    print(f"bench_vllm_throughput: {model} {setting} failed (its output is above); going on",
+                          flush=True)
+                    continue
+                results.append(Result(**json.loads(child.read_text())))
                 print(results[-1], flush=True)
     meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
             "prompt_len": PROMPT_LEN, "gpu_memory_utilization": args.gpu_memory_utilization,
             "compile_sizes": args.compile_sizes}
-    write_report(results, Path(args.out), meta)
+    write_report(results, Path(args.out), meta)  # what was measured is kept even when a run failed
+    if failed:
+        raise SystemExit(f"bench_vllm_throughput: failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
-from sse_rl.models.vllm.sse_layer import X_PROJ_PARTS, SSEHMixer, sse_state_shape
+from sse_rl.models.vllm.sse_layer import SSEHMixer, sse_state_shape, x_proj_parts
 from torch import nn
 from transformers import PretrainedConfig
 from vllm.compilation.decorators import support_torch_compile
@@ -135,8 +135,10 @@ class SSEHModel(nn.Module):
         return hidden_states
 
 
-def stacked_target(name: str, attn_layers: set[int]) -> tuple[str, int | str | None]:
-    """HF checkpoint name -> (vLLM parameter name, shard id of a stacked parameter or None)."""
+def stacked_target(name: str, attn_layers: set[int],
+                   x_parts: tuple[str, ...]) -> tuple[str, int | str | None]:
+    """HF checkpoint name -> (vLLM parameter name, shard id of a stacked parameter or None); `x_parts` are the
+    modules an SSE layer stacks into `x_proj` (`sse_layer.x_proj_parts`)."""
     parts = name.split(".")
     if ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
         shard = 0 if ".gate_proj." in name else 1
@@ -151,8 +153,8 @@ def stacked_target(name: str, attn_layers: set[int]) -> tuple[str, int | str | N
             return f"{head}.attn.qkv_proj.{param}", proj if is_attention else index
     if is_attention:
         return name, None
-    if module in X_PROJ_PARTS:  # replicated projections of x, one matmul
-        return f"{head}.attn.x_proj.{param}", X_PROJ_PARTS.index(module)
+    if module in x_parts:  # replicated projections of x, one matmul
+        return f"{head}.attn.x_proj.{param}", x_parts.index(module)
     if module.endswith(".1"):  # the column-parallel second half of a low-rank pair
         return f"{head}.attn.{module[:-2]}.{param}", None
     return name, None
@@ -172,6 +174,7 @@ class SSEHForCausalLM(nn.Module, HasInnerState, IsHybrid):
                                       "--pipeline-parallel-size 1")
         self.config = config
         self.attn_layers = set(config.attn_layers)
+        self.x_parts = x_proj_parts(config)
         self.model = SSEHModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
         if config.tie_word_embeddings:
@@ -208,7 +211,7 @@ class SSEHForCausalLM(nn.Module, HasInnerState, IsHybrid):
         """HF checkpoint name -> (vLLM parameter name, shard id or None)."""
         if self.config.tie_word_embeddings and name == "lm_head.weight":
             name = "model.embeddings.weight"
-        return stacked_target(name, self.attn_layers)
+        return stacked_target(name, self.attn_layers, self.x_parts)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load HF-named tensors (all or any subset); returns the vLLM parameter names written.

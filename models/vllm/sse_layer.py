@@ -38,8 +38,15 @@ from vllm.utils.torch_utils import direct_register_custom_op
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 OP_NAME = "sse_h_mix"
-# HF modules stacked into `x_proj`, in shard order (the last one only with an output gate).
-X_PROJ_PARTS = ("lora_q_proj.0", "lora_k_proj.0", "gk_proj.0.0", "gk_proj.1.0", "e_proj", "g_proj.0")
+
+
+def x_proj_parts(config: PretrainedConfig) -> tuple[str, ...]:
+    """HF modules stacked into `x_proj`, in shard order. The router's N (= 4) columns come last, so that every
+    slice that feeds another matmul starts on a 16-byte boundary: cuBLAS takes a slow 2-element-aligned kernel
+    for a misaligned input (the output gate's B half did, behind the router, on the H200:
+    bench/results/vllm_decode_profile_h200.md)."""
+    gate = ("g_proj.0",) if config.use_output_gate else ()
+    return ("lora_q_proj.0", "lora_k_proj.0", "gk_proj.0.0", "gk_proj.1.0", *gate, "e_proj")
 
 
 def sse_state_shape(config: PretrainedConfig, tp_size: int) -> tuple[int, int, int, int]:
@@ -87,7 +94,10 @@ class SSEHMixer(nn.Module, MambaBase):
 
         self.qkv_proj = MergedColumnParallelLinear(hidden, [heads * dk, heads * dk, heads * dv], bias=False,
                                                    prefix=f"{prefix}.qkv_proj")
-        self.x_sizes = [dv, dv, rank, rank, config.num_sparse_partition] + ([dv] if config.use_output_gate else [])
+        self.x_parts = x_proj_parts(config)
+        width = {"lora_q_proj.0": dv, "lora_k_proj.0": dv, "gk_proj.0.0": rank, "gk_proj.1.0": rank, "g_proj.0": dv,
+                 "e_proj": config.num_sparse_partition}
+        self.x_sizes = [width[part] for part in self.x_parts]
         self.x_proj = MergedColumnParallelLinear(hidden, self.x_sizes, bias=False, disable_tp=True,
                                                  prefix=f"{prefix}.x_proj")
         self.lora_q_proj = ColumnParallelLinear(dv, heads * dk, bias=False, prefix=f"{prefix}.lora_q_proj")
@@ -147,7 +157,8 @@ class SSEHMixer(nn.Module, MambaBase):
         qkv, _ = self.qkv_proj(x)
         q1, k1, v = qkv.split([self.num_heads * self.head_k_dim] * 2 + [self.num_heads * self.head_v_dim], dim=-1)
         xs, _ = self.x_proj(x)
-        lq, lk, gk0, gk1, router_logits, *g = xs.split(self.x_sizes, dim=-1)
+        part = dict(zip(self.x_parts, xs.split(self.x_sizes, dim=-1)))
+        lq, lk, gk0, gk1 = part["lora_q_proj.0"], part["lora_k_proj.0"], part["gk_proj.0.0"], part["gk_proj.1.0"]
         q2, k2 = q1 + self.lora_q_proj(lq)[0], k1 + self.lora_k_proj(lk)[0]  # [T, H*dk]
         q_sh, q_sp = F.silu(q1.view(t, *heads)), F.silu(q2.view(t, *heads))  # [T, H, dk]
         k_sh = k1.view(t, *heads).float().softmax(-1).to(x.dtype)
@@ -155,8 +166,8 @@ class SSEHMixer(nn.Module, MambaBase):
         v = F.silu(v.view(t, self.num_heads, self.head_v_dim))  # [T, H, dv]
         g_sh, g_sp = (F.logsigmoid(proj(a)[0].view(t, *heads).float()) / self.gate_logit_normalizer
                       for proj, a in zip(self.gk_proj, (gk0, gk1)))  # [T, H, dk] fp32
-        gate = None if self.g_proj is None else self.g_proj(g[0])[0].view_as(v)
-        return (q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, router_logits.contiguous()), gate
+        gate = None if self.g_proj is None else self.g_proj(part["g_proj.0"])[0].view_as(v)
+        return (q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, part["e_proj"].contiguous()), gate
 
     def _decode(self, feats: tuple[torch.Tensor, ...], step: SSEStateMetadata, o: torch.Tensor) -> None:
         """One token per decode row, state updated in place; padded rows (slot -1) give zero output."""
