@@ -77,17 +77,6 @@ def prefill(llm, context: int, new_tokens: int, vocab: int) -> None:
             produced[out.request_id] = len(out.outputs[0].token_ids)
 
 
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a device-to-device copy of 2 GiB (the report's 100 %)."""
-    import torch
-    import triton
-
-    x = torch.empty(2 * 1024**3 // 4, device="cuda")
-    y = torch.empty_like(x)
-    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=10, rep=100, return_mode="median")
-    return 2 * x.numel() * 4 / (ms / 1e3)
-
-
 def compilation_config(args: argparse.Namespace) -> dict | None:
     """vLLM's compilation options of the flags: no CUDA graphs, and/or batch sizes that Inductor compiles for their
     static shape (vLLM then turns on max_autotune, so each GEMM picks the fastest of cuBLAS and Triton templates)."""
@@ -230,6 +219,8 @@ def main() -> None:
             print(model, json.dumps({k: v for k, v in results[model].items() if not k.startswith("top")}),
                   flush=True)
     if args.copy_bw is None:
+        from sweep_sse_kernels import copy_bandwidth
+
         args.copy_bw = copy_bandwidth()
     meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
             "context": args.context, "timed": args.timed, "profiled": args.profiled, "copy_bw": args.copy_bw,
