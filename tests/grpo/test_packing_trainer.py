@@ -298,12 +298,14 @@ def test_two_gloo_ranks_match_one(distributed_runs, policy, strategy):
     moved = 0.0
     for name, value in single[4].items():
         got, want = torch.from_numpy(dist_weights[name]), torch.from_numpy(value)
-        if strategy == "ddp":  # eager, like the single rank
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        off = (got - want).abs() > 1e-6 + 1e-5 * want.abs()
+        if strategy == "ddp":
+            # eager, like the single rank: only the all-reduce sums the gradient in another order, and where a
+            # gradient is ~0 Adam's m / sqrt(v) lifts that 1e-9 to ~1e-6 (seen: 1 element of 65,536 at 1.2e-6)
+            assert float(off.float().mean()) < 1e-4 and float((got - want).abs().max()) < 1e-5, name
         else:
             # compiled: Inductor's fused fp32 reductions round differently, and where a gradient is ~0 Adam's
             # m / sqrt(v) turns a 1e-9 difference into one of the update's size (~1e-3): a rare element may differ
-            off = (got - want).abs() > 1e-6 + 1e-5 * want.abs()
             assert float(off.float().mean()) < 1e-3 and float((got - want).abs().max()) < 1e-3, name
         moved = max(moved, float((want - initial[name]).abs().max()))
     assert moved > 1e-4  # the step changed the weights
