@@ -9,8 +9,8 @@ the fixed settings are chosen from this sweep at the 2B model's shapes (H=10, dk
   vLLM's), as a fraction of copy bandwidth;
 - each chunk kernel on a 13,056-token micro-batch (3 x 4,352 tokens, the GRPO bench's token budget) at
   num_warps in {4, 8} and num_stages in {1, 2, 3}, tiles BK = BV = 64 (smaller tiles crash the H100 with triton 3.6).
-Results: `<out>/sse_kernel_launch.json` and `.md`; the chosen settings are `decode.DECODE_BK/BV/WARPS` and
-`chunk.STAGES`.
+Results: `<out>/sse_kernel_launch.json` and `.md`; the chosen settings are `decode.DECODE_BK/BV` (launched with
+Triton's default 4 warps) and `chunk.STAGES`.
 """
 from __future__ import annotations
 
@@ -120,15 +120,18 @@ def sweep_chunk(lengths: list[int]) -> list[dict]:
 
 
 def write_markdown(result: dict, path: Path) -> None:
+    """The report, with a section for each part that was swept (`--parts`)."""
     lines = [f"# SSE kernel launch settings on {result['device']}", "",
              f"`bench/sweep_sse_kernels.py`, torch {result['torch']}, triton {result['triton']}; H=10, dk=dv=256, "
-             f"N=4, K=1, bf16. Copy bandwidth {result['copy_bw_gbs']:,.0f} GB/s.", "",
-             "## Decode step, batch 64 (fraction of copy bandwidth for the touched fp32 states, read + written)", "",
-             "| BK | BV | warps | us | of copy bw |", "|---|---|---|---|---|"]
-    lines += [f"| {r['BK']} | {r['BV']} | {r['num_warps']} | {r['ms'] * 1e3:.0f} | {r['fraction_of_copy_bw']:.0%} |"
-              for r in result["decode"]]
-    lines += ["", f"## Chunk kernels, {result['tokens']:,} tokens (ms)", "",
-              "| kernel | 4 warps, 1 stage | 2 | 3 | 8 warps, 1 stage | 2 | 3 |", "|---|---|---|---|---|---|---|"]
+             f"N=4, K=1, bf16. Copy bandwidth {result['copy_bw_gbs']:,.0f} GB/s."]
+    if result["decode"]:
+        lines += ["", "## Decode step, batch 64 (fraction of copy bandwidth for the touched fp32 states, read + "
+                  "written)", "", "| BK | BV | warps | us | of copy bw |", "|---|---|---|---|---|"]
+        lines += [f"| {r['BK']} | {r['BV']} | {r['num_warps']} | {r['ms'] * 1e3:.0f} | "
+                  f"{r['fraction_of_copy_bw']:.0%} |" for r in result["decode"]]
+    if result["chunk"]:
+        lines += ["", f"## Chunk kernels, {result['tokens']:,} tokens (ms)", "",
+                  "| kernel | 4 warps, 1 stage | 2 | 3 | 8 warps, 1 stage | 2 | 3 |", "|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["kernel"] for r in result["chunk"]):
         times = [f"{r['ms']:.3f}" for r in result["chunk"] if r["kernel"] == name]
         lines.append(f"| {name} | {' | '.join(times)} |")
