@@ -12,6 +12,10 @@ from typing import Any, ClassVar
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
+# RoPE scalings the attention layers implement (HF and vLLM alike); dynamic NTK and LongRoPE change with the
+# sequence length at run time and are not among them.
+ROPE_SCALING_TYPES = ("default", "linear", "llama3", "yarn")
+
 # Preset name -> field overrides on top of the class defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     # sse_spec.md §2.3: 18 layers, [SSE x5, Attn] x3, SSE 10 heads x 256, MHA 20 heads x 128, n4k1, Qwen-size vocab.
@@ -74,7 +78,15 @@ class SSEHConfig(PreTrainedConfig):
     attn_num_heads: int = 4
     attn_num_kv_heads: int = 4
     attn_head_dim: int = 32
+    # What converted Transformers need (`hybridize.py`): Qwen2's q/k/v bias, Llama's attention_bias (q/k/v and o),
+    # Qwen3's per-head RMSNorm of q and k before RoPE.
+    attn_qkv_bias: bool = False
+    attn_o_bias: bool = False
+    attn_qk_norm: bool = False
     rope_theta: float = 10000.0
+    # RoPE frequency scaling of the attention layers as transformers' `rope_parameters` without rope_theta, e.g.
+    # {"rope_type": "llama3", "factor": 32.0, ...}; None = plain RoPE. Types: see ROPE_SCALING_TYPES.
+    attn_rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 4096
     # Derived from attn_layers ("linear_attention" / "full_attention"); transformers' caches read it.
     layer_types: list[str] | None = None
@@ -126,6 +138,9 @@ class SSEHConfig(PreTrainedConfig):
                 raise ValueError(f"attn_head_dim must be even for RoPE, got {self.attn_head_dim}")
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        rope_type = (self.attn_rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"attn_rope_scaling.rope_type must be one of {ROPE_SCALING_TYPES}, got {rope_type!r}")
 
     @property
     def head_v_dim(self) -> int:

@@ -8,6 +8,8 @@ attention layer its K/V.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from sse_rl.models.ops import sse_aux_loss, sse_chunk, sse_decode, sse_router
@@ -139,20 +141,45 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding, rotate-half (GPT-NeoX) layout. The frequencies are recomputed in fp32 on each call
-    (no buffer), so they never depend on the dtype or device the model was loaded with."""
+    """Rotary position embedding, rotate-half (GPT-NeoX) layout. Plain RoPE recomputes its frequencies in fp32 on
+    each call (no buffer), so they never depend on the dtype or device the model was loaded with; a scaled RoPE
+    (`scaling`: transformers' rope_parameters without rope_theta) takes its frequencies and cos/sin factor from
+    transformers' own RoPE functions, so a converted model rotates exactly as its teacher did."""
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None,
+                 max_position_embeddings: int = 4096) -> None:
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
+        self.inv_freq, self.cos_sin_factor = None, 1.0
+        if scaling and scaling.get("rope_type", "default") != "default":
+            self.inv_freq, self.cos_sin_factor = scaled_rope_frequencies(head_dim, theta, scaling,
+                                                                         max_position_embeddings)
 
     def forward(self, x: Tensor, position_ids: Tensor) -> Tensor:
         """x: [B, T, H, d]; position_ids: [B, T]."""
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=x.device) / self.head_dim
-        angles = position_ids[..., None].float() / self.theta ** exponents  # [B, T, d/2]
+        if self.inv_freq is None:
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=x.device) / self.head_dim
+            angles = position_ids[..., None].float() / self.theta ** exponents  # [B, T, d/2]
+        else:
+            angles = position_ids[..., None].float() * self.inv_freq.to(x.device)  # [B, T, d/2]
         angles = torch.cat([angles, angles], dim=-1)[:, :, None]  # [B, T, 1, d]
         xf = x.float()
-        return (xf * angles.cos() + rotate_half(xf) * angles.sin()).to(x.dtype)
+        cos, sin = angles.cos() * self.cos_sin_factor, angles.sin() * self.cos_sin_factor
+        return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+def scaled_rope_frequencies(head_dim: int, theta: float, scaling: dict[str, Any],
+                            max_position_embeddings: int) -> tuple[Tensor, float]:
+    """Inverse frequencies [d/2] (fp32) and cos/sin factor of a scaled RoPE, from transformers' RoPE functions
+    (they read a config; a Llama config carries the head dim, theta and scaling to them)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(hidden_size=head_dim, num_attention_heads=1, head_dim=head_dim,
+                         max_position_embeddings=max_position_embeddings,
+                         rope_parameters={**scaling, "rope_theta": theta})
+    inv_freq, factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, torch.device("cpu"))
+    return inv_freq.float(), float(factor)
 
 
 def uses_varlen(x: Tensor) -> bool:
@@ -164,25 +191,32 @@ def uses_varlen(x: Tensor) -> bool:
 
 
 class Attention(nn.Module):
-    """Causal softmax attention (MHA/GQA) with RoPE, via SDPA; the KV cache is a transformers `Cache` layer."""
+    """Causal softmax attention (MHA/GQA) with RoPE, via SDPA; the KV cache is a transformers `Cache` layer.
+    Options cover the Transformers that `hybridize.py` converts: q/k/v bias (Qwen2), o bias (Llama's
+    attention_bias), per-head RMSNorm of q and k before RoPE (Qwen3), scaled RoPE (Llama 3)."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, rope_theta: float,
-                 layer_idx: int = 0) -> None:
+                 layer_idx: int = 0, qkv_bias: bool = False, o_bias: bool = False, qk_norm: bool = False,
+                 norm_eps: float = 1e-6, rope_scaling: dict[str, Any] | None = None,
+                 max_position_embeddings: int = 4096) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.layer_idx = num_heads, num_kv_heads, head_dim, layer_idx
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
-        self.rotary = RotaryEmbedding(head_dim, rope_theta)
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
+        self.q_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.rotary = RotaryEmbedding(head_dim, rope_theta, rope_scaling, max_position_embeddings)
 
     def forward(self, x: Tensor, position_ids: Tensor, attn_mask: Tensor | None = None,
                 past_key_values: Cache | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
         """x: [B, T, D]; position_ids: [B, T]; attn_mask: [B, 1, T, T_past + T] bool (True = attend), or None for
         plain causal attention over the new tokens and everything cached before them. Packed sequences
         (`cu_seqlens`, B = 1, no cache) go through flash varlen attention where `uses_varlen`, with no mask."""
-        q = self.rotary(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)), position_ids)  # [B, T, H, d]
-        k = self.rotary(self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)), position_ids)
+        q = self.q_norm(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)))  # [B, T, H, d]
+        k = self.k_norm(self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)))  # [B, T, Hkv, d]
+        q, k = self.rotary(q, position_ids), self.rotary(k, position_ids)
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         if cu_seqlens is not None and uses_varlen(x):
             return self.o_proj(self._varlen(q[0], k[0], v[0], cu_seqlens).flatten(-2)[None])

@@ -34,7 +34,11 @@ class SSEHBlock(GradientCheckpointingLayer):
         if config.layer_types[layer_idx] == "full_attention":
             self.attn = Attention(hidden_size=config.hidden_size, num_heads=config.attn_num_heads,
                                   num_kv_heads=config.attn_num_kv_heads, head_dim=config.attn_head_dim,
-                                  rope_theta=config.rope_theta, layer_idx=layer_idx)
+                                  rope_theta=config.rope_theta, layer_idx=layer_idx,
+                                  qkv_bias=config.attn_qkv_bias, o_bias=config.attn_o_bias,
+                                  qk_norm=config.attn_qk_norm, norm_eps=config.norm_eps,
+                                  rope_scaling=config.attn_rope_scaling,
+                                  max_position_embeddings=config.max_position_embeddings)
         else:
             self.attn = SSEMixer(hidden_size=config.hidden_size, num_heads=config.num_heads, head_dim=config.head_dim,
                                  expand_v=config.expand_v, num_sparse_partition=config.num_sparse_partition,

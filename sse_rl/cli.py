@@ -12,7 +12,7 @@ import sys
 # name -> ("module:function", one-line help). The function takes the remaining argv and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("sse_rl.env_report:main", "print versions, devices and whether vLLM / Triton / a GPU are usable"),
-    "init-model": ("sse_rl.model_cli:init_model_main", "write a randomly initialised SSE-H checkpoint (+ tokenizer)"),
+    "init-model": ("sse_rl.model_cli:init_model_main", "write a randomly initialised checkpoint (+ tokenizer)"),
     "generate": ("sse_rl.model_cli:generate_main", "generate text from a checkpoint with the HF model"),
     "sft": ("sse_rl.sft:main", "supervised fine-tuning from a recipe (TRL SFTTrainer, packed, completion-only loss)"),
     "train": ("sse_rl.train:main", "GRPO from a recipe: vLLM rollouts, sandboxed rewards, SSE-H updates, on Ray"),

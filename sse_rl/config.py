@@ -51,7 +51,7 @@ def _bounded(default: Any, *, ge: float | None = None, gt: float | None = None, 
 class InitConfig:
     """How to build a random policy when `model.path` does not exist yet (tiny recipes build their own)."""
 
-    preset: str = "sse-h-tiny"  # SSEHConfig preset name
+    preset: str = "sse-h-tiny"  # SSE-H or Transformer-teacher preset (init_model.preset_names())
     tokenizer: str = ""  # "pkg.mod:fn" called as fn(out_dir) -> tokenizer dir; or a tokenizer dir / hub id
     seed: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)  # SSEHConfig fields, e.g. {num_hidden_layers: 2}

@@ -5,11 +5,11 @@ import argparse
 
 
 def init_model_main(argv: list[str] | None = None) -> int:
-    from sse_rl.init_model import init_model
-    from sse_rl.models import SSEHConfig
+    from sse_rl.init_model import init_model, preset_names
 
     parser = argparse.ArgumentParser(prog="sse-rl init-model", description=__doc__)
-    parser.add_argument("--preset", required=True, choices=SSEHConfig.preset_names(), help="model size preset")
+    parser.add_argument("--preset", required=True, choices=preset_names(),
+                        help="SSE-H size, or a small Transformer teacher (llama-/qwen2-/qwen3-tiny, qwen3-100m)")
     parser.add_argument("--out", required=True, help="directory to write the checkpoint to")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or HF hub id (sets the vocab size)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")

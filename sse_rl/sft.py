@@ -145,14 +145,16 @@ class SSEHSFTTrainer(SFTTrainer):
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         unwrapped = self.accelerator.unwrap_model(model)
-        coef = getattr(unwrapped.config, "aux_loss_coef", 0.0)
+        coef = getattr(unwrapped.config, "aux_loss_coef", 0.0)  # 0 for a Transformer (a teacher being trained)
+        if not coef:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         caught: list[torch.Tensor] = []
         hook = unwrapped.model.register_forward_hook(lambda _m, _args, out: caught.append(out.aux_loss))
         try:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             hook.remove()
-        if not (coef and caught and model.training):
+        if not (caught and model.training):
             return result
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
         self._metrics["train"]["aux_loss"].append(float(caught[0].detach()))
@@ -224,7 +226,7 @@ def sft_config(recipe: SFTRecipe, out_dir: Path) -> SFTConfig:
 
 def build_trainer(recipe: SFTRecipe, model_path: str, out_dir: Path) -> SSEHSFTTrainer:
     """The trainer over the recipe's data, with the fp32 master weights of `model_path` (bf16 runs autocast)."""
-    import sse_rl.models  # noqa: F401  (registers SSE-H with the Auto classes)
+    import sse_rl.models  # noqa: F401  (registers SSE-H with the Auto classes; Transformer teachers load too)
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
