@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("sse_rl.eval.cli:main", "evaluate on AIME24/AIME25/MATH-500 (avg@k, pass@k, maj@k), or --compare runs"),
     "rewards": ("sse_rl.rewards.cli:main", "check the math grader against a peer-graded file, or grade one completion"),
     "convert": ("sse_rl.models.convert:main", "convert an fla SSE checkpoint (model_type 'sse') to SSE-H"),
+    "hybridize": ("sse_rl.models.hybridize:main", "convert a Llama/Qwen2/Qwen3 Transformer into SSE-H (kept "
+                  "attention layers, SSE layers from the attention weights)"),
 }
 
 
