@@ -149,22 +149,25 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None,
                  max_position_embeddings: int = 4096) -> None:
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-        self.inv_freq, self.cos_sin_factor = None, 1.0
-        if scaling and scaling.get("rope_type", "default") != "default":
-            self.inv_freq, self.cos_sin_factor = scaled_rope_frequencies(head_dim, theta, scaling,
-                                                                         max_position_embeddings)
+        self.head_dim, self.theta, self.max_position_embeddings = head_dim, theta, max_position_embeddings
+        self.scaling = scaling if scaling and scaling.get("rope_type", "default") != "default" else None
+        self._scaled: tuple[Tensor, float] | None = None  # built on first use: models are built on the meta device
 
     def forward(self, x: Tensor, position_ids: Tensor) -> Tensor:
         """x: [B, T, H, d]; position_ids: [B, T]."""
-        if self.inv_freq is None:
+        factor = 1.0
+        if self.scaling is None:
             exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=x.device) / self.head_dim
             angles = position_ids[..., None].float() / self.theta ** exponents  # [B, T, d/2]
         else:
-            angles = position_ids[..., None].float() * self.inv_freq.to(x.device)  # [B, T, d/2]
+            if self._scaled is None:
+                self._scaled = scaled_rope_frequencies(self.head_dim, self.theta, self.scaling,
+                                                       self.max_position_embeddings)
+            inv_freq, factor = self._scaled
+            angles = position_ids[..., None].float() * inv_freq.to(x.device)  # [B, T, d/2]
         angles = torch.cat([angles, angles], dim=-1)[:, :, None]  # [B, T, 1, d]
         xf = x.float()
-        cos, sin = angles.cos() * self.cos_sin_factor, angles.sin() * self.cos_sin_factor
+        cos, sin = angles.cos() * factor, angles.sin() * factor
         return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
