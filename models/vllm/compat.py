@@ -9,19 +9,25 @@ the same shape; what changed between the releases, and how this file copes:
 - 0.32 adds `CommonAttentionMetadata.is_prefilling`/`seq_lens_cpu_upper_bound` semantics for GDN; the SSE backend
   derives fresh-vs-resumed rows itself from host-side lengths (`host_seq_lens`), identical on both;
 - the model-architecture convertor constructor gained a `revision` argument in 0.32; the SSE-H convertor only
-  overrides getters, so it inherits either constructor.
+  overrides getters, so it inherits either constructor;
+- YaRN's cos/sin magnitude: 0.32's `get_rope` takes transformers' `attention_factor` (and `mscale`/`mscale_all_dim`),
+  0.26's takes `attn_factor`, multiplied by its own mscale unless `apply_yarn_scaling` is False
+  (`yarn_attention_factor`); `get_rope` gained `mrope_positions_factor` in 0.32 (not used here).
 Internals used (same in both releases, guarded by `check_version`): `CompilationConfig._attention_ops`,
 `MODEL_ARCH_CONFIG_CONVERTORS`, `MambaAttentionBackendEnum.CUSTOM` with `register_backend(..., is_mamba=True)`,
 `CommonAttentionMetadata.seq_lens_cpu_upper_bound` and `GPUModelRunner.reload_weights`.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import vllm
 from vllm.config import CompilationConfig
+from vllm.model_executor.layers.rotary_embedding import YaRNScalingRotaryEmbedding
 from vllm.transformers_utils.model_arch_config_convertor import (
     MODEL_ARCH_CONFIG_CONVERTORS,
     ModelArchConfigConvertorBase,
@@ -102,13 +108,25 @@ def host_seq_lens(common_attn_metadata: CommonAttentionMetadata) -> torch.Tensor
     return seq_lens[: common_attn_metadata.num_reqs]
 
 
+def yarn_attention_factor(attention_factor: float) -> dict[str, Any]:
+    """`get_rope` parameters that make YaRN's cos/sin magnitude exactly `attention_factor` (transformers' value, which
+    the caller computes), whichever of the two YaRN signatures this vLLM has."""
+    accepted = inspect.signature(YaRNScalingRotaryEmbedding.__init__).parameters
+    if "attention_factor" in accepted:  # 0.32
+        return {"attention_factor": float(attention_factor)}
+    return {"attn_factor": float(attention_factor), "apply_yarn_scaling": False}  # 0.26
+
+
 class _DerivedBufferReloadFilter(logging.Filter):
-    """Drops the reload's "RotaryEmbedding: Failed to load weights": vLLM counts the rotary cos/sin cache as loadable
-    and warns on every update that no checkpoint weight reached it, though the cache is derived (vLLM puts it back).
-    Warnings for real layers that a partial update left out still get through."""
+    """Drops the reload's "RotaryEmbedding: Failed to load weights" (and the scaled variants' "Llama3RotaryEmbedding:
+    ...", "YaRNScalingRotaryEmbedding: ..."): vLLM counts the rotary cos/sin cache as loadable and warns on every
+    update that no checkpoint weight reached it, though the cache is derived (vLLM puts it back). Warnings for real
+    layers that a partial update left out still get through."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+        message = record.getMessage()
+        layer, _, rest = message.partition(": ")
+        return not (rest == "Failed to load weights" and layer.endswith("RotaryEmbedding"))
 
 
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"  # where the layer-wise reload logs (0.32)

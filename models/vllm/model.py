@@ -1,17 +1,20 @@
 """SSE-H for vLLM: SSE layers (`sse_layer.SSEHMixer`, recurrent state in the hybrid cache) interleaved with
 softmax-attention layers (vLLM `Attention`, RoPE), pre-norm blocks with a SwiGLU MLP.
 
-Weights load from the HF checkpoint's names (`sse_rl.models`, fla SSE naming); q/k/v and gate/up are stacked into
-`qkv_proj` / `gate_up_proj` here, and an SSE layer's replicated projections of x into `x_proj` (`stacked_target`).
+Weights load from the HF checkpoint's names (`sse_rl.models`, fla SSE naming); q/k/v (weights and biases) and gate/up
+are stacked into `qkv_proj` / `gate_up_proj` here, and an SSE layer's replicated projections of x into `x_proj`
+(`stacked_target`).
 `load_weights` takes any subset, any number of times (RL weight updates), returns the vLLM names it loaded, and
 raises on a name it cannot place.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+from sse_rl.models.layers import scaled_rope_frequencies
+from sse_rl.models.vllm import compat
 from sse_rl.models.vllm.sse_layer import SSEHMixer, sse_state_shape, x_proj_parts
 from torch import nn
 from transformers import PretrainedConfig
@@ -49,29 +52,80 @@ class SSEHMLP(nn.Module):
         return out
 
 
-class SSEHAttention(nn.Module):
-    """Full causal softmax attention with RoPE (no qk-norm, no bias), heads sharded over TP."""
+def rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
+    """`get_rope`'s rope_parameters for the attention layers: `rope_theta` plus `attn_rope_scaling`, completed the way
+    transformers completes them for the HF model (`layers.RotaryEmbedding`), so both rotate alike:
+    original_max_position_embeddings defaults to max_position_embeddings (llama3, yarn), YaRN's factor to their ratio,
+    beta_fast/beta_slow to 32/1, and YaRN's cos/sin factor is the one transformers computes (explicit
+    attention_factor, the mscale/mscale_all_dim ratio, or 0.1 ln(factor) + 1), passed in this vLLM's spelling."""
+    scaling = {k: v for k, v in (config.attn_rope_scaling or {}).items() if v is not None}
+    rope_type = scaling.get("rope_type", "default")
+    params: dict[str, Any] = {"rope_type": rope_type, "rope_theta": float(config.rope_theta)}
+    if rope_type == "default":
+        return params
+    if rope_type == "linear":  # vLLM takes a float factor (anything else it iterates over as a list of factors)
+        return {**params, "factor": float(scaling["factor"])}
+    original = int(scaling.get("original_max_position_embeddings") or config.max_position_embeddings)
+    if rope_type == "llama3":
+        return {**params, "factor": float(scaling["factor"]), "low_freq_factor": float(scaling["low_freq_factor"]),
+                "high_freq_factor": float(scaling["high_freq_factor"]), "original_max_position_embeddings": original}
+    if rope_type == "yarn":
+        _, attention_factor = scaled_rope_frequencies(config.attn_head_dim, config.rope_theta, scaling,
+                                                      config.max_position_embeddings)
+        params = {**params, "factor": float(scaling.get("factor") or config.max_position_embeddings / original),
+                  "original_max_position_embeddings": original, "beta_fast": scaling.get("beta_fast") or 32,
+                  "beta_slow": scaling.get("beta_slow") or 1, **compat.yarn_attention_factor(attention_factor)}
+        if "truncate" in scaling:
+            params["truncate"] = bool(scaling["truncate"])
+        return params
+    raise ValueError(f"SSE-H vLLM attention has no RoPE scaling {rope_type!r} (config.attn_rope_scaling)")
 
-    def __init__(self, config: PretrainedConfig, cache_config: CacheConfig | None, prefix: str) -> None:
+
+class SSEHAttention(nn.Module):
+    """Full causal softmax attention with RoPE, heads sharded over TP, with the options of converted Transformers
+    (the HF reference is `layers.Attention`): q/k/v bias (`attn_qkv_bias`, in `qkv_proj.bias`), o_proj bias
+    (`attn_o_bias`), per-head RMSNorm of q and k over head_dim after the projection and before RoPE (`attn_qk_norm`,
+    `q_norm`/`k_norm`, eps `norm_eps`, as vLLM's Qwen3) and scaled RoPE (`attn_rope_scaling`: linear, llama3, yarn;
+    `rope_parameters`).
+
+    max_model_len: the engine's; a YaRN cos/sin cache covers only original_max_position_embeddings x factor positions
+    in vLLM, and a longer max_model_len is refused here rather than indexed past the cache at run time.
+    """
+
+    def __init__(self, config: PretrainedConfig, cache_config: CacheConfig | None, prefix: str,
+                 max_model_len: int | None = None) -> None:
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
         heads, kv_heads, head_dim = config.attn_num_heads, config.attn_num_kv_heads, config.attn_head_dim
         if heads % tp_size or (kv_heads % tp_size and tp_size % kv_heads):
             raise ValueError(f"SSE-H attention heads ({heads} q / {kv_heads} kv) do not split over "
                              f"tensor-parallel size {tp_size}")
+        self.head_dim = head_dim
         self.q_size = heads // tp_size * head_dim
         self.kv_size = max(1, kv_heads // tp_size) * head_dim
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, heads, kv_heads, bias=False,
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, heads, kv_heads, bias=config.attn_qkv_bias,
                                           prefix=f"{prefix}.qkv_proj")
-        self.o_proj = RowParallelLinear(heads * head_dim, config.hidden_size, bias=False, prefix=f"{prefix}.o_proj")
+        self.o_proj = RowParallelLinear(heads * head_dim, config.hidden_size, bias=config.attn_o_bias,
+                                        prefix=f"{prefix}.o_proj")
+        self.qk_norm = config.attn_qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(head_dim, eps=config.norm_eps)
+            self.k_norm = RMSNorm(head_dim, eps=config.norm_eps)
         self.rotary_emb = get_rope(head_dim, max_position=config.max_position_embeddings, is_neox_style=True,
-                                   rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta})
+                                   rope_parameters=rope_parameters(config))
+        covered = self.rotary_emb.cos_sin_cache.shape[0]
+        if max_model_len is not None and max_model_len > covered:
+            raise ValueError(f"SSE-H attention RoPE ({config.attn_rope_scaling}) covers {covered} positions in vLLM, "
+                             f"fewer than max_model_len={max_model_len}; lower max_model_len to {covered} or less")
         self.attn = Attention(heads // tp_size, head_dim, head_dim**-0.5, num_kv_heads=max(1, kv_heads // tp_size),
                               cache_config=cache_config, prefix=f"{prefix}.attn")
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm:  # per head: views [T, heads, head_dim], as vLLM's Qwen3Attention
+            q = self.q_norm(q.view(*q.shape[:-1], -1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.view(*k.shape[:-1], -1, self.head_dim)).view(k.shape)
         q, k = self.rotary_emb(positions, q, k)
         out, _ = self.o_proj(self.attn(q, k, v))
         return out
@@ -86,7 +140,8 @@ class SSEHDecoderLayer(nn.Module):
         self.is_attention = extract_layer_index(prefix) in config.attn_layers
         self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         if self.is_attention:
-            self.attn = SSEHAttention(config, vllm_config.cache_config, prefix=f"{prefix}.attn")
+            self.attn = SSEHAttention(config, vllm_config.cache_config, prefix=f"{prefix}.attn",
+                                      max_model_len=vllm_config.model_config.max_model_len)
         else:
             self.attn = SSEHMixer(config, vllm_config=vllm_config, prefix=f"{prefix}.attn")
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
