@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# The one-GPU conversion demo (issue 23): a Transformer teacher -> SSE-H by hybridize + distill -> GRPO, on the
+# arithmetic word problems (sse_rl/tasks/arithmetic.py), each model evaluated on the 500 held-out problems.
+#   scripts/hybrid_demo.sh OUT teacher     # sse-rl sft: Qwen3-shaped 97M Transformer, clean solutions -> OUT/teacher
+#   scripts/hybrid_demo.sh OUT hybridize   # sse-rl hybridize, attention kept at 4 of 14 layers -> OUT/hybrid
+#   scripts/hybrid_demo.sh OUT distill     # sse-rl distill: align, then logits -> OUT/distill/{align,logits,final}
+#   scripts/hybrid_demo.sh OUT random      # the same SSE-H shape from random weights, SFT on as many tokens as
+#                                          # both distillation stages together -> OUT/random/final
+#   scripts/hybrid_demo.sh OUT grpo        # 40 GRPO steps from the distilled hybrid -> OUT/grpo
+#   scripts/hybrid_demo.sh OUT eval NAME   # held-out avg@4 of one of: teacher hybrid align logits random grpo
+#   scripts/hybrid_demo.sh OUT all         # every stage and eval in order (GRPO's held-out numbers from its
+#                                          # own evals), skipping what is done
+#   scripts/hybrid_demo.sh OUT report      # tables and curves -> bench/results/hybrid_demo/NAME
+# Evaluation as in scripts/arith_demo.sh: the problem alone as a user turn, avg@4 at temperature 1.0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+usage="usage: scripts/hybrid_demo.sh OUT teacher|hybridize|distill|random|grpo|eval NAME|all|report"
+OUT=${1:?$usage}
+STAGE=${2:?$usage}
+PY=.venv/bin/python
+[[ -x $PY ]] || PY=$(command -v python3)
+ATTN_LAYERS=3,7,10,13                     # about 1 in 4 of the teacher's 14 layers, the last one included
+TEST="$OUT/data/arith_test.jsonl"
+RESULTS="bench/results/hybrid_demo/$(basename "$OUT")"
+sse() { "$PY" -m sse_rl.cli "$@"; }
+timed() {  # timed NAME COMMAND...: run it, append its wall seconds to OUT/stage_seconds.tsv
+  local name=$1 start=$SECONDS
+  shift
+  "$@"
+  printf '%s\t%s\n' "$name" "$((SECONDS - start))" >> "$OUT/stage_seconds.tsv"
+}
+
+model_of() {  # the checkpoint behind an eval name
+  case "$1" in
+    teacher) echo "$OUT/teacher/final" ;;
+    hybrid) echo "$OUT/hybrid" ;;
+    align) echo "$OUT/distill/align/final" ;;
+    logits) echo "$OUT/distill/final" ;;
+    random) echo "$OUT/random/final" ;;
+    grpo) ls -d "$OUT"/grpo/checkpoints/step_[0-9]*/model | sort | tail -n 1 ;;
+    *) echo "unknown eval name $1" >&2; exit 2 ;;
+  esac
+}
+
+evaluate() {  # evaluate NAME: sampled avg@4 at temperature 1 on the 500 held-out problems -> OUT/eval_NAME
+  mkdir -p "$OUT/data"
+  "$PY" -m sse_rl.tasks.arithmetic --split test --out "$TEST"
+  sse eval --model "$(model_of "$1")" --data-file "$TEST" --instruction "" --max-tokens 128 --max-model-len 256 \
+    --dtype bfloat16 --gpu-memory-utilization 0.5 --enforce-eager --no-progress --samples 4 --temperature 1.0 --top-p 1.0 \
+    --out "$OUT/eval_$1"
+}
+
+distill_tokens() {  # token budget of both distillation stages (steps x batch_tokens), from the resolved recipe
+  "$PY" - "$OUT/distill/config.yaml" <<'PY'
+import sys, yaml
+r = yaml.safe_load(open(sys.argv[1]))
+print(sum(r[stage]["steps"] for stage in r["stages"]) * r["train"]["batch_tokens"])
+PY
+}
+
+random_init() {  # random weights of the hybrid's shape, with its tokenizer -> OUT/random_init
+  "$PY" - "$OUT/hybrid" "$OUT/random_init" <<'PY'
+import sys, torch
+from transformers import AutoTokenizer
+from sse_rl.models import SSEHConfig, SSEHForCausalLM
+torch.manual_seed(0)
+SSEHForCausalLM(SSEHConfig.from_pretrained(sys.argv[1])).save_pretrained(sys.argv[2])
+AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
+PY
+}
+
+run_stage() {
+  case "$1" in
+    teacher) sse sft recipes/arith_teacher_sft.yaml out_dir="$OUT/teacher" ;;
+    hybridize) sse hybridize "$OUT/teacher/final" "$OUT/hybrid" --attn-layers "$ATTN_LAYERS" ;;
+    distill) sse distill recipes/arith_distill.yaml teacher.path="$OUT/teacher/final" student.path="$OUT/hybrid" \
+               out_dir="$OUT/distill" ;;
+    random)
+      [[ -d "$OUT/random_init" ]] || random_init
+      local steps=$(( ($(distill_tokens) + 65535) / 65536 ))
+      sse sft recipes/arith_sft.yaml model.path="$OUT/random_init" data.train=sse_rl.tasks.arithmetic:rows \
+        data.max_rows=20000 train.steps="$steps" train.warmup_steps=$(( steps / 10 )) out_dir="$OUT/random" ;;
+    grpo) sse train recipes/arith_grpo.yaml model.path="$OUT/distill/final" out_dir="$OUT/grpo" eval.every=20 ;;
+    *) echo "unknown stage $1" >&2; exit 2 ;;
+  esac
+}
+
+done_marker() {  # the file a finished stage or eval leaves
+  case "$1" in
+    teacher|random) echo "$OUT/$1/final/config.json" ;;
+    hybridize) echo "$OUT/hybrid/config.json" ;;
+    distill) echo "$OUT/distill/final/config.json" ;;
+    grpo) echo "$OUT/grpo/checkpoints/step_000040/model/config.json" ;;
+    eval_*) echo "$OUT/$1/results.json" ;;
+  esac
+}
+
+all() {
+  mkdir -p "$OUT"
+  # GRPO's own held-out eval (the same 500 problems, avg@4 at temperature 1) gives its numbers at steps 0/20/40.
+  for step in teacher eval_teacher hybridize eval_hybrid distill eval_align eval_logits random eval_random grpo; do
+    [[ -f $(done_marker "$step") ]] && { echo "[demo] $step: done"; continue; }
+    echo "[demo] $step: start $(date +%T)"
+    if [[ $step == eval_* ]]; then timed "$step" evaluate "${step#eval_}"; else timed "$step" run_stage "$step"; fi
+  done
+}
+
+report() {
+  mkdir -p "$RESULTS"
+  cp "$OUT/stage_seconds.tsv" "$RESULTS/"
+  for f in teacher/sft_metrics.jsonl teacher/sft_loss.png distill/distill_metrics.jsonl distill/distill_curves.png \
+           random/sft_metrics.jsonl grpo/metrics.jsonl grpo/curves.png; do
+    [[ -f "$OUT/$f" ]] && cp "$OUT/$f" "$RESULTS/${f//\//_}"
+  done
+  local runs=()
+  for name in teacher hybrid align logits random grpo; do
+    [[ -f "$OUT/eval_$name/results.json" ]] && runs+=("$OUT/eval_$name")
+  done
+  sse eval --compare "${runs[@]}" --out "$RESULTS/compare"
+  echo "wrote $RESULTS"
+}
+
+case "$STAGE" in
+  eval) evaluate "${3:?$usage}" ;;
+  all) all ;;
+  report) report ;;
+  *) run_stage "$STAGE" ;;
+esac
