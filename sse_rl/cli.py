@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("sse_rl.models.convert:main", "convert an fla SSE checkpoint (model_type 'sse') to SSE-H"),
     "hybridize": ("sse_rl.models.hybridize:main", "convert a Llama/Qwen2/Qwen3 Transformer into SSE-H (kept "
                   "attention layers, SSE layers from the attention weights)"),
+    "distill": ("sse_rl.distill:main", "distil a Transformer teacher into an SSE-H student: layer alignment, then "
+                "logit KL (TRL)"),
 }
 
 

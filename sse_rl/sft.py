@@ -9,7 +9,8 @@ Choices:
    random policy exactly as `sse-rl train` does.
 2) Rows become TRL prompt-completion examples: the prompt is `data.prompt_template` over the row (as a user turn
    under the chat template with `data.chat_template`, the way GRPO and eval render prompts), the completion is
-   `data.response_column`. Loss is on completion tokens only.
+   `data.response_column`. Loss is on completion tokens only. With `data.text_column`, rows are plain text instead
+   (TRL language-modeling examples, EOS appended by TRL) and the loss covers every token.
 3) Sequences are packed (best-fit decreasing) into rows of `train.token_budget` tokens, padding-free: the collator
    concatenates them with positions restarting at 0, from which SSE-H derives the sequence bounds (`cu_seqlens`),
    so no state or attention crosses a boundary, and the first token of every sequence has no label.
@@ -47,6 +48,9 @@ class SFTDataConfig:
     subset: str = ""  # HF dataset config name, if the hub dataset has several
     prompt_template: str = "{problem}"  # str.format over the row's columns; the same template GRPO uses
     response_column: str = "solution"  # the completion the model learns
+    # plain-text rows: this column is the whole example (a TRL language-modeling row, loss on every token);
+    # "" = prompt/completion rows from prompt_template and response_column
+    text_column: str = ""
     chat_template: bool = True  # prompt as a user turn, response as the assistant turn (tokenizer's template)
     max_rows: int = _bounded(0, ge=0)  # use the first N rows; 0 = all
     num_proc: int = _bounded(1, ge=1)  # processes that tokenize and pack the dataset
@@ -108,7 +112,7 @@ def load_sft_recipe(path: str | Path | None, overrides: list[str] = ()) -> SFTRe
 
 
 def build_examples(data: SFTDataConfig, tokenizer: Any) -> list[dict[str, Any]]:
-    """TRL prompt-completion examples of the training rows; a row missing a column fails naming row and column."""
+    """TRL examples of the training rows; a row missing a column fails naming row and column."""
     from sse_rl.data import _read_rows
 
     rows = _read_rows(data.train, data.train_split, data.subset)
@@ -116,21 +120,41 @@ def build_examples(data: SFTDataConfig, tokenizer: Any) -> list[dict[str, Any]]:
         rows = rows[:data.max_rows]
     if not rows:
         raise ValueError(f"data.train: {data.train} (split {data.train_split!r}) has no rows")
+    return rows_to_examples(rows, data, tokenizer, data.train)
+
+
+def rows_to_examples(rows: list[dict[str, Any]], data: SFTDataConfig, tokenizer: Any, source: str,
+                     key: str = "data.train") -> list[dict[str, Any]]:
+    """Rows as TRL examples: language-modeling rows {"text"} with `data.text_column`, else prompt-completion rows
+    (conversational under `data.chat_template`). Errors name the recipe `key` and `source` the rows came from."""
+    if data.text_column:
+        return [{"text": _column(row, data.text_column, (key, source, i), "data.text_column")}
+                for i, row in enumerate(rows)]
     if data.chat_template and not getattr(tokenizer, "chat_template", None):
         raise ValueError("data.chat_template: the tokenizer has no chat template; set data.chat_template=false")
     examples = []
     for i, row in enumerate(rows):
         try:
-            prompt, completion = data.prompt_template.format(**row), row[data.response_column]
+            prompt = data.prompt_template.format(**row)
         except KeyError as err:
-            raise ValueError(f"data.train: row {i} of {data.train} has no column {err} (columns: {', '.join(row)}); "
+            raise ValueError(f"{key}: row {i} of {source} has no column {err} (columns: {', '.join(row)}); "
                              "check data.prompt_template / data.response_column") from None
+        completion = _column(row, data.response_column, (key, source, i), "data.prompt_template / data.response_column")
         if data.chat_template:
             examples.append({"prompt": [{"role": "user", "content": prompt}],
                              "completion": [{"role": "assistant", "content": completion}]})
         else:
             examples.append({"prompt": prompt, "completion": completion})
     return examples
+
+
+def _column(row: dict[str, Any], column: str, where: tuple[str, str, int], keys: str) -> Any:
+    """row[column]; a missing column fails naming the recipe key, the source and the row (`where`)."""
+    if column not in row:
+        key, source, i = where
+        raise ValueError(f"{key}: row {i} of {source} has no column '{column}' (columns: {', '.join(row)}); "
+                         f"check {keys}")
+    return row[column]
 
 
 class SSEHSFTTrainer(SFTTrainer):

@@ -1,0 +1,706 @@
+"""`sse-rl distill RECIPE.yaml [key=value ...]`: distil a dense Transformer teacher into an SSE-H student.
+
+The route of Mamba-in-the-Llama and LoLCATs after `hybridize`: the student's SSE layers first learn to stand in for
+the attention layers they replaced, then the whole student learns the teacher's next-token distributions.
+
+Stages (`stages`, run in order; each trains into OUT_DIR/<stage>/ and starts from the previous stage's final):
+- `align`: layer-wise. One teacher forward per batch (no gradients); forward hooks on the teacher's `self_attn` of
+  every layer the student holds as SSE catch that attention's input (the normed hidden states) and output; the
+  student's SSE mixer of the same layer runs on that input (packed sequence bounds from the position ids) and the
+  loss is the mean over SSE layers of MSE(student out, teacher out) in fp32, plus the router balance loss. Only the
+  SSE mixers' parameters train; the student's full forward never runs.
+- `logits`: end to end. The teacher runs online under no_grad on the same packed batch, the student runs with
+  gradients, and the loss is a divergence between their next-token distributions over every token whose label is
+  not -100 (shifted like the LM loss; the prompt is masked unless `data.text_column` rows are used), plus the router
+  balance loss. `logits.loss`: forward_kl = KL(teacher || student) [default], reverse_kl = KL(student || teacher),
+  jsd = generalised JSD with mixture (1 - beta) * student + beta * teacher (GKD's definition); both distributions
+  at `logits.temperature`. `logits.top_k`: 0 = over the full vocabulary; k > 0 = over the teacher's k most likely
+  tokens only, both distributions renormalised over those k (the student's logits gathered at the teacher's ids),
+  which is cheaper and ignores the teacher's tail. `logits.train`: all parameters, or only the SSE mixers'.
+  `distill/kl` is this divergence per token (the configured one, so a JSD under loss=jsd).
+
+Reused from TRL (1.16) and transformers, and why:
+- `SFTTrainer` (subclassed, as `sse-rl sft` does): dataset preparation, best-fit-decreasing packing into
+  padding-free rows with position ids restarting at 0 (SSE-H and transformers' masks both derive the sequence bounds
+  from them), completion-only labels, gradient accumulation, checkpoints with optimizer/scheduler/RNG state, resume,
+  evaluation and metric averaging (`_metrics`). Only `compute_loss` and `log` are ours.
+- The full-vocabulary divergence is `trl.kernels.chunked_divergence.ChunkedDivergenceFunction`, the kernel of TRL's
+  `DistillationTrainer`: it folds both models' LM-head projections tile by tile, so neither [tokens, vocab] logits
+  tensor exists (a 2B student at 16k tokens and a 152k vocabulary would need ~10 GB for each).
+- The top-k divergence is `GKDTrainer.generalized_jsd_loss` (trl.experimental.gkd; static, forward/reverse/JSD with
+  temperature) on the [tokens, k] logits.
+- `_ForwardRedirection` (TRL's, used the same way by DistillationTrainer) routes our loss through the wrapped
+  model's forward, so DDP/FSDP hooks fire although the loss calls the backbone and the mixers directly.
+- Not reused: `DistillationTrainer` and `GKDTrainer` themselves. Both train on prompts padded into a batch and on
+  on-policy generations from the student (HF `generate` or vLLM); neither packs padding-free rows, neither knows the
+  layer-wise stage or the SSE router loss. The student here learns on the teacher's data (lmbda = 0 in GKD terms).
+
+Choices:
+1) Config is data: `DistillRecipe`, loaded and checked like the other recipes (all errors at once, by key); the
+   teacher, the student and the data are checked too (teacher/student tokenizers identical, shapes equal, the
+   teacher a dense Transformer, rows have their columns) before anything is written to OUT_DIR.
+2) `student.path: ""` hybridizes the teacher into OUT_DIR/student (`sse_rl.models.hybridize`).
+3) Resume: a stage with OUT_DIR/<stage>/final is skipped; otherwise it resumes from its last complete checkpoint
+   (one with trainer_state.json, written last; a checkpoint cut short by a kill is removed). OUT_DIR/final is the
+   last stage's final, an SSE-H checkpoint for `sse-rl sft`, `sse-rl train` and `sse-rl eval`.
+4) OUT_DIR/distill_metrics.jsonl: a row {"stage", "step", ...} per logging step (distill/loss, distill/kl or
+   distill/mse and per layer distill/mse_layer<i>, distill/aux_loss) and per held-out evaluation
+   (distill/eval_kl or distill/eval_mse, ...) at each stage's start, every `run.eval_steps` and at its end;
+   rows after a resumed step are dropped first. OUT_DIR/distill_curves.png plots them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainerState
+from trl import SFTConfig, SFTTrainer
+
+import sse_rl.models  # noqa: F401  (registers SSE-H with the Auto classes)
+from sse_rl.config import RecipeError, _bounded, load_recipe
+from sse_rl.sft import SFTDataConfig
+
+logger = logging.getLogger("sse_rl.distill")
+STAGES = ("align", "logits")
+METRICS_FILE, CURVES_PNG, FINAL_DIR, STUDENT_DIR = "distill_metrics.jsonl", "distill_curves.png", "final", "student"
+TOPK_CHUNK = 1024  # tokens per top-k divergence chunk (recomputed in backward, so one chunk's gathers are alive)
+
+
+@dataclass
+class TeacherConfig:
+    path: str = ""  # HF checkpoint dir or hub id of a dense Transformer (not SSE-H)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # weights of the frozen teacher
+
+
+@dataclass
+class StudentConfig:
+    path: str = ""  # SSE-H checkpoint dir or hub id; "" = hybridize the teacher into OUT_DIR/student
+    attn_layers: list[int] = field(default_factory=list)  # with path "": layers kept as attention; [] = hybridize's
+    seed: int = 0  # with path "": seed of the SSE layers' new parameters
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (autocast); master weights stay fp32
+    gradient_checkpointing: bool = False  # logits stage: recompute every block in backward
+
+
+@dataclass
+class StageConfig:
+    steps: int = _bounded(100, ge=1)  # optimizer steps of this stage
+    lr: float = _bounded(1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"  # after warm-up
+    warmup_steps: int = _bounded(0, ge=0)
+    weight_decay: float = _bounded(0.0, ge=0)
+
+
+@dataclass
+class LogitsStageConfig(StageConfig):
+    lr: float = _bounded(1e-4, gt=0)
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = _bounded(0.5, ge=0, le=1)  # loss=jsd: the teacher's weight in the mixture, in (0, 1)
+    temperature: float = _bounded(1.0, gt=0)  # both distributions at this temperature
+    top_k: int = _bounded(0, ge=0)  # 0 = full vocabulary; k = the teacher's top k tokens, renormalised over them
+    train: Literal["all", "sse"] = "all"  # parameters that learn: all, or only the SSE mixers'
+
+
+@dataclass
+class DistillDataConfig(SFTDataConfig):
+    eval: str = ""  # held-out rows, same forms as `train`; "" = no held-out metric
+    eval_split: str = "test"
+    eval_rows: int = _bounded(0, ge=0)  # use the first N held-out rows; 0 = all
+
+
+@dataclass
+class DistillTrainConfig:
+    token_budget: int = _bounded(4096, ge=8)  # tokens per packed micro-batch (longer sequences are truncated)
+    batch_tokens: int = _bounded(65536, ge=8)  # tokens per optimizer step: a multiple of token_budget
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    max_grad_norm: float = _bounded(1.0, gt=0)
+    seed: int = 0
+
+
+@dataclass
+class DistillRunConfig:
+    logging_steps: int = _bounded(10, ge=1)
+    save_steps: int = _bounded(200, ge=0)  # checkpoint every N steps (for resume); 0 = only each stage's final
+    eval_steps: int = _bounded(0, ge=0)  # held-out metric every N steps; 0 = at each stage's start and end only
+    keep_checkpoints: int = _bounded(2, ge=1)
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class DistillRecipe:
+    out_dir: str = ""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    stages: list[Literal["align", "logits"]] = field(default_factory=lambda: list(STAGES))
+    align: StageConfig = field(default_factory=StageConfig)
+    logits: LogitsStageConfig = field(default_factory=LogitsStageConfig)
+    data: DistillDataConfig = field(default_factory=DistillDataConfig)
+    train: DistillTrainConfig = field(default_factory=DistillTrainConfig)
+    run: DistillRunConfig = field(default_factory=DistillRunConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def distill_cross_checks(recipe: DistillRecipe) -> list[str]:
+    """Constraints between fields: each message names the key to change."""
+    errors = []
+    if not recipe.out_dir:
+        errors.append("out_dir: required (the run directory), e.g. out_dir=runs/distill")
+    if not recipe.teacher.path:
+        errors.append("teacher.path: required (HF checkpoint dir or hub id of the Transformer teacher)")
+    if not recipe.data.train:
+        errors.append("data.train: required (HF hub id, a .jsonl/.parquet file or pkg.mod:fn)")
+    if not recipe.stages:
+        errors.append(f"stages: at least one of {', '.join(STAGES)}")
+    elif len(set(recipe.stages)) != len(recipe.stages):
+        errors.append(f"stages: each stage once, got {recipe.stages}")
+    if recipe.student.path and recipe.student.attn_layers:
+        errors.append("student.attn_layers: only used to hybridize the teacher (student.path empty); the student at "
+                      f"student.path={recipe.student.path} has its own")
+    lg, t = recipe.logits, recipe.train
+    if lg.loss == "jsd" and not 0 < lg.beta < 1:
+        errors.append(f"logits.beta: loss jsd needs 0 < beta < 1, got {lg.beta} (0 is forward_kl, 1 reverse_kl)")
+    if t.batch_tokens % t.token_budget:
+        errors.append(f"train.batch_tokens: {t.batch_tokens} must be a multiple of train.token_budget "
+                      f"({t.token_budget}), the tokens of one micro-batch")
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        errors.append(f"train.adam_betas: two numbers in [0, 1) expected, got {t.adam_betas}")
+    if recipe.data.eval_rows and not recipe.data.eval:
+        errors.append("data.eval_rows: set, but data.eval names no held-out rows")
+    return errors
+
+
+def load_distill_recipe(path: str | Path | None, overrides: list[str] = ()) -> DistillRecipe:
+    return load_recipe(path, overrides, cls=DistillRecipe, cross_checks=distill_cross_checks)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Teacher and student checks (before anything is written)
+
+
+def _load_config(path: str, key: str, errors: list[str]) -> Any:
+    """The model config at `path`; a missing local path fails naming `key` without asking the hub."""
+    if (path.startswith((".", "/", "~")) or path.count("/") != 1) and not Path(path).expanduser().exists():
+        errors.append(f"{key}: {path!r} does not exist (neither a local checkpoint directory nor a hub id org/name)")
+        return None
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        errors.append(f"{key}: cannot load a model config from {path!r}: {err}")
+        return None
+
+
+def _load_tokenizer(path: str, key: str, errors: list[str]) -> Any:
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        errors.append(f"{key}: cannot load the tokenizer saved with {path!r}: {err}")
+        return None
+
+
+def _unsupported_logits(config: Any) -> str:
+    """What in a teacher config the logits stage does not reproduce (its LM head is used as a plain linear map)."""
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            return f"{name}={getattr(config, name)!r}"
+    return ""
+
+
+def check_models(recipe: DistillRecipe) -> None:
+    """Raise RecipeError unless the teacher is a dense Transformer the student can be distilled from: loadable,
+    not SSE-H, with a tokenizer; a given student SSE-H with the teacher's layers, width, vocabulary and tokenizer;
+    an empty student path hybridizable."""
+    errors: list[str] = []
+    teacher = _load_config(recipe.teacher.path, "teacher.path", errors)
+    if teacher is None:
+        raise RecipeError(errors)
+    if teacher.model_type == "sse_h":
+        errors.append(f"teacher.path: {recipe.teacher.path} is an SSE-H model; the teacher is a dense Transformer")
+    if "logits" in recipe.stages and _unsupported_logits(teacher):
+        errors.append(f"teacher.path: config has {_unsupported_logits(teacher)}; the logits stage compares plain "
+                      "LM-head logits")
+    teacher_tok = _load_tokenizer(recipe.teacher.path, "teacher.path", errors)
+    if recipe.student.path:
+        sse_layers = _check_student(recipe, teacher, teacher_tok, errors)
+    else:
+        sse_layers = _check_hybridizable(recipe, teacher, errors)
+    if "align" in recipe.stages and sse_layers == 0:
+        errors.append("stages: align fits SSE layers to the attention they replace, but the student has none")
+    if recipe.student.dtype == "bfloat16" and not torch.cuda.is_available():
+        errors.append("student.dtype: bfloat16 autocast runs on a GPU here (transformers refuses it on CPU); use "
+                      "float32")
+    if recipe.logits.top_k >= teacher.vocab_size:
+        errors.append(f"logits.top_k: {recipe.logits.top_k} must be below the vocabulary ({teacher.vocab_size}); "
+                      "0 = full vocabulary")
+    if errors:
+        raise RecipeError(errors)
+
+
+def _check_student(recipe: DistillRecipe, teacher: Any, teacher_tok: Any, errors: list[str]) -> int:
+    """Errors of a given student against the teacher; returns its number of SSE layers."""
+    student = _load_config(recipe.student.path, "student.path", errors)
+    if student is None:
+        return 0
+    if student.model_type != "sse_h":
+        errors.append(f"student.path: model_type {student.model_type!r}, expected an SSE-H checkpoint (sse_h)")
+        return 0
+    for name in ("num_hidden_layers", "hidden_size", "vocab_size"):
+        if getattr(student, name) != getattr(teacher, name):
+            errors.append(f"student.path: {name}={getattr(student, name)} but the teacher's is "
+                          f"{getattr(teacher, name)}; the student must have the teacher's shape")
+    student_tok = _load_tokenizer(recipe.student.path, "student.path", errors)
+    if student_tok is not None and teacher_tok is not None:
+        same = (student_tok.get_vocab() == teacher_tok.get_vocab() and student_tok.eos_token == teacher_tok.eos_token
+                and student_tok.pad_token == teacher_tok.pad_token)
+        if not same:
+            errors.append(f"student.path: its tokenizer differs from the teacher's ({recipe.teacher.path}: vocabulary, "
+                          "eos or pad token); distillation compares distributions over one shared vocabulary")
+    return student.layer_types.count("linear_attention")
+
+
+def _check_hybridizable(recipe: DistillRecipe, teacher: Any, errors: list[str]) -> int:
+    """Errors of hybridizing the teacher with student.attn_layers; returns the student's number of SSE layers."""
+    from sse_rl.models.hybridize import check_teacher, parse_attn_layers
+
+    try:
+        check_teacher(teacher)
+    except ValueError as err:
+        errors.append(f"teacher.path: cannot be hybridized into the student (student.path is empty): {err}")
+        return 0
+    try:
+        layers = parse_attn_layers(recipe.student.attn_layers or None, teacher.num_hidden_layers)
+    except ValueError as err:
+        errors.append(f"student.attn_layers: {str(err).removeprefix('--attn-layers: ')}")
+        return 0
+    return teacher.num_hidden_layers - len(layers)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Divergences
+
+
+def full_vocab_divergence(h_s: Tensor, h_t: Tensor, head_s: nn.Linear, head_t: nn.Linear, beta: float,
+                          temperature: float) -> Tensor:
+    """Per-token divergence [n] over the whole vocabulary from final hidden states [n, D] and LM heads, never
+    building either [n, V] logits (TRL's chunked kernel; beta 0 = forward KL, 1 = reverse KL)."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    divergence, _entropy = ChunkedDivergenceFunction.apply(
+        h_s, head_s.weight, head_s.bias, h_t.detach(), head_t.weight.detach(),
+        None if head_t.bias is None else head_t.bias.detach(), beta, temperature, 1.0, None, 1.0, None)
+    return divergence
+
+
+def _gkd_loss() -> Any:
+    """`GKDTrainer.generalized_jsd_loss`, imported without TRL's experimental-API notice."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.gkd import GKDTrainer
+    return GKDTrainer.generalized_jsd_loss
+
+
+def _topk_chunk(h_s: Tensor, h_t: Tensor, w_s: Tensor, w_t: Tensor, k: int, beta: float,
+                temperature: float) -> Tensor:
+    with torch.no_grad():
+        top, ids = F.linear(h_t, w_t).float().topk(k, dim=-1)  # [n, k]
+    student = torch.einsum("nd,nkd->nk", h_s, w_s[ids]).float()  # the student's logits at the teacher's top ids
+    return _gkd_loss()(student, top, beta=beta, temperature=temperature, reduction="none").sum(-1)
+
+
+def topk_divergence(h_s: Tensor, h_t: Tensor, head_s: nn.Linear, head_t: nn.Linear, k: int, beta: float,
+                    temperature: float) -> Tensor:
+    """Per-token divergence [n] over the teacher's top-k tokens, both distributions renormalised over those k.
+    Chunks of TOPK_CHUNK tokens are recomputed in backward, so the gathered head rows of one chunk are alive."""
+    from torch.utils.checkpoint import checkpoint
+
+    if head_s.bias is not None or head_t.bias is not None:
+        raise ValueError("logits.top_k: LM heads with a bias are not supported; use logits.top_k=0")
+    w_t = head_t.weight.detach().to(h_t.dtype)
+    parts = [checkpoint(_topk_chunk, h_s[i:i + TOPK_CHUNK], h_t[i:i + TOPK_CHUNK].detach(), head_s.weight, w_t, k,
+                        beta, temperature, use_reentrant=False) for i in range(0, h_s.shape[0], TOPK_CHUNK)]
+    return torch.cat(parts) if parts else h_s.new_zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+def sse_layer_indices(student: nn.Module) -> list[int]:
+    return [i for i, kind in enumerate(student.config.layer_types) if kind == "linear_attention"]
+
+
+def set_trainable(student: nn.Module, stage: str, train: str) -> None:
+    """Align trains only the SSE mixers; logits trains everything or (train: sse) only the SSE mixers."""
+    only_sse = stage == "align" or train == "sse"
+    prefixes = tuple(f"model.layers.{i}.attn." for i in sse_layer_indices(student))
+    for name, param in student.named_parameters():
+        param.requires_grad_(not only_sse or name.startswith(prefixes))
+
+
+def teacher_hidden(teacher: nn.Module, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+    """The teacher backbone's final hidden states [1, L, D] of a packed row. Without a cache transformers reads
+    packed sequences from position ids restarting at 0 (masking_utils.find_packed_sequence_indices), so no token
+    attends across a sequence bound; with one (use_cache defaults to True outside training) it would."""
+    return teacher.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+
+
+def teacher_layers(teacher: nn.Module) -> nn.ModuleList:
+    """The teacher's decoder layers (Llama/Qwen/Mistral-style `model.layers[i].self_attn`)."""
+    layers = getattr(teacher.base_model, "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise ValueError(f"teacher.path: {type(teacher).__name__} has no decoder layers with `self_attn` "
+                         "(base_model.layers[i].self_attn) for the align stage to read")
+    return layers
+
+
+class DistillTrainer(SFTTrainer):
+    """TRL's SFTTrainer with a distillation loss: `align` (layer-wise MSE of the SSE mixers against the attention
+    they replaced) or `logits` (divergence of next-token distributions), each plus SSE-H's router balance loss.
+
+    The loss is scaled for gradient accumulation here (`loss_is_scaled_for_ga`): the logits divergence is summed
+    over tokens and divided by the optimizer step's target tokens (`num_items_in_batch`), as TRL does for the LM
+    loss; the align MSE and the aux loss are per-micro-batch means divided over the accumulation steps.
+    """
+
+    def __init__(self, *args: Any, teacher: nn.Module, stage: str, options: StageConfig, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from trl.models.utils import _ForwardRedirection
+
+        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        self.stage, self.options = stage, options
+        self.sse_layers = sse_layer_indices(self.model)
+        self.loss_is_scaled_for_ga = True
+        self._redirect = _ForwardRedirection()
+        if stage == "align":
+            teacher_layers(self.teacher)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        student = self.accelerator.unwrap_model(model)
+        fn = self._align_loss if self.stage == "align" else self._logits_loss
+        loss, metrics = self._redirect(model, student, fn, student, inputs, num_items_in_batch)
+        mode = "train" if model.training else "eval"
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+        return (loss, None) if return_outputs else loss
+
+    def _accumulation(self) -> int:
+        """Micro-batches per optimizer step (1 in evaluation)."""
+        return self.current_gradient_accumulation_steps if self.model.training else 1
+
+    def _with_aux(self, student: nn.Module, loss: Tensor, aux: Tensor, metrics: dict[str, float],
+                  steps: int) -> Tensor:
+        """`loss` plus the router balance loss (weighted by the student's aux_loss_coef, spread over the
+        accumulation steps); distill/loss logs the unscaled sum."""
+        coef = student.config.aux_loss_coef
+        metrics["distill/aux_loss"] = float(aux.detach())
+        main_metric = metrics["distill/mse" if self.stage == "align" else "distill/kl"]
+        metrics["distill/loss"] = main_metric + coef * metrics["distill/aux_loss"]
+        return loss + coef * aux / steps
+
+    def _logits_loss(self, student: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any,
+                     ) -> tuple[Tensor, dict[str, float]]:
+        o: LogitsStageConfig = self.options
+        ids, pos = inputs["input_ids"], inputs["position_ids"]
+        with torch.no_grad():
+            h_t = teacher_hidden(self.teacher, ids, pos)
+        out = student.base_model(input_ids=ids, position_ids=pos, use_cache=False)
+        mask = inputs["labels"][:, 1:] != -100  # position t predicts token t + 1
+        h_s, h_t = out.last_hidden_state[:, :-1][mask], h_t[:, :-1][mask].to(out.last_hidden_state.dtype)
+        beta = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": o.beta}[o.loss]
+        head_s, head_t = student.get_output_embeddings(), self.teacher.get_output_embeddings()
+        per_token = (topk_divergence(h_s, h_t, head_s, head_t, o.top_k, beta, o.temperature) if o.top_k else
+                     full_vocab_divergence(h_s, h_t, head_s, head_t, beta, o.temperature))
+        total, count = per_token.sum(), mask.sum()
+        metrics = {"distill/kl": float(total.detach() / count.clamp(min=1))}
+        steps = self._accumulation()
+        if self.model.training and num_items_in_batch is not None:
+            loss = total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        else:
+            loss = total / count.clamp(min=1) / steps
+        return self._with_aux(student, loss, out.aux_loss, metrics, steps), metrics
+
+    def _align_loss(self, student: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any,
+                    ) -> tuple[Tensor, dict[str, float]]:
+        from sse_rl.models.modeling import cu_seqlens_from_position_ids
+
+        ids, pos = inputs["input_ids"], inputs["position_ids"]
+        caught = self._teacher_attention(ids, pos)
+        cu_seqlens = cu_seqlens_from_position_ids(pos)
+        errors, aux = [], torch.zeros((), device=ids.device)
+        for i in self.sse_layers:
+            mixer = student.base_model.layers[i].attn
+            x, target = caught[i]
+            out, layer_aux = mixer(x.to(mixer.o_proj.weight.dtype), None, cu_seqlens, None)
+            errors.append(F.mse_loss(out.float(), target.float()))
+            aux = aux + layer_aux
+        mse = torch.stack(errors).mean()
+        metrics = {"distill/mse": float(mse.detach())}
+        metrics.update({f"distill/mse_layer{i}": float(e.detach()) for i, e in zip(self.sse_layers, errors)})
+        steps = self._accumulation()
+        return self._with_aux(student, mse / steps, aux, metrics, steps), metrics
+
+    def _teacher_attention(self, ids: Tensor, pos: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
+        """Input (normed hidden states) and output of the teacher's attention at every SSE layer of the student,
+        from one teacher forward without gradients."""
+        caught: dict[int, tuple[Tensor, Tensor]] = {}
+
+        def hook(i: int) -> Any:
+            def catch(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+                x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                caught[i] = (x, output[0] if isinstance(output, tuple) else output)
+            return catch
+
+        layers = teacher_layers(self.teacher)
+        handles = [layers[i].self_attn.register_forward_hook(hook(i), with_kwargs=True) for i in self.sse_layers]
+        try:
+            with torch.no_grad():
+                teacher_hidden(self.teacher, ids, pos)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return caught
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Held-out metrics as distill/eval_* (TRL would prefix them eval_distill/*)."""
+        if not self.model.training:
+            for key, values in self._metrics["eval"].items():
+                logs[key.replace("distill/", "distill/eval_", 1)] = sum(values) / len(values)
+            self._metrics["eval"].clear()
+        super().log(logs, start_time)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics file and plot
+
+
+class MetricsFile(TrainerCallback):
+    """Every distill log row of one stage as a line of OUT_DIR/distill_metrics.jsonl. On resume from step k the
+    stage's rows after k (from the interrupted attempt) are dropped first, and on a fresh start all of the stage's
+    rows (an attempt killed before its first checkpoint), so the file reads like one run."""
+
+    def __init__(self, path: Path, stage: str):
+        self.path, self.stage = path, stage
+
+    def on_train_begin(self, args: Any, state: TrainerState, control: Any, **kwargs: Any) -> None:
+        kept = [row for row in read_metrics(self.path)
+                if row["stage"] != self.stage or (state.global_step > 0 and row["step"] <= state.global_step)]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        os.replace(tmp, self.path)
+
+    def on_log(self, args: Any, state: TrainerState, control: Any, logs: dict[str, float] | None = None,
+               **kwargs: Any) -> None:
+        if logs and any(key.startswith("distill/") for key in logs):
+            with self.path.open("a") as f:
+                f.write(json.dumps({"stage": self.stage, "step": state.global_step, **logs}) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Rows of a metrics file; a last line cut short by a kill is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def plot_curves(out_dir: Path, stages: list[str]) -> Path:
+    """OUT_DIR/distill_curves.png: per stage, the training metric and the held-out one against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(out_dir / METRICS_FILE)
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.2), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        metric = "mse" if stage == "align" else "kl"
+        for key, label in ((f"distill/{metric}", "train"), (f"distill/eval_{metric}", "held-out")):
+            points = [(r["step"], r[key]) for r in rows if r["stage"] == stage and key in r]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, markersize=3, label=label)
+        ax.set_title(f"{stage}: {metric}")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    out = out_dir / CURVES_PNG
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data, stages, entry point
+
+
+def build_datasets(recipe: DistillRecipe, tokenizer_path: str) -> tuple[list[dict], list[dict]]:
+    """TRL examples of the training and held-out rows (rendered with the student's tokenizer, which is the
+    teacher's); a row missing a column fails naming its key."""
+    from sse_rl.data import _read_rows
+    from sse_rl.sft import build_examples, rows_to_examples
+
+    d = recipe.data
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    try:
+        train = build_examples(d, tokenizer)
+        held_out = []
+        if d.eval:
+            rows = _read_rows(d.eval, d.eval_split, d.subset)[:d.eval_rows or None]
+            if not rows:
+                raise ValueError(f"data.eval: {d.eval} (split {d.eval_split!r}) has no rows")
+            held_out = rows_to_examples(rows, d, tokenizer, d.eval, key="data.eval")
+    except (ValueError, FileNotFoundError) as err:
+        raise RecipeError([str(err)]) from None
+    return train, held_out
+
+
+def stage_config(recipe: DistillRecipe, stage: str, stage_dir: Path, first_attempt: bool, has_eval: bool,
+                 ) -> SFTConfig:
+    """TRL arguments of one stage: packed padding-free rows, completion-only labels, one packed row per forward."""
+    s: StageConfig = getattr(recipe, stage)
+    t, r = recipe.train, recipe.run
+    return SFTConfig(
+        output_dir=str(stage_dir), max_steps=s.steps, learning_rate=s.lr, lr_scheduler_type=s.lr_schedule,
+        warmup_steps=s.warmup_steps, weight_decay=s.weight_decay, adam_beta1=t.adam_betas[0],
+        adam_beta2=t.adam_betas[1], max_grad_norm=t.max_grad_norm, seed=t.seed, per_device_train_batch_size=1,
+        per_device_eval_batch_size=1, gradient_accumulation_steps=t.batch_tokens // t.token_budget,
+        max_length=t.token_budget, packing=True, packing_strategy="bfd", padding_free=True,
+        completion_only_loss=True, bf16=recipe.student.dtype == "bfloat16", fp16=False,
+        gradient_checkpointing=stage == "logits" and recipe.student.gradient_checkpointing,
+        dataset_num_proc=recipe.data.num_proc, logging_steps=r.logging_steps,
+        eval_strategy="steps" if has_eval else "no", eval_steps=r.eval_steps or s.steps,
+        eval_on_start=has_eval and first_attempt, prediction_loss_only=True,
+        save_strategy="steps" if r.save_steps else "no", save_steps=r.save_steps or 1,
+        save_total_limit=r.keep_checkpoints, report_to=["tensorboard"] if r.tensorboard else [],
+        disable_tqdm=not r.progress)
+
+
+def last_complete_checkpoint(stage_dir: Path) -> str | None:
+    """The newest checkpoint-N holding trainer_state.json (transformers writes it last); newer ones that lack it
+    were cut short and are removed, so the stage resumes where its last whole checkpoint left it."""
+    found = sorted((int(p.name.split("-")[1]), p) for p in stage_dir.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit())
+    for _, path in reversed(found):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        logger.warning("removing %s: cut short before its trainer state was written", path)
+        shutil.rmtree(path)
+    return None
+
+
+def run_stage(recipe: DistillRecipe, stage: str, init: str, teacher: nn.Module, data: tuple[list, list],
+              out_dir: Path) -> Path:
+    """Train one stage from `init` into OUT_DIR/<stage> (resuming), save OUT_DIR/<stage>/final; skip a stage
+    whose final exists."""
+    import datasets
+
+    stage_dir = out_dir / stage
+    final = stage_dir / FINAL_DIR
+    if final.is_dir():
+        logger.info("stage %s: %s exists, skipped", stage, final)
+        return final
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    last = last_complete_checkpoint(stage_dir)
+    train, held_out = data
+    tokenizer = AutoTokenizer.from_pretrained(init)
+    student = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+    set_trainable(student, stage, recipe.logits.train)
+    trainer = DistillTrainer(
+        model=student, args=stage_config(recipe, stage, stage_dir, last is None, bool(held_out)),
+        train_dataset=datasets.Dataset.from_list(train),
+        eval_dataset=datasets.Dataset.from_list(held_out) if held_out else None, processing_class=tokenizer,
+        callbacks=[MetricsFile(out_dir / METRICS_FILE, stage)], teacher=teacher, stage=stage,
+        options=getattr(recipe, stage))
+    logger.info("stage %s: from %s%s", stage, init, f", resuming from {last}" if last else "")
+    trainer.train(resume_from_checkpoint=last)
+    tmp = final.with_name(FINAL_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    os.rename(tmp, final)
+    return final
+
+
+def build_student(recipe: DistillRecipe, out_dir: Path) -> str:
+    """The student checkpoint: student.path, or the teacher hybridized into OUT_DIR/student (once)."""
+    if recipe.student.path:
+        return recipe.student.path
+    from sse_rl.models.hybridize import hybridize
+
+    path = out_dir / STUDENT_DIR
+    if not path.is_dir():
+        shutil.rmtree(path.with_name(STUDENT_DIR + ".tmp"), ignore_errors=True)
+        hybridize(recipe.teacher.path, path, recipe.student.attn_layers or None, seed=recipe.student.seed)
+    return str(path)
+
+
+def load_teacher(recipe: DistillRecipe) -> nn.Module:
+    teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher.path, dtype=getattr(torch, recipe.teacher.dtype))
+    return teacher.eval().requires_grad_(False)
+
+
+def run_distill(recipe: DistillRecipe, out_dir: Path, data: tuple[list, list]) -> Path:
+    """Every stage in order, then OUT_DIR/final (the last stage's final) and the curves."""
+    current = build_student(recipe, out_dir)
+    teacher = load_teacher(recipe)
+    for stage in recipe.stages:
+        current = str(run_stage(recipe, stage, current, teacher, data, out_dir))
+    final = out_dir / FINAL_DIR
+    if not final.is_dir():
+        tmp = final.with_name(FINAL_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(current, tmp)
+        os.rename(tmp, final)
+    png = plot_curves(out_dir, recipe.stages)
+    logger.info("done: %s, %s, %s", final, out_dir / METRICS_FILE, png)
+    return final
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sse-rl distill", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="distillation recipe YAML, e.g. recipes/tiny_distill_cpu.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. out_dir=runs/d logits.lr=1e-4")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sse_rl.data import check_not_benchmark
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    recipe = load_distill_recipe(args.recipe, args.overrides)
+    check_models(recipe)
+    try:
+        check_not_benchmark(recipe.data.train)
+    except ValueError as err:
+        raise RecipeError([str(err)]) from None
+    data = build_datasets(recipe, recipe.student.path or recipe.teacher.path)
+    out_dir = Path(recipe.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(recipe.to_yaml())
+    run_distill(recipe, out_dir, data)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
