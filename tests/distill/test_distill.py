@@ -249,9 +249,13 @@ def test_tiny_recipes_load() -> None:
 
     recipes = Path(__file__).resolve().parents[2] / "recipes"
     distill, teacher = load_distill_recipe(recipes / "tiny_distill_cpu.yaml"), load_sft_recipe(
-        recipes / "tiny_teacher_cpu.yaml")
+        recipes / "tiny_teacher_sft.yaml")
     assert teacher.model.init.preset == "qwen3-tiny" and distill.stages == ["align", "logits"]
     assert distill.teacher.path == f"{teacher.out_dir}/final" and distill.data.eval_split == "test"
+    for path in recipes.glob("*distill*.yaml"):  # the demo's and the real teacher's, too
+        assert load_distill_recipe(path).stages == ["align", "logits"], path.name
+    for path in recipes.glob("*_sft.yaml"):
+        assert load_sft_recipe(path).train.steps >= 1, path.name
 
 
 def test_resume_point_skips_cut_checkpoints_and_stale_rows(tmp_path: Path) -> None:

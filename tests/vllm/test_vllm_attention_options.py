@@ -7,10 +7,7 @@ leaves biases at zero and norm weights at one, which a dropped bias or norm woul
 """
 from __future__ import annotations
 
-import logging
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +17,18 @@ from safetensors.torch import load_file, save_file
 from sse_rl.init_model import init_model
 from sse_rl.models import SSEHConfig
 from sse_rl.models.layers import RotaryEmbedding
-from sse_rl.models.vllm import compat
 from sse_rl.models.vllm.weight_update import WORKER_EXTENSION, update_weights
 from sse_rl.tokenizer import build_tiny_tokenizer
-from vllm_testing import LOGPROB_ATOL, assert_matches_hf, engine_env, greedy, load_hf, make_llm, random_prompts
+from vllm_testing import (
+    LOGPROB_ATOL,
+    assert_matches_hf,
+    engine_env,
+    greedy,
+    load_hf,
+    make_llm,
+    random_prompts,
+    reload_messages,
+)
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -164,7 +169,7 @@ def test_weight_update_of_the_options(engine, checkpoints, prompts):
 
     with pytest.raises(ValueError, match=r"whole layers; missing .*k_proj"):  # biases join q/k/v in one module
         engine.collective_rpc("update_weights_from_tensors", args=({f"{ATTN}q_proj.bias": new[f"{ATTN}q_proj.bias"]},))
-    with _reload_messages() as messages:
+    with reload_messages() as messages:
         loaded = update_weights(engine, new)  # the attention layer only, through the file transport
     assert set(loaded) == {f"{ATTN}{m}" for m in ("qkv_proj.weight", "qkv_proj.bias", "o_proj.weight", "o_proj.bias",
                                                    "q_norm.weight", "k_norm.weight")}
@@ -178,30 +183,3 @@ def test_weight_update_of_the_options(engine, checkpoints, prompts):
     old = {n: t for n, t in load_file(checkpoints.a / "model.safetensors").items() if n.startswith(ATTN)}
     update_weights(engine, old)
     assert [c.tokens for c in greedy(engine, prompts, NEW_TOKENS)] == [c.tokens for c in before]
-
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@contextmanager
-def _reload_messages() -> Iterator[list[str]]:
-    """The messages vLLM's weight reload lets through its logger's filters (the handler sits on that logger)."""
-    log, collect = logging.getLogger(compat.RELOAD_LOGGER), _Collect()
-    saved = log.disabled, log.level, logging.root.manager.disable
-    log.disabled = False
-    log.setLevel(logging.WARNING)
-    logging.disable(logging.NOTSET)
-    log.addHandler(collect)
-    try:
-        yield collect.messages
-    finally:
-        log.removeHandler(collect)
-        log.disabled = saved[0]
-        log.setLevel(saved[1])
-        logging.disable(saved[2])

@@ -5,16 +5,12 @@ seed-1 weights, against a fresh engine started on the seed-1 checkpoint.
 """
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from sse_rl.models.vllm import compat
 from sse_rl.models.vllm.weight_update import WORKER_EXTENSION, update_weights
-from vllm_testing import assert_matches_hf, engine_env, greedy, load_hf, make_llm, random_prompts
+from vllm_testing import assert_matches_hf, engine_env, greedy, load_hf, make_llm, random_prompts, reload_messages
 
 # Mixed lengths (a 1-token prompt included) submitted together: prefills of several sizes and decodes batch up.
 PROMPT_LENGTHS = [1, 3, 10, 41, 120, 300]
@@ -71,7 +67,7 @@ def test_weight_update_equals_fresh_engine(engine, fresh_w1_engine, tiny_checkpo
     # Two partial batches of whole layers, as an RL trainer streams them.
     first_half = {n: t for n, t in new_weights.items() if n.startswith(("model.layers.0.", "model.layers.1."))}
     second_half = {n: t for n, t in new_weights.items() if n not in first_half}
-    with _reload_messages() as messages:  # the engine runs in this process
+    with reload_messages() as messages:  # the engine runs in this process
         first = update_weights(engine, first_half)
     # the layers a partial update leaves out are still reported; the derived rotary cache is not
     assert "ColumnParallelLinear: Failed to load weights" in messages
@@ -91,31 +87,6 @@ def test_weight_update_equals_fresh_engine(engine, fresh_w1_engine, tiny_checkpo
     assert [c.tokens for c in greedy(engine, prompts, NEW_TOKENS)] == [c.tokens for c in before]
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@contextmanager
-def _reload_messages() -> Iterator[list[str]]:
-    """The messages vLLM's weight reload logs, whatever earlier tests did to logging (levels, disabled loggers)."""
-    log, collect = logging.getLogger(compat.RELOAD_LOGGER), _Collect()
-    saved = log.disabled, log.level, logging.root.manager.disable
-    log.disabled = False
-    log.setLevel(logging.WARNING)
-    logging.disable(logging.NOTSET)
-    log.addHandler(collect)
-    try:
-        yield collect.messages
-    finally:
-        log.removeHandler(collect)
-        log.disabled = saved[0]
-        log.setLevel(saved[1])
-        logging.disable(saved[2])
 
 
 def _load_into_model(worker, name: str) -> set[str]:

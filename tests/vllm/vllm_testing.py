@@ -1,6 +1,7 @@
 """Helpers of the vLLM plugin tests: in-process CPU engines and the HF model as the reference."""
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,3 +104,32 @@ def load_hf(model_dir: str):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def reload_messages() -> Iterator[list[str]]:
+    """The messages vLLM's weight reload logs, whatever earlier tests did to logging (levels, disabled loggers)."""
+    from sse_rl.models.vllm import compat
+
+    log, collect = logging.getLogger(compat.RELOAD_LOGGER), _Collect()
+    saved = log.disabled, log.level, logging.root.manager.disable
+    log.disabled = False
+    log.setLevel(logging.WARNING)
+    logging.disable(logging.NOTSET)
+    log.addHandler(collect)
+    try:
+        yield collect.messages
+    finally:
+        log.removeHandler(collect)
+        log.disabled = saved[0]
+        log.setLevel(saved[1])
+        logging.disable(saved[2])
