@@ -8,8 +8,8 @@
 #                                          # both distillation stages together -> OUT/random/final
 #   scripts/hybrid_demo.sh OUT grpo        # 40 GRPO steps from the distilled hybrid -> OUT/grpo
 #   scripts/hybrid_demo.sh OUT eval NAME   # held-out avg@4 of one of: teacher hybrid align logits random grpo
-#   scripts/hybrid_demo.sh OUT all         # every stage and eval in order (GRPO's held-out numbers from its
-#                                          # own evals), skipping what is done
+#   scripts/hybrid_demo.sh OUT all [STEP..] # every stage and eval (or those named: teacher eval_teacher ...) in
+#                                          # order, skipping what is done; GRPO's held-out numbers come from its own evals
 #   scripts/hybrid_demo.sh OUT report      # tables and curves -> bench/results/hybrid_demo/NAME
 # Evaluation as in scripts/arith_demo.sh: the problem alone as a user turn, avg@4 at temperature 1.0.
 set -euo pipefail
@@ -95,10 +95,13 @@ done_marker() {  # the file a finished stage or eval leaves
   esac
 }
 
-all() {
+all() {  # all [STEP ...]: the given steps (default: every one) in order
   mkdir -p "$OUT"
   # GRPO's own held-out eval (the same 500 problems, avg@4 at temperature 1) gives its numbers at steps 0/20/40.
-  for step in teacher eval_teacher hybridize eval_hybrid distill eval_align eval_logits random eval_random grpo; do
+  local steps=("$@")
+  (( ${#steps[@]} )) || steps=(teacher eval_teacher hybridize eval_hybrid distill eval_align eval_logits random \
+                               eval_random grpo)
+  for step in "${steps[@]}"; do
     [[ -f $(done_marker "$step") ]] && { echo "[demo] $step: done"; continue; }
     echo "[demo] $step: start $(date +%T)"
     if [[ $step == eval_* ]]; then timed "$step" evaluate "${step#eval_}"; else timed "$step" run_stage "$step"; fi
@@ -122,7 +125,7 @@ report() {
 
 case "$STAGE" in
   eval) evaluate "${3:?$usage}" ;;
-  all) all ;;
+  all) all "${@:3}" ;;
   report) report ;;
   *) run_stage "$STAGE" ;;
 esac
