@@ -343,7 +343,16 @@ class TrainerWorker:
         other ranks return {} (under fsdp2 they must still call: the gather is a collective)."""
         cast = getattr(torch, dtype)
         return {name: t.to(dtype=cast if t.is_floating_point() else t.dtype, copy=True)
-                for name, t in get_model_state_dict(self.model, options=FULL).items()}
+                for name, t in self._sync_state(FULL).items()}
+
+    def _sync_state(self, options: StateDictOptions) -> dict[str, Tensor]:
+        """The HF-named weights an engine loads: the full state dict, without `lm_head.weight` when the LM head is
+        tied to the embeddings (the checkpoint holds that tensor once, under the embeddings' name, as
+        save_pretrained writes it, and engines accept only the checkpoint's names)."""
+        state = get_model_state_dict(self.model, options=options)
+        if self.model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        return state
 
     def device_uuid(self) -> str:
         """Which physical GPU this rank uses (CUDA IPC needs the engine on the same one)."""
@@ -355,7 +364,7 @@ class TrainerWorker:
         IPC handles an engine process on this GPU can map (see `release_shared_weights`)."""
         from torch.multiprocessing.reductions import reduce_tensor
 
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        state = self._sync_state(StateDictOptions(full_state_dict=True))
         with cuda_alloc.plain_segments(self.expandable):  # an engine maps these (see cuda_alloc)
             packed = flat_weights.pack(state, getattr(torch, dtype), self.device)
         self._shared = [flat for flat, _ in packed]
@@ -365,8 +374,9 @@ class TrainerWorker:
     def weight_layout(self, dtype: str) -> list[tuple[torch.dtype, flat_weights.Entries, int]]:
         """How `broadcast_weights` packs the weights (buffer dtypes, names, shapes, offsets): engines allocate
         their receive buffers from it. Shapes only, so no gather (DTensor shapes are global)."""
+        tied = self.model.config.tie_word_embeddings
         shapes = {name: torch.empty(t.shape, dtype=t.dtype, device="meta")
-                  for name, t in self.model.state_dict().items()}
+                  for name, t in self.model.state_dict().items() if not (tied and name == "lm_head.weight")}
         return flat_weights.layout(shapes, getattr(torch, dtype))
 
     def join_weight_group(self, host: str, port: int, world_size: int) -> None:
@@ -376,7 +386,7 @@ class TrainerWorker:
     @torch.no_grad()
     def broadcast_weights(self, dtype: str) -> None:
         """Every rank enters the gather (a collective under fsdp2); rank 0 broadcasts the packed buffers."""
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        state = self._sync_state(StateDictOptions(full_state_dict=True))
         if self.rank == 0:
             for flat, _ in flat_weights.pack(state, getattr(torch, dtype), self.device):
                 self.weight_group.broadcast(flat, 0).wait()

@@ -312,3 +312,22 @@ def test_two_gloo_ranks_match_one(distributed_runs, policy, strategy):
     # save -> another step -> load gives back the saved weights and the full (unsharded) optimizer state
     restored = next(r[5] for r in double if r[1] == 0)
     assert restored["params"] == len(initial) and restored["weights"] == 0.0 and restored["exp_avg"] == 0.0
+
+
+def test_synced_weights_carry_the_checkpoints_names_with_tied_embeddings(tmp_path):
+    """A policy whose LM head is tied to the embeddings (a hybridized Qwen3, say) syncs exactly the names its
+    checkpoint holds: engines validate updates against those, and the tied head is stored once."""
+    from safetensors import safe_open
+
+    from sse_rl.init_model import init_model
+    from sse_rl.tasks.max_digit import build_tokenizer
+    from sse_rl.workers.trainer import TrainerWorker
+
+    init_model("sse-h-tiny", tmp_path, tokenizer=build_tokenizer(tmp_path), seed=0, tie_word_embeddings=True)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        checkpoint = set(f.keys())
+    worker = TrainerWorker(str(tmp_path), rank=0, world_size=1, train=TrainConfig(lr=1e-3, strategy="ddp"),
+                           algo=AlgoConfig(), temperature=1.0, seed=0, dtype="float32", gradient_checkpointing=False)
+    assert "lm_head.weight" not in checkpoint
+    assert set(worker.named_tensors("float32")) == checkpoint
+    assert {name for _, entries, _ in worker.weight_layout("float32") for name, *_ in entries} == checkpoint
