@@ -251,10 +251,16 @@ def hybridize(teacher: str | Path, out_dir: str | Path, attn_layers: list[int] |
     return out_dir
 
 
+def is_missing_local_path(path: str) -> bool:
+    """Whether `path` names no existing local directory and cannot be a hub id ('org/name'), so it fails here
+    rather than as a hub look-up error."""
+    return (path.startswith((".", "/", "~")) or path.count("/") != 1) and not Path(path).expanduser().exists()
+
+
 def load_teacher_config(teacher: str | Path) -> PreTrainedConfig:
     """The teacher's config; a missing local path fails naming it (not as a hub look-up error)."""
     text = str(teacher)
-    if (text.startswith((".", "/", "~")) or text.count("/") != 1) and not Path(text).expanduser().exists():
+    if is_missing_local_path(text):
         raise FileNotFoundError(f"teacher {text!r} is neither a local checkpoint directory nor a hub id "
                                 "('org/name')")
     return AutoConfig.from_pretrained(text)

@@ -70,7 +70,7 @@ from trl import SFTConfig, SFTTrainer
 
 import sse_rl.models  # noqa: F401  (registers SSE-H with the Auto classes)
 from sse_rl.config import RecipeError, _bounded, load_recipe
-from sse_rl.sft import SFTDataConfig
+from sse_rl.sft import SFTDataConfig, read_metrics
 
 logger = logging.getLogger("sse_rl.distill")
 STAGES = ("align", "logits")
@@ -193,7 +193,9 @@ def load_distill_recipe(path: str | Path | None, overrides: list[str] = ()) -> D
 
 def _load_config(path: str, key: str, errors: list[str]) -> Any:
     """The model config at `path`; a missing local path fails naming `key` without asking the hub."""
-    if (path.startswith((".", "/", "~")) or path.count("/") != 1) and not Path(path).expanduser().exists():
+    from sse_rl.models.hybridize import is_missing_local_path
+
+    if is_missing_local_path(path):
         errors.append(f"{key}: {path!r} does not exist (neither a local checkpoint directory nor a hub id org/name)")
         return None
     try:
@@ -511,19 +513,6 @@ class MetricsFile(TrainerCallback):
                 f.write(json.dumps({"stage": self.stage, "step": state.global_step, **logs}) + "\n")
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Rows of a metrics file; a last line cut short by a kill is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 def plot_curves(out_dir: Path, stages: list[str]) -> Path:
     """OUT_DIR/distill_curves.png: per stage, the training metric and the held-out one against the step."""
     import matplotlib
@@ -649,7 +638,6 @@ def build_student(recipe: DistillRecipe, out_dir: Path) -> str:
 
     path = out_dir / STUDENT_DIR
     if not path.is_dir():
-        shutil.rmtree(path.with_name(STUDENT_DIR + ".tmp"), ignore_errors=True)
         hybridize(recipe.teacher.path, path, recipe.student.attn_layers or None, seed=recipe.student.seed)
     return str(path)
 
