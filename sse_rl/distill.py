@@ -623,6 +623,11 @@ def run_stage(recipe: DistillRecipe, stage: str, init: str, teacher: nn.Module, 
         options=getattr(recipe, stage))
     logger.info("stage %s: from %s%s", stage, init, f", resuming from {last}" if last else "")
     trainer.train(resume_from_checkpoint=last)
+    bad = [name for name, p in trainer.model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:  # a diverged stage must not hand its weights on as a result
+        raise RuntimeError(f"stage {stage}: {len(bad)} student tensors are not finite after training (first: "
+                           f"{bad[0]}); {stage}.lr or the data diverged it; {final} is not written, the last "
+                           f"checkpoint in {stage_dir} is kept")
     tmp = final.with_name(FINAL_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.save_model(str(tmp))

@@ -277,3 +277,12 @@ def test_resume_point_skips_cut_checkpoints_and_stale_rows(tmp_path: Path) -> No
     assert read_metrics(path) == rows[:3]  # resumed at 2: the attempt's later rows go
     MetricsFile(path, "logits").on_train_begin(None, SimpleNamespace(global_step=0), None)
     assert read_metrics(path) == rows[:1]  # a fresh start: the killed attempt's start-of-stage eval goes too
+
+
+def test_diverged_stage_stops_without_a_final(setup, tmp_path: Path) -> None:
+    """An infinite learning rate makes the weights non-finite: the run stops naming the stage, writes no final."""
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="stage logits: .* not finite"):
+        main([setup["recipe"], f"out_dir={out}", "stages=[logits]", "logits.steps=2", "logits.lr=.inf",
+              "logits.warmup_steps=0", "run.save_steps=0", "run.eval_steps=0"])
+    assert not (out / "logits" / FINAL_DIR).exists() and not (out / FINAL_DIR).exists()
