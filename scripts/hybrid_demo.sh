@@ -8,13 +8,17 @@
 #                                          # both distillation stages together -> OUT/random/final
 #   scripts/hybrid_demo.sh OUT grpo        # 40 GRPO steps from the distilled hybrid -> OUT/grpo
 #   scripts/hybrid_demo.sh OUT eval NAME   # held-out avg@4 of one of: teacher hybrid align logits random grpo
-#   scripts/hybrid_demo.sh OUT all [STEP..] # every stage and eval (or those named: teacher eval_teacher ...) in
-#                                          # order, skipping what is done; GRPO's held-out numbers come from its own evals
+#   scripts/hybrid_demo.sh OUT all         # every stage and eval in two lanes that share the GPU (the teacher, then
+#                                          # hybridize and distill; beside them the random-init SFT, then each eval
+#                                          # as soon as its checkpoint exists), then GRPO alone; skips what is done
+#   scripts/hybrid_demo.sh OUT steps STEP.. # the named steps (teacher eval_teacher hybridize ...) one after another
+# GRPO's held-out numbers come from its own evals (the same 500 problems, avg@4 at temperature 1, steps 0/20/40).
 #   scripts/hybrid_demo.sh OUT report      # tables and curves -> bench/results/hybrid_demo/NAME
 # Evaluation as in scripts/arith_demo.sh: the problem alone as a user turn, avg@4 at temperature 1.0.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-usage="usage: scripts/hybrid_demo.sh OUT teacher|hybridize|distill|random|grpo|eval NAME|all|report"
+SELF=$(realpath "$0")
+cd "$(dirname "$SELF")/.."
+usage="usage: scripts/hybrid_demo.sh OUT teacher|hybridize|distill|random|grpo|eval NAME|all|steps STEP..|report"
 OUT=${1:?$usage}
 STAGE=${2:?$usage}
 PY=.venv/bin/python
@@ -22,6 +26,7 @@ PY=.venv/bin/python
 ATTN_LAYERS=3,7,10,13                     # about 1 in 4 of the teacher's 14 layers, the last one included
 TEST="$OUT/data/arith_test.jsonl"
 RESULTS="bench/results/hybrid_demo/$(basename "$OUT")"
+EVAL_GPU_UTIL=${EVAL_GPU_UTIL:-0.15}      # an eval engine's share of the GPU, leaving room for the training lane
 sse() { "$PY" -m sse_rl.cli "$@"; }
 timed() {  # timed NAME COMMAND...: run it, append its wall seconds to OUT/stage_seconds.tsv
   local name=$1 start=$SECONDS
@@ -46,12 +51,12 @@ evaluate() {  # evaluate NAME: sampled avg@4 at temperature 1 on the 500 held-ou
   mkdir -p "$OUT/data"
   "$PY" -m sse_rl.tasks.arithmetic --split test --out "$TEST"
   sse eval --model "$(model_of "$1")" --data-file "$TEST" --instruction "" --max-tokens 128 --max-model-len 256 \
-    --dtype bfloat16 --gpu-memory-utilization 0.5 --enforce-eager --no-progress --samples 4 --temperature 1.0 --top-p 1.0 \
+    --dtype bfloat16 --gpu-memory-utilization "$EVAL_GPU_UTIL" --enforce-eager --no-progress --samples 4 --temperature 1.0 --top-p 1.0 \
     --out "$OUT/eval_$1"
 }
 
-distill_tokens() {  # token budget of both distillation stages (steps x batch_tokens), from the resolved recipe
-  "$PY" - "$OUT/distill/config.yaml" <<'PY'
+distill_tokens() {  # token budget of both distillation stages (steps x batch_tokens), from the recipe
+  "$PY" - recipes/arith_distill.yaml <<'PY'
 import sys, yaml
 r = yaml.safe_load(open(sys.argv[1]))
 print(sum(r[stage]["steps"] for stage in r["stages"]) * r["train"]["batch_tokens"])
@@ -59,7 +64,11 @@ PY
 }
 
 random_init() {  # random weights of the hybrid's shape, with its tokenizer -> OUT/random_init
-  "$PY" - "$OUT/hybrid" "$OUT/random_init" <<'PY'
+  # The shape comes from hybridizing the teacher's random initial weights (OUT/teacher/base_model), so this lane need
+  # not wait for the teacher's training; only the config and tokenizer of that conversion are used.
+  rm -rf "$OUT/random_shape"
+  sse hybridize "$OUT/teacher/base_model" "$OUT/random_shape" --attn-layers "$ATTN_LAYERS"
+  "$PY" - "$OUT/random_shape" "$OUT/random_init" <<'PY'
 import sys, torch
 from transformers import AutoTokenizer
 from sse_rl.models import SSEHConfig, SSEHForCausalLM
@@ -67,6 +76,7 @@ torch.manual_seed(0)
 SSEHForCausalLM(SSEHConfig.from_pretrained(sys.argv[1])).save_pretrained(sys.argv[2])
 AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
 PY
+  rm -rf "$OUT/random_shape"
 }
 
 run_stage() {
@@ -95,17 +105,50 @@ done_marker() {  # the file a finished stage or eval leaves
   esac
 }
 
-all() {  # all [STEP ...]: the given steps (default: every one) in order
-  mkdir -p "$OUT"
-  # GRPO's own held-out eval (the same 500 problems, avg@4 at temperature 1) gives its numbers at steps 0/20/40.
-  local steps=("$@")
-  (( ${#steps[@]} )) || steps=(teacher eval_teacher hybridize eval_hybrid distill eval_align eval_logits random \
-                               eval_random grpo)
-  for step in "${steps[@]}"; do
+input_of() {  # the file a step waits for in the eval lane
+  case "$1" in
+    random) echo "$OUT/teacher/base_model/config.json" ;;
+    eval_random) done_marker random ;;
+    eval_teacher) done_marker teacher ;;
+    eval_hybrid) done_marker hybridize ;;
+    eval_align) echo "$OUT/distill/align/final/config.json" ;;
+    eval_logits) done_marker distill ;;
+  esac
+}
+
+steps() {  # steps STEP ...: the given steps in order, skipping those done; a step in the eval lane first waits for
+           # its input, and gives up once the other lane has failed (OUT/lane_failed)
+  local step input
+  for step in "$@"; do
     [[ -f $(done_marker "$step") ]] && { echo "[demo] $step: done"; continue; }
+    input=$(input_of "$step")
+    while [[ -n $input && ! -f $input ]]; do
+      [[ -f $OUT/lane_failed ]] && { echo "[demo] $step: not run, the other lane failed" >&2; return 1; }
+      sleep 5
+    done
     echo "[demo] $step: start $(date +%T)"
     if [[ $step == eval_* ]]; then timed "$step" evaluate "${step#eval_}"; else timed "$step" run_stage "$step"; fi
   done
+}
+
+lane() {  # lane STEP ...: the steps in a process of their own (where `set -e` holds), marking OUT/lane_failed when
+          # one fails so that the other lane stops waiting
+  bash "$SELF" "$OUT" steps "$@" || { touch "$OUT/lane_failed"; return 1; }
+}
+
+all() {  # two lanes on the one GPU, then GRPO alone: its engine sleeps and wakes, which an engine starting beside it
+         # would misread in vLLM's start-up memory profile
+  mkdir -p "$OUT"
+  rm -f "$OUT/lane_failed"
+  lane teacher hybridize distill &
+  local train=$!
+  lane random eval_random eval_teacher eval_hybrid eval_align eval_logits &
+  local evals=$!
+  local status=0
+  wait "$train" || status=1
+  wait "$evals" || status=1
+  (( status == 0 )) || { echo "[demo] a lane failed; see the log above" >&2; return 1; }
+  steps grpo
 }
 
 report() {
@@ -125,7 +168,8 @@ report() {
 
 case "$STAGE" in
   eval) evaluate "${3:?$usage}" ;;
-  all) all "${@:3}" ;;
+  all) all ;;
+  steps) steps "${@:3}" ;;
   report) report ;;
   *) run_stage "$STAGE" ;;
 esac
