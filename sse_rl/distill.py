@@ -391,9 +391,13 @@ class DistillTrainer(SFTTrainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        # The losses call the student's layers, not the forward that accelerate wraps in autocast, so the stage enters
+        # the trainer's autocast here: without it a bf16 recipe trains in fp32 and packed attention falls back from
+        # flash varlen to SDPA with a dense [H, T, T] mask.
         student = self.accelerator.unwrap_model(model)
         fn = self._align_loss if self.stage == "align" else self._logits_loss
-        loss, metrics = self._redirect(model, student, fn, student, inputs, num_items_in_batch)
+        with self.accelerator.autocast():
+            loss, metrics = self._redirect(model, student, fn, student, inputs, num_items_in_batch)
         mode = "train" if model.training else "eval"
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)

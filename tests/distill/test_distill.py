@@ -286,3 +286,40 @@ def test_diverged_stage_stops_without_a_final(setup, tmp_path: Path) -> None:
         main([setup["recipe"], f"out_dir={out}", "stages=[logits]", "logits.steps=2", "logits.lr=.inf",
               "logits.warmup_steps=0", "run.save_steps=0", "run.eval_steps=0"])
     assert not (out / "logits" / FINAL_DIR).exists() and not (out / FINAL_DIR).exists()
+
+
+class _Seen(Exception):
+    """Stops the forward at the first student layer once the autocast state is read."""
+
+
+@pytest.mark.parametrize("stage", ["align", "logits"])
+def test_student_layers_run_under_the_trainers_autocast(setup, run: Path, stage: str) -> None:
+    """A bf16 recipe trains the student under autocast in both stages, though the losses call its layers directly
+    (bf16 on the CPU here: the first layer is stopped before it computes, once the autocast state is read)."""
+    import dataclasses
+
+    import datasets
+    from sse_rl.distill import DistillTrainer, build_datasets, load_distill_recipe, load_teacher, stage_config
+
+    recipe = load_distill_recipe(setup["recipe"], [f"out_dir={run}"])
+    student_path = str(run / "student")  # the run's hybridized teacher
+    train, _ = build_datasets(recipe, student_path)
+    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32)
+    args = stage_config(recipe, stage, run / "autocast_probe", first_attempt=True, has_eval=False)
+    trainer = DistillTrainer(
+        model=student, args=dataclasses.replace(args, bf16=True, use_cpu=True),
+        train_dataset=datasets.Dataset.from_list(train[:4]),
+        processing_class=AutoTokenizer.from_pretrained(student_path), teacher=load_teacher(recipe),
+        stage=stage, options=getattr(recipe, stage))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    layer = student.model.layers[trainer.sse_layers[0]].attn
+    seen: list[bool] = []
+
+    def probe(_module, _args) -> None:
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        raise _Seen
+
+    layer.register_forward_pre_hook(probe)
+    with pytest.raises(_Seen):
+        trainer.compute_loss(trainer.model, batch)
+    assert seen == [True]
