@@ -20,10 +20,14 @@ The route of Mamba-in-the-Llama (arXiv 2408.15237) and LoLCATs (arXiv 2410.10254
 Unsupported teachers (MoE, sliding-window or MLA attention, encoder-decoder, other activations, RoPE types that
 change with the sequence length, head dims outside the kernels' range) fail before anything is written, naming the
 config field and its value. OUT_DIR is written through a temporary sibling directory and renamed at the end.
+Which layers stay attention: evenly spaced by default; `auto:K` keeps the K layers whose attention reaches furthest
+on calibration text (`lazy_ratios`), since the layers that retrieve distant tokens are the ones linear attention
+replaces worst.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 from pathlib import Path
@@ -39,6 +43,8 @@ from sse_rl.models.modeling import SSEHForCausalLM
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 HEAD_DIM_RANGE = (32, 256)  # what the SSE kernels are tested at (tiles are 32-64 wide; sse-h-2b uses 256)
 DECAY_HALF_LIVES = (16.0, 4096.0)  # tokens; the shortest and longest initial memory over the SSE heads
+LAZY_SINK, LAZY_RECENT = 1, 8  # tokens: the first ones and the most recent ones (the query included) that a lazy
+                               # layer's attention rests on
 # Teacher config fields that mean a model this conversion cannot take: field -> why.
 UNSUPPORTED_FIELDS = {
     "is_encoder_decoder": "encoder-decoder models have no decoder-only layer stack to convert",
@@ -56,7 +62,8 @@ def default_attn_layers(num_layers: int) -> list[int]:
 
 
 def parse_attn_layers(value: str | list[int] | None, num_layers: int) -> list[int]:
-    """`--attn-layers`: None = the default placement, "all", or indices "1,5,9" / a list, each in [0, L)."""
+    """`--attn-layers`: None = the default placement, "all", or indices "1,5,9" / a list, each in [0, L).
+    ("auto:K" needs the teacher and calibration text: `hybridize` resolves it with `auto_attn_layers`.)"""
     if value is None:
         return default_attn_layers(num_layers)
     if value == "all":
@@ -65,12 +72,85 @@ def parse_attn_layers(value: str | list[int] | None, num_layers: int) -> list[in
         try:
             value = [int(v) for v in value.split(",") if v.strip()]
         except ValueError:
-            raise ValueError(f"--attn-layers: expected 'all' or comma-separated layer indices, got {value!r}") from None
+            raise ValueError(f"--attn-layers: expected 'all', 'auto:K' or comma-separated layer indices, got "
+                             f"{value!r}") from None
     bad = [i for i in value if not 0 <= i < num_layers]
     if bad or len(set(value)) != len(value):
         raise ValueError(f"--attn-layers: {list(value)} must be distinct layer indices in [0, {num_layers}) "
                          f"(the teacher has {num_layers} layers); out of range: {bad}")
     return sorted(value)
+
+
+def auto_count(value: str | list[int] | None, num_layers: int) -> int | None:
+    """K of `--attn-layers auto:K` (1 <= K <= L), or None for any other value."""
+    if not (isinstance(value, str) and value.startswith("auto:")):
+        return None
+    count = value.removeprefix("auto:")
+    if not count.isdigit() or not 1 <= int(count) <= num_layers:
+        raise ValueError(f"--attn-layers: {value!r} must be auto:K with 1 <= K <= {num_layers} (the teacher's "
+                         "layers)")
+    return int(count)
+
+
+def read_calibration(path: str | Path | None) -> list[str]:
+    """The `text` field of every row of a JSONL file: what `auto:K` runs the teacher on."""
+    if path is None:
+        raise ValueError("--calibration: --attn-layers auto:K ranks the teacher's layers on text; give a JSONL "
+                         "file with a 'text' field per row")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--calibration: {path} does not exist")
+    texts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f"--calibration: {path} line {n} has no string 'text' field")
+            texts.append(row["text"])
+    if not texts:
+        raise ValueError(f"--calibration: {path} has no rows")
+    return texts
+
+
+@torch.no_grad()
+def lazy_ratios(model: torch.nn.Module, sequences: list[Tensor]) -> list[float]:
+    """Per layer, the attention mass on the first LAZY_SINK and the last LAZY_RECENT tokens (LightTransfer's lazy
+    ratio, arXiv 2410.13846), averaged over heads and over the query positions that have tokens beyond both. A
+    layer near 1 only looks at the sink and its neighbours, which an SSE layer's decaying state also sees; a low one
+    retrieves distant tokens, the job softmax attention does best. sequences: [T] token ids each."""
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # the only implementation that returns attention probabilities
+    try:
+        sums = torch.zeros(model.config.num_hidden_layers, dtype=torch.float64)
+        count = 0
+        for ids in sequences:
+            first = LAZY_SINK + LAZY_RECENT  # the first query position with a token outside both
+            if ids.numel() <= first:
+                continue
+            probs = model(input_ids=ids[None], output_attentions=True).attentions  # L x [1, H, T, T]
+            near = _lazy_mask(ids.numel(), probs[0].device)[first:]  # [T - first, T]
+            for i, p in enumerate(probs):
+                sums[i] += (p[0, :, first:] * near).sum(-1).mean(0).sum().double()
+            count += ids.numel() - first
+    finally:
+        model.set_attn_implementation(implementation)
+    if count == 0:
+        raise ValueError(f"--calibration: every text is at most {LAZY_SINK + LAZY_RECENT} tokens long")
+    return (sums / count).tolist()
+
+
+def _lazy_mask(length: int, device: torch.device) -> Tensor:
+    """[T, T] 1.0 where key j is a sink token (j < LAZY_SINK) or recent for query t (t - LAZY_RECENT < j <= t)."""
+    t, j = torch.arange(length, device=device)[:, None], torch.arange(length, device=device)[None]
+    return ((j < LAZY_SINK) | ((j <= t) & (j > t - LAZY_RECENT))).float()
+
+
+def auto_attn_layers(model: torch.nn.Module, tokenizer: Any, texts: list[str], count: int,
+                     max_tokens: int = 1024) -> list[int]:
+    """The `count` layers with the lowest lazy ratio on `texts` (each cut to `max_tokens`)."""
+    sequences = [torch.tensor(tokenizer(text)["input_ids"][:max_tokens]) for text in texts]
+    ratios = lazy_ratios(model, sequences)
+    return sorted(sorted(range(len(ratios)), key=ratios.__getitem__)[:count])
 
 
 def check_teacher(config: PreTrainedConfig) -> None:
@@ -224,10 +304,12 @@ def _is_new_sse_part(name: str, config: SSEHConfig) -> bool:
 
 
 def hybridize(teacher: str | Path, out_dir: str | Path, attn_layers: list[int] | str | None = None, *,
-              seed: int = 0, dtype: str = "float32", **config_overrides: Any) -> Path:
+              seed: int = 0, dtype: str = "float32", calibration: str | Path | None = None,
+              **config_overrides: Any) -> Path:
     """Convert `teacher` (HF checkpoint dir or hub id) into an SSE-H checkpoint at `out_dir` (config, weights in
     `dtype`, the teacher's tokenizer with its chat template and generation config). Checks everything before
-    writing; `out_dir` appears whole or not at all, and an existing non-empty `out_dir` is refused."""
+    writing; `out_dir` appears whole or not at all, and an existing non-empty `out_dir` is refused.
+    `attn_layers="auto:K"` ranks the teacher's layers on the `text` rows of the JSONL file `calibration`."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"OUT_DIR {out_dir} exists and is not empty; hybridize writes a new checkpoint only")
@@ -235,10 +317,15 @@ def hybridize(teacher: str | Path, out_dir: str | Path, attn_layers: list[int] |
         raise ValueError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     config = load_teacher_config(teacher)
     check_teacher(config)
-    layers = parse_attn_layers(attn_layers, config.num_hidden_layers)
+    count = auto_count(attn_layers, config.num_hidden_layers)
+    texts = read_calibration(calibration) if count else []
+    layers = default_attn_layers(config.num_hidden_layers) if count else parse_attn_layers(
+        attn_layers, config.num_hidden_layers)
     student_config(config, layers, **config_overrides)  # fail on bad overrides before loading weights
     tokenizer = AutoTokenizer.from_pretrained(str(teacher))
     model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32)
+    if count:
+        layers = auto_attn_layers(model.eval(), tokenizer, texts, count)
     student = build_student(model, layers, seed=seed, **config_overrides).to(getattr(torch, dtype))
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -279,7 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("teacher", help="HF checkpoint dir or hub id of a Llama / Qwen2 / Qwen3 Transformer")
     parser.add_argument("out_dir", help="where to write the SSE-H checkpoint (must not exist or be empty)")
     parser.add_argument("--attn-layers", default=None,
-                        help="layers kept as softmax attention: 'all' or '5,11,17' (default: about 1 in 6)")
+                        help="layers kept as softmax attention: 'all', '5,11,17', or 'auto:K' = the K layers whose "
+                             "attention reaches furthest on --calibration text (default: about 1 in 6, evenly)")
+    parser.add_argument("--calibration", default=None,
+                        help="JSONL file with a 'text' field per row, for --attn-layers auto:K")
     parser.add_argument("--num-sparse-partition", type=int, default=None, help="SSE sparse partitions N")
     parser.add_argument("--top-k", type=int, default=None, help="SSE partitions written and read per token")
     parser.add_argument("--num-heads", type=int, default=None, help="SSE heads (default: the teacher's q heads)")
@@ -291,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "head_dim": args.head_dim, "num_writer": args.top_k,
                                    "num_reader": args.top_k}.items() if v is not None}
     try:
-        out = hybridize(args.teacher, args.out_dir, args.attn_layers, seed=args.seed, dtype=args.dtype, **overrides)
+        out = hybridize(args.teacher, args.out_dir, args.attn_layers, seed=args.seed, dtype=args.dtype,
+                        calibration=args.calibration, **overrides)
     except (ValueError, OSError) as err:  # bad teacher, layers, overrides or OUT_DIR: the message names it
         parser.exit(2, f"sse-rl hybridize: error: {err}\n")
     config = SSEHConfig.from_pretrained(str(out))

@@ -2,15 +2,17 @@
 # The one-GPU conversion demo (issue 23): a Transformer teacher -> SSE-H by hybridize + distill -> GRPO, on the
 # arithmetic word problems (sse_rl/tasks/arithmetic.py), each model evaluated on the 500 held-out problems.
 #   scripts/hybrid_demo.sh OUT teacher     # sse-rl sft: Qwen3-shaped 97M Transformer, clean solutions -> OUT/teacher
-#   scripts/hybrid_demo.sh OUT hybridize   # sse-rl hybridize, attention kept at 4 of 14 layers -> OUT/hybrid
+#   scripts/hybrid_demo.sh OUT hybridize   # sse-rl hybridize, attention kept at 4 of 14 layers -> OUT/hybrid; which 4:
+#                                          # ATTN_LAYERS (default auto:4, the 4 whose attention reaches furthest on
+#                                          # 64 training problems; "3,7,10,13" = the evenly spaced run of 2026-12-07)
 #   scripts/hybrid_demo.sh OUT distill     # sse-rl distill: align, then logits -> OUT/distill/{align,logits,final}
 #   scripts/hybrid_demo.sh OUT random      # the same SSE-H shape from random weights, SFT on as many tokens as
 #                                          # both distillation stages together -> OUT/random/final
 #   scripts/hybrid_demo.sh OUT grpo        # 40 GRPO steps from the distilled hybrid -> OUT/grpo
 #   scripts/hybrid_demo.sh OUT eval NAME   # held-out avg@4 of one of: teacher hybrid align logits random grpo
 #   scripts/hybrid_demo.sh OUT all         # every stage and eval in two lanes that share the GPU (the teacher, then
-#                                          # hybridize and distill; beside them the random-init SFT, then each eval
-#                                          # as soon as its checkpoint exists), then GRPO alone; skips what is done
+#                                          # hybridize and distill; beside them each eval as soon as its checkpoint
+#                                          # exists and the random-init SFT), then GRPO alone; skips what is done
 #   scripts/hybrid_demo.sh OUT steps STEP.. # the named steps (teacher eval_teacher hybridize ...) one after another
 # GRPO's held-out numbers come from its own evals (the same 500 problems, avg@4 at temperature 1, steps 0/20/40).
 #   scripts/hybrid_demo.sh OUT report      # tables and curves -> bench/results/hybrid_demo/NAME
@@ -23,7 +25,7 @@ OUT=${1:?$usage}
 STAGE=${2:?$usage}
 PY=.venv/bin/python
 [[ -x $PY ]] || PY=$(command -v python3)
-ATTN_LAYERS=3,7,10,13                     # about 1 in 4 of the teacher's 14 layers, the last one included
+ATTN_LAYERS=${ATTN_LAYERS:-auto:4}       # about 1 in 4 of the teacher's 14 layers
 TEST="$OUT/data/arith_test.jsonl"
 RESULTS="bench/results/hybrid_demo/$(basename "$OUT")"
 EVAL_GPU_UTIL=${EVAL_GPU_UTIL:-0.15}      # an eval engine's share of the GPU, leaving room for the training lane
@@ -63,12 +65,22 @@ print(sum(r[stage]["steps"] for stage in r["stages"]) * r["train"]["batch_tokens
 PY
 }
 
-random_init() {  # random weights of the hybrid's shape, with its tokenizer -> OUT/random_init
-  # The shape comes from hybridizing the teacher's random initial weights (OUT/teacher/base_model), so this lane need
-  # not wait for the teacher's training; only the config and tokenizer of that conversion are used.
-  rm -rf "$OUT/random_shape"
-  sse hybridize "$OUT/teacher/base_model" "$OUT/random_shape" --attn-layers "$ATTN_LAYERS"
-  "$PY" - "$OUT/random_shape" "$OUT/random_init" <<'PY'
+calibration() {  # 64 training problems with their solutions, as the chat template renders them -> OUT/data
+  mkdir -p "$OUT/data"
+  "$PY" - "$OUT/teacher/final" "$OUT/data/calibration.jsonl" <<'PY'
+import json, sys
+from transformers import AutoTokenizer
+from sse_rl.tasks.arithmetic import make_rows
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+with open(sys.argv[2], "w") as f:
+    for row in make_rows("train")[:64]:
+        chat = [{"role": "user", "content": row["problem"]}, {"role": "assistant", "content": row["solution"]}]
+        f.write(json.dumps({"text": tokenizer.apply_chat_template(chat, tokenize=False)}) + "\n")
+PY
+}
+
+random_init() {  # random weights of the hybrid's shape (its attention layers too), with its tokenizer -> OUT/random_init
+  "$PY" - "$OUT/hybrid" "$OUT/random_init" <<'PY'
 import sys, torch
 from transformers import AutoTokenizer
 from sse_rl.models import SSEHConfig, SSEHForCausalLM
@@ -76,13 +88,15 @@ torch.manual_seed(0)
 SSEHForCausalLM(SSEHConfig.from_pretrained(sys.argv[1])).save_pretrained(sys.argv[2])
 AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
 PY
-  rm -rf "$OUT/random_shape"
 }
 
 run_stage() {
   case "$1" in
     teacher) sse sft recipes/arith_teacher_sft.yaml out_dir="$OUT/teacher" ;;
-    hybridize) sse hybridize "$OUT/teacher/final" "$OUT/hybrid" --attn-layers "$ATTN_LAYERS" ;;
+    hybridize)
+      calibration
+      sse hybridize "$OUT/teacher/final" "$OUT/hybrid" --attn-layers "$ATTN_LAYERS" \
+        --calibration "$OUT/data/calibration.jsonl" ;;
     distill) sse distill recipes/arith_distill.yaml teacher.path="$OUT/teacher/final" student.path="$OUT/hybrid" \
                out_dir="$OUT/distill" ;;
     random)
@@ -107,7 +121,7 @@ done_marker() {  # the file a finished stage or eval leaves
 
 input_of() {  # the file a step waits for in the eval lane
   case "$1" in
-    random) echo "$OUT/teacher/base_model/config.json" ;;
+    random) done_marker hybridize ;;
     eval_random) done_marker random ;;
     eval_teacher) done_marker teacher ;;
     eval_hybrid) done_marker hybridize ;;
@@ -142,7 +156,7 @@ all() {  # two lanes on the one GPU, then GRPO alone: its engine sleeps and wake
   rm -f "$OUT/lane_failed"
   lane teacher hybridize distill &
   local train=$!
-  lane random eval_random eval_teacher eval_hybrid eval_align eval_logits &
+  lane eval_teacher eval_hybrid random eval_align eval_logits eval_random &
   local evals=$!
   local status=0
   wait "$train" || status=1

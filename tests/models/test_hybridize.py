@@ -2,6 +2,7 @@
 and unsupported teachers or bad arguments fail naming what is wrong, with nothing written."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2
 
 import sse_rl.models  # noqa: F401  (registers SSE-H with the Auto classes)
 from sse_rl.init_model import init_model
-from sse_rl.models.hybridize import decay_bias, default_attn_layers, hybridize
+from sse_rl.models import SSEHConfig
+from sse_rl.models.hybridize import decay_bias, default_attn_layers, hybridize, lazy_ratios
 from sse_rl.tokenizer import build_tiny_tokenizer
 
 # Each family's options that the attention layer must reproduce, on top of the tiny presets.
@@ -146,7 +148,11 @@ def test_cli_errors_name_the_problem_and_write_nothing(teachers: dict[str, Path]
     out = tmp_path / "out"
     cases = [([str(teachers["llama-tiny"]), str(out), "--attn-layers", "1,4"], "--attn-layers"),
              ([str(tmp_path / "no_such_teacher"), str(out)], "no_such_teacher"),
-             ([str(teachers["llama-tiny"]), str(out), "--num-heads", "3"], "num_heads * head_dim")]
+             ([str(teachers["llama-tiny"]), str(out), "--num-heads", "3"], "num_heads * head_dim"),
+             ([str(teachers["llama-tiny"]), str(out), "--attn-layers", "auto:0"], "--attn-layers"),
+             ([str(teachers["llama-tiny"]), str(out), "--attn-layers", "auto:2"], "--calibration"),
+             ([str(teachers["llama-tiny"]), str(out), "--attn-layers", "auto:2", "--calibration",
+               str(tmp_path / "none.jsonl")], "none.jsonl")]
     for args, named in cases:
         result = run_cli(*args)
         assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr, result.stderr
@@ -163,3 +169,34 @@ def test_cli_writes_a_checkpoint(teachers: dict[str, Path], tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     config = AutoModelForCausalLM.from_pretrained(tmp_path / "out").config
     assert config.attn_layers == [0, 3] and config.num_writer == 2 and config.attn_qkv_bias
+
+
+def planted_far_layer(path: Path, far: int) -> None:
+    """A llama-tiny teacher whose layers attend to their own token (q = k = 3 x the normed input, which every other
+    token matches far less) except layer `far`, whose zero queries spread attention evenly over the whole prefix."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            eye = 3.0 * torch.eye(layer.self_attn.q_proj.weight.shape[0])
+            layer.self_attn.q_proj.weight.copy_(torch.zeros_like(eye) if i == far else eye)
+            layer.self_attn.k_proj.weight.copy_(eye)
+    model.save_pretrained(path)
+
+
+def test_auto_keeps_the_layers_that_attend_far(teachers: dict[str, Path], tmp_path: Path) -> None:
+    teacher = tmp_path / "teacher"
+    init_model("llama-tiny", teacher, tokenizer=str(teachers["llama-tiny"]), seed=0)
+    planted_far_layer(teacher, far=2)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    ratios = lazy_ratios(model, [torch.randperm(500, generator=torch.Generator().manual_seed(s))[:64]
+                                 for s in range(3)])
+    assert ratios[2] < 0.5 < min(r for i, r in enumerate(ratios) if i != 2), ratios
+    assert model.config._attn_implementation != "eager"  # restored after reading attention probabilities
+
+    calibration = tmp_path / "calibration.jsonl"
+    calibration.write_text("".join(json.dumps({"text": " ".join(f"w{s}x{i}" for i in range(40))}) + "\n"
+                                   for s in range(3)))
+    result = run_cli(str(teacher), str(tmp_path / "out"), "--attn-layers", "auto:1", "--calibration",
+                     str(calibration))
+    assert result.returncode == 0, result.stderr
+    assert SSEHConfig.from_pretrained(tmp_path / "out").attn_layers == [2]
