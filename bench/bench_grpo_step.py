@@ -2,9 +2,9 @@
 Qwen3-1.7B-shaped Transformer, both with random weights (issue 8, "step-time breakdown at 2B scale").
 
 Run on one GPU, from the repo root, one model and part per call (each fits a 10-minute call):
-    python bench/bench_grpo_step.py --model sse-h-2b --part plain --out /tmp/bench --results $OUT/grpo_step.json
-    python bench/bench_grpo_step.py --model sse-h-2b --part pipeline --out /tmp/bench --results $OUT/grpo_step.json
-    python bench/bench_grpo_step.py --model sse-h-2b --part sampling --out /tmp/bench --results $OUT/grpo_step.json
+    python -m bench.bench_grpo_step --model sse-h-2b --part plain --out /tmp/bench --results $OUT/grpo_step.json
+    python -m bench.bench_grpo_step --model sse-h-2b --part pipeline --out /tmp/bench --results $OUT/grpo_step.json
+    python -m bench.bench_grpo_step --model sse-h-2b --part sampling --out /tmp/bench --results $OUT/grpo_step.json
 then here: --merge FILE... (into bench/results/grpo_step.json) and --report (writes bench/results/grpo_step.md).
 `--tiny` runs the same code on CPU with tiny shapes (plumbing only: its numbers are not results).
 
@@ -49,12 +49,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.common import MODELS, device_name, model_config, say, write_results
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "bench_grpo_step.yaml"
 RESULTS = REPO / "bench" / "results" / "grpo_step.json"
-MODELS = ("sse-h-2b", "qwen3-1.7b-shape")
+TINY_SHAPES = {"sse-h-2b": "sse-h-tiny", "qwen3-1.7b-shape": "qwen3-tiny-shape"}  # --tiny: the CPU stand-ins
 PARTS = ("plain", "pipeline", "sampling")
 H100_BF16_PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
 SSE_CHUNK = 64
@@ -65,11 +67,6 @@ TINY_OVERRIDES = [  # CPU: tiny shapes, G=2, 4 prompts, 16 tokens, fp32, object-
     "train.token_budget=1024", "train.steps=2", "reward.num_workers=1", "run.ray_num_cpus=4",
     "run.probe_tolerance=1e-3",
 ]
-_START = time.perf_counter()
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - _START:6.0f}s] {msg}", flush=True)
 
 
 @dataclass
@@ -149,24 +146,13 @@ def write_prompts(path: Path, count: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def model_config(name: str, tiny: bool, tokenizer: Any) -> Any:
-    """The policy's config: the SSE-H preset, or Qwen3-1.7B's shape (untied lm_head: fsdp2 shards it alone)."""
-    from transformers import Qwen3Config
-
-    from sse_rl.models import SSEHConfig
-
+def policy_config(name: str, tiny: bool, tokenizer: Any) -> Any:
+    """The policy's config: the model's shape (its CPU stand-in with --tiny) with the tokenizer's ids, lm_head untied
+    for both models (Qwen3-1.7B ties it; untied, as in bench/results/grpo_step*.json: the recipe's fsdp2 strategy
+    cannot shard a tied head over several trainer ranks)."""
     ids = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None}
-    if name == "sse-h-2b":
-        config = SSEHConfig.from_preset("sse-h-tiny" if tiny else "sse-h-2b", **ids)
-        config.architectures = ["SSEHForCausalLM"]
-        return config
-    shape = (dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32) if tiny else
-             dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                  num_key_value_heads=8, head_dim=128))
-    return Qwen3Config(**shape, **ids, rope_theta=1_000_000.0, max_position_embeddings=40960,
-                       tie_word_embeddings=False, architectures=["Qwen3ForCausalLM"])
+    return model_config(TINY_SHAPES[name] if tiny else name, **ids, tie_word_embeddings=False)
 
 
 def in_child(fn: Any, *args: Any) -> None:
@@ -199,7 +185,7 @@ def save_random_policy(setup: Setup, dtype: str) -> None:
     t0 = time.perf_counter()
     tokenizer = build_tokenizer(tmp, 384 if setup.tiny else 151936)
     say(f"tokenizer: {len(tokenizer)} ids in {time.perf_counter() - t0:.1f}s")
-    config = model_config(setup.model, setup.tiny, tokenizer)
+    config = policy_config(setup.model, setup.tiny, tokenizer)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
@@ -473,7 +459,7 @@ def environment(recipe: Any, tiny: bool) -> dict[str, Any]:
     import vllm
 
     r = recipe.rollout
-    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "tiny": tiny,
+    return {"device": device_name(), "tiny": tiny,
             "torch": torch.__version__, "vllm": vllm.__version__, "transformers": transformers.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "setting": {"prompts": recipe.train.prompts_per_step, "group_size": r.group_size,
@@ -490,8 +476,7 @@ def merge_into(path: Path, model: str, part: str, result: dict[str, Any]) -> Non
     """results[model][part] = result, keeping every other entry of the file."""
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.setdefault(model, {})[part] = result
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    write_results(path, data)
     say(f"results: {model}/{part} written to {path}")
 
 
@@ -664,7 +649,7 @@ def main() -> None:
         return
     for part in PARTS if args.part == "all" else (args.part,):
         if args.part == "all":  # each part in its own process: an in-process vLLM engine never fully frees its GPU
-            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--part", part], check=True)
+            subprocess.run([sys.executable, "-m", __spec__.name, *sys.argv[1:], "--part", part], check=True)
         else:
             run_part(args, part)
 

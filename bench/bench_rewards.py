@@ -1,6 +1,6 @@
 """Reward grading throughput: graded completions/s for ~2k-character completions, in-process vs the sandboxed pool.
 
-    .venv/bin/python bench/bench_rewards.py [--n 1000] [--repeats 3] [--out bench/results/rewards_cpu]
+    .venv/bin/python -m bench.bench_rewards [--n 1000] [--repeats 3] [--out bench/results/rewards_cpu]
 
 Cases:
 1) `int` golds (AIME-style): the integer fast path, no sympy.
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import psutil
 from sse_rl.rewards import RewardPool, RewardSpec, SandboxConfig, math_accuracy
+
+from bench.common import cpu_name, write_results
 
 PROSE = (r"We set $a_n = \frac{n(n+1)}{2}$ and note that $a_n - a_{n-1} = n$, so summing over $1 \le n \le k$ "
          r"gives a telescoping series. Substituting $x = 3$ into $x^2 + 2x + 1 = (x+1)^2$ yields $16$. ")
@@ -85,13 +87,11 @@ def bench_case(kind: str, n: int, repeats: int) -> dict:
 
 
 def device() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
             "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
 
 
-def write_markdown(path: Path, result: dict) -> None:
+def markdown(result: dict) -> str:
     d = result["device"]
     lines = [f"# Reward grading throughput ({d['cpu']}, {d['cores']} cores, load avg {d['load_avg_1m_at_start']})",
              "", "~2k-character completions. Graded completions per second (best of repeats, warm workers), and in",
@@ -103,7 +103,7 @@ def write_markdown(path: Path, result: dict) -> None:
         cells = " | ".join(f"{r[f'{m}_per_s']} [{r[f'{m}_cpu_ms_per_completion']}]" for m in modes)
         lines.append(f"| {r['case']} | {r['n']} | {cells} | {r['pool_overhead_cpu_ms_per_completion']} |")
     lines += ["", f"Command: `{result['command']}`", ""]
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -112,11 +112,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/rewards_cpu"))
     args = parser.parse_args()
-    result = {"device": device(), "command": f"bench/bench_rewards.py --n {args.n} --repeats {args.repeats}",
+    result = {"device": device(), "command": f"python -m bench.bench_rewards --n {args.n} --repeats {args.repeats}",
               "rows": [bench_case(kind, args.n, args.repeats) for kind in ("int", "latex")]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(args.out.with_suffix(".md"), result)
+    write_results(args.out.with_suffix(".json"), result, markdown(result))
     print(json.dumps(result, indent=2))
 
 

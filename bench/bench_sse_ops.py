@@ -8,7 +8,7 @@ Measures, in one run:
 3. the decode step at batch 1 / 64 / 256 against the bytes it must move (the fp32 state of the K+1 touched
    partitions, read and written), as a fraction of the measured device-to-device copy bandwidth.
 
-Run:  TRITON_CACHE_DIR=$(mktemp -d) python bench/bench_sse_ops.py --out bench/results
+Run:  TRITON_CACHE_DIR=$(mktemp -d) python -m bench.bench_sse_ops --out bench/results
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from sse_rl.models.ops.chunk import sse_triton
 from sse_rl.models.ops.decode import sse_decode_triton
 from sse_rl.models.ops.router import fused_router
 
+from bench.common import bench_ms, copy_bandwidth, device_name, write_results
+
 H, DK, DV, N, K = 10, 256, 256, 4, 1
 ATTN_HEADS, ATTN_DIM = 20, 128
 DTYPE = torch.bfloat16
@@ -39,10 +41,6 @@ def sync_time(fn: Callable[[], object]) -> float:
     fn()
     torch.cuda.synchronize()
     return time.perf_counter() - t0
-
-
-def bench_ms(fn: Callable[[], object]) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
 def sse_inputs(T: int, requires_grad: bool) -> list[torch.Tensor]:
@@ -137,13 +135,6 @@ def bench_fla(rows: list[dict]) -> float:
     return rows[0].pop("gla_first_call_s")
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
-    src = torch.empty(2 ** 28, device=DEV)  # 1 GiB
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / bench_ms(lambda: dst.copy_(src)) / 1e6
-
-
 def time_decode(B: int) -> float:
     feats, state, slots = decode_inputs(B)
     return bench_ms(lambda: sse_decode_triton(*feats, state, slots, top_k=K))
@@ -185,10 +176,7 @@ def markdown(res: dict) -> str:
 
 def save(res: dict, out: Path, name: str) -> None:
     """Written after every section, so a run cut short still leaves its numbers."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    if "training" in res:
-        (out / f"{name}.md").write_text(markdown(res))
+    write_results(out / f"{name}.json", res, markdown(res) if "training" in res else None)
 
 
 def main() -> None:
@@ -202,11 +190,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     torch.manual_seed(0)
-    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    res: dict = {"device": device_name(), "torch": torch.__version__, "triton": triton.__version__,
                  "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR", "default (may be warm)")}
     res["compile_s"] = compile_times()
     save(res, args.out, args.name)
-    res["copy_gbs"] = copy_bandwidth()
+    res["copy_gbs"] = copy_bandwidth() / 1e9
     res["decode"] = bench_decode(args.batches, res["copy_gbs"])
     res["training"] = bench_training(args.lengths)
     save(res, args.out, args.name)

@@ -1,7 +1,7 @@
 """Decode throughput in vLLM: SSE-H-2B against a Qwen3-1.7B-shaped Transformer, both with random weights (GPU).
 
 Run on one GPU (the issue's numbers: one H100, vLLM 0.26), from the repo root with sse-rl installed:
-    python bench/bench_vllm_throughput.py                  # writes bench/results/vllm_throughput.{json,md}
+    python -m bench.bench_vllm_throughput                  # writes bench/results/vllm_throughput.{json,md}
 
 Choices:
 - Random weights through vLLM's `load_format="dummy"`: only config.json is written, so no multi-GB checkpoint.
@@ -31,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.common import MODELS, device_name, model_config, write_results
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 PROMPT_LEN = 128
@@ -59,27 +61,13 @@ class Result:
     kv_bytes_per_seq: int
 
 
-def write_sse_h_config(out: Path) -> dict:
-    from sse_rl.models import SSEHConfig
-
-    config = SSEHConfig.from_preset("sse-h-2b", max_position_embeddings=PROMPT_LEN + 32768)
-    config.architectures = ["SSEHForCausalLM"]
+def write_config(model: str, out: Path) -> dict:
+    """config.json of one of `MODELS` for a dummy-weight engine, with positions for the longest setting."""
+    config = model_config(model)
+    longest = PROMPT_LEN + max(s.new_tokens for s in SETTINGS)
+    config.max_position_embeddings = max(config.max_position_embeddings, longest)
     config.save_pretrained(str(out))
     return config.to_dict()
-
-
-def write_qwen3_config(out: Path) -> dict:
-    """Qwen3-1.7B's shape (28 layers, hidden 2048, 16 q / 8 kv heads of 128, vocab 151936, tied embeddings)."""
-    from transformers import Qwen3Config
-
-    config = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1_000_000.0,
-                         max_position_embeddings=40960, tie_word_embeddings=True, architectures=["Qwen3ForCausalLM"])
-    config.save_pretrained(str(out))
-    return config.to_dict()
-
-
-MODELS = {"sse-h-2b": write_sse_h_config, "qwen3-1.7b-shape": write_qwen3_config}
 
 
 def memory_per_sequence(config: dict, tokens: int) -> tuple[int, int]:
@@ -134,9 +122,6 @@ def autotune_label(meta: dict) -> str:
 
 
 def write_report(results: list[Result], out_dir: Path, meta: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vllm_throughput.json").write_text(json.dumps({**meta, "results": [asdict(r) for r in results]},
-                                                             indent=2))
     lines = [f"# vLLM decode throughput ({meta['device']}, vLLM {meta['vllm']}, torch {meta['torch']}, bf16"
              f"{autotune_label(meta)})", "",
              "| model | setting | prompts | new tokens | s | output tok/s | state MiB/seq | KV MiB/seq |",
@@ -150,14 +135,15 @@ def write_report(results: list[Result], out_dir: Path, meta: dict) -> None:
         if len(by_model) == 2:
             lines.append(f"\n{setting.name}: SSE-H-2B / Qwen3-1.7B-shape = "
                          f"{by_model['sse-h-2b'] / by_model['qwen3-1.7b-shape']:.2f}x")
-    (out_dir / "vllm_throughput.md").write_text("\n".join(lines) + "\n")
+    write_results(out_dir / "vllm_throughput.json", {**meta, "results": [asdict(r) for r in results]},
+                  "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def child_command(args: argparse.Namespace, model: str, setting: str, child_json: Path) -> list[str]:
     """This script's command line for one model and setting, run in its own process."""
-    return [sys.executable, __file__, "--models", model, "--settings", setting, "--child-json", str(child_json),
-            "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-fit-prompts",
+    return [sys.executable, "-m", __spec__.name, "--models", model, "--settings", setting, "--child-json",
+            str(child_json), "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-fit-prompts",
             str(args.max_fit_prompts)] + (["--progress"] if args.progress else []) + (
         ["--compile-sizes", *map(str, args.compile_sizes)] if args.compile_sizes else [])
 
@@ -167,7 +153,7 @@ def run_child(args: argparse.Namespace) -> Result:
     (model,), (name,) = args.models, args.settings
     setting = next(s for s in SETTINGS if s.name == name)
     with tempfile.TemporaryDirectory() as tmp:
-        config = MODELS[model](Path(tmp) / model)
+        config = write_config(model, Path(tmp) / model)
         num_prompts, seconds = run_setting(Path(tmp) / model, setting, args)
     state, kv = memory_per_sequence(config, PROMPT_LEN + setting.new_tokens)
     return Result(model, setting.name, num_prompts, setting.new_tokens, seconds,
@@ -218,7 +204,7 @@ def main() -> None:
                     continue
                 results.append(Result(**json.loads(child.read_text())))
                 print(results[-1], flush=True)
-    meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
+    meta = {"device": device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
             "prompt_len": PROMPT_LEN, "gpu_memory_utilization": args.gpu_memory_utilization,
             "compile_sizes": args.compile_sizes}
     write_report(results, Path(args.out), meta)  # what was measured is kept even when a run failed

@@ -1,6 +1,6 @@
 """Overlay the curves of several GRPO runs (their metrics.jsonl) in one PNG, one panel per metric.
 
-    python bench/plot_runs.py --run fp32=runs/a/metrics.jsonl --run bf16=runs/b/metrics.jsonl \
+    python -m bench.plot_runs --run fp32=runs/a/metrics.jsonl --run bf16=runs/b/metrics.jsonl \
         --keys eval/accuracy reward/mean train/entropy --out compare.png
 
 Why: `curves.png` shows one run; recipe changes (update size, precision, learning rate) are judged side by side.

@@ -1,6 +1,6 @@
 """Where the GRPO trainer's time goes on one GPU: the real `TrainerWorker` on the bench's 2B policy.
 
-    python bench/profile_train_step.py --model sse-h-2b --out /tmp/bench [--variants 1@13056 3@8704 0@4352]
+    python -m bench.profile_train_step --model sse-h-2b --out /tmp/bench [--variants 1@13056 3@8704 0@4352]
 
 Builds (or reuses, same folder) the random policy of `bench_grpo_step.py`, starts one `TrainerWorker` rank with the
 settings of `recipes/bench_grpo_step.yaml` (bf16 autocast over fp32 weights, AdamW, the recipe's token budget) and
@@ -18,28 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_grpo_step as bench  # noqa: E402  (the same policy, FLOP count and recipe as the GRPO step bench)
-
-KINDS = {  # kernel name fragments (lower case) -> kind; the first match wins
-    "attention": ("flash", "fmha", "attention", "attn"),  # before matmul: fmha kernels are cutlass kernels
-    "matmul": ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_"),
-    "sse": ("chunk_", "router", "routing", "gate_", "segments", "stream_kernel", "pair_sum"),
-    "elementwise/copy": ("elementwise", "vectorized", "reduce", "copy", "cat", "index", "scatter", "gather",
-                         "softmax", "fill", "sort", "radix", "scan", "cumsum", "where", "memcpy", "memset"),
-}
-
-
-def kind_of(kernel: str) -> str:
-    name = kernel.lower()
-    return next((kind for kind, parts in KINDS.items() if any(p in name for p in parts)), "other")
+from bench import bench_grpo_step as grpo_step  # the same policy, FLOP count and recipe as the GRPO step bench
+from bench.common import MODELS, bench_ms, device_name, kernel_kind, say, write_results
 
 
 def rollouts(count: int, prompt_len: int, completion_len: int, vocab: int, total_tokens: int) -> list[Any]:
@@ -87,7 +73,8 @@ def kernel_time_by_kind(worker: Any, mb: Any) -> tuple[dict[str, float], list[li
     kernels = [e for e in table if e.device_type == torch.autograd.DeviceType.CUDA]
     kinds: dict[str, float] = {}
     for event in kernels:
-        kinds[kind_of(event.key)] = kinds.get(kind_of(event.key), 0.0) + event.self_device_time_total / 1e3
+        kind = kernel_kind(event.key)
+        kinds[kind] = kinds.get(kind, 0.0) + event.self_device_time_total / 1e3
     top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
     top_rows = [[e.key[:120], round(e.self_device_time_total / 1e3, 3), e.count] for e in top]
     return kinds, top_rows, table.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
@@ -126,15 +113,9 @@ def _causal_kwargs(fn: Any) -> dict[str, Any]:
     return {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
 
 
-def _fwd_bwd_ms(fn: Any, repeats: int = 10) -> float:
-    for _ in range(2):
-        fn().float().sum().backward()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn().float().sum().backward()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats * 1e3
+def _fwd_bwd_ms(fn: Any) -> float:
+    """Median ms of `fn`'s forward and a backward from the sum of its output."""
+    return bench_ms(lambda: fn().float().sum().backward())
 
 
 def components(config_dir: Path, tokens: int, seqs: int, compile_too: bool) -> dict[str, dict[str, float]]:
@@ -196,13 +177,13 @@ def components(config_dir: Path, tokens: int, seqs: int, compile_too: bool) -> d
             except Exception as err:  # noqa: BLE001  (a report, not a failure: say what broke)
                 print(f"{name}: torch.compile failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
         results[name] = row
-        bench.say(f"component {name}: {row}")
+        say(f"component {name}: {row}")
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=bench.MODELS, default="sse-h-2b")
+    parser.add_argument("--model", choices=MODELS, default="sse-h-2b")
     parser.add_argument("--out", type=Path, required=True, help="work folder (the policy is reused from here)")
     parser.add_argument("--sequences", type=int, default=18, help="rollouts per timed train call (18: 6, 9 or 18 "
                         "micro-batches of 3, 2 or 1 sequences)")
@@ -221,33 +202,32 @@ def main() -> None:
     from sse_rl.workers.trainer import TrainerWorker, recomputed_blocks
 
     work = args.out.resolve()
-    setup = bench.Setup(args.model, False, work, [])
+    setup = grpo_step.Setup(args.model, False, work, [])
     setup.overrides = [f"model.path={setup.model_dir}", f"data.train={work / 'prompts.jsonl'}", *args.set]
-    recipe = bench.prepare(setup)
-    bench.warm_kernels(recipe.model.path)
+    recipe = grpo_step.prepare(setup)
+    grpo_step.warm_kernels(recipe.model.path)
     config = json.loads((setup.model_dir / "config.json").read_text())
     if args.components:
         per_mb = max(1, recipe.train.token_budget // (args.prompt_len + args.completion_len))
         tokens = per_mb * (args.prompt_len + args.completion_len)
-        results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": tokens,
+        results = {"device": device_name(), "torch": torch.__version__, "tokens": tokens,
                    "components": components(setup.model_dir, tokens, per_mb, compile_too=True)}
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+            write_results(args.json, results)
         return
-    counts = bench.param_counts(recipe.model.path)
+    counts = grpo_step.param_counts(recipe.model.path)
     t0 = time.perf_counter()
     worker = TrainerWorker(recipe.model.path, rank=0, world_size=1, train=recipe.train, algo=recipe.algo,
                            temperature=recipe.rollout.temperature, seed=0, dtype=recipe.model.dtype,
                            gradient_checkpointing=True)  # the variants then pick the recomputed blocks
     worker.join("127.0.0.1", free_port())
-    bench.say(f"trainer up in {time.perf_counter() - t0:.0f}s: {counts['total'] / 1e9:.2f}B parameters, "
-              f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    say(f"trainer up in {time.perf_counter() - t0:.0f}s: {counts['total'] / 1e9:.2f}B parameters, "
+        f"{device_name()}, torch {torch.__version__}")
 
     seqs = rollouts(args.sequences, args.prompt_len, args.completion_len, config["vocab_size"],
                     args.sequences * args.completion_len)
-    fwd = bench.forward_flops(config, counts, [args.prompt_len] * args.sequences, 1, args.completion_len)
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    fwd = grpo_step.forward_flops(config, counts, [args.prompt_len] * args.sequences, 1, args.completion_len)
+    results: dict[str, Any] = {"device": device_name(), "torch": torch.__version__,
                                "model": args.model, "params": counts, "sequences": args.sequences,
                                "sequence_tokens": args.prompt_len + args.completion_len, "variants": []}
     layers = worker.model.model.layers
@@ -267,37 +247,35 @@ def main() -> None:
             timed_train(worker, micro[:1])  # warm-up: a recompile for a new size class, the allocator
             seconds, peak, retries = timed_train(worker, micro)
         except torch.OutOfMemoryError as err:
-            bench.say(f"{variant}: out of memory ({str(err).splitlines()[0]})")
+            say(f"{variant}: out of memory ({str(err).splitlines()[0]})")
             row["oom"] = True
             worker.optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
             continue
-        peak_flops = bench.H100_BF16_PEAK_TFLOPS * 1e12
+        peak_flops = grpo_step.H100_BF16_PEAK_TFLOPS * 1e12
         share = sum(recomputed) / len(layers)
         row.update(seconds=seconds, s_per_micro_batch=seconds / len(micro), tokens_per_s=tokens / seconds,
                    mfu=3 * fwd / seconds / peak_flops, hfu=(3 + share) * fwd / seconds / peak_flops, peak_gib=peak,
                    alloc_retries=retries)
         kinds, row["top_kernels"], table = kernel_time_by_kind(worker, micro[0].to(worker.device))
         row["kernel_ms"] = kinds
-        bench.say(f"{variant} (checkpoint every {every}, budget {budget}): {seconds:.2f}s for {len(micro)} "
-                  f"micro-batches ({row['s_per_micro_batch']:.3f} s each), {row['tokens_per_s']:,.0f} tok/s, "
-                  f"MFU {row['mfu']:.1%}, HFU {row['hfu']:.1%}, peak {peak:.1f} GiB, {retries} allocator retries")
-        bench.say(f"{variant}: kernel ms of one micro-batch by kind: "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
-                  + f" (sum {sum(kinds.values()):.1f})")
+        say(f"{variant} (checkpoint every {every}, budget {budget}): {seconds:.2f}s for {len(micro)} "
+            f"micro-batches ({row['s_per_micro_batch']:.3f} s each), {row['tokens_per_s']:,.0f} tok/s, "
+            f"MFU {row['mfu']:.1%}, HFU {row['hfu']:.1%}, peak {peak:.1f} GiB, {retries} allocator retries")
+        say(f"{variant}: kernel ms of one micro-batch by kind: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+            + f" (sum {sum(kinds.values()):.1f})")
         print(table, flush=True)
         if args.json:  # after every variant: a run cut off by a time limit keeps what it measured
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+            write_results(args.json, results)
     if config.get("model_type") == "sse_h":
         per_mb = max(1, recipe.train.token_budget // (args.prompt_len + args.completion_len))
         results["attention_fwd_bwd_ms"] = attention_check(recipe.train.token_budget, per_mb,
                                                           config["attn_num_heads"], config["attn_head_dim"])
-        bench.say(f"attention alone, {per_mb} sequences in {recipe.train.token_budget} tokens: "
-                  f"{results['attention_fwd_bwd_ms']}")
+        say(f"attention alone, {per_mb} sequences in {recipe.train.token_budget} tokens: "
+            f"{results['attention_fwd_bwd_ms']}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_results(args.json, results)
     worker.close()
 
 

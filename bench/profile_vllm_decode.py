@@ -1,6 +1,6 @@
 """Where a vLLM decode step's time goes: SSE-H-2B vs the Qwen3-1.7B-shaped Transformer at batch 64 (GPU).
 
-    python bench/profile_vllm_decode.py    # bench/results/vllm_decode_profile.{json,md}
+    python -m bench.profile_vllm_decode    # bench/results/vllm_decode_profile.{json,md}
 
 Why: the throughput bench (bench_vllm_throughput.py) gives one number per run; this one splits a steady decode
 step into kernel kinds, so it shows which part of SSE-H's step falls short of the memory-traffic bound
@@ -12,9 +12,9 @@ Choices:
   prompts of `--context` random tokens (4,096: near the 64 x 8k run's average context of 4,224) are prefilled
   through `LLMEngine.step`; once every request has produced tokens, decode steps are timed (wall clock,
   synchronized), then a few more run under torch.profiler (CPU and CUDA activity).
-- Kernels are grouped by name into kinds (the regular expressions in KINDS). The report gives each kind's share
-  of the profiler's kernel time, and that share of the measured wall time: on the H100 machines used, the
-  profiler's kernel durations sum to only ~65 % of a GPU-bound step, with or without CUDA graphs (Qwen's
+- Kernels are grouped by name into kinds (the regular expressions of bench.common.KERNEL_KINDS). The report gives
+  each kind's share of the profiler's kernel time, and that share of the measured wall time: on the H100 machines
+  used, the profiler's kernel durations sum to only ~65 % of a GPU-bound step, with or without CUDA graphs (Qwen's
   FlashAttention would otherwise read its KV cache faster than the card's peak bandwidth), so its absolute
   times are not used as such.
 - Bytes per step (weights, touched SSE states read + written, KV cache) come from roofline_decode.step_bytes at
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -39,25 +38,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from bench.bench_vllm_throughput import autotune_label, write_config
+from bench.common import KERNEL_KINDS, MODELS, OTHER_KIND, copy_bandwidth, device_name, kernel_kind, write_results
+from bench.roofline_decode import step_bytes
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 BATCH = 64
-KINDS = [  # (kind, regex over the kernel name), first match wins
-    ("sse decode", r"sse_decode"),
-    ("attention", r"flash|fmha|attn|attention|paged"),
-    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|matmul|splitk|sm90_|sm100_"),
-    ("sampling", r"sample|topk|top_k|argmax|sort|gumbel|softmax|logsumexp|exponential"),
-    ("memcpy/memset", r"memcpy|memset|copy|fill"),
-    ("fused elementwise (Inductor)", r"^triton_"),
-]
-
-
-def kind_of(name: str) -> str:
-    """The kind of a kernel by its name (KINDS, in order)."""
-    for kind, pattern in KINDS:
-        if re.search(pattern, name, re.IGNORECASE):
-            return kind
-    return "other"
 
 
 def prefill(llm, context: int, new_tokens: int, vocab: int) -> None:
@@ -121,7 +108,7 @@ def measure(model_dir: Path, args: argparse.Namespace) -> dict:
             host[e.key] += e.cpu_time_total / 1e3 / args.profiled  # ms per step, children included
     by_kind: dict[str, float] = defaultdict(float)
     for name, (ms, _) in kernels.items():
-        by_kind[kind_of(name)] += ms
+        by_kind[kernel_kind(name)] += ms
     async_scheduling = bool(engine.vllm_config.scheduler_config.async_scheduling)
     launches = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                       key=lambda e: e.time_range.start)
@@ -138,11 +125,7 @@ def measure(model_dir: Path, args: argparse.Namespace) -> dict:
 
 
 def write_report(results: dict, meta: dict, out: Path) -> None:
-    from bench_vllm_throughput import autotune_label
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vllm_decode_profile.json").write_text(json.dumps({**meta, "results": results}, indent=2))
-    kinds = [k for k, _ in KINDS] + ["other"]
+    kinds = [k for k, _ in KERNEL_KINDS] + [OTHER_KIND]
     bw = meta["copy_bw"] / 1e9
     lines = [f"# One vLLM decode step at batch {BATCH}, context {meta['context']:,} ({meta['device']}, "
              f"vLLM {meta['vllm']}, torch {meta['torch']}{', no CUDA graphs' if meta['no_cuda_graphs'] else ''}"
@@ -169,14 +152,14 @@ def write_report(results: dict, meta: dict, out: Path) -> None:
         lines += ["", f"## {model}: host ops, ms per step (CPU time with children; async scheduling "
                   f"{'on' if r['async_scheduling'] else 'off'})", "", "| op | ms |", "|---|---|"]
         lines += [f"| `{name}` | {ms:.3f} |" for name, ms in r["top_host_ops"][:12]]
-    (out / "vllm_decode_profile.md").write_text("\n".join(lines) + "\n")
+    write_results(out / "vllm_decode_profile.json", {**meta, "results": results}, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--models", nargs="+", default=["sse-h-2b", "qwen3-1.7b-shape"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--context", type=int, default=4096, help="prompt tokens per request")
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--timed", type=int, default=64)
@@ -193,15 +176,13 @@ def main() -> None:
 
     import torch
     import vllm
-    from bench_vllm_throughput import MODELS
-    from roofline_decode import step_bytes
 
     if not torch.cuda.is_available():
         raise SystemExit("profile_vllm_decode needs a CUDA GPU")
     if args.child_json:  # one model per process: an engine's GPU memory is only reliably freed at exit
         (model,) = args.models
         with tempfile.TemporaryDirectory() as tmp:
-            config = MODELS[model](Path(tmp) / model)
+            config = write_config(model, Path(tmp) / model)
             r = measure(Path(tmp) / model, args)
         r["bytes"] = step_bytes(config, BATCH, args.context + args.warmup + args.timed // 2)
         args.child_json.write_text(json.dumps(r))
@@ -210,7 +191,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             child = Path(tmp) / f"{model}.json"
-            cmd = [sys.executable, __file__, "--models", model, "--child-json", str(child), "--context",
+            cmd = [sys.executable, "-m", __spec__.name, "--models", model, "--child-json", str(child), "--context",
                    str(args.context), "--warmup", str(args.warmup), "--timed", str(args.timed), "--profiled",
                    str(args.profiled)] + (["--no-cuda-graphs"] if args.no_cuda_graphs else []) + (
                 ["--compile-sizes", *map(str, args.compile_sizes)] if args.compile_sizes else [])
@@ -219,10 +200,8 @@ def main() -> None:
             print(model, json.dumps({k: v for k, v in results[model].items() if not k.startswith("top")}),
                   flush=True)
     if args.copy_bw is None:
-        from sweep_sse_kernels import copy_bandwidth
-
         args.copy_bw = copy_bandwidth()
-    meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
+    meta = {"device": device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
             "context": args.context, "timed": args.timed, "profiled": args.profiled, "copy_bw": args.copy_bw,
             "no_cuda_graphs": args.no_cuda_graphs, "compile_sizes": args.compile_sizes}
     write_report(results, meta, Path(args.out))

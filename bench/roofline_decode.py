@@ -1,6 +1,7 @@
 """Memory-traffic bound of a decode step, SSE-H-2B vs the Qwen3-1.7B-shaped Transformer (no GPU needed).
 
-    python bench/roofline_decode.py   # bench/results/vllm_throughput.json -> bench/results/decode_roofline.md
+    python -m bench.roofline_decode   # bench/results/vllm_throughput.json -> bench/results/decode_roofline.md
+    python -m bench.roofline_decode --out DIR   # the report to DIR/decode_roofline.md instead
 
 Why: at these batch sizes a decode step is bandwidth-bound, so the throughput ratio the issue asks for (1.5x at
 64 x 8k) is bounded by the ratio of bytes each model must move per step. Per step and sequence SSE-H reads and writes
@@ -11,11 +12,15 @@ The measured tokens/s of bench/results/vllm_throughput.json then give each model
 """
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from pathlib import Path
 
 import torch
+
+from bench.bench_vllm_throughput import PROMPT_LEN, memory_per_sequence, write_config
+from bench.common import MODELS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BF16 = 2
@@ -37,8 +42,6 @@ def weight_bytes(config: dict) -> int:
 
 def step_bytes(config: dict, batch: int, context: int) -> dict[str, float]:
     """Bytes one decode step moves for `batch` sequences at `context` tokens, by kind."""
-    from bench_vllm_throughput import memory_per_sequence
-
     state, kv = memory_per_sequence(config, context)
     if config["model_type"] == "sse_h":
         touched = (config["num_writer"] + 1) / (config["num_sparse_partition"] + 1)
@@ -47,13 +50,14 @@ def step_bytes(config: dict, batch: int, context: int) -> dict[str, float]:
 
 
 def main() -> None:
-    from bench_vllm_throughput import MODELS, PROMPT_LEN
-
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for decode_roofline.md")
+    out = parser.parse_args().out
     measured = json.loads((RESULTS / "vllm_throughput.json").read_text())
     copy_bw = 3002e9  # measured copy bandwidth of the H100 (bench/results/sse_ops_h100.md)
     rows, bounds = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        configs = {name: write(Path(tmp) / name) for name, write in MODELS.items()}
+        configs = {name: write_config(name, Path(tmp) / name) for name in MODELS}
     for r in measured["results"]:
         context = PROMPT_LEN + r["new_tokens"] // 2
         parts = step_bytes(configs[r["model"]], r["num_prompts"], context)
@@ -79,7 +83,8 @@ def main() -> None:
         "with both models near the same fraction of bandwidth. `vllm_decode_profile.md` splits one decode step of "
         "each model by kernel kind, which shows where SSE-H's step falls short.",
     ]
-    (RESULTS / "decode_roofline.md").write_text("\n".join(lines) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode_roofline.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

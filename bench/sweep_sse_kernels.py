@@ -1,7 +1,7 @@
 """Launch settings of the SSE Triton kernels on one GPU: decode row block x tile width x warps, chunk kernels' warps
 x stages.
 
-    python bench/sweep_sse_kernels.py --out bench/results   # ~2 minutes on an H100, no autotuning
+    python -m bench.sweep_sse_kernels --out bench/results   # ~2 minutes on an H100, no autotuning
 
 Why: the kernels launch with fixed settings (no autotune lists: autotuning costs minutes on a fresh machine), so
 the fixed settings are chosen from this sweep at the 2B model's shapes (H=10, dk=dv=256, N=4, K=1, bf16):
@@ -15,8 +15,6 @@ Triton's default 4 warps) and `chunk.STAGES`.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -29,24 +27,11 @@ from sse_rl.models.ops.decode import sse_decode_kernel
 from sse_rl.models.ops.router import fused_router
 from sse_rl.models.ops.routing import sort_by_partition, to_stream
 
+from bench.common import bench_ms, copy_bandwidth, device_name, say, write_results
+
 H, DK, DV, N, K = 10, 256, 256, 4, 1
 DEV = "cuda"
 BF16 = torch.bfloat16
-
-
-def say(*parts: object) -> None:
-    print(time.strftime("%H:%M:%S"), *parts, flush=True)
-
-
-def bench_ms(fn: Callable[[], object]) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy of 2 GiB, bytes read + written per second."""
-    x = torch.empty(2 * 1024**3 // 4, device=DEV)
-    y = torch.empty_like(x)
-    return 2 * x.numel() * 4 / (bench_ms(lambda: y.copy_(x)) / 1e3)
 
 
 def rand(*shape: int) -> torch.Tensor:
@@ -119,7 +104,7 @@ def sweep_chunk(lengths: list[int]) -> list[dict]:
     return rows
 
 
-def write_markdown(result: dict, path: Path) -> None:
+def markdown(result: dict) -> str:
     """The report, with a section for each part that was swept (`--parts`)."""
     lines = [f"# SSE kernel launch settings on {result['device']}", "",
              f"`bench/sweep_sse_kernels.py`, torch {result['torch']}, triton {result['triton']}; H=10, dk=dv=256, "
@@ -135,7 +120,7 @@ def write_markdown(result: dict, path: Path) -> None:
     for name in dict.fromkeys(r["kernel"] for r in result["chunk"]):
         times = [f"{r['ms']:.3f}" for r in result["chunk"] if r["kernel"] == name]
         lines.append(f"| {name} | {' | '.join(times)} |")
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -145,13 +130,11 @@ def main() -> None:
     args = parser.parse_args()
     lengths = [4352] * 3
     bandwidth = copy_bandwidth()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    result = {"device": device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "copy_bw_gbs": bandwidth / 1e9, "tokens": sum(lengths),
               "decode": sweep_decode(64, bandwidth) if "decode" in args.parts else [],
               "chunk": sweep_chunk(lengths) if "chunk" in args.parts else []}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sse_kernel_launch.json").write_text(json.dumps(result, indent=1))
-    write_markdown(result, args.out / "sse_kernel_launch.md")
+    write_results(args.out / "sse_kernel_launch.json", result, markdown(result))
 
 
 if __name__ == "__main__":

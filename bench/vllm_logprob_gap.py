@@ -1,7 +1,7 @@
 """Where a vLLM-vs-HF logprob gap comes from: a converted Qwen3 teacher, hybridized (attention at 2 of 4 layers) and
 with every layer kept as attention, greedy in vLLM (fp32), compared with HF on the CPU and on the engine's device.
 
-    python bench/vllm_logprob_gap.py --out OUT_DIR      # run from outside the checkout on a GPU host
+    python -m bench.vllm_logprob_gap --out OUT_DIR
 
 Prints one row per (model, prompt): max |logprob| differences vLLM-HF(CPU), vLLM-HF(device), HF(device)-HF(CPU).
 Results: bench/results/hybridize_h100/README.md.
@@ -9,18 +9,16 @@ Results: bench/results/hybridize_h100/README.md.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vllm"))
-from vllm_testing import engine_env, greedy, hf_teacher_forced, load_hf, make_llm, random_prompts  # noqa: E402
+from sse_rl.init_model import init_model
+from sse_rl.models.hybridize import hybridize
+from sse_rl.tokenizer import build_tiny_tokenizer
 
-from sse_rl.init_model import init_model  # noqa: E402
-from sse_rl.models.hybridize import hybridize  # noqa: E402
-from sse_rl.tokenizer import build_tiny_tokenizer  # noqa: E402
+from tests.vllm.vllm_testing import engine_env, greedy, hf_teacher_forced, load_hf, make_llm, random_prompts
 
 
 def teacher(root: Path) -> Path:

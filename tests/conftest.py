@@ -1,4 +1,5 @@
-"""Shared pytest setup: Triton's interpreter on CPU, deterministic seeds, the path of the shared data folder."""
+"""Shared pytest setup: Triton's interpreter on CPU, the `gpu` marker's skip, deterministic seeds, the path of the
+shared data folder."""
 import os
 from pathlib import Path
 
@@ -11,6 +12,15 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run on CUDA only: without a GPU they are skipped here, in one place."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)"))
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,5 @@
-"""bench/bench_grpo_step.py's report: the committed markdown is what the script makes of the committed results, and
-the verdicts follow the numbers."""
+"""bench/bench_grpo_step.py's report (`python -m bench.bench_grpo_step --report`): the committed markdown is what the
+script makes of the committed results, and the verdicts follow the numbers."""
 from __future__ import annotations
 
 import json
@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
 
 
 def _report(results: dict, tmp_path: Path) -> str:
     path = tmp_path / "grpo_step.json"
     path.write_text(json.dumps(results))
-    subprocess.run([sys.executable, str(BENCH / "bench_grpo_step.py"), "--report", "--results", str(path)],
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "bench.bench_grpo_step", "--report", "--results", str(path)],
+                   check=True, capture_output=True, cwd=ROOT)
     return path.with_suffix(".md").read_text()
 
 

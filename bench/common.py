@@ -1,0 +1,119 @@
+"""What the bench scripts share: progress lines, GPU timing, the copy-bandwidth probe, the compared models' shapes,
+kernel kinds of a profile, device names and the results writer (JSON + Markdown)."""
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# do_bench's timing window per measurement (ms). 60 rather than 50: the launch-settings sweep separates settings a
+# few percent apart, and the longer window costs the op bench well under a second in all.
+REP_MS = 60
+# The copy-bandwidth probe's buffer. 2 GiB rather than 1: a copy's fixed launch cost (microseconds) weighs half as
+# much against a 1.4 ms copy as against a 0.7 ms one; either is far beyond the L2 cache (50-60 MB on an H100/H200).
+COPY_BYTES = 2 * 1024**3
+
+# The policies the benches compare, under the names the results files use.
+MODELS = ("sse-h-2b", "qwen3-1.7b-shape")
+
+# Model shapes (random weights: only the shape matters). Each states whether its lm_head is tied to the input
+# embeddings: a tied head counts once among the parameters and a decode step reads it once, and fsdp2 cannot shard
+# it. An entry with a `preset` is that SSE-H preset (models/configuration.py), the rest are Qwen3 configs.
+SHAPES: dict[str, dict[str, Any]] = {
+    "sse-h-2b": {"preset": "sse-h-2b", "tie_word_embeddings": False},
+    "sse-h-tiny": {"preset": "sse-h-tiny", "tie_word_embeddings": False},
+    # Qwen3-1.7B's published shape; its checkpoint ties the lm_head.
+    "qwen3-1.7b-shape": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+                         "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+                         "head_dim": 128, "rope_theta": 1_000_000.0, "max_position_embeddings": 40960,
+                         "tie_word_embeddings": True},
+    # The same architecture at CPU size (plumbing checks).
+    "qwen3-tiny-shape": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+                         "rope_theta": 1_000_000.0, "max_position_embeddings": 40960, "tie_word_embeddings": True},
+}
+
+# Kernel name -> kind, for a profile's GPU time by kind. The first match wins (case-insensitive); no match: "other".
+KERNEL_KINDS: tuple[tuple[str, str], ...] = (
+    ("sse", r"\b(sse_decode|chunk_(fwd|bwd)_\w+|router_(fwd|bwd)|stream|pair_sum)_kernel\b"),  # models/ops kernels
+    ("attention", r"flash|fmha|attn|attention|paged"),  # before matmul: fmha kernels are cutlass kernels
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|matmul|splitk|sm80_|sm90_|sm100_|^triton_tem_"),  # tem: Inductor GEMMs
+    ("fused elementwise (Inductor)", r"^triton_"),
+    ("sampling/softmax/sort", r"sample|topk|top_k|argmax|gumbel|exponential|softmax|logsumexp|sort"),
+    ("communication", r"nccl"),  # before elementwise: its kernels are named AllReduce, ReduceScatter, ...
+    ("elementwise/copy", r"elementwise|vectorized|reduce|copy|cat|index|scatter|gather|fill|scan|cumsum|where|memcpy"
+                         r"|memset"),
+)
+OTHER_KIND = "other"
+
+_START = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    """A progress line with the clock and the seconds since start, so a run cut off by a time limit shows where it
+    was."""
+    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - _START:6.0f}s] {msg}", flush=True)
+
+
+def bench_ms(fn: Callable[[], object], rep: int = REP_MS) -> float:
+    """Median ms of one call of `fn` on the GPU: Triton's do_bench (CUDA events, L2 flushed before each call)."""
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting the bytes read plus the bytes written."""
+    import torch
+
+    src = torch.empty(COPY_BYTES // 4, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * COPY_BYTES / (bench_ms(lambda: dst.copy_(src)) / 1e3)
+
+
+def model_config(name: str, **overrides: Any) -> Any:
+    """The HF config of `SHAPES[name]` with `overrides` on top (token ids, lengths, an untied head)."""
+    from transformers import Qwen3Config
+
+    from sse_rl.models import SSEHConfig
+
+    fields = {**SHAPES[name], **overrides}
+    preset = fields.pop("preset", None)
+    if preset is None:
+        return Qwen3Config(**fields, architectures=["Qwen3ForCausalLM"])
+    config = SSEHConfig.from_preset(preset, **fields)
+    config.architectures = ["SSEHForCausalLM"]
+    return config
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a GPU kernel by its name (`KERNEL_KINDS`, in order)."""
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name, re.IGNORECASE)), OTHER_KIND)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo where there is one)."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor())
+
+
+def device_name() -> str:
+    """The device a result was measured on: the GPU's name, or the CPU's where there is no GPU."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
+
+
+def write_results(path: Path, data: dict[str, Any], markdown: str | None = None) -> None:
+    """`data` as JSON at `path` and, given `markdown`, the report beside it (same stem, `.md`); folders are made.
+    One-space indent: kernel traces and sweep rows run to thousands of lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    if markdown is not None:
+        path.with_suffix(".md").write_text(markdown)
