@@ -86,6 +86,7 @@ def held_out(rows: list[dict], stage: str, key: str) -> tuple[float, float]:
     return values[0], values[-1]
 
 
+@pytest.mark.slow
 def test_align_lowers_every_layers_held_out_mse(run: Path) -> None:
     rows = read_metrics(run / METRICS_FILE)
     for layer in (0, 1, 2):  # the SSE layers (3 stayed attention)
@@ -95,6 +96,7 @@ def test_align_lowers_every_layers_held_out_mse(run: Path) -> None:
     assert [r["step"] for r in train] == [2, 4, 6, 8] and all(r["distill/aux_loss"] > 0 for r in train)
 
 
+@pytest.mark.slow
 def test_logits_lowers_held_out_kl(run: Path) -> None:
     rows = read_metrics(run / METRICS_FILE)
     start, end = held_out(rows, "logits", "distill/eval_kl")
@@ -103,6 +105,7 @@ def test_logits_lowers_held_out_kl(run: Path) -> None:
     assert (run / "distill_curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_final_loads_and_sft_starts_from_it(run: Path, setup, tmp_path: Path) -> None:
     from sse_rl.sft import main as sft_main
 
@@ -119,6 +122,7 @@ def test_final_loads_and_sft_starts_from_it(run: Path, setup, tmp_path: Path) ->
     assert (tmp_path / "sft" / FINAL_DIR / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_skips_every_stage(run: Path, setup) -> None:
     before = (run / METRICS_FILE).read_text()
     started = time.perf_counter()
@@ -137,6 +141,7 @@ def _compared(row: dict) -> dict:
                                                                                "learning_rate")}
 
 
+@pytest.mark.slow
 def test_kill_9_and_rerun_logs_what_an_uninterrupted_run_logs(run: Path, setup) -> None:
     root = Path(setup["root"])
     student = str(run / "student")  # the hybridized student, given as student.path (checks its tokenizer too)
@@ -170,6 +175,7 @@ def test_kill_9_and_rerun_logs_what_an_uninterrupted_run_logs(run: Path, setup) 
     (["student.attn_layers=[0, 1, 2, 3]"], ["stages: align fits SSE layers", "but the student has none"]),
     (["logits.top_k=100000"], ["logits.top_k: 100000 must be below the vocabulary"]),
 ])
+@pytest.mark.slow
 def test_bad_recipe_names_the_key_and_writes_nothing(setup, tmp_path: Path, overrides, expected) -> None:
     out = tmp_path / "out"
     with pytest.raises(RecipeError) as err:
@@ -179,6 +185,7 @@ def test_bad_recipe_names_the_key_and_writes_nothing(setup, tmp_path: Path, over
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_student_with_another_tokenizer_is_refused(run: Path, setup, tmp_path: Path) -> None:
     student = tmp_path / "student"
     shutil.copytree(run / "student", student)
@@ -191,6 +198,7 @@ def test_student_with_another_tokenizer_is_refused(run: Path, setup, tmp_path: P
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_missing_data_column_names_the_key_and_writes_nothing(setup, tmp_path: Path) -> None:
     bad = write_rows(tmp_path / "bad.jsonl", [{"problem": "1 + 1?"}])
     out = tmp_path / "out"
@@ -199,6 +207,7 @@ def test_missing_data_column_names_the_key_and_writes_nothing(setup, tmp_path: P
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_teacher_treats_packed_rows_as_separate_sequences(setup) -> None:
     teacher = AutoModelForCausalLM.from_pretrained(setup["teacher"]).eval()
     a, b = torch.randint(0, 500, (1, 9)), torch.randint(0, 500, (1, 6))
@@ -226,6 +235,7 @@ def test_divergences_match_trl_gkd_loss(beta: float, temperature: float) -> None
     assert top.shape == (n,) and bool((top >= -1e-6).all())
 
 
+@pytest.mark.slow
 def test_text_rows_learn_every_token(setup, tmp_path: Path) -> None:
     """data.text_column: TRL language-modeling rows, labels on every token but each sequence's first."""
     from sse_rl.sft import build_trainer, load_sft_recipe
@@ -279,6 +289,7 @@ def test_resume_point_skips_cut_checkpoints_and_stale_rows(tmp_path: Path) -> No
     assert read_metrics(path) == rows[:1]  # a fresh start: the killed attempt's start-of-stage eval goes too
 
 
+@pytest.mark.slow
 def test_diverged_stage_stops_without_a_final(setup, tmp_path: Path) -> None:
     """An infinite learning rate makes the weights non-finite: the run stops naming the stage, writes no final."""
     out = tmp_path / "out"
@@ -293,6 +304,7 @@ class _Seen(Exception):
 
 
 @pytest.mark.parametrize("stage", ["align", "logits"])
+@pytest.mark.slow
 def test_student_layers_run_under_the_trainers_autocast(setup, run: Path, stage: str) -> None:
     """A bf16 recipe trains the student under autocast in both stages, though the losses call its layers directly
     (bf16 on the CPU here: the first layer is stopped before it computes, once the autocast state is read)."""

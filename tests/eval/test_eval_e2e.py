@@ -13,6 +13,8 @@ from sse_rl.eval.engines import Engines, EngineSpec, stream_vllm
 from sse_rl.init_model import init_model
 from sse_rl.tokenizer import build_tiny_tokenizer
 
+pytestmark = pytest.mark.slow  # starts vLLM engines
+
 MAX_TOKENS = 16
 SAMPLES = 2
 

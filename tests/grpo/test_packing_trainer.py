@@ -117,6 +117,7 @@ def test_transformer_policy_packed_loss_equals_unpacked(transformer_trainer):
     _check_packed_equals_unpacked(transformer_trainer, "dapo")
 
 
+@pytest.mark.slow
 def test_compiled_trainer_packed_loss_equals_unpacked(compiled_trainer):
     """The compiled micro-step, half of its blocks recomputed, gives the eager per-sequence loss and gradients
     (three micro-batches of different lengths: dynamic shapes, no recompilation per length)."""
@@ -126,6 +127,7 @@ def test_compiled_trainer_packed_loss_equals_unpacked(compiled_trainer):
     assert all(block._compiled_call_impl is not None for block in compiled_trainer.model.model.layers)
 
 
+@pytest.mark.slow
 def test_compiled_trainer_probe_runs_eager(compiled_trainer):
     """The weight-sync probe (no gradients, unpacked prompts) runs the blocks eagerly: nothing new is compiled."""
     from torch._dynamo.utils import counters
@@ -273,6 +275,7 @@ def distributed_runs(policy, tmp_path_factory):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one(distributed_runs, policy, strategy):
     """Two ranks with half of each mini-batch each end with the weights of one rank that saw everything, and rank 0's
     weights for the engines are the full HF-named tensors (the names and shapes of the checkpoint)."""

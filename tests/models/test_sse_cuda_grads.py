@@ -14,7 +14,7 @@ from sse_rl.grpo.logprobs import logprobs_and_entropy
 from sse_rl.models import SSEHConfig, SSEHForCausalLM, ops
 from sse_rl.packing import MicroBatch, Sequence, pack
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 
 def _packed_batch(num_seqs: int, vocab: int, seed: int) -> MicroBatch:

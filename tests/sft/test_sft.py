@@ -34,6 +34,7 @@ def run(tmp_path_factory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow
 def test_loss_falls_and_resume_continues_the_run(run: Path) -> None:
     rows = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # resumed at 3, no step logged twice
@@ -55,6 +56,7 @@ def sequences(position_ids: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:]))
 
 
+@pytest.mark.slow
 def test_collated_labels_cover_exactly_the_completions(batch_and_model) -> None:
     batch, _, tok = batch_and_model
     ids, labels = batch["input_ids"][0], batch["labels"][0]
@@ -71,6 +73,7 @@ def test_collated_labels_cover_exactly_the_completions(batch_and_model) -> None:
         assert (labels[s:s + n_prompt] == -100).all() and (labels[s + n_prompt:e] == ids[s + n_prompt:e]).all()
 
 
+@pytest.mark.slow
 def test_packed_forward_equals_each_sequence_alone(batch_and_model) -> None:
     batch, model, _ = batch_and_model
     ids, labels = batch["input_ids"], batch["labels"]
@@ -85,6 +88,7 @@ def test_packed_forward_equals_each_sequence_alone(batch_and_model) -> None:
             assert abs(float(loss_packed) - float(loss_alone)) < 1e-4
 
 
+@pytest.mark.slow
 def test_final_checkpoint_loads_with_auto_classes_and_generates(run: Path) -> None:
     final = run / FINAL_DIR
     tok = AutoTokenizer.from_pretrained(final)

@@ -31,7 +31,7 @@ def _segment(t: torch.Tensor) -> dict:
     return next(s for s in torch.cuda.memory_snapshot() if s["address"] <= ptr < s["address"] + s["total_size"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA caching allocator needs a GPU")
+@pytest.mark.gpu  # the CUDA caching allocator
 def test_trainer_memory_expands_and_shared_buffers_stay_plain(monkeypatch):
     from torch.multiprocessing.reductions import reduce_tensor
 

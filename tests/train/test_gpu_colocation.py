@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM sleep mode and CUDA IPC need a GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # vLLM sleep mode and CUDA IPC need a GPU
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny_cpu.yaml"
 ENGINE_SHARE = 0.3  # rollout.gpu_memory_utilization

@@ -6,6 +6,8 @@ import ray
 
 from sse_rl.placement import packed_group
 
+pytestmark = pytest.mark.slow  # starts Ray
+
 
 @pytest.fixture(scope="module")
 def cluster():

@@ -19,6 +19,8 @@ import pytest
 
 from sse_rl.metrics_log import PROMPTS_FILE, read_metrics
 
+pytestmark = pytest.mark.slow  # trains the tiny recipe on Ray
+
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 10
 ARGS = [f"train.steps={STEPS}", "run.save_every=2", "eval.num_prompts=100", "eval.every=0", "run.progress=false"]

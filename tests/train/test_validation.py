@@ -40,6 +40,7 @@ def run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_val_metrics_at_start_every_n_and_end_match_the_written_completions(run):
     rows = {r["step"]: r for r in read_metrics(run)}
     assert sorted(rows) == [0, 1, 2, 3]

@@ -19,6 +19,8 @@ from sse_rl.workers.reward import RewardWorker
 from sse_rl.workers.rollout import RolloutWorker, SamplingSpec
 from sse_rl.workers.trainer import TrainerWorker
 
+pytestmark = pytest.mark.slow  # Ray actors, a vLLM engine
+
 HERE = Path(__file__).resolve().parent
 
 

@@ -126,6 +126,7 @@ def _attention_modules(worker) -> dict[str, str]:
             **{name: tuple(p.shape) for name, p in attn.named_parameters()}}
 
 
+@pytest.mark.slow
 def test_engine_builds_the_options(engine):
     modules = engine.collective_rpc(_attention_modules)[0]
     assert modules["rotary"] == "Llama3RotaryEmbedding"
@@ -141,6 +142,7 @@ def _mismatches(model, completions) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_greedy_matches_hf(engine, checkpoints, prompts):
     completions = greedy(engine, prompts, NEW_TOKENS)
     assert len({tuple(c.tokens) for c in completions}) > 1, "different prompts should not all continue alike"
@@ -162,6 +164,7 @@ def test_greedy_matches_hf(engine, checkpoints, prompts):
         assert _mismatches(hf, completions), f"HF without the {label} still matches: the test cannot see it"
 
 
+@pytest.mark.slow
 def test_weight_update_of_the_options(engine, checkpoints, prompts):
     before = greedy(engine, prompts, NEW_TOKENS)
     new = {n: t for n, t in load_file(checkpoints.b / "model.safetensors").items() if n.startswith(ATTN)}

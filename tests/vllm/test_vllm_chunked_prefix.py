@@ -12,6 +12,8 @@ import pytest
 import torch
 from vllm_testing import assert_matches_hf, engine_env, greedy, load_hf, make_llm, random_prompts
 
+pytestmark = pytest.mark.slow  # starts vLLM engines
+
 # On CUDA vLLM's unified page gives the tiny model a 160-token block, and align mode needs budget >= block size.
 STEP_TOKEN_BUDGET = 256 if torch.cuda.is_available() else 64
 LONG_PROMPTS = [4 * STEP_TOKEN_BUDGET + 44, 4, 3 * STEP_TOKEN_BUDGET + 8, 9]

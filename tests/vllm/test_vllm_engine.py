@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from sse_rl.models.vllm.weight_update import WORKER_EXTENSION, update_weights
 from vllm_testing import assert_matches_hf, engine_env, greedy, load_hf, make_llm, random_prompts, reload_messages
 
+pytestmark = pytest.mark.slow  # starts vLLM engines
+
 # Mixed lengths (a 1-token prompt included) submitted together: prefills of several sizes and decodes batch up.
 PROMPT_LENGTHS = [1, 3, 10, 41, 120, 300]
 NEW_TOKENS = 64

@@ -12,6 +12,8 @@ from sse_rl.tokenizer import build_tiny_tokenizer
 from transformers import AutoModelForCausalLM
 from vllm_testing import assert_matches_hf, engine_env, greedy, load_hf, make_llm, random_prompts
 
+pytestmark = pytest.mark.slow  # starts vLLM engines
+
 
 @pytest.fixture(scope="module")
 def hybrid(tmp_path_factory: pytest.TempPathFactory) -> Path:

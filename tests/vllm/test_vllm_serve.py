@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from vllm_testing import hf_teacher_forced, load_hf, random_prompts
 
+pytestmark = pytest.mark.slow  # starts vLLM engines
+
 STARTUP_TIMEOUT_S = 420
 NEW_TOKENS = 16
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 from vllm_testing import assert_matches_hf, engine_env, greedy, load_hf, make_llm, random_prompts
 
+pytestmark = pytest.mark.slow  # starts vLLM engines
+
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoints):
