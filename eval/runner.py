@@ -21,6 +21,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sse_rl.config import (
+    COMPLETIONS_FILE,
+    EVAL_CONFIG_FILE,
+    EVAL_SAMPLING,
+    STANDARD_INSTRUCTION,
+    EvalRecipe,
+    SamplingConfig,
+)
 from sse_rl.eval.benchmarks import Problem, load_benchmark
 from sse_rl.eval.engines import (
     Engines,
@@ -28,7 +36,6 @@ from sse_rl.eval.engines import (
     GenerateFn,
     Generation,
     GenRequest,
-    SamplingConfig,
     default_data_parallel,
     stream_vllm,
 )
@@ -36,12 +43,6 @@ from sse_rl.eval.grading import Grader, MathGrader
 from sse_rl.eval.metrics import BenchmarkMetrics, ProblemSamples, compute_metrics
 from sse_rl.eval.report import write_report
 from sse_rl.eval.store import CompletionStore, SampleRecord
-
-STANDARD_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-COMPLETIONS_FILE = "completions.jsonl"
-CONFIG_FILE = "config.json"
-# Settings that change what a sample is; a resumed run must keep them.
-GENERATION_KEYS = ("model", "temperature", "top_p", "top_k", "max_tokens", "seed", "instruction")
 
 
 def build_prompt(problem: str, tokenizer: Any, instruction: str, chat_template: bool = True) -> tuple[str, list[int]]:
@@ -126,6 +127,7 @@ def evaluate(generate: Any, problems: list[Problem], *, tokenizer: Any = None, s
         generate: a vLLM `LLM`, or a `GenerateFn` (requests, sampling) -> iterator of (index, Generation).
         problems: the problem set (`load_benchmark(...)`, or your validation rows as `Problem`s).
         tokenizer: renders and tokenizes prompts; defaults to the `LLM`'s own tokenizer.
+        sampling: one sample per request (n=1); defaults to `config.EVAL_SAMPLING` (temperature 0.6, top-p 0.95).
         grader: defaults to a `MathGrader` started (and closed) for this call; pass one to reuse its workers.
         instruction: appended to every problem ("" for none); chat_template: use the tokenizer's chat template.
         out_dir: when given, completions.jsonl, results.json, summary.md and a PNG are written there.
@@ -136,7 +138,10 @@ def evaluate(generate: Any, problems: list[Problem], *, tokenizer: Any = None, s
         generate = functools.partial(stream_vllm, llm)
     if tokenizer is None:
         raise ValueError("evaluate needs `tokenizer=` when `generate` is not a vLLM LLM")
-    sampling = SamplingConfig() if sampling is None else sampling
+    sampling = EVAL_SAMPLING if sampling is None else sampling
+    if sampling.n != 1:
+        raise ValueError(f"evaluate draws one sample per request (samples= sets how many per problem), got "
+                         f"sampling.n={sampling.n}")
     out = Path(out_dir) if out_dir is not None else None
     store = CompletionStore(out / COMPLETIONS_FILE if out else None, resume=resume)
     jobs = make_jobs(benchmark, problems, samples, tokenizer, instruction, chat_template, store)
@@ -145,109 +150,47 @@ def evaluate(generate: Any, problems: list[Problem], *, tokenizer: Any = None, s
     graded = collect(store, benchmark, problems, samples)
     metrics = compute_metrics(graded)
     if out is not None:
-        config = {**asdict(sampling), "samples": samples, "instruction": instruction}
+        config = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+                  "max_tokens": sampling.max_tokens, "samples": samples, "instruction": instruction}
         write_report(out, getattr(tokenizer, "name_or_path", "") or "", config, {benchmark: (metrics, graded)})
     return metrics
 
 
-DEFAULT_BENCHMARKS = ("aime24", "aime25")
+def engine_spec(recipe: EvalRecipe) -> EngineSpec:
+    return EngineSpec(model=recipe.model, dtype=recipe.dtype, tensor_parallel_size=recipe.tensor_parallel_size,
+                      max_model_len=recipe.max_model_len, gpu_memory_utilization=recipe.gpu_memory_utilization,
+                      enforce_eager=recipe.enforce_eager, seed=recipe.seed)
 
 
-@dataclass(frozen=True)
-class EvalConfig:
-    """Everything `sse-rl eval` needs; saved as config.json in the run folder."""
-
-    model: str
-    benchmarks: tuple[str, ...] = ()  # () -> DEFAULT_BENCHMARKS, or the data files' stems
-    data_files: tuple[str, ...] = ()  # local jsonl/parquet files, one per benchmark
-    samples: int = 64
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0
-    max_tokens: int = 32768
-    seed: int = 0
-    instruction: str = STANDARD_INSTRUCTION
-    out: str = ""  # "" -> runs/eval/<model folder name>
-    resume: bool = False
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
-    data_parallel: int = 0  # engines; 0 -> one per tensor_parallel_size visible GPUs (one on CPU)
-    max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.samples < 1:
-            raise ValueError(f"--samples must be >= 1, got {self.samples}")
-        if self.benchmarks and self.data_files and len(self.benchmarks) != len(self.data_files):
-            raise ValueError(f"--benchmarks names {len(self.benchmarks)} benchmarks but --data-file gives "
-                             f"{len(self.data_files)} files; give one name per file, or leave out --benchmarks")
-        names = [name for name, _ in self.sources()]
-        if len(set(names)) != len(names):
-            raise ValueError(f"benchmark names must be distinct, got {names}")
-        SamplingConfig(self.temperature, self.top_p, self.top_k, self.max_tokens)
-
-    def sources(self) -> list[tuple[str, str | None]]:
-        """(benchmark name, data file or None for the hub) pairs."""
-        if self.data_files:
-            names = self.benchmarks or tuple(Path(f).stem for f in self.data_files)
-            return list(zip(names, self.data_files))
-        return [(name, None) for name in self.benchmarks or DEFAULT_BENCHMARKS]
-
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(self.temperature, self.top_p, self.top_k, self.max_tokens)
-
-    def engine_spec(self) -> EngineSpec:
-        return EngineSpec(model=self.model, dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_size,
-                          max_model_len=self.max_model_len, gpu_memory_utilization=self.gpu_memory_utilization,
-                          enforce_eager=self.enforce_eager, seed=self.seed)
-
-    def out_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("runs") / "eval" / Path(self.model.rstrip("/")).name
-
-
-def check_run_config(out: Path, config: EvalConfig) -> None:
-    """Write config.json; on --resume first check that nothing that changes the samples has changed."""
-    path = out / CONFIG_FILE
-    current = asdict(config)
-    if config.resume and path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in GENERATION_KEYS if saved.get(k) != current[k]]
-        if changed:
-            raise ValueError(f"cannot resume {out}: generation settings differ from the saved run "
-                             f"({'; '.join(changed)});"
-                             f" use the same settings or another --out")
-    path.write_text(json.dumps(current, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def run_eval(config: EvalConfig, generate: GenerateFn | None = None) -> dict:
+def run_eval(recipe: EvalRecipe, generate: GenerateFn | None = None) -> dict:
     """The `sse-rl eval` run: every benchmark, resumable; returns the results dict also written to results.json.
 
-    `generate` replaces the engines this function would build (e.g. an engine shared by several runs).
+    recipe: checked by `config.validate` (the command does it first; the resume rules are among its checks).
+    generate: replaces the engines this function would build (e.g. an engine shared by several runs).
     """
     from transformers import AutoTokenizer
 
-    out = config.out_dir()
-    store = CompletionStore(out / COMPLETIONS_FILE, resume=config.resume)
-    check_run_config(out, config)
-    problem_sets = {name: load_benchmark(name, data_file) for name, data_file in config.sources()}
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    out = recipe.out_dir()
+    problem_sets = {name: load_benchmark(name, data_file) for name, data_file in recipe.sources()}
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model)
+    store = CompletionStore(out / COMPLETIONS_FILE, resume=recipe.resume)
+    (out / EVAL_CONFIG_FILE).write_text(json.dumps(asdict(recipe), indent=2, ensure_ascii=False) + "\n",
+                                        encoding="utf-8")
     jobs = [job for name, problems in problem_sets.items()
-            for job in make_jobs(name, problems, config.samples, tokenizer, config.instruction, True, store)]
+            for job in make_jobs(name, problems, recipe.samples, tokenizer, recipe.instruction, True, store)]
     engines = None
     if jobs and generate is None:
-        dp = config.data_parallel or default_data_parallel(config.tensor_parallel_size)
-        engines = generate = Engines(config.engine_spec(), dp)
+        dp = recipe.data_parallel or default_data_parallel(recipe.tensor_parallel_size)
+        engines = generate = Engines(engine_spec(recipe), dp)
     try:
         if jobs:
             with MathGrader() as grader:
-                generate_and_grade(generate, jobs, config.sampling(), grader, store, config.progress)
+                generate_and_grade(generate, jobs, recipe.sampling(), grader, store, recipe.progress)
     finally:
         if engines is not None:
             engines.close()
     reports = {}
     for name, problems in problem_sets.items():
-        graded = collect(store, name, problems, config.samples)
+        graded = collect(store, name, problems, recipe.samples)
         reports[name] = (compute_metrics(graded), graded)
-    return write_report(out, config.model, asdict(config), reports)
+    return write_report(out, recipe.model, asdict(recipe), reports)

@@ -15,6 +15,7 @@ import importlib
 import logging
 import random
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 # Benchmarks that evaluate the policy; training on them would contaminate every reported number.
 EVAL_BENCHMARKS = ("aime24", "aime25", "aime_2024", "aime_2025", "math500", "math-500", "math_500")
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 @dataclass
@@ -32,15 +34,44 @@ class Prompt:
     ids: list[int] = field(default_factory=list)  # token ids, set by `encode_prompts`
 
 
-def _read_rows(source: str, split: str, subset: str) -> list[dict[str, Any]]:
+def import_function(spec: str) -> Callable:
+    """The function a recipe names as "pkg.mod:fn" (a data generator, a tokenizer builder); errors name the spec."""
+    module_name, _, name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"{spec!r}: no module named {err.name!r}") from None
+    except ImportError as err:
+        raise ValueError(f"{spec!r}: module {module_name!r} failed to import: {err}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"{spec!r}: module {module_name!r} has no function {name!r}")
+    return fn
+
+
+def is_function_spec(source: str) -> bool:
+    """Whether `source` names a function ("pkg.mod:fn") rather than a file, a directory or a hub id."""
+    return ":" in source and not Path(source).exists()
+
+
+def check_source(source: str) -> None:
+    """Raise naming the problem when `source` cannot be read, without reading it: a "pkg.mod:fn" whose module or
+    function is missing, a local data file or directory that does not exist. Hub ids are not looked up (a download)."""
+    path = Path(source).expanduser()
+    if is_function_spec(source):
+        import_function(source)
+    elif (path.suffix in DATA_FILE_SUFFIXES or source.startswith((".", "/", "~"))) and not path.exists():
+        raise FileNotFoundError(f"dataset file {source} does not exist")
+
+
+def read_rows(source: str, split: str, subset: str) -> list[dict[str, Any]]:
     """Rows of a local jsonl/parquet file, an HF hub dataset split, or a `pkg.mod:fn` returning fn(split)."""
     import datasets
 
     path = Path(source)
-    if ":" in source and not path.exists():
-        module, _, name = source.partition(":")
-        return [dict(row) for row in getattr(importlib.import_module(module), name)(split)]
-    if path.suffix in (".jsonl", ".json", ".parquet"):
+    if is_function_spec(source):
+        return [dict(row) for row in import_function(source)(split)]
+    if path.suffix in DATA_FILE_SUFFIXES:
         if not path.is_file():
             raise FileNotFoundError(f"dataset file {source} does not exist")
         kind = "parquet" if path.suffix == ".parquet" else "json"
@@ -50,11 +81,9 @@ def _read_rows(source: str, split: str, subset: str) -> list[dict[str, Any]]:
     return [dict(row) for row in table]
 
 
-def _template_fields(template: str) -> list[str]:
-    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
-    if not fields:
-        raise ValueError(f"data.prompt_template {template!r} uses no column; write e.g. '{{problem}}'")
-    return fields
+def template_fields(template: str) -> list[str]:
+    """The row columns a `str.format` prompt template reads."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 def load_prompts(source: str, *, split: str, subset: str, template: str, answer_column: str,
@@ -69,8 +98,10 @@ def load_prompts(source: str, *, split: str, subset: str, template: str, answer_
         tokenizer: needed only with `chat_template=True`.
         drop_incomplete: skip rows missing a field (logged) instead of raising ValueError naming row and field.
     """
-    fields = _template_fields(template)
-    rows = _read_rows(source, split, subset)
+    fields = template_fields(template)
+    if not fields:
+        raise ValueError(f"data.prompt_template {template!r} uses no column; write e.g. '{{problem}}'")
+    rows = read_rows(source, split, subset)
     prompts, dropped = [], 0
     for i, row in enumerate(rows):
         missing = [name for name in (*fields, answer_column) if row.get(name) is None]
@@ -115,7 +146,7 @@ def check_not_benchmark(source: str) -> None:
     name = Path(source).name.lower() if Path(source).suffix else source.lower()
     hit = [b for b in EVAL_BENCHMARKS if b in name]
     if hit:
-        raise ValueError(f"data.train {source!r} looks like the evaluation benchmark {hit[0]!r}; training on it "
+        raise ValueError(f"data.train: {source!r} looks like the evaluation benchmark {hit[0]!r}; training on it "
                          "contaminates evaluation. Use a training set (e.g. MATH train, DeepScaleR).")
 
 

@@ -36,9 +36,9 @@ Reused from TRL (1.16) and transformers, and why:
   layer-wise stage or the SSE router loss. The student here learns on the teacher's data (lmbda = 0 in GKD terms).
 
 Choices:
-1) Config is data: `DistillRecipe`, loaded and checked like the other recipes (all errors at once, by key); the
-   teacher, the student and the data are checked too (teacher/student tokenizers identical, shapes equal, the
-   teacher a dense Transformer, rows have their columns) before anything is written to OUT_DIR.
+1) Config is data: `sse_rl.config.DistillRecipe`, checked by `config.validate` with the teacher and the student
+   (teacher/student tokenizers identical, shapes equal, the teacher a dense Transformer; all errors at once, by
+   key), then the data rows are rendered (every row has its columns), all before anything is written to OUT_DIR.
 2) `student.path: ""` hybridizes the teacher into OUT_DIR/student (`sse_rl.models.hybridize`).
 3) Resume: a stage with OUT_DIR/<stage>/final is skipped; otherwise it resumes from its last complete checkpoint
    (one with trainer_state.json, written last; a checkpoint cut short by a kill is removed). OUT_DIR/final is the
@@ -51,243 +51,35 @@ Choices:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import shutil
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainerState
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainerState
 from trl import SFTConfig, SFTTrainer
 
 import sse_rl.models  # noqa: F401  (registers SSE-H with the Auto classes)
-from sse_rl.config import RecipeError, _bounded, load_recipe
-from sse_rl.sft import SFTDataConfig, read_metrics
+from sse_rl.config import (
+    DistillRecipe,
+    LogitsStageConfig,
+    RecipeError,
+    StageConfig,
+    parse_recipe,
+    validate,
+    write_recipe,
+)
+from sse_rl.sft import read_metrics
 
 logger = logging.getLogger("sse_rl.distill")
-STAGES = ("align", "logits")
 METRICS_FILE, CURVES_PNG, FINAL_DIR, STUDENT_DIR = "distill_metrics.jsonl", "distill_curves.png", "final", "student"
 TOPK_CHUNK = 1024  # tokens per top-k divergence chunk (recomputed in backward, so one chunk's gathers are alive)
-
-
-@dataclass
-class TeacherConfig:
-    path: str = ""  # HF checkpoint dir or hub id of a dense Transformer (not SSE-H)
-    dtype: Literal["float32", "bfloat16"] = "float32"  # weights of the frozen teacher
-
-
-@dataclass
-class StudentConfig:
-    path: str = ""  # SSE-H checkpoint dir or hub id; "" = hybridize the teacher into OUT_DIR/student
-    attn_layers: list[int] = field(default_factory=list)  # with path "": layers kept as attention; [] = hybridize's
-    seed: int = 0  # with path "": seed of the SSE layers' new parameters
-    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (autocast); master weights stay fp32
-    gradient_checkpointing: bool = False  # logits stage: recompute every block in backward
-
-
-@dataclass
-class StageConfig:
-    steps: int = _bounded(100, ge=1)  # optimizer steps of this stage
-    lr: float = _bounded(1e-3, gt=0)
-    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"  # after warm-up
-    warmup_steps: int = _bounded(0, ge=0)
-    weight_decay: float = _bounded(0.0, ge=0)
-
-
-@dataclass
-class LogitsStageConfig(StageConfig):
-    lr: float = _bounded(1e-4, gt=0)
-    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    beta: float = _bounded(0.5, ge=0, le=1)  # loss=jsd: the teacher's weight in the mixture, in (0, 1)
-    temperature: float = _bounded(1.0, gt=0)  # both distributions at this temperature
-    top_k: int = _bounded(0, ge=0)  # 0 = full vocabulary; k = the teacher's top k tokens, renormalised over them
-    train: Literal["all", "sse"] = "all"  # parameters that learn: all, or only the SSE mixers'
-
-
-@dataclass
-class DistillDataConfig(SFTDataConfig):
-    eval: str = ""  # held-out rows, same forms as `train`; "" = no held-out metric
-    eval_split: str = "test"
-    eval_rows: int = _bounded(0, ge=0)  # use the first N held-out rows; 0 = all
-
-
-@dataclass
-class DistillTrainConfig:
-    token_budget: int = _bounded(4096, ge=8)  # tokens per packed micro-batch (longer sequences are truncated)
-    batch_tokens: int = _bounded(65536, ge=8)  # tokens per optimizer step: a multiple of token_budget
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    max_grad_norm: float = _bounded(1.0, gt=0)
-    seed: int = 0
-
-
-@dataclass
-class DistillRunConfig:
-    logging_steps: int = _bounded(10, ge=1)
-    save_steps: int = _bounded(200, ge=0)  # checkpoint every N steps (for resume); 0 = only each stage's final
-    eval_steps: int = _bounded(0, ge=0)  # held-out metric every N steps; 0 = at each stage's start and end only
-    keep_checkpoints: int = _bounded(2, ge=1)
-    tensorboard: bool = False
-    progress: bool = True
-
-
-@dataclass
-class DistillRecipe:
-    out_dir: str = ""
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    stages: list[Literal["align", "logits"]] = field(default_factory=lambda: list(STAGES))
-    align: StageConfig = field(default_factory=StageConfig)
-    logits: LogitsStageConfig = field(default_factory=LogitsStageConfig)
-    data: DistillDataConfig = field(default_factory=DistillDataConfig)
-    train: DistillTrainConfig = field(default_factory=DistillTrainConfig)
-    run: DistillRunConfig = field(default_factory=DistillRunConfig)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
-
-
-def distill_cross_checks(recipe: DistillRecipe) -> list[str]:
-    """Constraints between fields: each message names the key to change."""
-    errors = []
-    if not recipe.out_dir:
-        errors.append("out_dir: required (the run directory), e.g. out_dir=runs/distill")
-    if not recipe.teacher.path:
-        errors.append("teacher.path: required (HF checkpoint dir or hub id of the Transformer teacher)")
-    if not recipe.data.train:
-        errors.append("data.train: required (HF hub id, a .jsonl/.parquet file or pkg.mod:fn)")
-    if not recipe.stages:
-        errors.append(f"stages: at least one of {', '.join(STAGES)}")
-    elif len(set(recipe.stages)) != len(recipe.stages):
-        errors.append(f"stages: each stage once, got {recipe.stages}")
-    if recipe.student.path and recipe.student.attn_layers:
-        errors.append("student.attn_layers: only used to hybridize the teacher (student.path empty); the student at "
-                      f"student.path={recipe.student.path} has its own")
-    lg, t = recipe.logits, recipe.train
-    if lg.loss == "jsd" and not 0 < lg.beta < 1:
-        errors.append(f"logits.beta: loss jsd needs 0 < beta < 1, got {lg.beta} (0 is forward_kl, 1 reverse_kl)")
-    if t.batch_tokens % t.token_budget:
-        errors.append(f"train.batch_tokens: {t.batch_tokens} must be a multiple of train.token_budget "
-                      f"({t.token_budget}), the tokens of one micro-batch")
-    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
-        errors.append(f"train.adam_betas: two numbers in [0, 1) expected, got {t.adam_betas}")
-    if recipe.data.eval_rows and not recipe.data.eval:
-        errors.append("data.eval_rows: set, but data.eval names no held-out rows")
-    return errors
-
-
-def load_distill_recipe(path: str | Path | None, overrides: list[str] = ()) -> DistillRecipe:
-    return load_recipe(path, overrides, cls=DistillRecipe, cross_checks=distill_cross_checks)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Teacher and student checks (before anything is written)
-
-
-def _load_config(path: str, key: str, errors: list[str]) -> Any:
-    """The model config at `path`; a missing local path fails naming `key` without asking the hub."""
-    from sse_rl.models.hybridize import is_missing_local_path
-
-    if is_missing_local_path(path):
-        errors.append(f"{key}: {path!r} does not exist (neither a local checkpoint directory nor a hub id org/name)")
-        return None
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        errors.append(f"{key}: cannot load a model config from {path!r}: {err}")
-        return None
-
-
-def _load_tokenizer(path: str, key: str, errors: list[str]) -> Any:
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as err:
-        errors.append(f"{key}: cannot load the tokenizer saved with {path!r}: {err}")
-        return None
-
-
-def _unsupported_logits(config: Any) -> str:
-    """What in a teacher config the logits stage does not reproduce (its LM head is used as a plain linear map)."""
-    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"):
-        if getattr(config, name, None) not in (None, 1, 1.0):
-            return f"{name}={getattr(config, name)!r}"
-    return ""
-
-
-def check_models(recipe: DistillRecipe) -> None:
-    """Raise RecipeError unless the teacher is a dense Transformer the student can be distilled from: loadable,
-    not SSE-H, with a tokenizer; a given student SSE-H with the teacher's layers, width, vocabulary and tokenizer;
-    an empty student path hybridizable."""
-    errors: list[str] = []
-    teacher = _load_config(recipe.teacher.path, "teacher.path", errors)
-    if teacher is None:
-        raise RecipeError(errors)
-    if teacher.model_type == "sse_h":
-        errors.append(f"teacher.path: {recipe.teacher.path} is an SSE-H model; the teacher is a dense Transformer")
-    if "logits" in recipe.stages and _unsupported_logits(teacher):
-        errors.append(f"teacher.path: config has {_unsupported_logits(teacher)}; the logits stage compares plain "
-                      "LM-head logits")
-    teacher_tok = _load_tokenizer(recipe.teacher.path, "teacher.path", errors)
-    if recipe.student.path:
-        sse_layers = _check_student(recipe, teacher, teacher_tok, errors)
-    else:
-        sse_layers = _check_hybridizable(recipe, teacher, errors)
-    if "align" in recipe.stages and sse_layers == 0:
-        errors.append("stages: align fits SSE layers to the attention they replace, but the student has none")
-    if recipe.student.dtype == "bfloat16" and not torch.cuda.is_available():
-        errors.append("student.dtype: bfloat16 autocast runs on a GPU here (transformers refuses it on CPU); use "
-                      "float32")
-    if recipe.logits.top_k >= teacher.vocab_size:
-        errors.append(f"logits.top_k: {recipe.logits.top_k} must be below the vocabulary ({teacher.vocab_size}); "
-                      "0 = full vocabulary")
-    if errors:
-        raise RecipeError(errors)
-
-
-def _check_student(recipe: DistillRecipe, teacher: Any, teacher_tok: Any, errors: list[str]) -> int:
-    """Errors of a given student against the teacher; returns its number of SSE layers."""
-    student = _load_config(recipe.student.path, "student.path", errors)
-    if student is None:
-        return 0
-    if student.model_type != "sse_h":
-        errors.append(f"student.path: model_type {student.model_type!r}, expected an SSE-H checkpoint (sse_h)")
-        return 0
-    for name in ("num_hidden_layers", "hidden_size", "vocab_size"):
-        if getattr(student, name) != getattr(teacher, name):
-            errors.append(f"student.path: {name}={getattr(student, name)} but the teacher's is "
-                          f"{getattr(teacher, name)}; the student must have the teacher's shape")
-    student_tok = _load_tokenizer(recipe.student.path, "student.path", errors)
-    if student_tok is not None and teacher_tok is not None:
-        same = (student_tok.get_vocab() == teacher_tok.get_vocab() and student_tok.eos_token == teacher_tok.eos_token
-                and student_tok.pad_token == teacher_tok.pad_token)
-        if not same:
-            errors.append(f"student.path: its tokenizer differs from the teacher's ({recipe.teacher.path}: vocabulary, "
-                          "eos or pad token); distillation compares distributions over one shared vocabulary")
-    return student.layer_types.count("linear_attention")
-
-
-def _check_hybridizable(recipe: DistillRecipe, teacher: Any, errors: list[str]) -> int:
-    """Errors of hybridizing the teacher with student.attn_layers; returns the student's number of SSE layers."""
-    from sse_rl.models.hybridize import check_teacher, parse_attn_layers
-
-    try:
-        check_teacher(teacher)
-    except ValueError as err:
-        errors.append(f"teacher.path: cannot be hybridized into the student (student.path is empty): {err}")
-        return 0
-    try:
-        layers = parse_attn_layers(recipe.student.attn_layers or None, teacher.num_hidden_layers)
-    except ValueError as err:
-        errors.append(f"student.attn_layers: {str(err).removeprefix('--attn-layers: ')}")
-        return 0
-    return teacher.num_hidden_layers - len(layers)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -550,7 +342,7 @@ def plot_curves(out_dir: Path, stages: list[str]) -> Path:
 def build_datasets(recipe: DistillRecipe, tokenizer_path: str) -> tuple[list[dict], list[dict]]:
     """TRL examples of the training and held-out rows (rendered with the student's tokenizer, which is the
     teacher's); a row missing a column fails naming its key."""
-    from sse_rl.data import _read_rows
+    from sse_rl.data import read_rows
     from sse_rl.sft import build_examples, rows_to_examples
 
     d = recipe.data
@@ -559,7 +351,7 @@ def build_datasets(recipe: DistillRecipe, tokenizer_path: str) -> tuple[list[dic
         train = build_examples(d, tokenizer)
         held_out = []
         if d.eval:
-            rows = _read_rows(d.eval, d.eval_split, d.subset)[:d.eval_rows or None]
+            rows = read_rows(d.eval, d.eval_split, d.subset)[:d.eval_rows or None]
             if not rows:
                 raise ValueError(f"data.eval: {d.eval} (split {d.eval_split!r}) has no rows")
             held_out = rows_to_examples(rows, d, tokenizer, d.eval, key="data.eval")
@@ -681,20 +473,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sse_rl.data import check_not_benchmark
-
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    recipe = load_distill_recipe(args.recipe, args.overrides)
-    check_models(recipe)
-    try:
-        check_not_benchmark(recipe.data.train)
-    except ValueError as err:
-        raise RecipeError([str(err)]) from None
+    recipe = validate(*parse_recipe(args.recipe, args.overrides, DistillRecipe))
     data = build_datasets(recipe, recipe.student.path or recipe.teacher.path)
     out_dir = Path(recipe.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(recipe.to_yaml())
+    write_recipe(recipe, out_dir)
     run_distill(recipe, out_dir, data)
     return 0
 

@@ -4,9 +4,9 @@ The warm-up before GRPO: the model learns the answer format (and, on a synthetic
 solutions, and its final checkpoint is where `sse-rl train` (model.path=OUT_DIR/final) and `sse-rl eval` start.
 
 Choices:
-1) Config is data: `SFTRecipe`, loaded and checked like the GRPO recipe (unknown keys and bad values all reported
-   at once, each naming its key); `model` is the GRPO recipe's section, so `model.init` builds the tokenizer and
-   random policy exactly as `sse-rl train` does.
+1) Config is data: `sse_rl.config.SFTRecipe`, checked by `config.validate` before anything is written (unknown
+   keys, bad values, missing data or policy, benchmark data: all reported at once, each naming its key); `model` is
+   the GRPO recipe's section, so `model.init` builds the tokenizer and random policy exactly as `sse-rl train` does.
 2) Rows become TRL prompt-completion examples: the prompt is `data.prompt_template` over the row (as a user turn
    under the chat template with `data.chat_template`, the way GRPO and eval render prompts), the completion is
    `data.response_column`. Loss is on completion tokens only. With `data.text_column`, rows are plain text instead
@@ -21,101 +21,28 @@ Choices:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import datasets
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from sse_rl.config import ModelConfig, _bounded, load_recipe, required_fields
+from sse_rl.config import SFTDataConfig, SFTRecipe, parse_recipe, validate, write_recipe
 
 logger = logging.getLogger("sse_rl.sft")
 METRICS_FILE, LOSS_PNG, FINAL_DIR = "sft_metrics.jsonl", "sft_loss.png", "final"
 
 
-@dataclass
-class SFTDataConfig:
-    train: str = ""  # HF hub id, a local .jsonl / .parquet file, or "pkg.mod:fn" called as fn(split)
-    train_split: str = "train"
-    subset: str = ""  # HF dataset config name, if the hub dataset has several
-    prompt_template: str = "{problem}"  # str.format over the row's columns; the same template GRPO uses
-    response_column: str = "solution"  # the completion the model learns
-    # plain-text rows: this column is the whole example (a TRL language-modeling row, loss on every token);
-    # "" = prompt/completion rows from prompt_template and response_column
-    text_column: str = ""
-    chat_template: bool = True  # prompt as a user turn, response as the assistant turn (tokenizer's template)
-    max_rows: int = _bounded(0, ge=0)  # use the first N rows; 0 = all
-    num_proc: int = _bounded(1, ge=1)  # processes that tokenize and pack the dataset
-
-
-@dataclass
-class SFTTrainConfig:
-    steps: int = _bounded(0, ge=0)  # optimizer steps; 0 = `epochs` passes over the data
-    epochs: float = _bounded(1.0, gt=0)
-    lr: float = _bounded(3e-4, gt=0)
-    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"  # after warm-up
-    warmup_steps: int = _bounded(0, ge=0)
-    weight_decay: float = _bounded(0.0, ge=0)
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    max_grad_norm: float = _bounded(1.0, gt=0)
-    token_budget: int = _bounded(4096, ge=8)  # tokens per packed micro-batch (longer sequences are truncated)
-    batch_tokens: int = _bounded(65536, ge=8)  # tokens per optimizer step: a multiple of token_budget
-    seed: int = 0
-
-
-@dataclass
-class SFTRunConfig:
-    logging_steps: int = _bounded(10, ge=1)
-    save_steps: int = _bounded(200, ge=0)  # checkpoint every N steps (for resume); 0 = only OUT_DIR/final
-    keep_checkpoints: int = _bounded(2, ge=1)
-    tensorboard: bool = False
-    progress: bool = True
-
-
-@dataclass
-class SFTRecipe:
-    out_dir: str = ""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
-    run: SFTRunConfig = field(default_factory=SFTRunConfig)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
-
-
-def sft_cross_checks(recipe: SFTRecipe) -> list[str]:
-    """Constraints between fields: each message names the key to change."""
-    errors = required_fields(recipe.out_dir, recipe.data.train, recipe.model)
-    t = recipe.train
-    if t.batch_tokens % t.token_budget:
-        errors.append(f"train.batch_tokens: {t.batch_tokens} must be a multiple of train.token_budget "
-                      f"({t.token_budget}), the tokens of one micro-batch")
-    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
-        errors.append(f"train.adam_betas: two numbers in [0, 1) expected, got {t.adam_betas}")
-    if recipe.model.checkpoint_every != 1:
-        errors.append(f"model.checkpoint_every: {recipe.model.checkpoint_every}, but SFT (TRL) recomputes every block "
-                      "under model.gradient_checkpointing; only the GRPO trainer takes checkpoint_every")
-    return errors
-
-
-def load_sft_recipe(path: str | Path | None, overrides: list[str] = ()) -> SFTRecipe:
-    return load_recipe(path, overrides, cls=SFTRecipe, cross_checks=sft_cross_checks)
-
-
 def build_examples(data: SFTDataConfig, tokenizer: Any) -> list[dict[str, Any]]:
     """TRL examples of the training rows; a row missing a column fails naming row and column."""
-    from sse_rl.data import _read_rows
+    from sse_rl.data import read_rows
 
-    rows = _read_rows(data.train, data.train_split, data.subset)
+    rows = read_rows(data.train, data.train_split, data.subset)
     if data.max_rows:
         rows = rows[:data.max_rows]
     if not rows:
@@ -288,16 +215,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sse_rl.data import check_not_benchmark
     from sse_rl.train import build_policy
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    recipe = load_sft_recipe(args.recipe, args.overrides)
+    recipe = validate(*parse_recipe(args.recipe, args.overrides, SFTRecipe))
     out_dir = Path(recipe.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(recipe.to_yaml())
-    check_not_benchmark(recipe.data.train)
+    write_recipe(recipe, out_dir)
     run_sft(recipe, build_policy(recipe, out_dir), out_dir)
     return 0
 

@@ -1,14 +1,14 @@
 """`sse-rl train RECIPE.yaml [key=value ...] [--resume] [--address ADDR]`: GRPO on an SSE-H policy.
 
-Reads top to bottom: check the recipe, prepare the run directory and the policy (built from `model.init` when the
-path does not exist yet), load the prompts, start Ray (local unless --address / RAY_ADDRESS), run the controller.
+Reads top to bottom: check the recipe (`config.validate`: nothing is written before it passes), prepare the run
+directory and the policy (built from `model.init` when the path does not exist yet), load the prompts, start Ray
+(local unless --address / RAY_ADDRESS), run the controller.
 A run directory that already holds a checkpoint is resumed automatically; --resume insists on one.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import logging
 import os
 import shutil
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sse_rl import check_worker_imports, checkpoint
-from sse_rl.config import Recipe, RecipeError, load_recipe
-from sse_rl.data import check_not_benchmark, encode_prompts, load_prompts
+from sse_rl.config import Recipe, RecipeError, SamplingConfig, parse_recipe, validate, write_recipe
+from sse_rl.data import encode_prompts, import_function, is_function_spec, load_prompts
 
 if TYPE_CHECKING:
     from sse_rl.controller import ValSet
@@ -47,54 +47,33 @@ def build_policy(recipe: Recipe, run_dir: Path) -> str:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = init.tokenizer or None
-    if tokenizer and ":" in tokenizer and not Path(tokenizer).exists():
-        module, _, name = tokenizer.partition(":")
-        tokenizer = getattr(importlib.import_module(module), name)(tmp)
+    if tokenizer and is_function_spec(tokenizer):
+        tokenizer = import_function(tokenizer)(tmp)
     init_model(init.preset, tmp, tokenizer=tokenizer, seed=init.seed, **init.overrides)
     os.rename(tmp, path)
     return str(path)
 
 
-def check_rewards(recipe: Recipe) -> None:
-    """Resolve every reward spec before anything starts, so a typo fails in a second, not after engine start-up."""
-    from sse_rl.rewards.registry import RewardSpecError, load_reward
-
-    errors = []
-    for i, fn in enumerate(recipe.reward.functions):
-        try:
-            load_reward(fn.spec)
-        except RewardSpecError as e:
-            errors.append(f"reward.functions.{i}.spec: {e}")
-    if errors:
-        raise RecipeError(errors)
-
-
 def load_val_set(recipe: Recipe, tokenizer: Any) -> ValSet | None:
     """The eval.benchmark problems as a `ValSet` (None when off), prompts rendered like training prompts.
 
-    Errors name the key: an unknown benchmark or unreadable file, a prompt template that needs columns a benchmark
-    problem does not have, prompts that leave no room for the answer within rollout.max_model_len.
+    `config.validate` has checked the source and the template; a hub benchmark that fails to load, or prompts that
+    leave no room for the answer within rollout.max_model_len (this needs the tokenizer), fail naming eval.benchmark.
     """
     from sse_rl.controller import ValSet
-    from sse_rl.eval import BENCHMARKS, SamplingConfig, load_benchmark
+    from sse_rl.eval import load_benchmark
     from sse_rl.eval.runner import build_prompt
 
     e, source = recipe.eval, recipe.eval.benchmark
     if not source:
         return None
     is_file = Path(source).suffix in (".jsonl", ".parquet")
-    if not is_file and source not in BENCHMARKS:
-        raise RecipeError([f"eval.benchmark: {source!r} is neither a .jsonl/.parquet file nor a benchmark of the "
-                           f"eval package ({', '.join(sorted(BENCHMARKS))})"])
     try:
         problems = load_benchmark(source, source if is_file else None)
-        problems = [dataclasses.replace(p, problem=recipe.data.prompt_template.format(problem=p.problem))
-                    for p in problems]
-    except KeyError as err:
-        raise RecipeError([f"data.prompt_template: uses column {err}, but eval.benchmark problems only have "
-                           "`problem`"]) from None
     except (OSError, ValueError, TypeError) as err:
         raise RecipeError([f"eval.benchmark: {err}"]) from None
+    problems = [dataclasses.replace(p, problem=recipe.data.prompt_template.format(problem=p.problem))
+                for p in problems]
     sampling = SamplingConfig(temperature=e.benchmark_temperature, top_p=e.benchmark_top_p, top_k=0,
                               max_tokens=e.benchmark_max_tokens or recipe.rollout.max_tokens)
     budget = recipe.rollout.max_model_len - sampling.max_tokens
@@ -121,14 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_worker_imports()  # before any work: the run's Ray workers must import this sse-rl
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    recipe = load_recipe(args.recipe, args.overrides)
-    check_rewards(recipe)
+    recipe = validate(*parse_recipe(args.recipe, args.overrides, Recipe))
     run_dir = Path(recipe.out_dir)
     if args.resume and checkpoint.latest(run_dir) is None:
         raise SystemExit(f"--resume: {run_dir} has no checkpoint to resume from")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(recipe.to_yaml())
-    check_not_benchmark(recipe.data.train)
+    write_recipe(recipe, run_dir)
     model_path = build_policy(recipe, run_dir)
 
     from transformers import AutoTokenizer

@@ -238,34 +238,35 @@ def test_divergences_match_trl_gkd_loss(beta: float, temperature: float) -> None
 @pytest.mark.slow
 def test_text_rows_learn_every_token(setup, tmp_path: Path) -> None:
     """data.text_column: TRL language-modeling rows, labels on every token but each sequence's first."""
-    from sse_rl.sft import build_trainer, load_sft_recipe
+    from sse_rl.config import SFTRecipe, load_recipe
+    from sse_rl.sft import build_trainer
 
     rows = [{"body": f"{r['problem']} {r['solution']}"} for r in make_rows("test")[:40]]
-    recipe = load_sft_recipe(None, [f"out_dir={tmp_path}", f"data.train={write_rows(tmp_path / 't.jsonl', rows)}",
-                                    "model.path=unused", "data.text_column=body", "train.token_budget=512",
-                                    "train.batch_tokens=512"])
+    recipe = load_recipe(None, [f"out_dir={tmp_path}", f"data.train={write_rows(tmp_path / 't.jsonl', rows)}",
+                                "model.path=unused", "data.text_column=body", "train.token_budget=512",
+                                "train.batch_tokens=512"], SFTRecipe)
     batch = next(iter(build_trainer(recipe, setup["teacher"], tmp_path).get_train_dataloader()))
     starts = batch["position_ids"][0] == 0
     assert int(starts.sum()) > 2 and (batch["labels"][0][starts] == -100).all()
     assert (batch["labels"][0][~starts] == batch["input_ids"][0][~starts]).all()
     with pytest.raises(ValueError, match="data.train: row 0 of .* has no column 'text'.*check data.text_column"):
-        build_trainer(load_sft_recipe(None, [f"out_dir={tmp_path}", f"data.train={tmp_path / 't.jsonl'}",
-                                             "model.path=unused", "data.text_column=text"]), setup["teacher"], tmp_path)
+        build_trainer(load_recipe(None, [f"out_dir={tmp_path}", f"data.train={tmp_path / 't.jsonl'}",
+                                         "model.path=unused", "data.text_column=text"], SFTRecipe),
+                      setup["teacher"], tmp_path)
 
 
 def test_tiny_recipes_load() -> None:
-    from sse_rl.distill import load_distill_recipe
-    from sse_rl.sft import load_sft_recipe
+    from sse_rl.config import DistillRecipe, SFTRecipe, load_recipe
 
     recipes = Path(__file__).resolve().parents[2] / "recipes"
-    distill, teacher = load_distill_recipe(recipes / "tiny_distill_cpu.yaml"), load_sft_recipe(
-        recipes / "tiny_teacher_sft.yaml")
+    distill = load_recipe(recipes / "tiny_distill_cpu.yaml", cls=DistillRecipe)
+    teacher = load_recipe(recipes / "tiny_teacher_sft.yaml", cls=SFTRecipe)
     assert teacher.model.init.preset == "qwen3-tiny" and distill.stages == ["align", "logits"]
     assert distill.teacher.path == f"{teacher.out_dir}/final" and distill.data.eval_split == "test"
     for path in recipes.glob("*distill*.yaml"):  # the demo's and the real teacher's, too
-        assert load_distill_recipe(path).stages == ["align", "logits"], path.name
+        assert load_recipe(path, cls=DistillRecipe).stages == ["align", "logits"], path.name
     for path in recipes.glob("*_sft.yaml"):
-        assert load_sft_recipe(path).train.steps >= 1, path.name
+        assert load_recipe(path, cls=SFTRecipe).train.steps >= 1, path.name
 
 
 def test_resume_point_skips_cut_checkpoints_and_stale_rows(tmp_path: Path) -> None:
@@ -311,9 +312,10 @@ def test_student_layers_run_under_the_trainers_autocast(setup, run: Path, stage:
     import dataclasses
 
     import datasets
-    from sse_rl.distill import DistillTrainer, build_datasets, load_distill_recipe, load_teacher, stage_config
+    from sse_rl.config import DistillRecipe, load_recipe
+    from sse_rl.distill import DistillTrainer, build_datasets, load_teacher, stage_config
 
-    recipe = load_distill_recipe(setup["recipe"], [f"out_dir={run}"])
+    recipe = load_recipe(setup["recipe"], [f"out_dir={run}"], DistillRecipe)
     student_path = str(run / "student")  # the run's hybridized teacher
     train, _ = build_datasets(recipe, student_path)
     student = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32)

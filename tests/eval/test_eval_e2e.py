@@ -4,10 +4,12 @@ One engine for the module (start ~20-40 s). The model is random, so nearly every
 that every output is produced, that the metrics agree with the completions file, and that an interrupted run
 resumes without redoing a sample.
 """
+import dataclasses
 import json
 
 import pytest
-from sse_rl.eval import EvalConfig, MathGrader, SamplingConfig, evaluate, load_benchmark, run_eval
+from sse_rl.config import EVAL_SAMPLING, EvalRecipe
+from sse_rl.eval import MathGrader, evaluate, load_benchmark, run_eval
 from sse_rl.eval.engines import Engines, EngineSpec, stream_vllm
 
 from sse_rl.init_model import init_model
@@ -54,8 +56,8 @@ class Recorder:
 
 
 def _config(shared_data, out, **kw):
-    return EvalConfig(model=kw.pop("model"), data_files=(str(shared_data / "aime24.jsonl"),
-                                                         str(shared_data / "aime25.jsonl")),
+    return EvalRecipe(model=kw.pop("model"), data_files=[str(shared_data / "aime24.jsonl"),
+                                                         str(shared_data / "aime25.jsonl")],
                       samples=SAMPLES, max_tokens=MAX_TOKENS, out=str(out), progress=False, **kw)
 
 
@@ -108,7 +110,7 @@ def test_interrupted_run_resumes_without_redoing_samples(engines, model_dir, sha
 def test_evaluate_with_a_running_engine(engines, shared_data):
     """The trainer's path: an engine it already has, a few problems, metrics back, no files."""
     problems = load_benchmark("aime24", shared_data / "aime24.jsonl")[:3]
-    metrics = evaluate(engines.llm, problems, samples=4, sampling=SamplingConfig(max_tokens=8))
+    metrics = evaluate(engines.llm, problems, samples=4, sampling=dataclasses.replace(EVAL_SAMPLING, max_tokens=8))
     assert (metrics.num_problems, metrics.samples) == (3, 4)
     assert 0 < metrics.mean_tokens <= 8 and 0 <= metrics.truncation_rate <= 1
     assert set(metrics.pass_at) == {1, 2, 4}

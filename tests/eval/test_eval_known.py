@@ -6,7 +6,8 @@ engines use); prompts, grading (the real sandboxed math_accuracy), the completio
 import json
 
 import pytest
-from sse_rl.eval import STANDARD_INSTRUCTION, Generation, MathGrader, Problem, evaluate, load_results
+from sse_rl.config import STANDARD_INSTRUCTION
+from sse_rl.eval import Generation, MathGrader, Problem, evaluate, load_results
 from sse_rl.eval.store import CompletionStore, SampleRecord
 
 PROBLEMS = [Problem("p1", "What is 200 + 4?", "204"), Problem("p2", "What is 5 * 5?", "25"),

@@ -3,7 +3,8 @@ import json
 
 import pytest
 from sse_rl.eval import ProblemSamples, compare, compute_metrics
-from sse_rl.eval.cli import build_parser, config_from_args, main
+from sse_rl.config import EvalRecipe, RecipeError, build_recipe, validate
+from sse_rl.eval.cli import build_parser, main, recipe_fields
 from sse_rl.eval.report import load_results, metrics_from_dict, write_report
 
 CONFIG = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 64, "samples": 2}
@@ -51,35 +52,51 @@ def test_cli_compare_prints_table(tmp_path, capsys):
     assert "| grpo | `models/grpo` | 2 | 100.0 |" in capsys.readouterr().out
 
 
-def test_cli_arguments_to_config():
-    args = build_parser().parse_args(["--model", "ckpt", "--data-file", "x/aime24.jsonl", "y/hard.parquet",
-                                      "--samples", "8", "--max-tokens", "128", "--top-p", "1.0"])
-    config = config_from_args(args)
-    assert config.sources() == [("aime24", "x/aime24.jsonl"), ("hard", "y/hard.parquet")]
-    assert (config.samples, config.max_tokens, config.top_p, config.temperature) == (8, 128, 1.0, 0.6)
-    assert str(config.out_dir()) == "runs/eval/ckpt"
-    default = config_from_args(build_parser().parse_args(["--model", "org/ckpt/"]))
+def _recipe(argv):
+    recipe, errors = build_recipe(EvalRecipe, recipe_fields(build_parser().parse_args(argv)))
+    assert not errors
+    return recipe
+
+
+def test_cli_arguments_to_recipe():
+    recipe = _recipe(["--model", "ckpt", "--data-file", "x/aime24.jsonl", "y/hard.parquet", "--samples", "8",
+                      "--max-tokens", "128", "--top-p", "1.0"])
+    assert recipe.sources() == [("aime24", "x/aime24.jsonl"), ("hard", "y/hard.parquet")]
+    assert (recipe.samples, recipe.max_tokens, recipe.top_p, recipe.temperature) == (8, 128, 1.0, 0.6)
+    assert str(recipe.out_dir()) == "runs/eval/ckpt"
+    default = _recipe(["--model", "org/ckpt/"])
     assert default.sources() == [("aime24", None), ("aime25", None)] and str(default.out_dir()) == "runs/eval/ckpt"
+    assert default == EvalRecipe(model="org/ckpt/")  # the flags' defaults are the recipe's
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "--model is required"),
-    (["--model", "m", "--samples", "0"], "--samples must be >= 1"),
-    (["--model", "m", "--benchmarks", "a,b", "--data-file", "f.jsonl"], "one name per file"),
-    (["--model", "m", "--top-p", "0"], "invalid sampling settings"),
-    (["--model", "m", "--data-file", "a/x.jsonl", "b/x.jsonl"], "benchmark names must be distinct"),
-], ids=["no-model", "samples", "names-vs-files", "top-p", "duplicate-names"])
-def test_cli_rejects_bad_arguments(argv, message, capsys):
+@pytest.mark.parametrize("argv, messages", [
+    ([], ["--model is required"]),
+    (["--model", "m", "--samples", "0", "--top-p", "0"], ["samples: must be >= 1, got 0",
+                                                          "top_p: must be > 0, got 0.0"]),
+    (["--model", "m", "--benchmarks", "a,b", "--data-file", "f.jsonl"], ["one name per file"]),
+    (["--model", "m", "--data-file", "a/x.jsonl", "b/x.jsonl"], ["benchmarks: names must be distinct"]),
+    (["--model", "/no/such/model", "--benchmarks", "aime2099"],
+     ["model: '/no/such/model' does not exist", "benchmarks: unknown benchmark 'aime2099'"]),
+], ids=["no-model", "bounds", "names-vs-files", "duplicate-names", "missing-inputs"])
+def test_cli_rejects_bad_arguments(argv, messages, capsys, tmp_path):
     with pytest.raises(SystemExit):
-        main(argv)
-    assert message in capsys.readouterr().err
+        main([*argv, "--out", str(tmp_path / "out")] if argv else argv)
+    err = capsys.readouterr().err
+    for message in messages:
+        assert message in err, err
+    assert not (tmp_path / "out").exists()
 
 
-def test_resume_refuses_changed_generation_settings(tmp_path):
-    from sse_rl.eval.runner import EvalConfig, check_run_config
-
-    check_run_config(tmp_path, EvalConfig(model="m", out=str(tmp_path), max_tokens=64))
-    assert json.loads((tmp_path / "config.json").read_text())["max_tokens"] == 64
-    check_run_config(tmp_path, EvalConfig(model="m", out=str(tmp_path), max_tokens=64, samples=8, resume=True))
-    with pytest.raises(ValueError, match="max_tokens: 64 -> 128"):
-        check_run_config(tmp_path, EvalConfig(model="m", out=str(tmp_path), max_tokens=128, resume=True))
+def test_resume_refuses_changed_generation_settings(tmp_path, shared_data):
+    files = [str(shared_data / "aime24.jsonl")]
+    base = {"model": str(tmp_path), "data_files": files, "out": str(tmp_path / "run"), "max_tokens": 64}
+    validate(*build_recipe(EvalRecipe, base))  # a fresh folder
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**base, "seed": 0, "temperature": 0.6, "top_p": 0.95,
+                                                              "top_k": 0, "instruction": EvalRecipe().instruction}))
+    (tmp_path / "run" / "completions.jsonl").write_text("")
+    with pytest.raises(RecipeError, match="resume: .*completions.jsonl already holds completions: pass --resume"):
+        validate(*build_recipe(EvalRecipe, base))
+    validate(*build_recipe(EvalRecipe, {**base, "samples": 8, "resume": True}))  # more samples: same samples
+    with pytest.raises(RecipeError, match="resume: cannot resume .*max_tokens: 64 -> 128"):
+        validate(*build_recipe(EvalRecipe, {**base, "max_tokens": 128, "resume": True}))

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from sse_rl.config import RecipeError
-from sse_rl.sft import FINAL_DIR, METRICS_FILE, build_trainer, load_sft_recipe, main
+from sse_rl.config import RecipeError, SFTRecipe, load_recipe
+from sse_rl.sft import FINAL_DIR, METRICS_FILE, build_trainer, main
 from sse_rl.tasks.arithmetic import build_tokenizer, make_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,7 +45,7 @@ def test_loss_falls_and_resume_continues_the_run(run: Path) -> None:
 
 @pytest.fixture(scope="module")
 def batch_and_model(run: Path) -> tuple[dict, torch.nn.Module, AutoTokenizer]:
-    recipe = load_sft_recipe(run / "config.yaml")
+    recipe = load_recipe(run / "config.yaml", cls=SFTRecipe)
     trainer = build_trainer(recipe, str(run / FINAL_DIR), run / "inspect")
     batch = next(iter(trainer.get_train_dataloader()))
     return batch, trainer.model.eval(), trainer.processing_class
@@ -105,9 +105,9 @@ def test_final_checkpoint_loads_with_auto_classes_and_generates(run: Path) -> No
 
 def test_bad_recipe_reports_every_key() -> None:
     with pytest.raises(RecipeError) as err:
-        load_sft_recipe(None, ["out_dir=runs/x", "data.train=a.jsonl", "model.path=m", "train.lrr=1",
-                               "train.token_budget=1000", "train.batch_tokens=1500", "data.chat_template=maybe",
-                               "model.checkpoint_every=2"])
+        load_recipe(None, ["out_dir=runs/x", "data.train=a.jsonl", "model.path=m", "train.lrr=1",
+                           "train.token_budget=1000", "train.batch_tokens=1500", "data.chat_template=maybe",
+                           "model.checkpoint_every=2"], SFTRecipe)
     text = str(err.value)
     assert "train.lrr: unknown key" in text and "train.batch_tokens: 1500 must be a multiple" in text
     assert "model.checkpoint_every: 2, but SFT (TRL) recomputes every block" in text
@@ -115,10 +115,8 @@ def test_bad_recipe_reports_every_key() -> None:
 
 
 def test_demo_recipes_load_and_render_the_same_prompt() -> None:
-    from sse_rl.config import load_recipe
-
     recipes = Path(__file__).resolve().parents[2] / "recipes"
-    sft, grpo = load_sft_recipe(recipes / "arith_sft.yaml"), load_recipe(recipes / "arith_grpo.yaml")
+    sft, grpo = load_recipe(recipes / "arith_sft.yaml", cls=SFTRecipe), load_recipe(recipes / "arith_grpo.yaml")
     assert sft.model.init.preset == "sse-h-small" and sft.model.dtype == grpo.model.dtype == "bfloat16"
     assert (sft.data.prompt_template, sft.data.chat_template) == (grpo.data.prompt_template, grpo.data.chat_template)
     # SFT learns from the slipped teacher; GRPO trains on the same problems and is scored on the true answers
