@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
+import torch
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
@@ -16,9 +17,25 @@ from transformers.configuration_utils import PreTrainedConfig
 # sequence length at run time and are not among them.
 ROPE_SCALING_TYPES = ("default", "linear", "llama3", "yarn")
 
+# The recurrent state of an SSE layer is fp32 everywhere (ops, HF cache, vLLM state cache): a 16-bit state would
+# change the numerics against training.
+SSE_STATE_DTYPE = torch.float32
+
+
+def sse_state_shape(num_sparse_partition: int, num_heads: int, head_k_dim: int,
+                    head_v_dim: int) -> tuple[int, int, int, int]:
+    """Per-sequence recurrent state of one SSE layer: [N+1, H, dk, dv] (docs/sse_layer.md, "State").
+
+    Partition 0 is the shared one, 1 + i is sparse partition i; each head's state is K-major ([dk, dv], fla's
+    layout, not the V-first one of vLLM's GDN layers). The ops, the HF cache and the vLLM state cache all hold
+    this shape (after a leading sequence or slot dim); `SSEHConfig.sse_state_shape` gives it for a config.
+    """
+    return num_sparse_partition + 1, num_heads, head_k_dim, head_v_dim
+
+
 # Preset name -> field overrides on top of the class defaults.
 PRESETS: dict[str, dict[str, Any]] = {
-    # sse_spec.md §2.3: 18 layers, [SSE x5, Attn] x3, SSE 10 heads x 256, MHA 20 heads x 128, n4k1, Qwen-size vocab.
+    # docs/sse_layer.md "SSE-H-2B": 18 layers, [SSE x5, Attn] x3, SSE 10 heads x 256, MHA 20 heads x 128, n4k1.
     "sse-h-2b": {
         "vocab_size": 151936, "hidden_size": 2560, "num_hidden_layers": 18, "num_heads": 10, "head_dim": 256,
         "num_sparse_partition": 4, "num_writer": 1, "num_reader": 1, "attn_layers": [5, 11, 17], "attn_num_heads": 20,
@@ -146,6 +163,13 @@ class SSEHConfig(PreTrainedConfig):
     def head_v_dim(self) -> int:
         """Value dimension dv of an SSE head."""
         return int(self.head_dim * self.expand_v)
+
+    def sse_state_shape(self, tp_size: int = 1) -> tuple[int, int, int, int]:
+        """Per-sequence state of one SSE layer on one of `tp_size` tensor-parallel ranks, which shard the heads."""
+        if self.num_heads % tp_size:
+            raise ValueError(f"SSE-H needs num_heads ({self.num_heads}) divisible by the tensor-parallel size "
+                             f"({tp_size})")
+        return sse_state_shape(self.num_sparse_partition, self.num_heads // tp_size, self.head_dim, self.head_v_dim)
 
     @classmethod
     def preset_names(cls) -> list[str]:

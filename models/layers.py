@@ -3,8 +3,8 @@
 Module and parameter names follow fla (`fla/layers/sse.py::SSEGLA`, `fla/layers/attn.py::Attention`,
 `fla/modules::GatedMLP`) so the authors' checkpoints load by name. Layers take explicit arguments, never the
 HF config; `modeling.py` maps the config onto them. Cache access goes through transformers' `Cache`: the SSE
-mixer keeps its fp32 state [B, N+1, H, dk, dv] as the linear-attention "recurrent state" of its layer, the
-attention layer its K/V.
+mixer keeps its state (`configuration.sse_state_shape` per sequence, fp32) as the linear-attention "recurrent
+state" of its layer, the attention layer its K/V. The vLLM plugin's SSE layer reuses `GatedRMSNorm` from here.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sse_rl.models.ops import sse_aux_loss, sse_chunk, sse_decode, sse_router
+from sse_rl.models.configuration import SSE_STATE_DTYPE, sse_state_shape
+from sse_rl.models.ops import SSEFeatures, sse_aux_loss, sse_chunk, sse_decode, sse_features, sse_router
 from torch import Tensor, nn
 from transformers.cache_utils import Cache
 
@@ -32,10 +33,12 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(RMSNorm):
-    """`RMSNorm(x) * silu(gate)` (fla `FusedRMSNormGated`, swish activation, norm before gate)."""
+    """`RMSNorm(x) * silu(gate)` (fla `FusedRMSNormGated`, swish activation, norm before gate), rounded to the input
+    dtype after the norm and after the gate; plain `RMSNorm(x)` without a gate (an SSE layer without output gate)."""
 
-    def forward(self, x: Tensor, gate: Tensor) -> Tensor:  # type: ignore[override]
-        return (super().forward(x).float() * F.silu(gate.float())).to(x.dtype)
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        y = super().forward(x)
+        return y if gate is None else (y.float() * F.silu(gate.float())).to(x.dtype)
 
 
 class GatedMLP(nn.Module):
@@ -57,7 +60,7 @@ def low_rank(in_dim: int, rank: int, out_dim: int, bias: bool = False) -> nn.Seq
 
 
 class SSEMixer(nn.Module):
-    """Sparse State Expansion (GLA form) token mixer, fla `SSEGLA` with use_short_conv=False (sse_spec.md §1.2).
+    """Sparse State Expansion (GLA form) token mixer, fla `SSEGLA` with use_short_conv=False (docs/sse_layer.md).
 
     A shared always-on partition reads q = silu(x W_q), k = softmax(x W_k); the router e = softmax(x W_e) picks K of
     N sparse partitions per token, which read q = silu(x W_q + LoRA_q(x)), k = softmax(x W_k + LoRA_k(x)) scaled by
@@ -71,6 +74,7 @@ class SSEMixer(nn.Module):
         self.num_heads, self.head_k_dim, self.head_v_dim = num_heads, head_dim, int(head_dim * expand_v)
         self.num_sparse_partition, self.top_k = num_sparse_partition, top_k
         self.gate_logit_normalizer, self.layer_idx = gate_logit_normalizer, layer_idx
+        self.state_shape = sse_state_shape(num_sparse_partition, num_heads, head_dim, self.head_v_dim)
         key_dim, value_dim = num_heads * head_dim, num_heads * self.head_v_dim
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
@@ -81,57 +85,50 @@ class SSEMixer(nn.Module):
         self.gk_proj = nn.ModuleList([low_rank(hidden_size, gate_low_rank_dim, key_dim, bias=True) for _ in range(2)])
         self.e_proj = nn.Linear(hidden_size, num_sparse_partition, bias=False)
         self.g_proj = low_rank(hidden_size, self.head_v_dim, value_dim) if use_output_gate else None
-        self.o_norm = (GatedRMSNorm if use_output_gate else RMSNorm)(self.head_v_dim, eps=norm_eps)
+        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None, cu_seqlens: Tensor | None = None,
                 past_key_values: Cache | None = None) -> tuple[Tensor, Tensor]:
         """x: [B, T, D]; token_mask: [B, T] bool (False = padding, which then neither writes nor decays any state);
         cu_seqlens: [S+1] for packed sequences (B = 1). Returns the output [B, T, D] and this layer's aux loss."""
-        q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp = self._features(x)
+        features = self._features(x)
         logits = self.e_proj(x)  # [B, T, N]
         if token_mask is not None:
             keep = token_mask[..., None, None].to(x.dtype)  # [B, T, 1, 1]
-            k_sh, k_sp, g_sh, g_sp = k_sh * keep, k_sp * keep, g_sh * keep, g_sp * keep
-        o = self._mix(q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, logits, cu_seqlens, past_key_values)  # [B, T, H, dv]
-        if self.g_proj is not None:
-            o = self.o_norm(o, self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim)))
-        else:
-            o = self.o_norm(o)
+            features = features._replace(k_shared=features.k_shared * keep, k_sparse=features.k_sparse * keep,
+                                         g_shared=features.g_shared * keep, g_sparse=features.g_sparse * keep)
+        o = self._mix(features, logits, cu_seqlens, past_key_values)  # [B, T, H, dv]
+        gate = None if self.g_proj is None else self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim))
+        o = self.o_norm(o, gate)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.training:
-            probs, _, indices = sse_router(logits, self.top_k)
+            probs, _, indices = sse_router(logits, top_k=self.top_k)
             aux = sse_aux_loss(probs, indices, token_mask)
         return self.o_proj(o.flatten(-2)), aux
 
-    def _features(self, x: Tensor) -> tuple[Tensor, ...]:
-        """Feature maps of fla SSEGLA: q = silu, k = softmax over dk (fp32), v = silu, g = logsigmoid / normalizer."""
-        heads = (self.num_heads, self.head_k_dim)
-        q1, k1 = self.q_proj(x), self.k_proj(x)  # [B, T, H*dk]
-        q2, k2 = q1 + self.lora_q_proj(x), k1 + self.lora_k_proj(x)
-        q_sh, q_sp = F.silu(q1.unflatten(-1, heads)), F.silu(q2.unflatten(-1, heads))  # [B, T, H, dk]
-        k_sh = k1.unflatten(-1, heads).float().softmax(-1).to(q1.dtype)
-        k_sp = k2.unflatten(-1, heads).float().softmax(-1).to(q1.dtype)
-        v = F.silu(self.v_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim)))  # [B, T, H, dv]
-        g_sh, g_sp = (F.logsigmoid(p(x).unflatten(-1, heads).float()) / self.gate_logit_normalizer
-                      for p in self.gk_proj)  # [B, T, H, dk] fp32
-        return q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp
+    def _features(self, x: Tensor) -> SSEFeatures:
+        """The op's features of x [B, T, D]: fields [B, T, H, dk] / [B, T, H, dv]."""
+        return sse_features(self.q_proj(x), self.k_proj(x), self.lora_q_proj(x), self.lora_k_proj(x), self.v_proj(x),
+                            self.gk_proj[0](x), self.gk_proj[1](x), num_heads=self.num_heads,
+                            gate_logit_normalizer=self.gate_logit_normalizer)
 
-    def _mix(self, q_sh: Tensor, k_sh: Tensor, q_sp: Tensor, k_sp: Tensor, v: Tensor, g_sh: Tensor, g_sp: Tensor,
-             logits: Tensor, cu_seqlens: Tensor | None, cache: Cache | None) -> Tensor:
+    def _mix(self, features: SSEFeatures, logits: Tensor, cu_seqlens: Tensor | None, cache: Cache | None) -> Tensor:
         """Run the SSE op, continuing from and writing back to the cache's state when there is a cache."""
         layer = cache.layers[self.layer_idx] if cache is not None else None
         state = layer.recurrent_states[0] if layer is not None and layer.is_recurrent_states_initialized[0] else None
-        batch, length = v.shape[:2]
+        batch, length = features.v.shape[:2]
+        if state is not None:
+            assert state.shape[1:] == self.state_shape, f"cached SSE state {tuple(state.shape)} != {self.state_shape}"
         if state is not None and length == 1:
-            slots = torch.arange(batch, device=v.device)
-            o = sse_decode(q_sh[:, 0], k_sh[:, 0], q_sp[:, 0], k_sp[:, 0], v[:, 0], g_sh[:, 0], g_sp[:, 0],
-                           logits[:, 0], state, slots, top_k=self.top_k)  # [B, H, dv]; state updated in place
+            slots = torch.arange(batch, device=features.v.device)
+            o = sse_decode(features=features.map(lambda f: f[:, 0]), router_logits=logits[:, 0], state=state,
+                           slot_ids=slots, top_k=self.top_k)  # [B, H, dv]; state updated in place
             return o[:, None]
-        o, final = sse_chunk(q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, logits, top_k=self.top_k, initial_state=state,
+        o, final = sse_chunk(features=features, router_logits=logits, top_k=self.top_k, initial_state=state,
                              output_final_state=cache is not None, cu_seqlens=cu_seqlens)
         if cache is not None:
-            cache.update_recurrent_state(final.float(), self.layer_idx)
+            cache.update_recurrent_state(final.to(SSE_STATE_DTYPE), self.layer_idx)
         return o
 
 

@@ -5,8 +5,9 @@
   sequence; every sequence then gives exactly what it gives alone (SSE states and attention never cross bounds).
 - Padded batches: `attention_mask` [B, T_past + T] (0 = pad). Pad tokens neither write nor decay SSE states and are
   masked as attention keys, so left or right padding does not change the real tokens' outputs.
-- Cache: transformers' `DynamicCache(config=...)`; SSE layers hold an fp32 state [B, N+1, H, dk, dv], attention
-  layers their K/V. Works with `generate` (greedy, sampling, beam search).
+- Cache: transformers' `DynamicCache(config=...)`; SSE layers hold an fp32 state [B, N+1, H, dk, dv]
+  (`configuration.sse_state_shape` per sequence), attention layers their K/V. Works with `generate` (greedy,
+  sampling, beam search).
 - Loss: next-token cross entropy + aux_loss_coef * sum of the SSE layers' router balance losses (training mode).
 """
 from __future__ import annotations

@@ -1,22 +1,16 @@
 """The SSE mixer op. `sse_chunk` / `sse_decode` pick the implementation from the tensors' device: Triton kernels on
-CUDA when they are available, the PyTorch reference (`naive.py`) otherwise; both give the same results."""
+CUDA when they are available, the PyTorch reference (`naive.py`) otherwise; both give the same results. Every
+implementation has the signature documented here and is called by keyword (docs/sse_layer.md, "The op").
+"""
 from __future__ import annotations
 
 import importlib
 import importlib.util
 from collections.abc import Callable
 
-from sse_rl.models.ops.naive import (
-    gla_chunk,
-    sse_aux_loss,
-    sse_chunk_varlen,
-    sse_mask,
-    sse_recurrent,
-    sse_router,
-)
-from sse_rl.models.ops.naive import (
-    sse_decode as sse_decode_reference,
-)
+from sse_rl.models.ops import naive
+from sse_rl.models.ops.features import SSEFeatures, sse_features
+from sse_rl.models.ops.naive import gla_chunk, sse_aux_loss, sse_chunk_varlen, sse_mask, sse_recurrent, sse_router
 import torch
 from torch import Tensor
 
@@ -30,32 +24,49 @@ def _triton_impl(x: Tensor, module: str, name: str) -> Callable | None:
 
 
 __all__ = [
-    "gla_chunk", "sse_aux_loss", "sse_chunk", "sse_chunk_varlen", "sse_decode", "sse_decode_reference", "sse_mask",
-    "sse_recurrent", "sse_router",
+    "SSEFeatures", "gla_chunk", "sse_aux_loss", "sse_chunk", "sse_chunk_varlen", "sse_decode", "sse_features",
+    "sse_mask", "sse_recurrent", "sse_router",
 ]
 
 
 @torch.compiler.disable  # the Triton op stays outside torch.compile graphs (a graph break around it)
-def sse_chunk(q_shared: Tensor, k_shared: Tensor, q_sparse: Tensor, k_sparse: Tensor, v: Tensor, g_shared: Tensor,
-              g_sparse: Tensor, router_logits: Tensor, *, top_k: int, scale: float | None = None,
+def sse_chunk(*, features: SSEFeatures, router_logits: Tensor, top_k: int, scale: float | None = None,
               initial_state: Tensor | None = None, output_final_state: bool = False,
               cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """SSE over whole sequences; arguments and shapes as in `naive.sse_chunk_varlen`."""
-    impl = _triton_impl(q_shared, "chunk", "sse_triton") or sse_chunk_varlen
-    return impl(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, top_k=top_k,
-                scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                cu_seqlens=cu_seqlens)
+    """SSE over whole sequences, differentiable in every float input.
+
+    Args:
+        features: `SSEFeatures`, fields [B, T, H, dk] (v: [B, T, H, dv]); q/k/v of one dtype, the log-decay gates
+            of that dtype or fp32.
+        router_logits: [B, T, N] e_proj output (softmax and top-K happen inside, in fp32).
+        top_k: K, the sparse partitions each token writes and reads.
+        scale: multiplies q; default dk ** -0.5.
+        initial_state: [S, N+1, H, dk, dv] fp32 (`configuration.sse_state_shape` per sequence), or None for zeros.
+        output_final_state: whether to return the final states.
+        cu_seqlens: [S+1] bounds of sequences packed along T (then B == 1), or None (S = B).
+    Returns:
+        o: [B, T, H, dv] in v's dtype; final_state: [S, N+1, H, dk, dv] fp32 if output_final_state, else None.
+    """
+    impl = _triton_impl(features.q_shared, "chunk", "sse_triton") or sse_chunk_varlen
+    return impl(features=features, router_logits=router_logits, top_k=top_k, scale=scale,
+                initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
 @torch.compiler.disable
-def sse_decode(q_shared: Tensor, k_shared: Tensor, q_sparse: Tensor, k_sparse: Tensor, v: Tensor, g_shared: Tensor,
-               g_sparse: Tensor, router_logits: Tensor, state: Tensor, slot_ids: Tensor, *, top_k: int,
+def sse_decode(*, features: SSEFeatures, router_logits: Tensor, state: Tensor, slot_ids: Tensor, top_k: int,
                scale: float | None = None, out: Tensor | None = None) -> Tensor:
-    """One decoding step on a slot-indexed state, in place; arguments and shapes as in `naive.sse_decode`. The
-    output is written into `out` when given (a contiguous tensor of v's shape and dtype) and returned."""
-    triton_impl = _triton_impl(q_shared, "decode", "sse_decode_triton")
-    args = (q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, state, slot_ids)
-    if triton_impl is not None:
-        return triton_impl(*args, top_k=top_k, scale=scale, out=out)
-    o = sse_decode_reference(*args, top_k=top_k, scale=scale)
-    return o if out is None else out.copy_(o)
+    """One decoding step per sequence on a slot-indexed state cache, updated IN PLACE. No autograd.
+
+    Args:
+        features: `SSEFeatures`, fields [B, H, dk] (v: [B, H, dv]): one token per sequence.
+        router_logits: [B, N].
+        state: [num_slots, N+1, H, dk, dv] fp32; slots may be padded (any stride(0)) but each slot is dense.
+        slot_ids: [B] int32/int64 distinct slots; a negative id marks a padded row, which touches no state.
+        top_k: K; scale: multiplies q, default dk ** -0.5.
+        out: where to write the output (a contiguous tensor of v's shape and dtype), or None for a new tensor.
+    Returns:
+        o: [B, H, dv] in v's dtype, zero for padded rows (`out` when given).
+    """
+    impl = _triton_impl(features.q_shared, "decode", "sse_decode_triton") or naive.sse_decode
+    return impl(features=features, router_logits=router_logits, state=state, slot_ids=slot_ids, top_k=top_k,
+                scale=scale, out=out)

@@ -1,4 +1,4 @@
-"""Chunked GLA over segments, forward and backward, and the SSE mixer op built on it (spec §1.6a, §3.3).
+"""Chunked GLA over segments, forward and backward, and the SSE mixer op built on it (docs/sse_layer.md, "Kernels").
 
 The SSE op runs ONE chunked GLA over a stream of L * (1 + K) rows: the L shared-partition rows in token order,
 then the L * K (token, sparse partition) pairs sorted by (sequence, partition, time) (see routing.py), with the
@@ -23,12 +23,14 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from sse_rl.models.configuration import SSE_STATE_DTYPE
+from sse_rl.models.ops.features import SSEFeatures
 from sse_rl.models.ops.router import fused_router
 from sse_rl.models.ops.routing import from_stream, sort_by_partition, to_stream
 
 BT = 64
-# Software-pipelining depth per kernel (num_warps 4): Triton's default of 3 stages costs up to 19 % per kernel and
-# 8 % over the five on the H100 (bench/results/sse_kernel_launch.md: H=10, dk=dv=256, 13,056 tokens; 8 warps is slower).
+# Software-pipelining depth per kernel at num_warps 4: each kernel's fastest stage count at the 2B head size
+# (dk = dv = 256), all below Triton's default of 3; 8 warps is slower for all five: bench/results/sse_kernel_launch.md.
 STAGES = {"fwd_h": 2, "fwd_o": 1, "bwd_dh": 1, "bwd_dv": 1, "bwd_dqkg": 2}
 
 
@@ -313,6 +315,8 @@ class ChunkGLASegmentsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, h, seg_start, seg_len, chunk_off, table = ctx.saved_tensors
+        # The kernels index dense tensors; autograd may hand in expanded ones (the gradient of `final_state.sum()`).
+        dht = dht.contiguous() if dht is not None else None
         dq, dk, dv, dg, dh0 = chunk_gla_bwd(q, k, v, g, h, do.contiguous(), dht, seg_start, seg_len, chunk_off,
                                             table, ctx.scale, ctx.has_h0)
         return dq, dk, dv, dg, dh0, None, None, None, None
@@ -331,23 +335,25 @@ def chunk_gla_segments(
     return ChunkGLASegmentsFunction.apply(q, k, v, g, h0, seg_start, seg_len, scale, output_final_state)
 
 
-def check_sse_inputs(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, top_k,
-                     initial_state, cu_seqlens) -> int:
-    """Host-side checks of the SSE op; returns the number of sequences S. The values of a CUDA `cu_seqlens` are
-    not checked: that would synchronise with the device (and break graph capture)."""
+def check_sse_inputs(*, features: SSEFeatures, router_logits: torch.Tensor, top_k: int,
+                     initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> int:
+    """Host-side checks of the SSE op (one block: the op's whole input contract); returns the number of sequences
+    S. The values of a CUDA `cu_seqlens` are not checked: that would synchronise with the device (and break graph
+    capture)."""
+    q_shared, v = features.q_shared, features.v
     if q_shared.ndim != 4:
         raise ValueError(f"q_shared must be [B, T, H, dk], got {tuple(q_shared.shape)}")
-    B, T, H, DK = q_shared.shape
-    for name, x in (("k_shared", k_shared), ("q_sparse", q_sparse), ("k_sparse", k_sparse),
-                    ("g_shared", g_shared), ("g_sparse", g_sparse)):
+    B, T, H, _ = q_shared.shape
+    for name in ("k_shared", "q_sparse", "k_sparse", "g_shared", "g_sparse"):
+        x = getattr(features, name)
         if x.shape != q_shared.shape:
             raise ValueError(f"{name} must have the shape of q_shared {tuple(q_shared.shape)}, got {tuple(x.shape)}")
-    feats = (q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse)
     # Gates may stay fp32 beside 16-bit q/k/v (the model computes log-decays in fp32); kernels read them as fp32.
-    gate_ok = all(g.dtype in (v.dtype, torch.float32) for g in (g_shared, g_sparse))
-    if len({x.dtype for x in feats[:5]}) != 1 or not gate_ok or len({x.device for x in (*feats, router_logits)}) != 1:
+    gate_ok = all(g.dtype in (v.dtype, torch.float32) for g in (features.g_shared, features.g_sparse))
+    if len({x.dtype for x in features[:5]}) != 1 or not gate_ok or \
+            len({x.device for x in (*features, router_logits)}) != 1:
         raise ValueError("q/k/v inputs must share one dtype, gates that dtype or fp32, and all inputs one device, "
-                         f"got {[(x.dtype, str(x.device)) for x in (*feats, router_logits)]}")
+                         f"got {[(x.dtype, str(x.device)) for x in (*features, router_logits)]}")
     if v.ndim != 4 or v.shape[:3] != (B, T, H):
         raise ValueError(f"v must be [B={B}, T={T}, H={H}, dv], got {tuple(v.shape)}")
     if router_logits.ndim != 3 or router_logits.shape[:2] != (B, T):
@@ -362,42 +368,44 @@ def check_sse_inputs(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_spar
         cu = cu_seqlens.tolist()
         if cu[0] != 0 or cu[-1] != T or any(a > b for a, b in itertools.pairwise(cu)):
             raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu}")
-    want = (S, N + 1, H, DK, v.shape[-1])
-    if initial_state is not None and (tuple(initial_state.shape) != want or initial_state.dtype != torch.float32):
+    want = (S, *features.state_shape(N))
+    if initial_state is not None and (tuple(initial_state.shape) != want or initial_state.dtype != SSE_STATE_DTYPE):
         raise ValueError(f"initial_state must be fp32 {want}, got {initial_state.dtype} {tuple(initial_state.shape)}")
     return S
 
 
 def sse_triton(
-    q_shared: torch.Tensor, k_shared: torch.Tensor, q_sparse: torch.Tensor, k_sparse: torch.Tensor,
-    v: torch.Tensor, g_shared: torch.Tensor, g_sparse: torch.Tensor, router_logits: torch.Tensor, *,
-    top_k: int, scale: float | None = None, initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
+    *, features: SSEFeatures, router_logits: torch.Tensor, top_k: int, scale: float | None = None,
+    initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """SSE mixer op (interfaces.md signature) with Triton kernels: router, counting-sort routing, one chunked GLA
-    over [shared | sorted sparse] and a gather back to token order. Differentiable in every float input.
+    """`sse_rl.models.ops.sse_chunk` (arguments and returns documented there) with Triton kernels: router,
+    counting-sort routing, one chunked GLA over [shared | sorted sparse] and a gather back to token order.
 
     Examples::
-        >>> o, state = sse_triton(q1, k1, q2, k2, v, g1, g2, logits, top_k=1, output_final_state=True)
+        >>> o, state = sse_triton(features=SSEFeatures(q1, k1, q2, k2, v, g1, g2), router_logits=logits, top_k=1,
+        ...                       output_final_state=True)
     """
-    S = check_sse_inputs(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, top_k,
-                         initial_state, cu_seqlens)
-    B, T, H, DK = q_shared.shape
-    N, DV, L = router_logits.shape[-1], v.shape[-1], B * T
+    S = check_sse_inputs(features=features, router_logits=router_logits, top_k=top_k, initial_state=initial_state,
+                         cu_seqlens=cu_seqlens)
+    B, T, H, DK = features.q_shared.shape
+    N, DV, L = router_logits.shape[-1], features.v.shape[-1], B * T
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(B + 1, device=v.device) * T
-    _, weights, indices = fused_router(router_logits.reshape(L, N), top_k)                # [L, K]
+        cu_seqlens = torch.arange(B + 1, device=features.v.device) * T
+    _, weights, indices = fused_router(router_logits.reshape(L, N), top_k=top_k)         # [L, K]
     routing = sort_by_partition(indices, cu_seqlens, N)
 
     def stream(shared: torch.Tensor, sparse: torch.Tensor, weighted: bool) -> torch.Tensor:
         return to_stream(shared.reshape(L, H, -1), sparse.reshape(L, H, -1), routing,
                          weights if weighted else None)                                    # [L*(1+K), H, d]
 
-    h0 = initial_state.reshape(S * (N + 1), H, DK, DV) if initial_state is not None else None
+    # Segment s * (N+1) + j is partition j of sequence s: the states flatten to segments and back.
+    h0 = initial_state.flatten(0, 1) if initial_state is not None else None              # [S*(N+1), H, DK, DV]
     o, ht = chunk_gla_segments(
-        stream(q_shared, q_sparse, True), stream(k_shared, k_sparse, True), stream(v, v, False),
-        stream(g_shared, g_sparse, False), routing.seg_start, routing.seg_len,
-        scale=DK ** -0.5 if scale is None else scale, initial_state=h0, output_final_state=output_final_state,
+        stream(features.q_shared, features.q_sparse, True), stream(features.k_shared, features.k_sparse, True),
+        stream(features.v, features.v, False), stream(features.g_shared, features.g_sparse, False),
+        routing.seg_start, routing.seg_len, scale=DK ** -0.5 if scale is None else scale, initial_state=h0,
+        output_final_state=output_final_state,
     )
     o = from_stream(o, routing)                                                           # [L, H, DV]
-    return o.view(B, T, H, DV), ht.view(S, N + 1, H, DK, DV) if ht is not None else None
+    return o.view(B, T, H, DV), ht.view(S, *features.state_shape(N)) if ht is not None else None

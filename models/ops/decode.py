@@ -3,17 +3,18 @@
 One program owns one (sequence, head, dv-tile): it routes the token (same softmax/top-K code as router.py), then
 for the shared partition and each selected partition walks the fp32 state tile [dk, BV] of
 `state[slot, partition, head]` in blocks of BK rows: load, decay and add k^T v, store back, accumulate the read-out.
-A step moves exactly the (K+1) touched partitions' states once in and once out, which is the bandwidth bound the
-benchmark compares against; small row blocks without software pipelining keep few registers per program, so many
-programs stream at once (87 % of copy bandwidth on the H100 at batch 64, against 78 % when each program loaded
-its whole [dk, 64] tile: bench/results/sse_kernel_launch.md). Rows with a negative slot id (padding) write a zero
-output and touch no state.
+A step moves exactly the (K+1) touched partitions' states once in and once out, so the kernel is bound by memory
+bandwidth. Small row blocks without software pipelining keep few registers per program, so many programs stream at
+once, which comes closer to copy bandwidth than loading whole [dk, BV] tiles: bench/results/sse_kernel_launch.md.
+Rows with a negative slot id (padding) write a zero output and touch no state.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from sse_rl.models.configuration import SSE_STATE_DTYPE
+from sse_rl.models.ops.features import SSEFeatures
 from sse_rl.models.ops.router import pick_top1, router_softmax, topk_candidates
 
 DECODE_BK, DECODE_BV = 16, 64
@@ -68,11 +69,13 @@ def sse_decode_kernel(
     tl.store(p_o, (b_o * scale).to(o.dtype.element_ty), mask=m_v)
 
 
-def check_decode_inputs(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, state,
-                        slot_ids, top_k) -> None:
-    B, H, DK = q_shared.shape
-    for name, x in (("k_shared", k_shared), ("q_sparse", q_sparse), ("k_sparse", k_sparse),
-                    ("g_shared", g_shared), ("g_sparse", g_sparse)):
+def check_decode_inputs(*, features: SSEFeatures, router_logits: torch.Tensor, state: torch.Tensor,
+                        slot_ids: torch.Tensor, top_k: int) -> None:
+    """Host-side checks of the decode op (one block: the op's whole input contract)."""
+    q_shared, v = features.q_shared, features.v
+    B, H, _ = q_shared.shape
+    for name in ("k_shared", "q_sparse", "k_sparse", "g_shared", "g_sparse"):
+        x = getattr(features, name)
         if x.shape != q_shared.shape:
             raise ValueError(f"{name} must have the shape of q_shared {tuple(q_shared.shape)}, got {tuple(x.shape)}")
     if v.ndim != 3 or v.shape[:2] != (B, H):
@@ -82,8 +85,8 @@ def check_decode_inputs(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_s
     N = router_logits.shape[1]
     if not 1 <= top_k <= N:
         raise ValueError(f"top_k must be in [1, N={N}], got {top_k}")
-    want = (N + 1, H, DK, v.shape[-1])
-    if state.ndim != 5 or tuple(state.shape[1:]) != want or state.dtype != torch.float32:
+    want = features.state_shape(N)
+    if state.ndim != 5 or tuple(state.shape[1:]) != want or state.dtype != SSE_STATE_DTYPE:
         raise ValueError(f"state must be fp32 [num_slots, {', '.join(map(str, want))}], "
                          f"got {state.dtype} {tuple(state.shape)}")
     # vLLM's state cache pads each slot (row stride >= the state size): only each slot must be dense.
@@ -94,35 +97,30 @@ def check_decode_inputs(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_s
 
 
 def sse_decode_triton(
-    q_shared: torch.Tensor, k_shared: torch.Tensor, q_sparse: torch.Tensor, k_sparse: torch.Tensor,
-    v: torch.Tensor, g_shared: torch.Tensor, g_sparse: torch.Tensor, router_logits: torch.Tensor,
-    state: torch.Tensor, slot_ids: torch.Tensor, *, top_k: int, scale: float | None = None,
-    out: torch.Tensor | None = None,
+    *, features: SSEFeatures, router_logits: torch.Tensor, state: torch.Tensor, slot_ids: torch.Tensor, top_k: int,
+    scale: float | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One SSE decoding step with the fused Triton kernel (interfaces.md `sse_decode`): inputs [B, H, d] one
-    token per sequence, router_logits [B, N], state [num_slots, N+1, H, dk, dv] fp32 updated IN PLACE at the
-    distinct non-negative `slot_ids` [B]; slots may be padded (any stride(0), each slot dense). Returns
-    o [B, H, dv] in v's dtype (zero for padded rows), written into `out` when given (saves the copy when the
-    caller owns the output buffer). No autograd.
+    """`sse_rl.models.ops.sse_decode` (arguments and returns documented there) as one fused Triton kernel.
 
     Examples::
-        >>> o = sse_decode_triton(q1, k1, q2, k2, v, g1, g2, logits, state, slots, top_k=1)
+        >>> o = sse_decode_triton(features=SSEFeatures(q1, k1, q2, k2, v, g1, g2), router_logits=logits,
+        ...                       state=state, slot_ids=slots, top_k=1)
     """
-    check_decode_inputs(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, state,
-                        slot_ids, top_k)
-    B, H, DK = q_shared.shape
-    DV, N = v.shape[-1], router_logits.shape[1]
+    check_decode_inputs(features=features, router_logits=router_logits, state=state, slot_ids=slot_ids, top_k=top_k)
+    B, H, DK = features.q_shared.shape
+    v, N = features.v, router_logits.shape[1]
+    DV = v.shape[-1]
     BK, BV = min(DECODE_BK, triton.next_power_of_2(DK)), min(DECODE_BV, max(16, triton.next_power_of_2(DV)))
     if out is None:
         out = torch.empty_like(v)
     elif out.shape != v.shape or out.dtype != v.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {v.dtype} tensor of v's shape {tuple(v.shape)}, "
                          f"got {out.dtype} {tuple(out.shape)} with strides {out.stride()}")
-    q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits = (
-        x.contiguous() for x in (q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits))
+    feats = features.map(torch.Tensor.contiguous)
+    scale = DK ** -0.5 if scale is None else scale
+    # The kernel takes the features in SSEFeatures' order.
     sse_decode_kernel[(triton.cdiv(DV, BV), B, H)](
-        q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits, state, state.stride(0),
-        slot_ids, out, DK ** -0.5 if scale is None else scale,
+        *feats, router_logits.contiguous(), state, state.stride(0), slot_ids, out, scale,
         H=H, DK=DK, DV=DV, N=N, K=top_k, BK=BK, BV=BV, BN=triton.next_power_of_2(N),
     )
     return out

@@ -1,17 +1,19 @@
 """PyTorch reference implementations of the SSE mixer op: the oracle every kernel is tested against.
 
-Semantics (sse_spec.md §1.3), per sequence and head, state S_p in R^{dk x dv} for partitions p = 0..N:
+Semantics (docs/sse_layer.md, "Recurrence"), per sequence and head, state S_p in R^{dk x dv} for partitions
+p = 0..N:
   e = softmax(router_logits) (fp32), (w, idx) = top-K of e (not renormalised; ties go to the lower index)
   shared:  S_0 <- diag(exp(g_sh)) S_0 + k_sh^T v ;                o  = scale * q_sh S_0
   routed:  S_1+i <- diag(exp(g_sp)) S_1+i + (w_i k_sp)^T v ;      o += scale * (w_i q_sp) S_1+i   (i in idx)
   partitions that are not selected are neither written nor decayed.
 
-Three equivalent forms with one signature (interfaces.md):
+Three equivalent forms with the signature of `sse_rl.models.ops.sse_chunk` (arguments and shapes documented there):
 - `sse_recurrent`:    the per-token loop, i.e. the definition.
 - `sse_chunk_varlen`: fla's "varlen" form: (token, partition) pairs sorted by (sequence, partition, time) become
                       segments of one chunked-GLA call over [shared || sorted sparse]; the outputs are combined by
                       inverting the permutation (a gather, no index_add atomics).
 - `sse_mask`:         fla's "mask" form: (N+1)*H heads with masked q/k/v/g, one chunked-GLA call.
+`sse_decode` is one decoding step on a slot-indexed state cache, with the signature of `sse_rl.models.ops.sse_decode`.
 All compute in fp32, or fp64 when the inputs are fp64 (the tests use fp64 to compare the forms to 1e-10);
 outputs are cast to v's dtype and final states stay in the compute dtype.
 """
@@ -21,6 +23,7 @@ from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
+from sse_rl.models.ops.features import SSEFeatures
 from torch import Tensor
 
 
@@ -28,11 +31,11 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def sse_router(router_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+def sse_router(router_logits: Tensor, *, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Softmax over the N partitions in fp32 and the top-k partitions (ties broken toward the lower index).
 
     Args:
-        router_logits: [..., N] raw e_proj output.
+        router_logits: [..., N] raw e_proj output; top_k: K, the partitions each token selects.
     Returns:
         probs [..., N] (fp32, fp64 for fp64 input), weights [..., K] (the selected probs, not renormalised),
         indices [..., K] int64.
@@ -81,15 +84,15 @@ def _check_state(initial_state: Tensor | None, num_seqs: int, shape: tuple[int, 
         raise ValueError(f"initial_state must have shape {(num_seqs, *shape)}, got {tuple(initial_state.shape)}")
 
 
-def gla_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, initial_state: Tensor | None = None,
+def gla_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: float, initial_state: Tensor | None = None,
               cu_seqlens: Tensor | None = None, chunk_size: int = 64) -> tuple[Tensor, Tensor]:
     """Chunked gated linear attention (GLA), per sequence: o_t = scale * q_t S_t, S_t = diag(exp g_t) S_t-1 + k_t^T v_t.
 
     Inside a chunk the decays enter only as exp(b_i - b_j) with j <= i (b = cumulative log-decay), so no term
     overflows however strong the decay. Zero-length segments pass their initial state through.
     Args:
-        q, k, g: [B, T, H, dk]; v: [B, T, H, dv]; initial_state: [S, H, dk, dv] or None (zeros);
-        cu_seqlens: [S+1] packed segment bounds (B must be 1) or None (S = B).
+        q, k, g: [B, T, H, dk]; v: [B, T, H, dv]; scale: applied to q; initial_state: [S, H, dk, dv] or None
+        (zeros); cu_seqlens: [S+1] packed segment bounds (B must be 1) or None (S = B); chunk_size: rows per chunk.
     Returns:
         o [B, T, H, dv] and final states [S, H, dk, dv], both in the inputs' dtype.
     """
@@ -123,28 +126,26 @@ def _gla_one_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, sc
     return scale * o, state
 
 
-def _prepare(q_shared: Tensor, v: Tensor, router_logits: Tensor, top_k: int, scale: float | None,
+def _prepare(features: SSEFeatures, router_logits: Tensor, top_k: int, scale: float | None,
              initial_state: Tensor | None, cu_seqlens: Tensor | None):
     """Shared validation of the public forms; returns (compute dtype, scale, router weights, router indices)."""
-    batch, length, heads, dk = q_shared.shape
-    n = router_logits.shape[-1]
+    batch, length, _, dk = features.q_shared.shape
     if router_logits.shape[:2] != (batch, length):
         raise ValueError(f"router_logits must be [B={batch}, T={length}, N], got {tuple(router_logits.shape)}")
     num_seqs = len(_sequence_bounds(batch, length, cu_seqlens))
-    _check_state(initial_state, num_seqs, (n + 1, heads, dk, v.shape[-1]))
-    _, weights, indices = sse_router(router_logits, top_k)
-    return _compute_dtype(v), (dk ** -0.5 if scale is None else scale), weights, indices
+    _check_state(initial_state, num_seqs, features.state_shape(router_logits.shape[-1]))
+    _, weights, indices = sse_router(router_logits, top_k=top_k)
+    return _compute_dtype(features.v), (dk ** -0.5 if scale is None else scale), weights, indices
 
 
-def sse_recurrent(q_shared: Tensor, k_shared: Tensor, q_sparse: Tensor, k_sparse: Tensor, v: Tensor,
-                  g_shared: Tensor, g_sparse: Tensor, router_logits: Tensor, *, top_k: int,
-                  scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+def sse_recurrent(*, features: SSEFeatures, router_logits: Tensor, top_k: int, scale: float | None = None,
+                  initial_state: Tensor | None = None, output_final_state: bool = False,
                   cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """The SSE recurrence token by token (the definition). Shapes as in `sse_chunk_varlen`."""
-    dtype, scale, weights, indices = _prepare(q_shared, v, router_logits, top_k, scale, initial_state, cu_seqlens)
-    batch, length, heads, dk = q_shared.shape
-    n, dv = router_logits.shape[-1], v.shape[-1]
-    qs, ks, qp, kp, vv, gs, gp = (x.to(dtype) for x in (q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse))
+    """The SSE recurrence token by token (the definition)."""
+    dtype, scale, weights, indices = _prepare(features, router_logits, top_k, scale, initial_state, cu_seqlens)
+    batch, length, heads, dk = features.q_shared.shape
+    n, dv = router_logits.shape[-1], features.v.shape[-1]
+    qs, ks, qp, kp, vv, gs, gp = features.map(lambda x: x.to(dtype))
     weights = weights.to(dtype)
     outputs, finals = [], []
     for s, (b, start, end) in enumerate(_sequence_bounds(batch, length, cu_seqlens)):
@@ -160,35 +161,23 @@ def sse_recurrent(q_shared: Tensor, k_shared: Tensor, q_sparse: Tensor, k_sparse
                 o = o + torch.einsum("hd,hdv->hv", w * qp[b, t], states[p])
             outputs.append(scale * o)
         finals.append(torch.stack(states, 0))
-    o = torch.stack(outputs, 0).reshape(batch, length, heads, dv).to(v.dtype)
+    o = torch.stack(outputs, 0).reshape(batch, length, heads, dv).to(features.v.dtype)
     return o, (torch.stack(finals, 0) if output_final_state else None)
 
 
-def sse_chunk_varlen(q_shared: Tensor, k_shared: Tensor, q_sparse: Tensor, k_sparse: Tensor, v: Tensor,
-                     g_shared: Tensor, g_sparse: Tensor, router_logits: Tensor, *, top_k: int,
-                     scale: float | None = None, initial_state: Tensor | None = None,
-                     output_final_state: bool = False, cu_seqlens: Tensor | None = None,
-                     ) -> tuple[Tensor, Tensor | None]:
-    """SSE as one chunked-GLA call over [shared stream || (sequence, partition)-sorted sparse stream].
-
-    Args:
-        q_shared, k_shared, q_sparse, k_sparse, g_shared, g_sparse: [B, T, H, dk] (feature-mapped; g = log-decay);
-        v: [B, T, H, dv]; router_logits: [B, T, N]; top_k: K;
-        scale: applied to q (default dk ** -0.5); initial_state: [S, N+1, H, dk, dv] or None;
-        cu_seqlens: [S+1] with B == 1 for packed sequences, or None (S = B).
-    Returns:
-        o [B, T, H, dv] in v's dtype; final_state [S, N+1, H, dk, dv] if output_final_state else None.
-    """
-    dtype, scale, weights, indices = _prepare(q_shared, v, router_logits, top_k, scale, initial_state, cu_seqlens)
-    batch, length, heads, dk = q_shared.shape
-    n, dv, total = router_logits.shape[-1], v.shape[-1], batch * length
+def sse_chunk_varlen(*, features: SSEFeatures, router_logits: Tensor, top_k: int, scale: float | None = None,
+                     initial_state: Tensor | None = None, output_final_state: bool = False,
+                     cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """SSE as one chunked-GLA call over [shared stream || (sequence, partition)-sorted sparse stream]."""
+    dtype, scale, weights, indices = _prepare(features, router_logits, top_k, scale, initial_state, cu_seqlens)
+    batch, length, heads, dk = features.q_shared.shape
+    n, dv, total = router_logits.shape[-1], features.v.shape[-1], batch * length
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(batch + 1, device=v.device) * length
+        cu_seqlens = torch.arange(batch + 1, device=features.v.device) * length
     num_seqs = cu_seqlens.numel() - 1
-    flat = [x.to(dtype).flatten(0, 1) for x in (q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse)]
-    qs, ks, qp, kp, vv, gs, gp = flat  # [L, H, d]
+    qs, ks, qp, kp, vv, gs, gp = features.map(lambda x: x.to(dtype).flatten(0, 1))  # [L, H, d]
     # One row per (token, slot r): its token, sequence and partition; sort by (sequence, partition, time).
-    token = torch.arange(total, device=v.device).repeat_interleave(top_k)  # [L*K]
+    token = torch.arange(total, device=vv.device).repeat_interleave(top_k)  # [L*K]
     seq = torch.searchsorted(cu_seqlens[1:].to(token), token, right=True)  # [L*K]
     part = indices.reshape(-1)  # [L*K]
     order = torch.argsort((seq * n + part) * total + token)  # [L*K]; keys are unique
@@ -203,64 +192,56 @@ def sse_chunk_varlen(q_shared: Tensor, k_shared: Tensor, q_sparse: Tensor, k_spa
     if initial_state is not None:
         init = initial_state.to(dtype)
         h0 = torch.cat([init[:, 0], init[:, 1:].reshape(num_seqs * n, heads, dk, dv)])  # [S + S*N, H, dk, dv]
-    o, hT = gla_chunk(q, k, vals, g, scale, h0, bounds)
+    o, hT = gla_chunk(q, k, vals, g, scale=scale, initial_state=h0, cu_seqlens=bounds)
     o_sparse = o[0, total:][torch.argsort(order)].reshape(total, top_k, heads, dv).sum(1)  # [L, H, dv]
-    o = (o[0, :total] + o_sparse).reshape(batch, length, heads, dv).to(v.dtype)
+    o = (o[0, :total] + o_sparse).reshape(batch, length, heads, dv).to(features.v.dtype)
     if not output_final_state:
         return o, None
     final = torch.cat([hT[:num_seqs, None], hT[num_seqs:].reshape(num_seqs, n, heads, dk, dv)], 1)
     return o, final  # final: [S, N+1, H, dk, dv]
 
 
-def sse_mask(q_shared: Tensor, k_shared: Tensor, q_sparse: Tensor, k_sparse: Tensor, v: Tensor,
-             g_shared: Tensor, g_sparse: Tensor, router_logits: Tensor, *, top_k: int,
-             scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+def sse_mask(*, features: SSEFeatures, router_logits: Tensor, top_k: int, scale: float | None = None,
+             initial_state: Tensor | None = None, output_final_state: bool = False,
              cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """SSE as chunked GLA over (N+1)*H heads: partition p's heads see q*w, k*w, v and g masked to its tokens.
 
-    An unselected token has k = 0 (no write) and g = 0 (no decay) in that partition. Shapes as in
-    `sse_chunk_varlen`. Costs (N+1)x the GLA compute but needs no sorting.
+    An unselected token has k = 0 (no write) and g = 0 (no decay) in that partition. Costs (N+1)x the GLA compute
+    but needs no sorting.
     """
-    dtype, scale, weights, indices = _prepare(q_shared, v, router_logits, top_k, scale, initial_state, cu_seqlens)
-    batch, length, heads = q_shared.shape[:3]
-    n, dv = router_logits.shape[-1], v.shape[-1]
-    zeros = torch.zeros(batch, length, n, dtype=dtype, device=v.device)
+    dtype, scale, weights, indices = _prepare(features, router_logits, top_k, scale, initial_state, cu_seqlens)
+    batch, length, heads = features.q_shared.shape[:3]
+    n, dv = router_logits.shape[-1], features.v.shape[-1]
+    zeros = torch.zeros(batch, length, n, dtype=dtype, device=features.v.device)
     gate = zeros.scatter(-1, indices, weights.to(dtype))[..., None, None]  # [B, T, N, 1, 1]; w_i or 0
     written = zeros.scatter(-1, indices, 1.0)[..., None, None]  # [B, T, N, 1, 1]; 1 where selected
-    qs, ks, qp, kp, vv, gs, gp = (x.to(dtype) for x in (q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse))
+    qs, ks, qp, kp, vv, gs, gp = features.map(lambda x: x.to(dtype))
     q = torch.cat([qs[:, :, None], gate * qp[:, :, None]], 2)  # [B, T, N+1, H, dk]
     k = torch.cat([ks[:, :, None], gate * kp[:, :, None]], 2)
     g = torch.cat([gs[:, :, None], written * gp[:, :, None]], 2)
     vals = vv[:, :, None].expand(batch, length, n + 1, heads, dv)  # [B, T, N+1, H, dv]
     q, k, g, vals = (x.reshape(batch, length, (n + 1) * heads, -1) for x in (q, k, g, vals))
     h0 = None if initial_state is None else initial_state.to(dtype).flatten(1, 2)  # [S, (N+1)*H, dk, dv]
-    o, hT = gla_chunk(q, k, vals, g, scale, h0, cu_seqlens)
-    o = o.reshape(batch, length, n + 1, heads, dv).sum(2).to(v.dtype)  # [B, T, H, dv]
+    o, hT = gla_chunk(q, k, vals, g, scale=scale, initial_state=h0, cu_seqlens=cu_seqlens)
+    o = o.reshape(batch, length, n + 1, heads, dv).sum(2).to(features.v.dtype)  # [B, T, H, dv]
     return o, (hT.unflatten(1, (n + 1, heads)) if output_final_state else None)
 
 
-def sse_decode(q_shared: Tensor, k_shared: Tensor, q_sparse: Tensor, k_sparse: Tensor, v: Tensor,
-               g_shared: Tensor, g_sparse: Tensor, router_logits: Tensor, state: Tensor, slot_ids: Tensor, *,
-               top_k: int, scale: float | None = None) -> Tensor:
-    """One decoding step per sequence, updating a slot-indexed state cache IN PLACE.
-
-    Args:
-        q_shared, k_shared, q_sparse, k_sparse, g_shared, g_sparse: [B, H, dk]; v: [B, H, dv];
-        router_logits: [B, N]; state: [num_slots, N+1, H, dk, dv] (fp32); slot_ids: [B], negative = padded row.
-    Returns:
-        o [B, H, dv] in v's dtype; padded rows are zero and touch no state.
-    """
-    batch, heads, dk = q_shared.shape
-    n, dv = router_logits.shape[-1], v.shape[-1]
-    if state.shape[1:] != (n + 1, heads, dk, dv):
-        raise ValueError(f"state must be [num_slots, {n + 1}, {heads}, {dk}, {dv}], got {tuple(state.shape)}")
+def sse_decode(*, features: SSEFeatures, router_logits: Tensor, state: Tensor, slot_ids: Tensor, top_k: int,
+               scale: float | None = None, out: Tensor | None = None) -> Tensor:
+    """One decoding step per sequence, updating a slot-indexed state cache IN PLACE (the reference of
+    `sse_rl.models.ops.sse_decode`, whose docstring has the arguments and shapes)."""
+    batch, heads, dk = features.q_shared.shape
+    dv = features.v.shape[-1]
+    want = features.state_shape(router_logits.shape[-1])
+    if state.shape[1:] != want:
+        raise ValueError(f"state must be [num_slots, {', '.join(map(str, want))}], got {tuple(state.shape)}")
     scale = dk ** -0.5 if scale is None else scale
     rows = (slot_ids >= 0).nonzero().squeeze(-1)  # [b]
     slots = slot_ids[rows].long()  # [b]
     dtype = state.dtype
-    qs, ks, qp, kp, vv, gs, gp = (x[rows].to(dtype) for x in (q_shared, k_shared, q_sparse, k_sparse, v, g_shared,
-                                                               g_sparse))
-    _, weights, indices = sse_router(router_logits[rows], top_k)  # [b, K]
+    qs, ks, qp, kp, vv, gs, gp = features.map(lambda x: x[rows].to(dtype))
+    _, weights, indices = sse_router(router_logits[rows], top_k=top_k)  # [b, K]
     kv = vv[:, :, None, :]  # [b, H, 1, dv]
     s0 = gs.exp()[..., None] * state[slots, 0] + ks[..., None] * kv  # [b, H, dk, dv]
     state[slots, 0] = s0
@@ -270,6 +251,6 @@ def sse_decode(q_shared: Tensor, k_shared: Tensor, q_sparse: Tensor, k_sparse: T
         sp = gp.exp()[..., None] * state[slots, p] + (w * kp)[..., None] * kv  # [b, H, dk, dv]
         state[slots, p] = sp
         o = o + torch.einsum("bhd,bhdv->bhv", w * qp, sp)
-    out = v.new_zeros(batch, heads, dv)
-    out[rows] = (scale * o).to(v.dtype)
-    return out
+    result = features.v.new_zeros(batch, heads, dv)
+    result[rows] = (scale * o).to(features.v.dtype)
+    return result if out is None else out.copy_(result)

@@ -1,8 +1,9 @@
 """Fused SSE router: softmax over the N partitions, top-K and the selected weights, forward and backward.
 
 One program handles BM tokens. The weights are the probabilities of the chosen partitions, NOT renormalised over
-the top-K (spec §1.2), and ties go to the lower partition index (fla's mask kernel). Probabilities and weights are
-fp32 whatever the logits' dtype, because the router's softmax is computed in fp32 in every implementation.
+the top-K (docs/sse_layer.md, "Router"), and ties go to the lower partition index (fla's mask kernel).
+Probabilities and weights are fp32 whatever the logits' dtype, because the router's softmax is computed in fp32 in
+every implementation.
 Indices get no gradient; the gradient reaches the logits through the weights and (for the aux loss) the probs.
 """
 from __future__ import annotations
@@ -124,7 +125,7 @@ class RouterFunction(torch.autograd.Function):
         return router_bwd(probs, indices, dprobs, dweights, ctx.logits_dtype), None
 
 
-def fused_router(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_router(router_logits: torch.Tensor, *, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton `sse_router`: `router_logits [..., N]` -> probs [..., N] fp32, weights [..., K] fp32 (top-K probs,
     not renormalised), indices [..., K] int64 (descending weight, ties -> lower index).
 

@@ -1,7 +1,7 @@
-"""Token routing of the SSE "varlen" form (spec §1.6a) without host synchronisation.
+"""Token routing of the SSE "varlen" form (docs/sse_layer.md, "Kernels") without host synchronisation.
 
 Each token is written to K sparse partitions. The (token, partition) pairs are put in (sequence, partition, time)
-order by a stable counting sort per sequence (spec §3.3.2): a prefix count of the partition hits along the packed
+order by a stable counting sort per sequence: a prefix count of the partition hits along the packed
 tokens gives every pair its rank inside its (sequence, partition) segment, and an exclusive scan of the segment
 sizes gives the segment offsets. Everything stays on the device with static shapes (no `.item()`, no `unique`,
 empty segments kept), so prefill can be CUDA-graph captured.
@@ -10,8 +10,9 @@ The sorted pairs follow the L shared-stream rows in one stream of L * (1 + K) ro
 the state: segment `s * (N + 1) + j` is sequence s, partition j (0 = shared, 1 + i = sparse partition i).
 Moving rows between token order and segment order is a gather both ways (the backward of one is the other), so
 nothing uses atomics and the results are deterministic. Each move is one Triton kernel that reads and writes every
-row once, with the router weight applied (and its gradient reduced) on the way: done with separate PyTorch gathers,
-copies and multiplies, these moves took about a tenth of a 2B training step on the H100.
+row once, with the router weight applied (and its gradient reduced) on the way, rather than separate PyTorch
+gathers, copies and multiplies, which cost a large share of a 2B training step: bench/results/train_step_h100.md
+("Routing moves as Triton kernels").
 """
 from __future__ import annotations
 

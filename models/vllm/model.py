@@ -13,9 +13,10 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
+from sse_rl.models.configuration import SSE_STATE_DTYPE
 from sse_rl.models.layers import scaled_rope_frequencies
 from sse_rl.models.vllm import compat
-from sse_rl.models.vllm.sse_layer import SSEHMixer, sse_state_shape, x_proj_parts
+from sse_rl.models.vllm.sse_layer import SSEHMixer, x_proj_parts
 from torch import nn
 from transformers import PretrainedConfig
 from vllm.compilation.decorators import support_torch_compile
@@ -251,11 +252,11 @@ class SSEHForCausalLM(nn.Module, HasInnerState, IsHybrid):
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, ...]]:
         config = vllm_config.model_config.hf_config
-        return (sse_state_shape(config, vllm_config.parallel_config.tensor_parallel_size),)
+        return (config.sse_state_shape(vllm_config.parallel_config.tensor_parallel_size),)
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig) -> tuple[torch.dtype]:
-        return (torch.float32,)
+        return (SSE_STATE_DTYPE,)
 
     @classmethod
     def get_mamba_state_copy_func(cls) -> tuple:

@@ -1,13 +1,15 @@
 """The SSE mixer as a vLLM recurrent-state layer (`MambaBase`).
 
 Choices:
-- One state tensor per layer and request: fp32 `[N+1, H/tp, dk, dv]` (partition 0 shared, K-major as in
-  `sse_rl.models.ops`), held in vLLM's hybrid state cache; a slot is a state-cache block id.
-- Three parts, as vLLM's own linear-attention layers: projections and feature maps, then the state mixing as one
-  opaque custom op (`vllm::sse_h_mix`), then the gated norm and out-projection. torch.compile sees the first and
-  last parts (their ~30 elementwise ops per layer fuse into a few kernels); the op reads host-side batch metadata
-  (prefill/decode split), so it stays opaque and piecewise CUDA graphs split at it (`compat.register_splitting_op`).
-  Its decode path is free of host syncs, so FULL decode graphs capture it.
+- One state tensor per layer and request: `SSEHConfig.sse_state_shape(tp_size)` in `SSE_STATE_DTYPE` (fp32
+  `[N+1, H/tp, dk, dv]`, as the ops and the HF cache hold it), in vLLM's hybrid state cache; a slot is a
+  state-cache block id.
+- Three parts, as vLLM's own linear-attention layers: projections and feature maps (`ops.sse_features`, shared
+  with the HF layer), then the state mixing as one opaque custom op (`vllm::sse_h_mix`), then the gated norm
+  (`layers.GatedRMSNorm`, shared with the HF layer) and out-projection. torch.compile sees the first and last
+  parts, so their elementwise ops fuse into a few kernels; the op reads host-side batch metadata (prefill/decode
+  split), so it stays opaque and piecewise CUDA graphs split at it (`compat.register_splitting_op`). Its decode
+  path is free of host syncs, so FULL decode graphs capture it.
 - The projections of x that are replicated over TP (the low-rank "A" halves of the q/k LoRAs and gates, and the
   router `e_proj`) are stacked into one matmul, `x_proj`; `model.stacked_target` maps the HF names onto it.
 - Decode rows go to `sse_decode` (in place on the cache); prefill rows (new, chunked, resumed from a prefix-cache
@@ -19,12 +21,12 @@ Choices:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from sse_rl.models.ops import sse_chunk, sse_decode
+from sse_rl.models.configuration import SSE_STATE_DTYPE, SSEHConfig
+from sse_rl.models.layers import GatedRMSNorm
+from sse_rl.models.ops import SSEFeatures, sse_chunk, sse_decode, sse_features
 from sse_rl.models.vllm.backend import SSEStateMetadata
 from sse_rl.models.vllm.compat import STATE_BACKEND
 from torch import nn
-from transformers import PretrainedConfig
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
@@ -40,56 +42,28 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 OP_NAME = "sse_h_mix"
 
 
-def x_proj_parts(config: PretrainedConfig) -> tuple[str, ...]:
+def x_proj_parts(config: SSEHConfig) -> tuple[str, ...]:
     """HF modules stacked into `x_proj`, in shard order. The router's N (= 4) columns come last, so that every
-    slice that feeds another matmul starts on a 16-byte boundary: cuBLAS takes a slow 2-element-aligned kernel
-    for a misaligned input (the output gate's B half did, behind the router, on the H200:
-    bench/results/vllm_decode_profile_h200.md)."""
+    slice that feeds another matmul starts on a 16-byte boundary: for a misaligned input cuBLAS picks a slower,
+    2-element-aligned kernel (bench/results/vllm_decode_profile_h200.md)."""
     gate = ("g_proj.0",) if config.use_output_gate else ()
     return ("lora_q_proj.0", "lora_k_proj.0", "gk_proj.0.0", "gk_proj.1.0", *gate, "e_proj")
 
 
-def sse_state_shape(config: PretrainedConfig, tp_size: int) -> tuple[int, int, int, int]:
-    """Per-request state of one SSE layer on one TP rank: (N+1, H/tp, dk, dv)."""
-    if config.num_heads % tp_size:
-        raise ValueError(f"SSE-H needs num_heads ({config.num_heads}) divisible by the tensor-parallel size "
-                         f"({tp_size})")
-    head_v_dim = int(config.head_dim * config.expand_v)
-    return config.num_sparse_partition + 1, config.num_heads // tp_size, config.head_dim, head_v_dim
-
-
-class GatedRMSNorm(nn.Module):
-    """RMSNorm over the last dim, times silu(gate) when given: the HF model's `RMSNorm`/`GatedRMSNorm` numerics
-    (fp32 math, rounded to the input dtype after the norm and after the gate)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        x32 = x.float()
-        y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
-        if gate is not None:
-            y = (y.float() * F.silu(gate.float())).to(x.dtype)
-        return y
-
-
 class SSEHMixer(nn.Module, MambaBase):
-    """SSE layer of SSE-H (spec §1.2–1.3) with parameter names of the HF model (`...attn.<name>`)."""
+    """SSE layer of SSE-H (docs/sse_layer.md) with parameter names of the HF model (`...attn.<name>`)."""
 
-    def __init__(self, config: PretrainedConfig, *, vllm_config: VllmConfig, prefix: str) -> None:
+    def __init__(self, config: SSEHConfig, *, vllm_config: VllmConfig, prefix: str) -> None:
         super().__init__()
         if vllm_config.speculative_config is not None:
             raise NotImplementedError("SSE-H in vLLM does not support speculative decoding; drop the "
                                       "speculative_config / --speculative-config option")
-        tp_size = get_tensor_model_parallel_world_size()
         self.prefix = prefix
-        self.state_shape = sse_state_shape(config, tp_size)
+        self.state_shape = config.sse_state_shape(get_tensor_model_parallel_world_size())
         _, self.num_heads, self.head_k_dim, self.head_v_dim = self.state_shape
         self.top_k = config.num_writer
         self.gate_logit_normalizer = config.gate_logit_normalizer
-        hidden, heads, dk, dv = config.hidden_size, config.num_heads, config.head_dim, self.head_v_dim
+        hidden, heads, dk, dv = config.hidden_size, config.num_heads, config.head_dim, config.head_v_dim
         rank = config.gate_low_rank_dim
 
         self.qkv_proj = MergedColumnParallelLinear(hidden, [heads * dk, heads * dk, heads * dv], bias=False,
@@ -125,17 +99,18 @@ class SSEHMixer(nn.Module, MambaBase):
         return (self.state_shape,)
 
     def get_state_dtype(self) -> tuple[torch.dtype]:
-        return (torch.float32,)
+        return (SSE_STATE_DTYPE,)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Features (compiled) -> state mixing on the cache (opaque op) -> gated norm and o_proj (compiled)."""
-        feats, gate = self._features(hidden_states)
-        o = torch.empty_like(feats[4])  # [T, H, dv], every row written by the op
-        torch.ops.vllm.sse_h_mix(*feats, o, self.prefix)
+        features, router_logits, gate = self._features(hidden_states)
+        o = torch.empty_like(features.v)  # [T, H, dv], every row written by the op
+        # The custom op's schema lists the features flat, in SSEFeatures' order.
+        torch.ops.vllm.sse_h_mix(*features, router_logits, o, self.prefix)
         y, _ = self.o_proj(self.o_norm(o, gate).flatten(1))
         return y
 
-    def mix(self, feats: tuple[torch.Tensor, ...], o: torch.Tensor) -> None:
+    def mix(self, features: SSEFeatures, router_logits: torch.Tensor, o: torch.Tensor) -> None:
         """Body of the custom op: decode rows, then prefill rows, on this layer's cached states, into `o`; rows
         past them (padding of a piecewise CUDA graph) are zeroed. In a FULL decode graph every row is a decode row
         (padding rows have slot -1 and the kernel writes their zeros), so nothing else is launched."""
@@ -146,47 +121,46 @@ class SSEHMixer(nn.Module, MambaBase):
             return
         step = metadata[self.prefix]
         assert isinstance(step, SSEStateMetadata), f"{self.prefix}: unexpected metadata {type(step)}"
-        self._decode(feats, step, o)
-        self._prefill(feats, step, o)
+        self._decode(features, router_logits, step, o)
+        self._prefill(features, router_logits, step, o)
         o[step.num_decode_tokens + step.num_prefill_tokens:].zero_()
 
-    def _features(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
-        """Feature maps of spec §1.2 with the HF model's numerics: q = silu, k = softmax over dk (fp32), v = silu,
-        log-decays logsigmoid(.) / normalizer in fp32, router logits [T, N]; and the output gate [T, H, dv]."""
-        t, heads = x.shape[0], (self.num_heads, self.head_k_dim)
+    def _features(self, x: torch.Tensor) -> tuple[SSEFeatures, torch.Tensor, torch.Tensor | None]:
+        """The op's features of x [T, D] (fields [T, H, dk] / [T, H, dv]), the router logits [T, N] and the output
+        gate [T, H, dv] (None without one)."""
         qkv, _ = self.qkv_proj(x)
-        q1, k1, v = qkv.split([self.num_heads * self.head_k_dim] * 2 + [self.num_heads * self.head_v_dim], dim=-1)
+        q, k, v = qkv.split([self.num_heads * self.head_k_dim] * 2 + [self.num_heads * self.head_v_dim], dim=-1)
         xs, _ = self.x_proj(x)
         part = dict(zip(self.x_parts, xs.split(self.x_sizes, dim=-1)))
-        lq, lk, gk0, gk1 = part["lora_q_proj.0"], part["lora_k_proj.0"], part["gk_proj.0.0"], part["gk_proj.1.0"]
-        q2, k2 = q1 + self.lora_q_proj(lq)[0], k1 + self.lora_k_proj(lk)[0]  # [T, H*dk]
-        q_sh, q_sp = F.silu(q1.view(t, *heads)), F.silu(q2.view(t, *heads))  # [T, H, dk]
-        k_sh = k1.view(t, *heads).float().softmax(-1).to(x.dtype)
-        k_sp = k2.view(t, *heads).float().softmax(-1).to(x.dtype)
-        v = F.silu(v.view(t, self.num_heads, self.head_v_dim))  # [T, H, dv]
-        g_sh, g_sp = (F.logsigmoid(proj(a)[0].view(t, *heads).float()) / self.gate_logit_normalizer
-                      for proj, a in zip(self.gk_proj, (gk0, gk1)))  # [T, H, dk] fp32
-        gate = None if self.g_proj is None else self.g_proj(part["g_proj.0"])[0].view_as(v)
-        return (q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, part["e_proj"].contiguous()), gate
+        features = sse_features(
+            q, k, self.lora_q_proj(part["lora_q_proj.0"])[0], self.lora_k_proj(part["lora_k_proj.0"])[0], v,
+            self.gk_proj[0](part["gk_proj.0.0"])[0], self.gk_proj[1](part["gk_proj.1.0"])[0],
+            num_heads=self.num_heads, gate_logit_normalizer=self.gate_logit_normalizer)
+        gate = None if self.g_proj is None else self.g_proj(part["g_proj.0"])[0].view_as(features.v)
+        return features, part["e_proj"].contiguous(), gate
 
-    def _decode(self, feats: tuple[torch.Tensor, ...], step: SSEStateMetadata, o: torch.Tensor) -> None:
+    def _decode(self, features: SSEFeatures, router_logits: torch.Tensor, step: SSEStateMetadata,
+                o: torch.Tensor) -> None:
         """One token per decode row, state updated in place; padded rows (slot -1) give zero output."""
         n = step.num_decode_tokens
         if n == 0:
             return
-        state = self.kv_cache[0]  # [num_slots, N+1, H, dk, dv] fp32
-        sse_decode(*(f[:n] for f in feats), state, step.decode_slots, top_k=self.top_k, out=o[:n])
+        state = self.kv_cache[0]  # [num_slots, *state_shape]
+        sse_decode(features=features.map(lambda f: f[:n]), router_logits=router_logits[:n], state=state,
+                   slot_ids=step.decode_slots, top_k=self.top_k, out=o[:n])
 
-    def _prefill(self, feats: tuple[torch.Tensor, ...], step: SSEStateMetadata, o: torch.Tensor) -> None:
+    def _prefill(self, features: SSEFeatures, router_logits: torch.Tensor, step: SSEStateMetadata,
+                 o: torch.Tensor) -> None:
         """Packed prefill rows through the chunk op, starting from cached (or zero) states, writing final states."""
         if step.num_prefills == 0:
             return
         start, end = step.num_decode_tokens, step.num_decode_tokens + step.num_prefill_tokens
-        state = self.kv_cache[0]  # [num_slots, N+1, H, dk, dv] fp32
+        state = self.kv_cache[0]  # [num_slots, *state_shape]
         slots = step.prefill_slots
         # New requests own recycled slots: never read them (where, not multiply: garbage may be NaN).
         initial = torch.where(step.prefill_has_initial_state[:, None, None, None, None], state[slots], 0.0)
-        out, final = sse_chunk(*(f[None, start:end] for f in feats), top_k=self.top_k, initial_state=initial,
+        out, final = sse_chunk(features=features.map(lambda f: f[None, start:end]),
+                               router_logits=router_logits[None, start:end], top_k=self.top_k, initial_state=initial,
                                output_final_state=True, cu_seqlens=step.prefill_cu_seqlens)
         o[start:end] = out[0]
         state[slots] = final
@@ -196,7 +170,8 @@ def _sse_h_mix(q_shared: torch.Tensor, k_shared: torch.Tensor, q_sparse: torch.T
                v: torch.Tensor, g_shared: torch.Tensor, g_sparse: torch.Tensor, router_logits: torch.Tensor,
                output: torch.Tensor, layer_name: str) -> None:
     layer: SSEHMixer = get_forward_context().no_compile_layers[layer_name]
-    layer.mix((q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse, router_logits), output)
+    features = SSEFeatures(q_shared, k_shared, q_sparse, k_sparse, v, g_shared, g_sparse)
+    layer.mix(features, router_logits, output)
 
 
 def _sse_h_mix_fake(q_shared: torch.Tensor, k_shared: torch.Tensor, q_sparse: torch.Tensor, k_sparse: torch.Tensor,

@@ -52,6 +52,15 @@ def test_overrides_and_unknown_preset() -> None:
         SSEHConfig.from_preset("sse-h-7b")
 
 
+def test_sse_state_shape_is_per_tensor_parallel_rank() -> None:
+    """An SSE layer's state per sequence: [N+1, H/tp, dk, dv], the heads sharded over tensor-parallel ranks."""
+    config = SSEHConfig.from_preset("sse-h-2b", expand_v=0.5)
+    assert config.sse_state_shape() == (5, 10, 256, 128)
+    assert config.sse_state_shape(tp_size=2) == (5, 5, 256, 128)
+    with pytest.raises(ValueError, match=r"num_heads \(10\) divisible by the tensor-parallel size \(4\)"):
+        config.sse_state_shape(tp_size=4)
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("num_writer", 5, "num_writer"),
     ("num_reader", 2, "num_reader"),

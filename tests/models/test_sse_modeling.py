@@ -101,7 +101,7 @@ def test_cached_decoding_equals_full_forward(model: SSEHForCausalLM) -> None:
         steps.append(out.logits)
     assert torch.allclose(torch.cat(steps, 1), full, atol=ATOL)
     state = out.past_key_values.layers[0].recurrent_states[0]
-    assert state.shape == (2, 5, 2, 64, 64) and state.dtype == torch.float32
+    assert state.shape == (2, *model.config.sse_state_shape()) == (2, 5, 2, 64, 64) and state.dtype == torch.float32
 
 
 @torch.no_grad()
@@ -175,10 +175,11 @@ def test_autocast_features_meet_the_kernel_contract(model: SSEHForCausalLM) -> N
     layer = model.model.layers[0].attn
     x = torch.randn(1, 5, model.config.hidden_size)  # fp32 residual stream
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp = layer._features(x)
+        features = layer._features(x)
         logits = layer.e_proj(x)
-    assert {t.dtype for t in (q_sh, k_sh, q_sp, k_sp, v)} == {torch.bfloat16}
-    assert check_sse_inputs(q_sh, k_sh, q_sp, k_sp, v, g_sh, g_sp, logits, model.config.num_writer, None, None) == 1
+    assert {t.dtype for t in features[:5]} == {torch.bfloat16}
+    assert check_sse_inputs(features=features, router_logits=logits, top_k=model.config.num_writer,
+                            initial_state=None, cu_seqlens=None) == 1
 
 
 def test_aux_loss_is_in_the_loss_in_training_only(model: SSEHForCausalLM) -> None:
@@ -205,7 +206,7 @@ def test_aux_loss_equals_hand_computation() -> None:
     n, k = 4, 2
     expected = (n / k) * sum(probs[:, i].mean() * (top2 == i).any(-1).double().mean() for i in range(n))
     assert abs(aux.item() - expected.item()) < 1e-6
-    _, _, indices = sse_router(logits, 2)
+    _, _, indices = sse_router(logits, top_k=2)
     assert torch.equal(indices, top2)
 
 

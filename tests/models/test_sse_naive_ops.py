@@ -1,4 +1,4 @@
-"""The PyTorch references of the SSE op agree with each other and with the definition (sse_spec.md §1.3)."""
+"""The PyTorch references of the SSE op agree with each other and with the definition (docs/sse_layer.md)."""
 from __future__ import annotations
 
 import math
@@ -7,25 +7,31 @@ from itertools import pairwise
 import pytest
 import torch
 import torch.nn.functional as F
-from sse_rl.models.ops import naive
+from sse_rl.models.ops import SSEFeatures, naive
 
 FORMS = {"chunk_varlen": naive.sse_chunk_varlen, "mask": naive.sse_mask}
 TOL = 1e-10
 
 
 def make_inputs(batch: int, length: int, n: int, heads: int = 2, dk: int = 8, dv: int = 6,
-                decay: float = 1.0) -> dict[str, torch.Tensor]:
-    """Feature-mapped fp64 inputs as the mixer produces them (q silu, k softmax, g = decay * logsigmoid / 16)."""
+                decay: float = 1.0) -> dict[str, SSEFeatures | torch.Tensor]:
+    """The op's feature and router arguments, fp64, as the mixer makes them (q silu, k softmax,
+    g = decay * logsigmoid / 16)."""
     def r(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, dtype=torch.float64)
-    return {
-        "q_shared": F.silu(r(batch, length, heads, dk)), "k_shared": r(batch, length, heads, dk).softmax(-1),
-        "q_sparse": F.silu(r(batch, length, heads, dk)), "k_sparse": r(batch, length, heads, dk).softmax(-1),
-        "v": F.silu(r(batch, length, heads, dv)),
-        "g_shared": decay * F.logsigmoid(r(batch, length, heads, dk)) / 16,
-        "g_sparse": decay * F.logsigmoid(r(batch, length, heads, dk)) / 16,
-        "router_logits": 2 * r(batch, length, n),
-    }
+    features = SSEFeatures(
+        q_shared=F.silu(r(batch, length, heads, dk)), k_shared=r(batch, length, heads, dk).softmax(-1),
+        q_sparse=F.silu(r(batch, length, heads, dk)), k_sparse=r(batch, length, heads, dk).softmax(-1),
+        v=F.silu(r(batch, length, heads, dv)),
+        g_shared=decay * F.logsigmoid(r(batch, length, heads, dk)) / 16,
+        g_sparse=decay * F.logsigmoid(r(batch, length, heads, dk)) / 16,
+    )
+    return {"features": features, "router_logits": 2 * r(batch, length, n)}
+
+
+def rows(x: dict[str, SSEFeatures | torch.Tensor], select) -> dict[str, SSEFeatures | torch.Tensor]:
+    """The op's arguments `x` with `select` applied to every tensor (the features and the router logits)."""
+    return {"features": x["features"].map(select), "router_logits": select(x["router_logits"])}
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -57,7 +63,7 @@ def test_forms_agree_packed_and_match_each_sequence_alone(top_k: int, n: int) ->
         assert max_diff(o, ref_o) < TOL, name
         assert max_diff(h, ref_h) < TOL, name
     for s, (a, b) in enumerate(pairwise(bounds)):
-        alone = {k: v[:, a:b] for k, v in x.items()}
+        alone = rows(x, lambda t, a=a, b=b: t[:, a:b])
         o, h = naive.sse_chunk_varlen(**alone, top_k=top_k, initial_state=h0[s:s + 1], output_final_state=True)
         assert max_diff(o, ref_o[:, a:b]) < TOL if b > a else o.numel() == 0
         assert max_diff(h[0], ref_h[s]) < TOL
@@ -71,8 +77,11 @@ def test_gradients_agree_and_reach_the_router() -> None:
     weights_h = torch.randn(1, 5, 2, 8, 6, dtype=torch.float64)
     grads = {}
     for name, form in {"recurrent": naive.sse_recurrent, **FORMS}.items():
-        leaves = {k: v.clone().requires_grad_() for k, v in {**x, "initial_state": h0}.items()}
-        o, h = form(**leaves, top_k=2, output_final_state=True)
+        leaves = {**x["features"]._asdict(), "router_logits": x["router_logits"], "initial_state": h0}
+        leaves = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+        features = SSEFeatures(*(leaves[k] for k in SSEFeatures._fields))
+        o, h = form(features=features, router_logits=leaves["router_logits"], initial_state=leaves["initial_state"],
+                    top_k=2, output_final_state=True)
         ((o * weights_o).sum() + (h * weights_h).sum()).backward()
         grads[name] = {k: v.grad for k, v in leaves.items()}
     for name in FORMS:
@@ -109,7 +118,7 @@ def test_decode_steps_match_recurrent(top_k: int) -> None:
     untouched = state[:2].clone()
     slots = torch.tensor([2, -1])  # row 1 is padding
     for t in range(12):
-        step = {k: torch.cat([v[:, t], torch.randn_like(v[:, t])]) for k, v in x.items()}  # [2, ...]
+        step = rows(x, lambda v, t=t: torch.cat([v[:, t], torch.randn_like(v[:, t])]))  # [2, ...]
         o = naive.sse_decode(**step, state=state, slot_ids=slots, top_k=top_k)
         assert max_diff(o[0], ref_o[0, t]) < TOL
         assert torch.equal(o[1], torch.zeros_like(o[1]))
@@ -144,9 +153,9 @@ def test_bad_inputs_raise_with_the_name() -> None:
         naive.sse_chunk_varlen(**x, top_k=1, cu_seqlens=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="initial_state"):
         naive.sse_mask(**x, top_k=1, initial_state=torch.zeros(2, 4, 2, 8, 6, dtype=torch.float64))
-    one = {k: v[:1] for k, v in x.items()}
+    one = rows(x, lambda t: t[:1])
     with pytest.raises(ValueError, match="cu_seqlens"):
         naive.sse_recurrent(**one, top_k=1, cu_seqlens=torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="state must be"):
-        step = {k: v[:, 0] for k, v in x.items()}
+        step = rows(x, lambda t: t[:, 0])
         naive.sse_decode(**step, state=torch.zeros(2, 4, 2, 8, 6), slot_ids=torch.tensor([0, 1]), top_k=1)

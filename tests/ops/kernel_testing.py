@@ -1,5 +1,6 @@
 """Comparison helpers shared by the kernel tests (imported by name: pytest puts this folder on sys.path)."""
 import torch
+from sse_rl.models.ops import SSEFeatures
 
 # conftest.py of this folder sets TRITON_INTERPRET=1 when this is False.
 ON_GPU = torch.cuda.is_available()
@@ -17,3 +18,8 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) ->
     assert torch.isfinite(out).all(), f"{name}: non-finite values"
     err = rel_err(ref, out)
     assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.0e}"
+
+
+def op_args(inputs: list[torch.Tensor]) -> dict[str, SSEFeatures | torch.Tensor]:
+    """The keyword arguments `features` and `router_logits` of an SSE op, from [*SSEFeatures fields, router_logits]."""
+    return {"features": SSEFeatures(*inputs[:7]), "router_logits": inputs[7]}

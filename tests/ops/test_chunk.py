@@ -3,7 +3,8 @@ gradients of every input). CPU CI runs tiny shapes under TRITON_INTERPRET=1; a G
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_testing import DEVICE, ON_GPU, assert_close
+from kernel_testing import DEVICE, ON_GPU, assert_close, op_args
+from sse_rl.models.ops import SSEFeatures
 from sse_rl.models.ops.chunk import chunk_gla_segments, sse_triton
 from sse_rl.models.ops.naive import gla_chunk, sse_chunk_varlen, sse_recurrent
 
@@ -12,7 +13,8 @@ DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
 
 
 def sse_inputs(B, T, H, DK, DV, N, S, dtype):
-    """Inputs shaped like the SSE layer makes them: silu/softmax features, logsigmoid/16 decays."""
+    """Inputs shaped like the SSE layer makes them: silu/softmax features, logsigmoid/16 decays; a list of the
+    SSEFeatures fields then the router logits (`op_args` makes keyword arguments of it), and an initial state."""
     x = lambda *shape: torch.randn(*shape, device=DEVICE)
     feats = [F.silu(x(B, T, H, DK)), x(B, T, H, DK).softmax(-1), F.silu(x(B, T, H, DK)), x(B, T, H, DK).softmax(-1),
              F.silu(x(B, T, H, DV)), F.logsigmoid(x(B, T, H, DK)) / 16, F.logsigmoid(x(B, T, H, DK)) / 16,
@@ -59,8 +61,8 @@ def test_sse_triton_matches_recurrent(case, dtype: torch.dtype) -> None:
     tri_in = [f.clone().requires_grad_() for f in feats] + [h0.clone().requires_grad_()]
     ref_in = [f.float().requires_grad_() for f in feats] + [h0.clone().requires_grad_()]
     kw = {"top_k": K, "output_final_state": True, "cu_seqlens": cu_t}
-    o, ht = sse_triton(*tri_in[:-1], initial_state=tri_in[-1], **kw)
-    ro, rht = sse_recurrent(*ref_in[:-1], initial_state=ref_in[-1], **kw)
+    o, ht = sse_triton(**op_args(tri_in[:-1]), initial_state=tri_in[-1], **kw)
+    ro, rht = sse_recurrent(**op_args(ref_in[:-1]), initial_state=ref_in[-1], **kw)
     assert o.dtype == dtype and ht.dtype == torch.float32 and ht.shape == (S, N + 1, H, DK, DV)
     tol = TOL[dtype]
     assert_close("o", ro, o, tol)
@@ -88,7 +90,7 @@ def test_gla_segments_any_order_with_empty_segments(dtype: torch.dtype) -> None:
     order = torch.randperm(G, device=DEVICE)  # kernel state row i <- segment order[i]
     o, ht = chunk_gla_segments(*tri_in[:4], bounds[:-1][order].int(), bounds.diff()[order].int(), scale=0.2,
                                initial_state=tri_in[4][order], output_final_state=True)
-    ro, rht = gla_chunk(*ref_in[:4], 0.2, ref_in[4], bounds)
+    ro, rht = gla_chunk(*ref_in[:4], scale=0.2, initial_state=ref_in[4], cu_seqlens=bounds)
     tol = TOL[dtype]
     assert_close("o", ro[0], o, tol)
     assert_close("final_state", rht[order], ht, tol)
@@ -100,12 +102,28 @@ def test_gla_segments_any_order_with_empty_segments(dtype: torch.dtype) -> None:
         assert_close(f"d{name}", r.squeeze(0), t, tol)
 
 
+def test_sse_triton_grads_through_a_broadcast_final_state_gradient() -> None:
+    """`final_state.sum()` hands the backward an expanded (stride-0) gradient: the kernels read it as it is laid
+    out, so the gradients match the reference's and stay finite."""
+    feats, h0 = sse_inputs(1, 70, 2, 16, 32, 4, 1, torch.float32)
+    tri_in, ref_in = ([f.clone().requires_grad_() for f in feats] for _ in range(2))
+    kw = {"top_k": 2, "initial_state": h0, "output_final_state": True}
+    _, ht = sse_triton(**op_args(tri_in), **kw)
+    _, rht = sse_recurrent(**op_args(ref_in), **kw)
+    # The queries do not reach the state: k_shared, k_sparse, v, g_shared, g_sparse and the router logits do.
+    reach = [1, 3, 4, 5, 6, 7]
+    ref_grads = torch.autograd.grad(rht.sum(), [ref_in[i] for i in reach])
+    tri_grads = torch.autograd.grad(ht.sum(), [tri_in[i] for i in reach])
+    for i, r, t in zip(reach, ref_grads, tri_grads):
+        assert_close(f"d{(*SSEFeatures._fields, 'router_logits')[i]}", r, t, 1e-4)
+
+
 def test_sse_triton_is_deterministic_and_final_state_optional() -> None:
     feats, _ = sse_inputs(1, 90, 2, 16, 16, 4, 1, torch.float32)
     inputs = [f.requires_grad_() for f in feats]
     runs = []
     for _ in range(2):
-        o, ht = sse_triton(*inputs, top_k=2)
+        o, ht = sse_triton(**op_args(inputs), top_k=2)
         runs.append((o, *torch.autograd.grad(o.square().sum(), inputs)))
     assert ht is None
     assert all(torch.equal(a, b) for a, b in zip(*runs))
@@ -126,7 +144,7 @@ def test_sse_triton_rejects_bad_inputs(change: dict, match: str) -> None:
         feats[4] = torch.randn(*change["v"], device=DEVICE, dtype=change.get("v_dtype", torch.float32))
     cu = torch.tensor(change["cu"]) if "cu" in change else None
     with pytest.raises(ValueError, match=match):
-        sse_triton(*feats, top_k=change.get("top_k", 1), cu_seqlens=cu,
+        sse_triton(**op_args(feats), top_k=change.get("top_k", 1), cu_seqlens=cu,
                    initial_state=h0.to(change.get("h0_dtype", torch.float32)))
 
 
@@ -136,8 +154,8 @@ def test_dispatcher_matches_recurrent() -> None:
     from sse_rl.models.ops import sse_chunk
 
     feats, h0 = sse_inputs(2, 40, 2, 32, 32, 4, 2, torch.float32)
-    o, ht = sse_chunk(*feats, top_k=1, initial_state=h0, output_final_state=True)
-    ro, rht = sse_recurrent(*feats, top_k=1, initial_state=h0, output_final_state=True)
+    o, ht = sse_chunk(**op_args(feats), top_k=1, initial_state=h0, output_final_state=True)
+    ro, rht = sse_recurrent(**op_args(feats), top_k=1, initial_state=h0, output_final_state=True)
     assert_close("o", ro, o, 1e-4)
     assert_close("final_state", rht, ht, 1e-4)
 
@@ -149,8 +167,9 @@ def test_sse_triton_takes_fp32_gates_beside_16bit_inputs() -> None:
     feats, h0 = sse_inputs(1, 70, 2, 32, 32, 4, 1, torch.float32)
     tri_in = [f.to(dtype) if i not in (5, 6) else f for i, f in enumerate(feats)]
     tri_in = [f.clone().requires_grad_() for f in tri_in]
-    o, ht = sse_triton(*tri_in, top_k=1, initial_state=h0, output_final_state=True)
-    ro, rht = sse_recurrent(*[f.float() for f in tri_in], top_k=1, initial_state=h0, output_final_state=True)
+    o, ht = sse_triton(**op_args(tri_in), top_k=1, initial_state=h0, output_final_state=True)
+    ro, rht = sse_recurrent(**op_args([f.float() for f in tri_in]), top_k=1, initial_state=h0,
+                            output_final_state=True)
     assert o.dtype == dtype and ht.dtype == torch.float32
     assert_close("o", ro, o.float(), 2e-2)
     assert_close("final_state", rht, ht, 2e-2)
@@ -180,8 +199,8 @@ def test_sse_triton_grads_on_model_like_inputs(dtype: torch.dtype) -> None:
     feats, cu, do = model_like_inputs(lengths, H, DK, DV, N, dtype)
     tri_in = [f.clone().requires_grad_() for f in feats]
     ref_in = [f.float().requires_grad_() for f in feats]
-    o = sse_triton(*tri_in, top_k=K, cu_seqlens=cu)[0]
-    ro = sse_chunk_varlen(*ref_in, top_k=K, cu_seqlens=cu)[0]
+    o = sse_triton(**op_args(tri_in), top_k=K, cu_seqlens=cu)[0]
+    ro = sse_chunk_varlen(**op_args(ref_in), top_k=K, cu_seqlens=cu)[0]
     assert_close("o", ro, o.float(), TOL[dtype])
     names = ["q_shared", "k_shared", "q_sparse", "k_sparse", "v", "g_shared", "g_sparse", "router_logits"]
     for name, r, t in zip(names, grads([ro], [do], ref_in), grads([o], [do], tri_in)):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_testing import DEVICE, ON_GPU, assert_close
+from kernel_testing import DEVICE, ON_GPU, assert_close, op_args
 from sse_rl.models.ops.chunk import sse_triton
 from sse_rl.models.ops.decode import sse_decode_triton
 from sse_rl.models.ops.naive import sse_decode, sse_recurrent
@@ -30,8 +30,8 @@ def test_decode_matches_reference(B, H, DK, DV, N, K, slots, dtype) -> None:
     slot_ids = torch.randperm(slots, device=DEVICE)[:B]
     slot_ids[::3] = -1  # padded rows
     tri_state, ref_state = state.clone(), state.clone()
-    o = sse_decode_triton(*feats, tri_state, slot_ids, top_k=K)
-    ro = sse_decode(*[f.float() for f in feats], ref_state, slot_ids, top_k=K)
+    o = sse_decode_triton(**op_args(feats), state=tri_state, slot_ids=slot_ids, top_k=K)
+    ro = sse_decode(**op_args([f.float() for f in feats]), state=ref_state, slot_ids=slot_ids, top_k=K)
     assert o.dtype == dtype
     assert_close("o", ro, o.float(), 1e-4 if dtype == torch.float32 else 2e-2)
     assert_close("state", ref_state, tri_state, 1e-5)
@@ -46,11 +46,12 @@ def test_decode_continues_a_prefill() -> None:
     equals the recurrence over all T+1 tokens, and the slot holds its final state."""
     T, H, DK, DV, N, K = 40, 2, 16, 32, 4, 2
     feats = [f.unsqueeze(0) for f in step_inputs(T + 1, H, DK, DV, N, torch.float32)]  # [1, T+1, ...]
-    _, prefill = sse_triton(*[f[:, :T] for f in feats], top_k=K, output_final_state=True)
+    _, prefill = sse_triton(**op_args([f[:, :T] for f in feats]), top_k=K, output_final_state=True)
     cache = torch.zeros(4, N + 1, H, DK, DV, device=DEVICE)
     cache[2] = prefill[0]
-    o = sse_decode_triton(*[f[0, T:] for f in feats], cache, torch.tensor([2], device=DEVICE), top_k=K)
-    ro, rstate = sse_recurrent(*feats, top_k=K, output_final_state=True)
+    o = sse_decode_triton(**op_args([f[0, T:] for f in feats]), state=cache, slot_ids=torch.tensor([2], device=DEVICE),
+                          top_k=K)
+    ro, rstate = sse_recurrent(**op_args(feats), top_k=K, output_final_state=True)
     assert_close("o", ro[0, T:], o, 1e-4)
     assert_close("state", rstate[0], cache[2], 1e-4)
 
@@ -58,12 +59,14 @@ def test_decode_continues_a_prefill() -> None:
 def test_decode_rejects_bad_state() -> None:
     feats = step_inputs(2, 2, 16, 16, 4, torch.float32)
     slots = torch.tensor([0, 1], device=DEVICE)
+    args = op_args(feats)
     with pytest.raises(ValueError, match="state must be fp32"):
-        sse_decode_triton(*feats, torch.zeros(2, 5, 2, 16, 16, device=DEVICE, dtype=torch.bfloat16), slots, top_k=1)
+        sse_decode_triton(**args, state=torch.zeros(2, 5, 2, 16, 16, device=DEVICE, dtype=torch.bfloat16),
+                          slot_ids=slots, top_k=1)
     with pytest.raises(ValueError, match="state must be fp32"):
-        sse_decode_triton(*feats, torch.zeros(2, 4, 2, 16, 16, device=DEVICE), slots, top_k=1)
+        sse_decode_triton(**args, state=torch.zeros(2, 4, 2, 16, 16, device=DEVICE), slot_ids=slots, top_k=1)
     with pytest.raises(ValueError, match="slot_ids"):
-        sse_decode_triton(*feats, torch.zeros(2, 5, 2, 16, 16, device=DEVICE), slots.float(), top_k=1)
+        sse_decode_triton(**args, state=torch.zeros(2, 5, 2, 16, 16, device=DEVICE), slot_ids=slots.float(), top_k=1)
 
 
 def test_decode_on_padded_slot_cache() -> None:
@@ -78,8 +81,8 @@ def test_decode_on_padded_slot_cache() -> None:
     ref_state = state.clone()
     padding = pages[:, numel:].clone()
     slot_ids = torch.tensor([4, -1, 1], device=DEVICE)
-    o = sse_decode_triton(*feats, state, slot_ids, top_k=K)
-    ro = sse_decode(*feats, ref_state, slot_ids, top_k=K)
+    o = sse_decode_triton(**op_args(feats), state=state, slot_ids=slot_ids, top_k=K)
+    ro = sse_decode(**op_args(feats), state=ref_state, slot_ids=slot_ids, top_k=K)
     assert_close("o", ro, o, 1e-4)
     assert_close("state", ref_state, state, 1e-5)
     assert torch.equal(pages[:, numel:], padding)
@@ -96,11 +99,12 @@ def test_decode_writes_into_out() -> None:
     slot_ids = torch.tensor([3, -1, 0, 5], device=DEVICE)
     ref_state = state.clone()
     buffer = torch.full((B + 3, H, DV), float("nan"), device=DEVICE)
-    returned = dispatch(*feats, state, slot_ids, top_k=K, out=buffer[:B])
-    ro = sse_decode(*feats, ref_state, slot_ids, top_k=K)
+    returned = dispatch(**op_args(feats), state=state, slot_ids=slot_ids, top_k=K, out=buffer[:B])
+    ro = sse_decode(**op_args(feats), state=ref_state, slot_ids=slot_ids, top_k=K)
     assert returned.data_ptr() == buffer.data_ptr()
     assert_close("o", ro, buffer[:B], 1e-4)
     assert_close("state", ref_state, state, 1e-5)
     assert buffer[B:].isnan().all()
     with pytest.raises(ValueError, match="out must be"):
-        sse_decode_triton(*feats, state, slot_ids, top_k=K, out=buffer[:B].to(torch.bfloat16))
+        sse_decode_triton(**op_args(feats), state=state, slot_ids=slot_ids, top_k=K,
+                          out=buffer[:B].to(torch.bfloat16))

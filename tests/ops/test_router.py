@@ -12,8 +12,8 @@ CASES = [(1, 4, 1), (37, 4, 1), (37, 4, 2), (70, 7, 3), (5, 1, 1), (33, 16, 4)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_router_matches_reference(M: int, N: int, K: int, dtype: torch.dtype) -> None:
     logits = torch.randn(M, N, device=DEVICE).to(dtype).requires_grad_()
-    probs, w, idx = fused_router(logits, K)
-    rprobs, rw, ridx = router_ref(logits, K)
+    probs, w, idx = fused_router(logits, top_k=K)
+    rprobs, rw, ridx = router_ref(logits, top_k=K)
     assert probs.dtype == w.dtype == torch.float32 and idx.dtype == torch.int64
     assert torch.equal(idx, ridx)
     assert_close("probs", rprobs, probs, 1e-6)
@@ -27,7 +27,7 @@ def test_router_matches_reference(M: int, N: int, K: int, dtype: torch.dtype) ->
 
 def test_router_ties_go_to_lower_index_and_weights_are_not_renormalised() -> None:
     logits = torch.tensor([[0.0, 1.0, 1.0, 1.0], [2.0, 0.0, 2.0, -1.0]], device=DEVICE)
-    probs, w, idx = fused_router(logits, 2)
+    probs, w, idx = fused_router(logits, top_k=2)
     assert idx.tolist() == [[1, 2], [0, 2]]
     torch.testing.assert_close(w, probs.gather(1, idx))
     assert (w.sum(-1) < 1).all()
@@ -35,9 +35,9 @@ def test_router_ties_go_to_lower_index_and_weights_are_not_renormalised() -> Non
 
 def test_router_weights_only_gradient() -> None:
     logits = torch.randn(9, 5, device=DEVICE, requires_grad=True)
-    _, w, _ = fused_router(logits, 2)
+    _, w, _ = fused_router(logits, top_k=2)
     (grad,) = torch.autograd.grad(w.sum(), logits)
-    _, rw, _ = router_ref(logits, 2)
+    _, rw, _ = router_ref(logits, top_k=2)
     (rgrad,) = torch.autograd.grad(rw.sum(), logits)
     assert_close("dlogits", rgrad, grad, 1e-5)
 
@@ -45,4 +45,4 @@ def test_router_weights_only_gradient() -> None:
 @pytest.mark.parametrize("top_k", [0, 5])
 def test_router_rejects_bad_top_k(top_k: int) -> None:
     with pytest.raises(ValueError, match="top_k"):
-        fused_router(torch.randn(3, 4, device=DEVICE), top_k)
+        fused_router(torch.randn(3, 4, device=DEVICE), top_k=top_k)
