@@ -64,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
 
         print(compare(args.compare, args.out or None))
         return 0
-    if not args.model:
-        parser.error("--model is required (or --compare RUN1 RUN2 ...)")
     try:
         recipe = validate(*build_recipe(EvalRecipe, recipe_fields(args)))
     except RecipeError as err:

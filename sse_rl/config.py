@@ -519,7 +519,10 @@ def _grpo_rules(recipe: Recipe) -> list[str]:
         errors.append(f"model.checkpoint_every: {recipe.model.checkpoint_every} picks the blocks gradient "
                       "checkpointing recomputes, but model.gradient_checkpointing is false; turn it on or leave "
                       "checkpoint_every 1")
-    return errors + _placement_rules(recipe) + _template_rules(recipe)
+    errors += _placement_rules(recipe)
+    if recipe.eval.num_prompts and not recipe.data.eval:
+        errors.append("eval.num_prompts: set, but data.eval names no held-out set")
+    return errors + _template_rules(recipe)
 
 
 def _placement_rules(recipe: Recipe) -> list[str]:
@@ -535,8 +538,6 @@ def _placement_rules(recipe: Recipe) -> list[str]:
     if r.weight_sync == "collective" and (r.num_gpus_per_engine > 0) != (t.num_gpus_per_trainer > 0):
         errors.append("rollout.weight_sync: collective needs engines and trainers on the same kind of device "
                       "(both on GPUs: NCCL, or both on CPUs: gloo)")
-    if recipe.eval.num_prompts and not recipe.data.eval:
-        errors.append("eval.num_prompts: set, but data.eval names no held-out set")
     return errors
 
 
@@ -576,7 +577,8 @@ def _distill_rules(recipe: DistillRecipe) -> list[str]:
 
 
 def _eval_rules(recipe: EvalRecipe) -> list[str]:
-    errors = [] if recipe.model else ["model: required (a checkpoint folder or hub id), e.g. --model runs/a/final"]
+    errors = [] if recipe.model else ["model: required (a checkpoint folder or hub id: --model DIR), or compare "
+                                      "finished runs with --compare RUN1 RUN2 ..."]
     if recipe.benchmarks and recipe.data_files and len(recipe.benchmarks) != len(recipe.data_files):
         errors.append(f"benchmarks: {len(recipe.benchmarks)} names for {len(recipe.data_files)} data_files; give "
                       "one name per file, or leave out --benchmarks")
@@ -684,8 +686,9 @@ def _load_model_config(path: str, key: str, errors: list[str]) -> Any:
 
     import sse_rl.models  # noqa: F401  (registers SSE-H with the Auto classes)
 
-    if _missing_path(key, path):
-        errors += _missing_path(key, path)
+    missing = _missing_path(key, path)
+    if missing:
+        errors += missing
         return None
     try:
         return AutoConfig.from_pretrained(path)
