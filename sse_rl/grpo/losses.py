@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sse_rl.step_stats import StepStats
+
 
 def ppo_clip_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_low: float,
                   eps_high: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -104,20 +106,26 @@ class PolicyLoss:
         self.eps_low, self.eps_high, self.kl_coef, self.is_cap = eps_low, eps_high, kl_coef, is_cap
         self.is_weights = _lookup(IS_CORRECTIONS, is_correction, "IS correction")
 
-    def __call__(self, x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        """Returns (sum of weighted token losses, statistics of this micro-batch as detached fp32 scalars). The
-        statistics stay on the device: reading one waits for the GPU, so the trainer reads them once per step."""
+    def __call__(self, x: LossInputs) -> tuple[Tensor, StepStats]:
+        """Returns (sum of weighted token losses, this micro-batch's loss statistics as detached fp32 0-d tensors).
+        The statistics stay on the device: reading one waits for the GPU, so the trainer reads them once per step."""
         pg, low, high = ppo_clip_loss(x.logp, x.old_logp, x.advantages, self.eps_low, self.eps_high)
         log_ratio = (x.old_logp - x.rollout_logp).detach()  # [N]
         is_w = self.is_weights(log_ratio, x.seq_ids, self.is_cap)  # [N]
         per_token = pg * is_w  # [N]
-        stats = {"tokens": x.logp.new_tensor(float(x.logp.numel())), "clip_low": low.sum(), "clip_high": high.sum(),
-                 "is_sum": is_w.sum(), "is_max": is_w.max(), "is_min": is_w.min(),
-                 "mismatch_sum": log_ratio.abs().sum()}
-        if self.kl_coef > 0:
-            kl = k3_kl(x.logp, x.ref_logp)  # [N]
+        kl = k3_kl(x.logp, x.ref_logp) if self.kl_coef > 0 else None  # [N]
+        if kl is not None:
             per_token = per_token + self.kl_coef * kl
-            stats["kl_sum"] = kl.sum()
         loss = (per_token * x.weights).sum()
-        stats["loss"] = loss
-        return loss, {k: v.detach().float() for k, v in stats.items()}
+        stats = StepStats(tokens=_stat(x.logp.new_tensor(float(x.logp.numel()))), loss=_stat(loss),
+                          clip_low=_stat(low.sum()), clip_high=_stat(high.sum()), is_sum=_stat(is_w.sum()),
+                          is_max=_stat(is_w.max()), is_min=_stat(is_w.min()),
+                          mismatch_sum=_stat(log_ratio.abs().sum()))
+        if kl is not None:
+            stats.kl_sum = _stat(kl.sum())
+        return loss, stats
+
+
+def _stat(value: Tensor) -> Tensor:
+    """A statistic as the trainer sums it: detached fp32, still on the device."""
+    return value.detach().float()

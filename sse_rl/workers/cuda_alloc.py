@@ -1,16 +1,18 @@
 """The trainer's CUDA caching-allocator mode: expandable segments, except for the buffers it shares over CUDA IPC.
 
 A GRPO train phase runs micro-batches of many sizes (packing leaves a ragged tail; logits scale with the completion
-tokens). With the default allocator each size class carves blocks out of fixed segments, and at 2B with half the
-blocks recomputed 7.3 GiB ended up reserved but unusable, so the phase ran out of memory next to a sleeping engine
-(`bench/results/grpo_step.md`). Expandable segments map physical pages into one growing range per stream instead,
-so freed memory can be reused for any size and `empty_cache` still returns it for the engines to wake into.
+tokens). With the default allocator each size class carves blocks out of fixed segments, and memory freed in one
+size class cannot serve another: at 2B that leaves gigabytes reserved but unusable, enough to run out of memory
+beside a sleeping engine (`bench/results/grpo_step.md`). Expandable segments map physical pages into one growing
+range per stream instead, so freed memory can be reused for any size and `empty_cache` still returns it for the
+engines to wake into.
 
 Only the trainer uses them. vLLM's sleep mode allocates from a pool of its own that expandable segments break, so
 engines keep the default. The weight-sync buffers an engine maps over CUDA IPC are allocated with plain segments
-too (`plain_segments`): torch shares expandable memory by handing file descriptors between processes (pidfd_getfd,
-which needs ptrace rights over the trainer that containers often deny), plain segments by cudaIpc handles. Torch
-reads the setting whenever it creates a segment, so it can change while the process runs.
+too (`plain_segments`, used by `sse_rl.weight_sync.cuda_ipc`): torch shares expandable memory by handing file
+descriptors between processes (pidfd_getfd, which needs ptrace rights over the trainer that containers often deny),
+plain segments by cudaIpc handles. Torch reads the setting whenever it creates a segment, so it can change while
+the process runs.
 
 An explicit `expandable_segments` in PYTORCH_CUDA_ALLOC_CONF wins (to measure the default, set it to False).
 """

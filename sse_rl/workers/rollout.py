@@ -9,15 +9,16 @@ Choices:
    thus depends on the batch it was drawn in, as the batched numerics make it on GPU anyway.
 3) Logprobs are vLLM's "processed" logprobs (after temperature), the distribution the samples came from; the
    trainer divides its logits by the same temperature.
-4) Weight updates use the plugin's in-place path (`sse_rl.models.vllm.weight_update`): no restart. The engine
-   core runs in this process (no extra process per engine on small machines), so tensors reach the model
-   runner as objects: CPU tensors from the object store, or views of a trainer's GPU buffers mapped over CUDA IPC.
+4) Weight updates use the plugin's in-place path (`sse_rl.models.vllm.weight_update`): no restart. The run's
+   weight transport (`sse_rl.weight_sync`) runs its engine end here (`connect_weights`, `receive_weights`) and
+   loads through `load_weights` (a file every tensor-parallel worker reads) or `load_weights_in_process`: the
+   engine core runs in this process (no extra process per engine on small machines), so tensors can reach the
+   model runner as objects, e.g. views of a trainer's GPU buffers mapped over CUDA IPC.
 5) An engine that shares its GPU with a trainer sleeps (vLLM sleep mode) while the trainer runs: level 1 keeps a
    CPU copy of the weights, level 2 drops them (the next sync rewrites every parameter).
 6) The engine returns token ids only (`detokenize=False`); the texts are decoded in one batch when the call
    returns. vLLM's incremental detokenization, and its decoding of every sampled token for the logprobs, run on
-   the engine's thread between decode steps: on the H100 they made a 2B rollout of 256 x 4096 tokens 31 % slower
-   (214 s instead of 164 s, `bench/results/grpo_step.md`).
+   the engine's thread between decode steps, where they hold up every sequence of a long rollout.
 7) Logprobs come back flat (`flat_logprobs`): a few lists per completion instead of a dict and a `Logprob` object
    per token, which the engine's thread would otherwise build between decode steps.
 """
@@ -25,11 +26,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sse_rl.workers import flat_weights
+if TYPE_CHECKING:
+    from sse_rl.weight_sync import WeightTransport
 
 
 @dataclass
@@ -86,6 +88,7 @@ class RolloutWorker:
                        tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs",
                        worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=enable_sleep_mode,
                        max_num_seqs=max_num_seqs)
+        self.weight_sync: WeightTransport | None = None  # this engine's end of the run's transport (connect_weights)
 
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec, seed: int | None) -> list[list[Rollout]]:
         """`spec.n` completions for each prompt (in prompt order), sampled from the engine's random stream restarted
@@ -127,49 +130,30 @@ class RolloutWorker:
         (count,) = self.llm.collective_rpc(_count_parameters)
         return count
 
-    def update_weights(self, named: dict[str, torch.Tensor]) -> int:
-        """Load new weights in place (HF names, any subset) with the plugin's update path; returns #params set."""
+    def connect_weights(self, transport: WeightTransport, *args: Any) -> Any:
+        """Once, at start-up: keep this engine's copy of the run's weight transport and let it connect."""
+        self.weight_sync = transport
+        return transport.connect_engine(self, *args)
+
+    def receive_weights(self, payload: Any) -> int:
+        """Every sync: receive and load the trainers' weights (what `payload` is: the transport's); returns #params
+        set."""
+        return self.weight_sync.receive(self, payload)
+
+    def load_weights(self, named: dict[str, torch.Tensor]) -> int:
+        """Load HF-named CPU tensors in place through a safetensors file that every tensor-parallel worker reads (in
+        /dev/shm where there is one); returns #params set."""
         from sse_rl.models.vllm.weight_update import update_weights
 
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         return len(update_weights(self.llm, named, tmp_dir=shm))
 
-    def update_weights_ipc(self, shared: list[Any]) -> int:
-        """Load new weights from a trainer's CUDA IPC buffers (`TrainerWorker.share_weights`) on this GPU; returns
-        #params set. The mapped buffers are dropped before returning, so the trainer may free them."""
+    def load_weights_in_process(self, named: dict[str, torch.Tensor]) -> int:
+        """Load HF-named tensors on any device in place, handed to the in-process model runner as objects (one
+        tensor-parallel worker); returns #params set."""
         from sse_rl.models.vllm.weight_update import update_weights_from_tensors
 
-        device = torch.cuda.current_device()
-        named = {}
-        for buffer in shared:
-            rebuild, args = buffer.handle
-            flat = rebuild(*args[:6], device, *args[7:])  # args[6] is the producer's device index
-            named.update(flat_weights.unpack(flat, buffer.entries))
-        count = len(update_weights_from_tensors(self.llm, named))
-        del named, flat
-        torch.cuda.synchronize(device)
-        return count
-
-    def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
-        """Join trainer rank 0's weight-broadcast group (NCCL for a GPU engine, gloo for a CPU one)."""
-        self.group_device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
-            torch.device("cpu")
-        self.weight_group = flat_weights.join_group(host, port, rank, world_size, self.group_device)
-
-    def receive_weights(self, layout: list[tuple[torch.dtype, flat_weights.Entries, int]]) -> int:
-        """Receive trainer rank 0's broadcast (`TrainerWorker.broadcast_weights`) and load it; returns #params set."""
-        from sse_rl.models.vllm.weight_update import update_weights_from_tensors
-
-        named = {}
-        for dtype, entries, total in layout:
-            flat = torch.empty(total, dtype=dtype, device=self.group_device)  # [P]
-            self.weight_group.broadcast(flat, 0).wait()
-            named.update(flat_weights.unpack(flat, entries))
         return len(update_weights_from_tensors(self.llm, named))
-
-    def device_uuid(self) -> str:
-        """Which physical GPU this engine uses (CUDA IPC needs the trainer on the same one)."""
-        return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
 
     def sleep(self, level: int) -> None:
         """Free the engine's GPU memory for the trainer (no request may be running)."""

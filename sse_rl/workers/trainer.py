@@ -16,27 +16,24 @@ Choices:
 5) The router load-balancing aux loss of the SSE layers is added with `algo.aux_loss_coef` (default: the policy
    config's `aux_loss_coef`), per micro-batch weighted by its share of the mini-batch tokens.
 6) fsdp2 forwards are collectives: every rank runs as many micro-batches per mini-batch (zero-weight fillers pad
-   the shorter lists) and every rank must enter `named_tensors`, `share_weights`, `first_token_logprobs` and
-   `save`; the full HF-named state is gathered to rank 0's CPU (`get_model_state_dict(full_state_dict,
-   cpu_offload)`). One rank holds the whole model anyway, so fsdp2 with a single rank trains unsharded.
-7) CUDA IPC weight sync (engine on the same GPU): every rank gathers the full state on its GPU, casts it into one
-   flat buffer per dtype and hands out IPC handles of those buffers; the engine maps them (no copy through the
-   host) and loads from views. The buffers live until `release_shared_weights`, called once the engines are done.
-   Collective weight sync (engines elsewhere): rank 0 broadcasts the same buffers to every engine over a process
-   group of their own (NCCL on GPU, gloo on CPU).
+   the shorter lists) and every rank must enter `send_weights`, `first_token_logprobs` and `save`; the full
+   HF-named state is gathered with `get_model_state_dict(full_state_dict)` (to rank 0's CPU for checkpoints and the
+   object store). One rank holds the whole model anyway, so fsdp2 with a single rank trains unsharded.
+7) Weight sync belongs to the run's transport (`sse_rl.weight_sync`): this rank keeps its copy (`connect_weights`)
+   and runs its end of each sync there (`send_weights`, `release_weights`), on the weights `engine_weights` gives.
 8) Any causal LM with an HF packed path trains here (SSE-H, or e.g. Qwen3 for comparisons): `cu_seqlens` goes to
    SSE-H only (others derive sequence boundaries from the restarting `position_ids`); the aux loss is SSE-H's.
 9) After each step the CUDA caching allocator gives its free blocks back, so a sleeping engine on the same GPU can
    take its memory again.
 10) No host-device synchronisation inside the micro-batch loop: the micro-batches are copied to the device up
-   front, and the loss statistics are summed on the device and read once per step. The host can then queue the
-   next micro-batch's kernels while the GPU still runs the last one.
+   front, and the step statistics (`StepStats`) stay on the device until one read per step. The host can then
+   queue the next micro-batch's kernels while the GPU still runs the last one.
 11) `train.compile`: each decoder block runs under torch.compile (dynamic shapes; the SSE Triton op is a graph break)
-   and so does the logprob/entropy head, which fuses the fp32 [N, V] temporaries. Compilation happens when the
-   worker joins (`_compile_now`), not in the first step (a micro-batch of a new size class may still recompile
-   once); the weight-sync probe runs eagerly. Gradient checkpointing recomputes the compiled blocks; fsdp2 shards
-   the compiled blocks (tested on 2 gloo ranks). On the H100 at 2B, compilation plus flash varlen attention took
-   an 8,704-token micro-batch from 0.68 s to 0.41-0.43 s (bench/profile_train_step.py).
+   and so does the logprob/entropy head, which fuses the fp32 [N, V] temporaries: eager, elementwise work and copies
+   take more of a micro-batch's GPU time than its matmuls (`bench/results/train_step_h100.md`). Compilation happens
+   when the worker joins (`_compile_now`), not in the first step (a micro-batch of a new size class may still
+   recompile once); the weight-sync probe runs eagerly. Gradient checkpointing recomputes the compiled blocks;
+   fsdp2 shards the compiled blocks (tested on 2 gloo ranks).
 12) Gradient checkpointing may cover every k-th block only (`model.checkpoint_every`): each block not recomputed
    saves a quarter of its compute per micro-batch and keeps its activations, so the setting trades memory for speed.
 13) On CUDA the trainer allocates from expandable segments (`cuda_alloc`): micro-batches of many sizes otherwise
@@ -48,6 +45,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -62,19 +60,13 @@ from sse_rl.config import AlgoConfig, TrainConfig
 from sse_rl.grpo.logprobs import logprobs_and_entropy
 from sse_rl.grpo.losses import LossInputs, PolicyLoss
 from sse_rl.packing import MicroBatch, Sequence, pack
-from sse_rl.workers import cuda_alloc, flat_weights
+from sse_rl.step_stats import StepStats
+from sse_rl.workers import cuda_alloc
 
-SUMMED = ("tokens", "clip_low", "clip_high", "is_sum", "mismatch_sum", "kl_sum", "loss", "entropy_sum", "aux_sum")
+if TYPE_CHECKING:
+    from sse_rl.weight_sync import WeightTransport
+
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
-
-
-@dataclass
-class SharedBuffer:
-    """One flat GPU buffer shared over CUDA IPC: `handle` is `reduce_tensor`'s (rebuild fn, args); `entries` are
-    (HF name, shape, element offset) of the tensors packed in it."""
-
-    handle: tuple
-    entries: list[tuple[str, tuple[int, ...], int]]
 
 
 @dataclass
@@ -140,6 +132,15 @@ def _filler() -> MicroBatch:
     return mb
 
 
+def _checkpoint_names(state: dict[str, Tensor], config: Any) -> dict[str, Tensor]:
+    """`state` under the names the policy's checkpoint holds, which are the names engines accept: without
+    `lm_head.weight` when the LM head is tied to the embeddings (save_pretrained stores that tensor once, under the
+    embeddings' name)."""
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
 class TrainerWorker:
     """Made a Ray actor by the controller; all ranks receive the same calls with their own micro-batches."""
 
@@ -183,7 +184,7 @@ class TrainerWorker:
             else algo.aux_loss_coef  # SSE-H's router balance loss; other policies have none
         self.multi_update = algo.ppo_epochs > 1 or algo.mini_batches > 1
         self.ppo_epochs, self.max_grad_norm, self.temperature = algo.ppo_epochs, train.max_grad_norm, temperature
-        self._shared: list[Tensor] = []  # CUDA IPC buffers an engine may be reading (share_weights)
+        self.weight_sync: WeightTransport | None = None  # this rank's end of the run's transport (connect_weights)
 
     def _compile_now(self) -> None:
         """Compile at start-up, not in the first step: forward + backward of a micro-batch of two sequences that fill
@@ -252,7 +253,7 @@ class TrainerWorker:
         return _Extra(self._logprobs(self.model, mb) if self.multi_update else None,
                       self._logprobs(self.ref, mb) if self.ref is not None else None)
 
-    def _micro_step(self, mb: MicroBatch, extra: _Extra) -> dict[str, Tensor]:
+    def _micro_step(self, mb: MicroBatch, extra: _Extra) -> StepStats:
         """Forward + backward of one micro-batch; returns its statistics (detached scalars on the device)."""
         logp, aux, ent = self._forward(self.model, mb)
         x = LossInputs(logp=logp, old_logp=logp.detach() if extra.old_logp is None else extra.old_logp,
@@ -260,11 +261,12 @@ class TrainerWorker:
                        seq_ids=mb.seq_ids, ref_logp=extra.ref_logp)
         loss, stats = self.loss_fn(x)
         (loss + self.aux_coef * mb.aux_weight * aux).backward()
-        stats.update(entropy_sum=ent, aux_sum=aux.detach() * mb.aux_weight)
+        stats.entropy_sum, stats.aux_sum = ent, aux.detach() * mb.aux_weight
         return stats
 
-    def _optimizer_step(self) -> tuple[float, bool]:
-        """All-reduce (sum) gradients, clip, step unless non-finite; returns (grad norm, applied)."""
+    def _optimizer_step(self) -> float:
+        """All-reduce (sum) gradients, clip, step unless non-finite; returns the gradient norm (the step was skipped
+        where it is not finite)."""
         if self.world_size > 1 and not self.fsdp:
             # every rank reduces the same tensors, even one that had no micro-batch (its gradients are zero)
             for p in self.model.parameters():
@@ -273,8 +275,7 @@ class TrainerWorker:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         norm = float(norm.full_tensor() if self.fsdp else norm)  # a DTensor over the shards under fsdp2
-        applied = math.isfinite(norm)
-        if applied:
+        if math.isfinite(norm):
             if self.device.type == "cuda" and not self.optimizer.state:
                 # AdamW creates its moments (2x the fp32 weights) in this first step; from a cache full of freed
                 # activation blocks they would land inside those blocks' segments and pin them, so that
@@ -282,7 +283,7 @@ class TrainerWorker:
                 torch.cuda.empty_cache()
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm, applied
+        return norm
 
     def _even_out(self, minibatches: list[list[MicroBatch]], filler: MicroBatch) -> list[list[MicroBatch]]:
         """fsdp2: pad each mini-batch to the longest list of any rank (each forward all-gathers the parameters)."""
@@ -290,118 +291,90 @@ class TrainerWorker:
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
         return [mini + [filler] * (n - len(mini)) for mini, n in zip(minibatches, counts.tolist())]
 
-    def train(self, minibatches: list[list[MicroBatch]]) -> dict[str, float]:
-        """One GRPO step on this rank's share: `minibatches[j]` are its micro-batches of mini-batch j. Besides the
-        loss statistics it reports where its time went: `time_prepare` (micro-batches to the device, pi_old and
-        reference passes queued), `time_updates` (forwards, backwards and optimizer steps, until the GPU is done) and
-        `time_release` (giving the cache back for the engines)."""
+    def train(self, minibatches: list[list[MicroBatch]]) -> StepStats:
+        """One GRPO step on this rank's share: `minibatches[j]` are its micro-batches of mini-batch j. Returns the
+        step's statistics, with where its time went: preparing (micro-batches to the device, pi_old and reference
+        passes queued), the updates (until the GPU is done) and giving the cache back for the engines."""
         t0 = time.perf_counter()
         # every micro-batch goes to the device before the first forward: a blocking host-to-device copy
         # synchronises the stream, so copies between micro-batches would drain the GPU's queue once per micro-batch
         minibatches = [[mb.to(self.device) for mb in mini] for mini in minibatches]
         filler = _filler().to(self.device)
-        gpu_free = torch.cuda.mem_get_info(self.device)[0] / 2**30 if self.device.type == "cuda" else 0.0
+        gpu_free = torch.cuda.mem_get_info(self.device)[0] / 2**30 if self.device.type == "cuda" else None
         retries, graphs = _alloc_retries(self.device), _graphs_compiled()
         if self.fsdp:
             minibatches = self._even_out(minibatches, filler)
         extras = {id(mb): self._extra(mb) for mini in minibatches for mb in mini}
         t1 = time.perf_counter()
-        zero = torch.zeros((), device=self.device)
-        sums = dict.fromkeys(SUMMED, zero)  # on the device, read once after the loop (a read waits for the GPU)
-        is_max, is_min = zero, torch.full((), float("inf"), device=self.device)
-        totals = dict(grad_norm=0.0, skipped=0.0, updates=0.0)
+        stats = self._updates(minibatches, extras, filler)
+        t2 = time.perf_counter()  # _updates read the statistics: the GPU is done
+        if self.device.type == "cuda":
+            self._release_cache(stats, gpu_free, retries)
+        stats.time_prepare, stats.time_updates, stats.time_release = t1 - t0, t2 - t1, time.perf_counter() - t2
+        stats.graphs_compiled = float(_graphs_compiled() - graphs)
+        return stats
+
+    def _updates(self, minibatches: list[list[MicroBatch]], extras: dict[int, _Extra],
+                 filler: MicroBatch) -> StepStats:
+        """ppo_epochs passes, one optimizer step per mini-batch; the fillers' statistics are left out."""
+        micro: list[StepStats] = []
+        norms: list[float] = []
         for _ in range(self.ppo_epochs):
             for mini in minibatches:
                 for mb in mini:
                     stats = self._micro_step(mb, extras[id(mb)])
-                    if mb is filler:
-                        continue
-                    sums = {key: total + stats[key] if key in stats else total for key, total in sums.items()}
-                    is_max, is_min = torch.maximum(is_max, stats["is_max"]), torch.minimum(is_min, stats["is_min"])
-                norm, applied = self._optimizer_step()
-                totals["grad_norm"] = max(totals["grad_norm"], norm if math.isfinite(norm) else float("inf"))
-                totals["skipped"] += float(not applied)
-                totals["updates"] += 1.0
-        values = torch.stack([*sums.values(), is_max, is_min]).tolist()
-        totals.update(zip([*sums, "is_max", "is_min"], values))
+                    if mb is not filler:
+                        micro.append(stats)
+                norms.append(self._optimizer_step())
+        stats = (StepStats.merge(micro) if micro else StepStats()).on_host()
         self.scheduler.step()
-        totals["lr"] = self.scheduler.get_last_lr()[0]
-        t2 = time.perf_counter()  # the stack's .tolist() above waited for the GPU
-        if self.device.type == "cuda":  # what the GPU had free for this step, and what the step used at peak
-            totals.update(gpu_free_gib=gpu_free, gpu_peak_gib=torch.cuda.max_memory_allocated(self.device) / 2**30)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            torch.cuda.empty_cache()
-            totals["gpu_kept_gib"] = torch.cuda.memory_reserved(self.device) / 2**30  # held while engines run
-            totals["gpu_alloc_retries"] = float(_alloc_retries(self.device) - retries)
-        totals.update(time_prepare=t1 - t0, time_updates=t2 - t1, time_release=time.perf_counter() - t2,
-                      graphs_compiled=float(_graphs_compiled() - graphs))
-        return totals
+        stats.grad_norm = max([0.0, *(n if math.isfinite(n) else math.inf for n in norms)])
+        stats.skipped = float(sum(not math.isfinite(n) for n in norms))
+        stats.updates = float(len(norms))
+        stats.lr = self.scheduler.get_last_lr()[0]
+        return stats
+
+    def _release_cache(self, stats: StepStats, gpu_free: float, retries: int) -> None:
+        """GPU ranks: record what the GPU had free for this step and what the step used at peak, then give the cache
+        back so the engines can wake into it, recording what stays reserved."""
+        stats.gpu_free_gib = gpu_free
+        stats.gpu_peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(self.device)
+        torch.cuda.empty_cache()
+        stats.gpu_kept_gib = torch.cuda.memory_reserved(self.device) / 2**30
+        stats.gpu_alloc_retries = float(_alloc_retries(self.device) - retries)
 
     # ----------------------------------------------------------------------------------------------------------
-    def named_tensors(self, dtype: str) -> dict[str, Tensor]:
-        """Rank 0: HF-named full CPU weights in the engines' dtype (half the bytes of fp32 for bf16 engines);
-        other ranks return {} (under fsdp2 they must still call: the gather is a collective)."""
-        cast = getattr(torch, dtype)
-        return {name: t.to(dtype=cast if t.is_floating_point() else t.dtype, copy=True)
-                for name, t in self._sync_state(FULL).items()}
+    def connect_weights(self, transport: WeightTransport, *args: Any) -> Any:
+        """Once, at start-up: keep this rank's copy of the run's weight transport and let it connect."""
+        self.weight_sync = transport
+        return transport.connect_trainer(self, *args)
 
-    def _sync_state(self, options: StateDictOptions) -> dict[str, Tensor]:
-        """The HF-named weights an engine loads: the full state dict, without `lm_head.weight` when the LM head is
-        tied to the embeddings (the checkpoint holds that tensor once, under the embeddings' name, as
-        save_pretrained writes it, and engines accept only the checkpoint's names)."""
-        state = get_model_state_dict(self.model, options=options)
-        if self.model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        return state
+    def send_weights(self) -> Any:
+        """Every rank, every sync: this rank's part of sending the current weights to the engines."""
+        return self.weight_sync.send(self)
 
-    def device_uuid(self) -> str:
-        """Which physical GPU this rank uses (CUDA IPC needs the engine on the same one)."""
-        return str(torch.cuda.get_device_properties(self.device).uuid)
+    def release_weights(self) -> None:
+        """Every engine has loaded what this rank sent: let go of it."""
+        self.weight_sync.release(self)
 
-    @torch.no_grad()
-    def share_weights(self, dtype: str) -> list[SharedBuffer]:
-        """Every rank: the full HF-named weights in the engines' dtype, packed into one GPU buffer per dtype, as CUDA
-        IPC handles an engine process on this GPU can map (see `release_shared_weights`)."""
-        from torch.multiprocessing.reductions import reduce_tensor
+    def engine_weights(self, *, gather_to_cpu: bool) -> dict[str, Tensor]:
+        """The full HF-named weights an engine loads (a collective under fsdp2: every rank must call): on rank 0's
+        CPU with `gather_to_cpu` (the other ranks get {}), else on every rank's device."""
+        options = FULL if gather_to_cpu else StateDictOptions(full_state_dict=True)
+        return _checkpoint_names(get_model_state_dict(self.model, options=options), self.model.config)
 
-        state = self._sync_state(StateDictOptions(full_state_dict=True))
-        with cuda_alloc.plain_segments(self.expandable):  # an engine maps these (see cuda_alloc)
-            packed = flat_weights.pack(state, getattr(torch, dtype), self.device)
-        self._shared = [flat for flat, _ in packed]
-        torch.cuda.synchronize(self.device)  # the engine reads on its own stream
-        return [SharedBuffer(reduce_tensor(flat), entries) for flat, entries in packed]
-
-    def weight_layout(self, dtype: str) -> list[tuple[torch.dtype, flat_weights.Entries, int]]:
-        """How `broadcast_weights` packs the weights (buffer dtypes, names, shapes, offsets): engines allocate
-        their receive buffers from it. Shapes only, so no gather (DTensor shapes are global)."""
-        tied = self.model.config.tie_word_embeddings
+    def engine_weight_shapes(self) -> dict[str, Tensor]:
+        """`engine_weights` as meta tensors (names, shapes, dtypes): no gather, DTensor shapes are global."""
         shapes = {name: torch.empty(t.shape, dtype=t.dtype, device="meta")
-                  for name, t in self.model.state_dict().items() if not (tied and name == "lm_head.weight")}
-        return flat_weights.layout(shapes, getattr(torch, dtype))
-
-    def join_weight_group(self, host: str, port: int, world_size: int) -> None:
-        """Rank 0: host the weight-broadcast group with the engines (ranks 1..world_size-1)."""
-        self.weight_group = flat_weights.join_group(host, port, 0, world_size, self.device)
-
-    @torch.no_grad()
-    def broadcast_weights(self, dtype: str) -> None:
-        """Every rank enters the gather (a collective under fsdp2); rank 0 broadcasts the packed buffers."""
-        state = self._sync_state(StateDictOptions(full_state_dict=True))
-        if self.rank == 0:
-            for flat, _ in flat_weights.pack(state, getattr(torch, dtype), self.device):
-                self.weight_group.broadcast(flat, 0).wait()
-
-    def release_shared_weights(self) -> None:
-        """Drop the IPC buffers once every engine has loaded them; memory returns after the consumers let go."""
-        self._shared = []
-        torch.cuda.empty_cache()
-        torch.cuda.ipc_collect()
+                  for name, t in self.model.state_dict().items()}
+        return _checkpoint_names(shapes, self.model.config)
 
     @torch.no_grad()
     def first_token_logprobs(self, prompt_ids: list[list[int]], tokens: list[list[int]]) -> list[list[float]]:
         """log softmax of the policy after each prompt, at the given tokens (the probe's trainer side). Eager even
         under train.compile: a few short prompts without gradients would otherwise compile a second set of graphs
-        (seen on the H100: ~20 s at start-up)."""
+        at start-up."""
         out = []
         with torch.compiler.set_stance("force_eager"):
             for ids, toks in zip(prompt_ids, tokens):

@@ -67,11 +67,13 @@ def test_is_correction_by_hand(mode, expected):
     x = LossInputs(logp=old.clone(), old_logp=old, rollout_logp=rollout, advantages=adv, weights=weights,
                    seq_ids=torch.tensor([0, 0, 1, 1]))
     loss, stats = loss_fn(x)
-    stats = {k: v.item() for k, v in stats.items()}
+    stats = stats.on_host()
     # ratio 1 everywhere: per-token loss = -A * is_weight, weighted by 1/4
-    assert loss.item() == pytest.approx(-sum(expected) / 4, rel=1e-6)
-    assert stats["is_max"] == pytest.approx(max(expected)) and stats["is_min"] == pytest.approx(min(expected))
-    assert stats["mismatch_sum"] == pytest.approx(math.log(3) + math.log(2) + math.log(2) + math.log(1.5), rel=1e-6)
+    assert loss.item() == pytest.approx(-sum(expected) / 4, rel=1e-6) and stats.loss == pytest.approx(loss.item())
+    assert stats.is_max == pytest.approx(max(expected)) and stats.is_min == pytest.approx(min(expected))
+    assert stats.is_sum == pytest.approx(sum(expected)) and stats.tokens == 4.0
+    assert stats.mismatch_sum == pytest.approx(math.log(3) + math.log(2) + math.log(2) + math.log(1.5), rel=1e-6)
+    assert stats.kl_sum == 0.0  # no KL term
 
 
 def test_kl_term_and_unknown_names():
@@ -80,7 +82,7 @@ def test_kl_term_and_unknown_names():
                    seq_ids=torch.zeros(1, dtype=torch.long), ref_logp=torch.log(torch.tensor([0.25])))
     loss, stats = PolicyLoss(eps_low=0.2, eps_high=0.28, kl_coef=0.1, is_correction="none", is_cap=2.0)(x)
     assert loss.item() == pytest.approx(0.1 * (0.5 - math.log(0.5) - 1.0), rel=1e-6)
-    assert stats["kl_sum"].item() == pytest.approx(0.5 - math.log(0.5) - 1.0, rel=1e-6)
+    assert stats.kl_sum.item() == pytest.approx(0.5 - math.log(0.5) - 1.0, rel=1e-6)
     with pytest.raises(ValueError, match="unknown IS correction 'tis'; choose from token_truncate"):
         PolicyLoss(eps_low=0.2, eps_high=0.28, kl_coef=0.0, is_correction="tis", is_cap=2.0)
     with pytest.raises(ValueError, match="unknown loss aggregation 'bnpo'; choose from dapo, grpo, dr_grpo"):

@@ -12,6 +12,7 @@ from sse_rl.config import AlgoConfig, TrainConfig
 from sse_rl.grpo.logprobs import logprobs_and_entropy
 from sse_rl.grpo.losses import build_loss_agg
 from sse_rl.packing import Sequence, pack
+from sse_rl.step_stats import StepStats
 
 
 def _sequences(n: int, seed: int = 0, vocab: int = 19) -> list[Sequence]:
@@ -161,7 +162,7 @@ def _check_packed_equals_unpacked(trainer, agg: str) -> None:
     model.zero_grad()
     micro = pack(seqs, token_budget=48)[0]
     assert len(micro) >= 2
-    packed_loss = sum(trainer._micro_step(mb.to(trainer.device), _Extra(None, None))["loss"].item() for mb in micro)
+    packed_loss = sum(trainer._micro_step(mb.to(trainer.device), _Extra(None, None)).loss.item() for mb in micro)
     packed_grads = _grads(model)
     # unpacked: each sequence alone through the ordinary forward, the loss written out directly
     model.zero_grad()
@@ -189,7 +190,7 @@ def test_non_finite_step_is_skipped(trainer):
     seqs[1].advantage = float("nan")
     before = [p.detach().clone() for p in trainer.model.parameters()]
     stats = trainer.train([pack(seqs, 64)[0]])
-    assert stats["skipped"] == 1 and stats["updates"] == 1 and stats["grad_norm"] == float("inf")
+    assert stats.skipped == 1 and stats.updates == 1 and stats.grad_norm == float("inf")
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
     assert all(p.grad is None for p in trainer.model.parameters())
 
@@ -211,7 +212,7 @@ def _train_rank(rank: int, world: int, port: int, strategy: str, path: str, mini
                            gradient_checkpointing=fsdp)
     worker.join("127.0.0.1", port)
     stats = worker.train(minibatches)
-    named = {k: v.numpy() for k, v in worker.named_tensors("float32").items()}  # by value, not shm
+    named = {k: v.numpy() for k, v in worker.engine_weights(gather_to_cpu=True).items()}  # by value, not shm
     restored = {}
     if world == 2:
         saved_optim = get_optimizer_state_dict(worker.model, worker.optimizer, options=FULL)
@@ -219,16 +220,16 @@ def _train_rank(rank: int, world: int, port: int, strategy: str, path: str, mini
         worker.save(ckpt)
         worker.train(minibatches)
         worker.load(ckpt)
-        now = worker.named_tensors("float32")
+        now = worker.engine_weights(gather_to_cpu=True)
         optim = get_optimizer_state_dict(worker.model, worker.optimizer, options=FULL)
         if rank == 0:
             restored["weights"] = max(float((now[k] - torch.from_numpy(v)).abs().max()) for k, v in named.items())
             restored["exp_avg"] = max(float((optim["state"][k]["exp_avg"] - avg).abs().max())
                                       for k, avg in saved_avg.items())
             restored["params"] = len(optim["state"])
-    stats["local_numel"] = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
-                               for p in worker.model.parameters())  # this rank's share of the parameters
-    queue.put((strategy, rank, world, stats, named, restored))
+    local_numel = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
+                      for p in worker.model.parameters())  # this rank's share of the parameters
+    queue.put((strategy, rank, world, stats, named, restored, local_numel))
     worker.close()
 
 
@@ -282,15 +283,17 @@ def test_two_gloo_ranks_match_one(distributed_runs, policy, strategy):
     from safetensors.torch import load_file
 
     single = next(r for r in distributed_runs if r[2] == 1)
-    double = [r for r in distributed_runs if r[2] == 2 and r[0] == strategy]
-    assert single[3]["updates"] == 2 and single[3]["skipped"] == 0 and single[3]["kl_sum"] > 0
-    assert sum(r[3]["tokens"] for r in double) == single[3]["tokens"]
-    assert sum(r[3]["loss"] for r in double) == pytest.approx(single[3]["loss"], rel=1e-5)
-    assert max(r[3]["grad_norm"] for r in double) == pytest.approx(single[3]["grad_norm"], rel=1e-5)
+    double = sorted((r for r in distributed_runs if r[2] == 2 and r[0] == strategy), key=lambda r: r[1])
+    one, merged = single[3], StepStats.merge([r[3] for r in double])  # the controller's merge over ranks
+    assert one.updates == 2 and one.skipped == 0 and one.kl_sum > 0
+    assert merged.updates == 2 and merged.skipped == 0 and merged.tokens == one.tokens
+    assert merged.loss == pytest.approx(one.loss, rel=1e-5) and merged.kl_sum == pytest.approx(one.kl_sum, rel=1e-5)
+    assert merged.grad_norm == pytest.approx(one.grad_norm, rel=1e-5)
+    assert merged.is_max == max(r[3].is_max for r in double) and merged.is_min == min(r[3].is_min for r in double)
     dist_weights = next(r[4] for r in double if r[1] == 0)
-    total = single[3]["local_numel"]
+    total = single[6]
     # fsdp2 ranks hold disjoint shards of the parameters (and so of the gradients and Adam state); ddp full copies
-    local = [r[3]["local_numel"] for r in double]
+    local = [r[6] for r in double]
     if strategy == "ddp":
         assert local == [total, total]
     else:  # dim-0 chunks: about half each, summing to the whole
@@ -332,5 +335,5 @@ def test_synced_weights_carry_the_checkpoints_names_with_tied_embeddings(tmp_pat
     worker = TrainerWorker(str(tmp_path), rank=0, world_size=1, train=TrainConfig(lr=1e-3, strategy="ddp"),
                            algo=AlgoConfig(), temperature=1.0, seed=0, dtype="float32", gradient_checkpointing=False)
     assert "lm_head.weight" not in checkpoint
-    assert set(worker.named_tensors("float32")) == checkpoint
-    assert {name for _, entries, _ in worker.weight_layout("float32") for name, *_ in entries} == checkpoint
+    assert set(worker.engine_weights(gather_to_cpu=False)) == checkpoint
+    assert set(worker.engine_weight_shapes()) == checkpoint

@@ -1,10 +1,10 @@
-"""Placement groups of the controller's actors (`sse_rl.placement`), on a real local Ray cluster."""
+"""Placement groups of the run's actors (`sse_rl.actors.packed_group`), on a real local Ray cluster."""
 from __future__ import annotations
 
 import pytest
 import ray
 
-from sse_rl.placement import packed_group
+from sse_rl.actors import packed_group
 
 pytestmark = pytest.mark.slow  # starts Ray
 

@@ -1,8 +1,8 @@
 """Ray workers on real parts: a vLLM engine with the SSE-H plugin, a gloo trainer rank, the reward pool.
 
 One engine for the module (start-up is the slow part). Checks: seeded sampling is reproducible, weight sync makes
-engine and trainer logprobs equal (and they differ before it), a hanging or dying reward costs one sample, not the
-step.
+engine and trainer logprobs equal (and they differ before it) over the object store and the collective transport,
+a sync that leaves a parameter out fails, a hanging or dying reward costs one sample, not the step.
 """
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import ray
 
-from sse_rl import weight_sync
 from sse_rl.config import AlgoConfig, RewardConfig, RewardFunctionConfig, TrainConfig
 from sse_rl.packing import Sequence, pack
+from sse_rl.weight_sync import probe
+from sse_rl.weight_sync.collective import Collective
+from sse_rl.weight_sync.object_store import ObjectStore
 from sse_rl.workers.reward import RewardWorker
 from sse_rl.workers.rollout import RolloutWorker, SamplingSpec
 from sse_rl.workers.trainer import TrainerWorker
@@ -91,28 +93,48 @@ def _update_trainer(engine, trainer, seed: int) -> None:
     seqs = [Sequence(p, r.completion_ids, r.logprobs, advantage=1.0 if k % 2 else -1.0, weight=1 / 40)
             for p, group in zip(PROMPTS, rollouts) for k, r in enumerate(group)]
     stats = ray.get(trainer.train.remote([pack(seqs, 256)[0]]))
-    assert stats["updates"] == 1 and stats["skipped"] == 0
-    stale = weight_sync.probe([trainer], engine, PROMPTS)
+    assert stats.updates == 1 and stats.skipped == 0 and stats.tokens == sum(len(s.completion_ids) for s in seqs)
+    stale = probe([trainer], engine, PROMPTS)
     assert stale > 1e-3, "the update should have moved the policy away from the engine's weights"
 
 
 def test_weight_sync_makes_engine_and_trainer_agree(actors):
     engine, trainer = actors
-    assert weight_sync.probe([trainer], engine, PROMPTS) < 1e-4  # same initial checkpoint
+    transport = ObjectStore("float32")
+    transport.connect([trainer], [engine])
+    assert probe([trainer], engine, PROMPTS) < 1e-4  # same initial checkpoint
     _update_trainer(engine, trainer, seed=0)
-    weight_sync.push([trainer], [engine], "float32")
-    assert weight_sync.probe([trainer], engine, PROMPTS) < 1e-4
+    assert transport.push([trainer], [engine]) > 0
+    assert probe([trainer], engine, PROMPTS) < 1e-4
+
+
+def test_a_sync_that_leaves_a_parameter_out_fails(actors):
+    """Every engine must write every parameter: a transport whose weights miss one stops the run, naming it."""
+    engine, trainer = actors
+
+    class WithoutFinalNorm(ObjectStore):  # defined here, so Ray's workers get it by value
+        def send(self, trainer):
+            state = super().send(trainer)
+            state.pop("model.norm.weight", None)  # a layer of its own: the rest of the update is valid
+            return state
+
+    transport = WithoutFinalNorm("float32")
+    transport.connect([trainer], [engine])
+    total = ray.get(engine.num_parameters.remote())
+    with pytest.raises(RuntimeError, match=f"engine 0 updated {total - 1} of its {total} parameters"):
+        transport.push([trainer], [engine])
 
 
 def test_collective_weight_sync_broadcasts_over_its_own_group(actors):
     """rollout.weight_sync=collective: trainer rank 0 broadcasts flat buffers to the engine over a gloo group of
     their own (NCCL on GPU), beside the trainer's default group and vLLM's."""
     engine, trainer = actors
-    weight_sync.connect([trainer], [engine])
+    transport = Collective("float32")
+    transport.connect([trainer], [engine])
     for seed in (10, 20):  # the group is reused step after step
         _update_trainer(engine, trainer, seed)
-        weight_sync.push([trainer], [engine], "float32", "collective")
-        assert weight_sync.probe([trainer], engine, PROMPTS) < 1e-4
+        transport.push([trainer], [engine])
+        assert probe([trainer], engine, PROMPTS) < 1e-4
 
 
 def test_hanging_and_dying_rewards_cost_one_sample(actors):

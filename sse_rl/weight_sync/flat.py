@@ -1,8 +1,8 @@
-"""Weights as a few flat buffers, for the transfers that move raw memory rather than named tensors.
+"""Weights as a few flat buffers, for the transports that move raw memory rather than named tensors.
 
-Both GPU-side weight-sync paths use it: CUDA IPC (an engine maps the trainer's buffers) and the collective path
-(trainer rank 0 broadcasts the buffers to every engine over a process group of their own: NCCL on GPU, gloo on CPU).
-One buffer per dtype keeps the number of transfers (and IPC handles) at one or two for the whole model.
+CUDA IPC (an engine maps a trainer rank's buffers) and the collective transport (trainer rank 0 broadcasts the
+buffers to every engine) both use it. One buffer per dtype keeps the number of transfers (and IPC handles) at one or
+two for the whole model.
 """
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from torch import Tensor
 
 # (HF name, shape, element offset) of each tensor in a buffer
 Entries = list[tuple[str, tuple[int, ...], int]]
+# per buffer: its dtype, its entries and its total number of elements
+Layout = list[tuple[torch.dtype, Entries, int]]
 
 
-def layout(state: dict[str, Tensor], dtype: torch.dtype) -> list[tuple[torch.dtype, Entries, int]]:
+def layout(state: dict[str, Tensor], dtype: torch.dtype) -> Layout:
     """How `state` packs: per buffer dtype (floating tensors cast to `dtype`), its entries and total elements."""
     groups: dict[torch.dtype, Entries] = {}
     sizes: dict[torch.dtype, int] = {}

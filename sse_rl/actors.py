@@ -1,0 +1,170 @@
+"""The run's Ray actors: where they go, how they start, the engines' sleep/wake state, and the calls that reach them.
+
+Choices:
+1) Placement: Ray placement groups of identical bundles, PACK-ed onto as few nodes as fit (`packed_group`). A
+   transport that needs engine r on trainer rank r's GPU (`WeightTransport.colocated`, CUDA IPC) gets one group of
+   {GPU: 1, CPU: 2} bundles, bundle r holding the pair; otherwise the trainer ranks get a group of their own (one
+   bundle each, so FSDP2's collectives stay on NVLink where the ranks fit one node, and the group is reserved whole:
+   no rank starts, and waits in the rendezvous, while another cannot be placed), and the engines go where Ray's
+   scheduler puts them. A group the cluster cannot hold is an error that names the shortfall, not a hang.
+2) Start order: on CPU engines and trainers start in parallel. GPU engines start first, so that vLLM's memory
+   profiling does not count a trainer's allocations as its own; then engines with sleep mode go to sleep until the
+   first weight sync, so the trainer's start-up compilation (a full micro-batch, `TrainerWorker._compile_now`)
+   has the memory a train phase has.
+3) Sleep/wake (rollout.sleep_level > 0): engines sleep while the trainers run and wake around the next sync:
+   weights first (the sync writes them), then the KV/state cache (after the sync, so the transfer has the memory).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from sse_rl import weight_sync
+from sse_rl.config import Recipe
+from sse_rl.packing import MicroBatch
+from sse_rl.rewards.pool import RewardResult
+from sse_rl.step_stats import StepStats
+from sse_rl.weight_sync import WeightTransport
+from sse_rl.workers.reward import RewardWorker
+from sse_rl.workers.rollout import Rollout, RolloutWorker, SamplingSpec
+from sse_rl.workers.trainer import TrainerWorker
+
+READY_TIMEOUT_S = 300.0  # a feasible group on a busy or autoscaling cluster may take a while
+
+
+def packed_group(bundle: dict[str, float], count: int, what: str) -> list[dict[str, Any]]:
+    """Ray actor options placing actor i in bundle i of one PACK placement group of `count` copies of `bundle`."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = {k: v for k, v in bundle.items() if v > 0}
+    have = ray.cluster_resources()
+    short = [f"{k}: {v * count:g} needed, {have.get(k, 0):g} in the cluster" for k, v in bundle.items()
+             if v * count > have.get(k, 0)]
+    if short:
+        raise RuntimeError(f"{what}: the Ray cluster cannot hold {count} x {bundle} ({'; '.join(short)})")
+    group = placement_group([dict(bundle) for _ in range(count)], strategy="PACK")
+    try:
+        ray.get(group.ready(), timeout=READY_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise RuntimeError(f"{what}: {count} x {bundle} could not be placed in {READY_TIMEOUT_S:g} s; free now: "
+                           f"{ray.available_resources()}") from None
+    return [{"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)}
+            for i in range(count)]
+
+
+@dataclass
+class Actors:
+    """Handles of one run's actors, and whether the engines sleep (see module doc)."""
+
+    engines: list[Any]  # RolloutWorker actors
+    trainers: list[Any]  # TrainerWorker actors, rank r at index r
+    reward: Any  # the RewardWorker actor
+    reward_names: list[str]  # the reward functions' names, in recipe order
+    transport: WeightTransport
+    sleep_level: int  # rollout.sleep_level
+    asleep: bool = False  # the engines released their GPU memory for the trainers
+
+    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec, seed: int | None) -> list[list[Rollout]]:
+        """Spread prompts over the engines (round-robin) and gather the completions in prompt order; engine i
+        restarts its random stream from seed + i (None: continues it)."""
+        n = len(self.engines)
+        shards = [s for s in (range(len(prompt_ids))[i::n] for i in range(n)) if len(s)]
+        calls = [e.generate.remote([prompt_ids[j] for j in s], spec, None if seed is None else seed + i)
+                 for i, (e, s) in enumerate(zip(self.engines, shards))]
+        out: list[list[Rollout]] = [[] for _ in prompt_ids]
+        for shard, result in zip(shards, ray.get(calls)):
+            for j, rollouts in zip(shard, result):
+                out[j] = rollouts
+        return out
+
+    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list[Any]]) -> RewardResult:
+        return ray.get(self.reward.score.remote(prompts, completions, columns))
+
+    def train(self, per_rank: list[list[list[MicroBatch]]]) -> list[StepStats]:
+        """One update of every trainer rank on its micro-batches; their statistics, rank 0 first."""
+        return ray.get([t.train.remote(b) for t, b in zip(self.trainers, per_rank)])
+
+    def sleep(self) -> dict[str, float]:
+        """Put GPU engines to sleep for the trainers' phase (rollout.sleep_level > 0); returns time/engine_sleep."""
+        if not self.sleep_level:
+            return {}
+        t0 = time.perf_counter()
+        ray.get([e.sleep.remote(self.sleep_level) for e in self.engines])
+        self.asleep = True
+        return {"time/engine_sleep": time.perf_counter() - t0}
+
+    def sync(self, probe_ids: list[list[int]]) -> dict[str, float]:
+        """New weights into the engines (waking sleeping engines around it), then the logprob probe."""
+        wake = self._wake(["weights"]) if self.asleep else 0.0
+        seconds = self.transport.push(self.trainers, self.engines)
+        if self.asleep:
+            wake += self._wake(["kv_cache"])
+            self.asleep = False
+        diff = weight_sync.probe(self.trainers, self.engines[0], probe_ids)
+        return {"time/sync": seconds, "time/engine_wake": wake, "probe/max_abs_diff": diff}
+
+    def _wake(self, tags: list[str]) -> float:
+        """Give sleeping engines back the memory named by `tags`; returns the seconds it took."""
+        t0 = time.perf_counter()
+        ray.get([e.wake_up.remote(tags) for e in self.engines])
+        return time.perf_counter() - t0
+
+    def save(self, path: str) -> None:
+        ray.get([t.save.remote(path) for t in self.trainers])
+
+    def load(self, path: str) -> None:
+        ray.get([t.load.remote(path) for t in self.trainers])
+
+    def close(self) -> None:
+        """End of a run: close the reward pool, release the actors (ray.shutdown covers failed runs)."""
+        ray.get(self.reward.close.remote())
+        for actor in [*self.engines, *self.trainers, self.reward]:
+            ray.kill(actor)
+
+
+def start(recipe: Recipe, model_path: str) -> Actors:
+    """Place and start the engines, the trainer ranks and the reward pool, then connect the weight transport."""
+    c = recipe
+    transport = weight_sync.build(recipe)
+    pairs = packed_group({"GPU": 1, "CPU": 2}, c.train.num_trainers, "engine + trainer pairs (colocated)") \
+        if transport.colocated else None
+    actors = Actors(_start_engines(recipe, model_path, pairs or [{}] * c.rollout.num_engines), trainers=[],
+                    reward=None, reward_names=[], transport=transport, sleep_level=c.rollout.sleep_level)
+    if c.rollout.num_gpus_per_engine:
+        ray.get([e.__ray_ready__.remote() for e in actors.engines])
+        actors.sleep()  # woken by the first sync
+    # after the engines: on one GPU they start first (choice 2)
+    actors.trainers = _start_trainers(recipe, model_path, pairs or packed_group(
+        {"GPU": c.train.num_gpus_per_trainer, "CPU": 1}, c.train.num_trainers, "trainer ranks"))
+    actors.reward = ray.remote(num_cpus=1)(RewardWorker).remote(c.reward)
+    actors.reward_names = ray.get(actors.reward.function_names.remote())
+    master = ray.get(actors.trainers[0].address.remote())
+    ray.get([t.join.remote(*master) for t in actors.trainers] + [e.__ray_ready__.remote() for e in actors.engines])
+    transport.connect(actors.trainers, actors.engines)
+    return actors
+
+
+def _start_engines(recipe: Recipe, model_path: str, placement: list[dict[str, Any]]) -> list[Any]:
+    r = recipe.rollout
+    engine_cls = ray.remote(num_cpus=1, num_gpus=r.num_gpus_per_engine)(RolloutWorker)
+    return [engine_cls.options(**placement[i]).remote(
+        model_path, dtype=r.dtype, max_model_len=r.max_model_len, seed=recipe.seed + i, enforce_eager=r.enforce_eager,
+        gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
+        cpu_kvcache_space_gib=r.cpu_kvcache_space_gib, enable_sleep_mode=r.sleep_level > 0,
+        max_num_seqs=r.max_num_seqs,
+    ) for i in range(r.num_engines)]
+
+
+def _start_trainers(recipe: Recipe, model_path: str, placement: list[dict[str, Any]]) -> list[Any]:
+    c = recipe
+    trainer_cls = ray.remote(num_cpus=1, num_gpus=c.train.num_gpus_per_trainer)(TrainerWorker)
+    return [trainer_cls.options(**placement[r]).remote(
+        model_path, rank=r, world_size=c.train.num_trainers, train=c.train, algo=c.algo,
+        temperature=c.rollout.temperature, seed=c.seed, dtype=c.model.dtype,
+        gradient_checkpointing=c.model.gradient_checkpointing, checkpoint_every=c.model.checkpoint_every,
+    ) for r in range(c.train.num_trainers)]

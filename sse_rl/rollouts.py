@@ -1,0 +1,154 @@
+"""From prompts to the trainers' micro-batches, as pure functions: no Ray, no engines (the controller passes in the
+calls that reach them).
+
+Choices:
+1) Dynamic sampling (DAPO): rounds of `prompts_per_step` fresh prompts are generated and scored until that many
+   groups have reward signal (accuracy not the same for all G completions) or `algo.max_sampling_rounds` is spent;
+   without it one round is kept whole. Every drawn prompt counts as drawn (the sampler's epoch), used or not.
+2) Each rollout call restarts the engines' random streams from a seed hashed from (run seed, step, round), so a
+   resumed run draws the same completions as an uninterrupted one.
+3) Rollout metrics cover every scored group of the step, kept or not; rewards the pool could not give (None) count
+   as 0.
+4) Batching: group-normalised advantages, then per mini-batch (groups dealt round-robin) the loss-aggregation weight
+   of each sequence (0 for overlong-filtered ones), then packing by token budget over the trainer ranks.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sse_rl.data import EpochSampler, Prompt
+from sse_rl.grpo.filters import group_has_variance, loss_keep_mask
+from sse_rl.packing import MicroBatch, Sequence as PackedSequence, pack
+from sse_rl.rewards.pool import RewardResult
+from sse_rl.workers.rollout import Rollout
+
+
+@dataclass
+class Group:
+    """One prompt with its G scored completions."""
+
+    prompt: Prompt
+    rollouts: list[Rollout]
+    rewards: list[float]  # weighted total per completion (None from the pool counts as 0)
+    accuracy: list[float]  # raw value of the accuracy function per completion
+    per_function: dict[str, list[float]]  # every reward function's raw value per completion
+
+
+@dataclass
+class Round:
+    """One round of sampling: the scored groups of its prompts, and what it cost."""
+
+    groups: list[Group]
+    rollout_s: float  # generating
+    reward_s: float  # grading
+    timeouts: int  # completions the reward pool timed out on (scored 0)
+    errors: int  # completions the reward pool failed on (scored 0)
+
+
+def call_seed(seed: int, *parts: int) -> int:
+    """The sampling seed of one rollout call from the run seed and the call's coordinates (step, round; -1 for the
+    held-out eval), hashed so that no two calls of a run share a random stream. Below 2**62, so that engine i's
+    seed + i stays in the range of `torch.manual_seed`."""
+    digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**62
+
+
+def reward_inputs(prompts: list[Prompt], rollouts: list[list[Rollout]]) -> tuple[list[str], list[str],
+                                                                                   dict[str, list[Any]]]:
+    """What the reward pool grades: (prompt texts, completion texts, dataset columns + completion_ids), one entry
+    per completion, prompt by prompt."""
+    flat = [(p, r) for p, rs in zip(prompts, rollouts) for r in rs]
+    columns: dict[str, list[Any]] = {key: [p.columns[key] for p, _ in flat] for key in prompts[0].columns}
+    columns["completion_ids"] = [r.completion_ids for _, r in flat]
+    return [p.text for p, _ in flat], [r.text for _, r in flat], columns
+
+
+def to_groups(prompts: list[Prompt], rollouts: list[list[Rollout]], result: RewardResult,
+              accuracy: str) -> list[Group]:
+    """One Group per prompt from the pool's flat result; `accuracy` names the function whose value is accuracy."""
+    g = len(rollouts[0])
+
+    def rows(values: list[float | None]) -> list[list[float]]:
+        values = [0.0 if v is None else v for v in values]
+        return [values[i:i + g] for i in range(0, len(values), g)]
+
+    per_function = {name: rows(values) for name, values in result.per_function.items()}
+    return [Group(p, rs, total, per_function[accuracy][i], {name: v[i] for name, v in per_function.items()})
+            for i, (p, rs, total) in enumerate(zip(prompts, rollouts, rows(result.total)))]
+
+
+def collect(sampler: EpochSampler, prompts: Sequence[Prompt], sample: Callable[[list[Prompt], int], Round], *,
+            prompts_per_step: int, dynamic: bool, max_rounds: int) -> tuple[list[Group], dict[str, float], list[int]]:
+    """Sample rounds until `prompts_per_step` groups have signal (choice 1); `sample(prompts, round)` generates and
+    scores one round. Returns the kept groups, the rollout metrics and the dataset rows drawn (all rounds)."""
+    kept: list[Group] = []
+    rounds: list[Round] = []
+    drawn: list[int] = []
+    for rnd in range(max_rounds if dynamic else 1):
+        batch = sampler.take(prompts_per_step)
+        drawn += batch
+        rounds.append(sample([prompts[i] for i in batch], rnd))
+        groups = rounds[-1].groups
+        signal = group_has_variance(torch.tensor([g.accuracy for g in groups])).tolist()
+        kept += [g for g, ok in zip(groups, signal) if ok or not dynamic]
+        if len(kept) >= prompts_per_step:
+            break
+    return kept[:prompts_per_step], round_metrics(rounds, min(len(kept), prompts_per_step)), drawn
+
+
+def round_metrics(rounds: list[Round], kept: int) -> dict[str, float]:
+    """The step's sampling metrics: phase times and pool failures summed over the rounds, then `rollout_metrics`."""
+    groups = [g for r in rounds for g in r.groups]
+    rollout_s = sum(r.rollout_s for r in rounds)
+    generated = sum(len(r.completion_ids) for g in groups for r in g.rollouts)
+    return {"time/rollout": rollout_s, "time/reward": sum(r.reward_s for r in rounds),
+            "reward/timeouts": float(sum(r.timeouts for r in rounds)),
+            "reward/errors": float(sum(r.errors for r in rounds)),
+            **rollout_metrics(groups), "sampling/rounds": float(len(rounds)),
+            "throughput/rollout_tokens_per_s": generated / rollout_s, "sampling/kept_groups": float(kept)}
+
+
+def rollout_metrics(groups: list[Group]) -> dict[str, float]:
+    """Reward, accuracy and length statistics of scored groups, and the share of groups without signal."""
+    rewards = torch.tensor([r for g in groups for r in g.rewards])  # [B]
+    lengths = [len(r.completion_ids) for g in groups for r in g.rollouts]
+    truncated = [r.finish_reason == "length" for g in groups for r in g.rollouts]
+    no_signal = (~group_has_variance(torch.tensor([g.accuracy for g in groups]))).float().mean()
+    out = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+           "accuracy": mean([a for g in groups for a in g.accuracy]),
+           "response_length/mean": mean(lengths), "response_length/max": float(max(lengths)),
+           "response_length/truncated_frac": mean([float(t) for t in truncated]),
+           "sampling/zero_variance_frac": float(no_signal)}
+    for name in groups[0].per_function:
+        out[f"reward/{name}/mean"] = mean([v for g in groups for v in g.per_function[name]])
+    return out
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def batches(groups: list[Group], advantages: Callable[[Tensor], Tensor], loss_agg: Callable[[Tensor], Tensor], *,
+            mini_batches: int, overlong_filter: bool, token_budget: int,
+            num_ranks: int) -> list[list[list[MicroBatch]]]:
+    """Advantages, loss weights and packing (choice 4): per rank, per mini-batch, its micro-batches."""
+    adv = advantages(torch.tensor([g.rewards for g in groups])).tolist()  # [P][G]
+    n_mini = min(mini_batches, len(groups))
+    per_rank: list[list[list[MicroBatch]]] = [[] for _ in range(num_ranks)]
+    for j in range(n_mini):
+        items = [(groups[i], adv[i][k], r) for i in range(j, len(groups), n_mini)
+                 for k, r in enumerate(groups[i].rollouts)]
+        keep = loss_keep_mask([r.finish_reason for _, _, r in items], overlong_filter)  # [S]
+        lengths = torch.tensor([len(r.completion_ids) for _, _, r in items]) * keep  # [S]
+        weights = (loss_agg(lengths) * keep).tolist()  # [S]
+        seqs = [PackedSequence(g.prompt.ids, r.completion_ids, r.logprobs, a, w)
+                for (g, a, r), w in zip(items, weights)]
+        for rank, micro in enumerate(pack(seqs, token_budget, num_ranks)):
+            per_rank[rank].append(micro)
+    return per_rank

@@ -1,0 +1,128 @@
+"""What one GRPO step reports from the trainer ranks: `StepStats`, typed, each field saying how ranks combine.
+
+Where the fields come from:
+1) The policy loss fills the loss fields of one micro-batch (`PolicyLoss`), as 0-d fp32 tensors that stay on the
+   device; the trainer adds the entropy and router aux sums of its forward.
+2) The trainer merges its micro-batches with the same rules as ranks (sums add, extremes take max / min), reads all
+   of them in one go (`on_host`: each read of a device value waits for the GPU), and sets the step's own fields:
+   gradient norm, update counts, lr, where its time went, GPU memory.
+3) The controller merges the ranks (`merge`, rank 0 first) and logs `to_metrics()`, the train/* and time/train_*
+   rows of metrics.jsonl.
+How ranks combine (`Combine`): SUM for token counts and sums over tokens (the loss weights already normalise the
+loss over the whole mini-batch, so the sums over ranks are the single-process values); MAX / MIN for extremes and
+for per-rank timings and memory (the slowest rank, the fullest GPU); RANK0 for values every rank holds alike (the
+all-reduced gradient norm, update counts, the scheduler's lr).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class Combine(Enum):
+    SUM = "sum"
+    MAX = "max"
+    MIN = "min"
+    RANK0 = "rank 0"
+
+
+def _max(a: Any, b: Any) -> Any:
+    return torch.maximum(a, b) if isinstance(a, Tensor) else max(a, b)
+
+
+def _min(a: Any, b: Any) -> Any:
+    return torch.minimum(a, b) if isinstance(a, Tensor) else min(a, b)
+
+
+_OPS: dict[Combine, Callable[[Any, Any], Any]] = {Combine.SUM: operator.add, Combine.MAX: _max, Combine.MIN: _min}
+
+
+def _stat(default: float | None, how: Combine) -> Any:
+    return field(default=default, metadata={"combine": how})
+
+
+# A float, or a 0-d fp32 tensor while the value is still on the trainer's device.
+Value = float | Tensor
+
+
+@dataclass(slots=True)
+class StepStats:
+    """One trainer rank's statistics of one step, or all ranks' merged (see the module doc)."""
+
+    # The policy loss, per micro-batch; summed over the step's updates.
+    tokens: Value = _stat(0.0, Combine.SUM)  # completion tokens
+    loss: Value = _stat(0.0, Combine.SUM)  # sum of the weighted token losses
+    clip_low: Value = _stat(0.0, Combine.SUM)  # tokens whose gradient the lower clip bound cut
+    clip_high: Value = _stat(0.0, Combine.SUM)  # tokens whose gradient the upper clip bound cut
+    is_sum: Value = _stat(0.0, Combine.SUM)  # truncated importance weights, summed over tokens
+    is_max: Value = _stat(0.0, Combine.MAX)
+    is_min: Value = _stat(math.inf, Combine.MIN)
+    mismatch_sum: Value = _stat(0.0, Combine.SUM)  # |log pi_old - log pi_rollout|, summed over tokens
+    kl_sum: Value = _stat(0.0, Combine.SUM)  # k3 KL to the reference, summed over tokens (0 without a KL term)
+    # The trainer's forward, per micro-batch.
+    entropy_sum: Value = _stat(0.0, Combine.SUM)
+    aux_sum: Value = _stat(0.0, Combine.SUM)  # router balance loss, weighted by the micro-batch's token share
+    # The trainer, per step.
+    grad_norm: float = _stat(0.0, Combine.RANK0)  # largest of the step's updates; inf where one was not finite
+    skipped: float = _stat(0.0, Combine.RANK0)  # updates skipped for a non-finite loss or gradient
+    updates: float = _stat(0.0, Combine.RANK0)  # optimizer steps taken or skipped
+    lr: float = _stat(0.0, Combine.RANK0)  # after the scheduler's step
+    graphs_compiled: float = _stat(0.0, Combine.MAX)  # new torch.compile graphs during the step
+    time_prepare: float = _stat(0.0, Combine.MAX)  # micro-batches to the device, pi_old / reference passes queued
+    time_updates: float = _stat(0.0, Combine.MAX)  # forwards, backwards, optimizer steps, until the GPU is done
+    time_release: float = _stat(0.0, Combine.MAX)  # giving the CUDA cache back for the engines
+    # GPU ranks only (None on CPU).
+    gpu_free_gib: float | None = _stat(None, Combine.MIN)  # free at the step's start (after the engines slept)
+    gpu_peak_gib: float | None = _stat(None, Combine.MAX)  # peak allocated
+    gpu_kept_gib: float | None = _stat(None, Combine.MAX)  # reserved after the step, beside the woken engines
+    gpu_alloc_retries: float | None = _stat(None, Combine.MAX)  # the caching allocator ran out and retried
+
+    @classmethod
+    def merge(cls, parts: Sequence[StepStats]) -> StepStats:
+        """Combine a rank's micro-batches, or the ranks' step stats (parts[0] is rank 0), field by field."""
+        return cls(**{f.name: _combine(f.metadata["combine"], [getattr(p, f.name) for p in parts])
+                      for f in fields(cls)})
+
+    def on_host(self) -> StepStats:
+        """The same statistics with every device value read as a float, all in one read."""
+        names = [f.name for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
+        if not names:
+            return self
+        values = torch.stack([getattr(self, name) for name in names]).tolist()
+        return dataclasses.replace(self, **dict(zip(names, values)))
+
+    def to_metrics(self) -> dict[str, float]:
+        """The metrics.jsonl entries of stats merged over ranks: per-token means of the sums, per-update means."""
+        tokens = max(self.tokens, 1.0)
+        out = {"train/loss": self.loss / self.updates, "train/entropy": self.entropy_sum / tokens,
+               "train/clip_frac": (self.clip_low + self.clip_high) / tokens,
+               "train/clip_low_frac": self.clip_low / tokens, "train/clip_high_frac": self.clip_high / tokens,
+               "train/is_ratio_mean": self.is_sum / tokens, "train/is_ratio_max": self.is_max,
+               "train/is_ratio_min": self.is_min, "train/mismatch": self.mismatch_sum / tokens,
+               "train/aux_loss": self.aux_sum / self.updates, "train/grad_norm": self.grad_norm,
+               "train/skipped_updates": self.skipped, "train/lr": self.lr,
+               "train/graphs_compiled": self.graphs_compiled,
+               # the slowest rank's split of time/train (the rest of it: packing and moving the batches to the ranks)
+               "time/train_prepare": self.time_prepare, "time/train_updates": self.time_updates,
+               "time/train_release": self.time_release}
+        if self.kl_sum:
+            out["train/kl"] = self.kl_sum / tokens
+        if self.gpu_free_gib is not None:
+            out.update({"train/gpu_free_gib": self.gpu_free_gib, "train/gpu_peak_gib": self.gpu_peak_gib,
+                        "train/gpu_kept_gib": self.gpu_kept_gib, "train/gpu_alloc_retries": self.gpu_alloc_retries})
+        return out
+
+
+def _combine(how: Combine, values: list[Any]) -> Any:
+    if how is Combine.RANK0 or values[0] is None:
+        return values[0]
+    return functools.reduce(_OPS[how], values)
