@@ -144,6 +144,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_errors_name_the_problem_and_write_nothing(teachers: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     cases = [([str(teachers["llama-tiny"]), str(out), "--attn-layers", "1,4"], "--attn-layers"),
