@@ -25,6 +25,5 @@ __all__ = ["TRANSPORTS", "WeightTransport", "build", "check", "probe"]
 def build(recipe: Recipe) -> WeightTransport:
     """The transport of a run: rollout.weight_sync, with "auto" resolved by the recipe's placement."""
     method = resolve_sync_method(recipe)
-    if method not in TRANSPORTS:
-        raise ValueError(f"unknown rollout.weight_sync {method!r}; choose from auto, {', '.join(TRANSPORTS)}")
+    assert method in TRANSPORTS, f"rollout.weight_sync {method!r} passed the recipe check but has no transport"
     return TRANSPORTS[method](recipe.rollout.dtype)

@@ -189,9 +189,10 @@ class TrainerWorker:
     def _compile_now(self) -> None:
         """Compile at start-up, not in the first step: forward + backward of a micro-batch of two sequences that fill
         the token budget, gradients dropped. Shapes are dynamic, but Inductor also guards on the size ranges it saw
-        (at 2B on the H100: 5120 <= tokens, from fusion and matmul-padding choices), so the warm-up looks like a
-        full micro-batch: after a tiny one the first step recompiled mid-step; after this one only micro-batches
-        below such a bound (the packing's short tail) do, once. Every rank (fsdp2 collectives)."""
+        (lower bounds on the token count, from its fusion and matmul-padding choices), so a tiny warm-up would leave
+        the first step to recompile: the warm-up looks like a full micro-batch, and only micro-batches below such a
+        bound (the packing's short tail) recompile, once (`bench/results/grpo_step.md`). Every rank (fsdp2
+        collectives)."""
         half = max(self.train_cfg.token_budget // 2, 8)
         seqs = [Sequence([1, 2, 3], [4] * (half - 3), [0.0] * (half - 3), advantage=1.0, weight=1.0),
                 Sequence([1, 2], [3] * (half - 7), [0.0] * (half - 7), advantage=1.0, weight=1.0)]
