@@ -54,9 +54,9 @@ def timed_train(worker: Any, micro: list[Any]) -> tuple[float, float, int]:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    totals = worker.train([micro])
+    stats = worker.train([micro])  # a StepStats
     torch.cuda.synchronize()
-    return time.perf_counter() - t0, totals["gpu_peak_gib"], int(totals["gpu_alloc_retries"])
+    return time.perf_counter() - t0, stats.gpu_peak_gib, int(stats.gpu_alloc_retries)
 
 
 def kernel_time_by_kind(worker: Any, mb: Any) -> tuple[dict[str, float], list[list], str]:

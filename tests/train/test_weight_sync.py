@@ -56,7 +56,7 @@ def _engine_process(transport: CudaIpc, payload, queue) -> None:
     queue.put((gpu, count, engine.loaded))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU")
+@pytest.mark.gpu  # CUDA IPC
 def test_cuda_ipc_engine_loads_views_of_the_trainers_buffers():
     import torch.multiprocessing as mp
 
