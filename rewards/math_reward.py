@@ -1,6 +1,6 @@
 """`math_accuracy`: is the final boxed answer equal to the gold answer?
 
-Choices (see ../shared/docs/eval_rewards.md §1.4 for the measurements behind them):
+Choices (docs/math_reward.md keeps the behaviour of math-verify behind them):
 1) Only the text after the last `</think>` is graded, so reasoning drafts cannot earn the reward.
 2) Only the last `\\boxed{...}` counts (nested braces handled); no box means 0. math-verify's own extraction
    would also reward unboxed answers (`\\fbox`, "the answer is 12") and joins nearby boxes into sets.
