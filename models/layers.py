@@ -109,9 +109,9 @@ class SSEMixer(nn.Module):
 
     def _features(self, x: Tensor) -> SSEFeatures:
         """The op's features of x [B, T, D]: fields [B, T, H, dk] / [B, T, H, dv]."""
-        return sse_features(self.q_proj(x), self.k_proj(x), self.lora_q_proj(x), self.lora_k_proj(x), self.v_proj(x),
-                            self.gk_proj[0](x), self.gk_proj[1](x), num_heads=self.num_heads,
-                            gate_logit_normalizer=self.gate_logit_normalizer)
+        return sse_features(q=self.q_proj(x), k=self.k_proj(x), q_lora=self.lora_q_proj(x), k_lora=self.lora_k_proj(x),
+                            v=self.v_proj(x), gate_shared=self.gk_proj[0](x), gate_sparse=self.gk_proj[1](x),
+                            num_heads=self.num_heads, gate_logit_normalizer=self.gate_logit_normalizer)
 
     def _mix(self, features: SSEFeatures, logits: Tensor, cu_seqlens: Tensor | None, cache: Cache | None) -> Tensor:
         """Run the SSE op, continuing from and writing back to the cache's state when there is a cache."""

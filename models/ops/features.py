@@ -37,8 +37,8 @@ class SSEFeatures(NamedTuple):
         return sse_state_shape(num_sparse_partition, heads, head_k_dim, self.v.shape[-1])
 
 
-def sse_features(q: Tensor, k: Tensor, q_lora: Tensor, k_lora: Tensor, v: Tensor, gate_shared: Tensor,
-                 gate_sparse: Tensor, *, num_heads: int, gate_logit_normalizer: float) -> SSEFeatures:
+def sse_features(*, q: Tensor, k: Tensor, q_lora: Tensor, k_lora: Tensor, v: Tensor, gate_shared: Tensor,
+                 gate_sparse: Tensor, num_heads: int, gate_logit_normalizer: float) -> SSEFeatures:
     """Feature maps of fla's `SSEGLA`: q = silu, k = softmax over dk (in fp32, rounded back to the projections'
     dtype), v = silu, log-decays logsigmoid(.) / normalizer kept in fp32.
 

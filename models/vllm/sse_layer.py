@@ -133,9 +133,10 @@ class SSEHMixer(nn.Module, MambaBase):
         xs, _ = self.x_proj(x)
         part = dict(zip(self.x_parts, xs.split(self.x_sizes, dim=-1)))
         features = sse_features(
-            q, k, self.lora_q_proj(part["lora_q_proj.0"])[0], self.lora_k_proj(part["lora_k_proj.0"])[0], v,
-            self.gk_proj[0](part["gk_proj.0.0"])[0], self.gk_proj[1](part["gk_proj.1.0"])[0],
-            num_heads=self.num_heads, gate_logit_normalizer=self.gate_logit_normalizer)
+            q=q, k=k, q_lora=self.lora_q_proj(part["lora_q_proj.0"])[0],
+            k_lora=self.lora_k_proj(part["lora_k_proj.0"])[0], v=v, gate_shared=self.gk_proj[0](part["gk_proj.0.0"])[0],
+            gate_sparse=self.gk_proj[1](part["gk_proj.1.0"])[0], num_heads=self.num_heads,
+            gate_logit_normalizer=self.gate_logit_normalizer)
         gate = None if self.g_proj is None else self.g_proj(part["g_proj.0"])[0].view_as(features.v)
         return features, part["e_proj"].contiguous(), gate
 
