@@ -7,7 +7,7 @@ Heavy imports (vLLM, Ray, matplotlib, datasets) happen only inside the functions
 from sse_rl.config import SamplingConfig
 from sse_rl.eval.benchmarks import BENCHMARKS, Problem, load_benchmark, load_problems_file, normalize_answer
 from sse_rl.eval.engines import GenerateFn, Generation, GenRequest
-from sse_rl.eval.grading import Grade, Grader, MathGrader, extract_answer
+from sse_rl.eval.grading import Grade, Grader, MathGrader, RewardGrader, ScoreFn, extract_answer
 from sse_rl.eval.metrics import BenchmarkMetrics, ProblemSamples, compute_metrics, majority_vote, pass_at_k
 from sse_rl.eval.report import compare, load_results
 from sse_rl.eval.runner import evaluate, run_eval
@@ -23,7 +23,9 @@ __all__ = [
     "MathGrader",
     "Problem",
     "ProblemSamples",
+    "RewardGrader",
     "SamplingConfig",
+    "ScoreFn",
     "compare",
     "compute_metrics",
     "evaluate",

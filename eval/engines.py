@@ -1,23 +1,28 @@
-"""Generation for evaluation: a vLLM `LLM` in this process, or several of them as Ray actors (one per GPU group).
+"""Generation through vLLM: the one engine stack of GRPO rollouts and evals, and the eval package's completion sources.
 
-Every source of completions is a `GenerateFn`: it takes requests and sampling settings and yields
+`Engine` is one vLLM `LLM` built from an `EngineSpec`, with batch and streaming generation under one seeding rule.
+The GRPO rollout worker (`sse_rl.workers.rollout.RolloutWorker`) is an `Engine` plus what training needs; an eval
+drives one `Engine` here, or several as Ray actors (one per GPU group).
+
+Every source of completions for an eval is a `GenerateFn`: it takes requests and sampling settings and yields
 `(request index, Generation)` pairs *as samples finish*, in any order, so the runner can grade and save each one at
 once. Choices:
-1) A local engine is driven with `add_request` + `step()`, the loop `LLM.generate` itself runs, so finished samples
-   come out one by one while the engine stays full; requests left when the consumer stops are aborted, so the engine
-   can be reused (the GRPO trainer's engine, a test's engine).
-2) Every request is one sample (n=1), so a run can stop and resume at any sample. Sampling randomness follows the
-   seeding rule of `sse_rl.config.SamplingConfig`: the engine's seed, no per-request seeds; data-parallel engines get
-   seeds seed, seed + 1, ...
-3) Data parallelism: requests are dealt round-robin to one actor per engine; each actor streams its results back
+1) Seeding, the rule of `sse_rl.config.SamplingConfig`: no request carries a seed of its own; engine r of several
+   starts from seed + r (`EngineSpec.for_rank`); a call that must be repeatable restarts the engine's random stream
+   from a seed of its own (`Engine.generate_batch`), engine r of several from that seed + r (`rank_seed`).
+2) Streaming (`Engine.generate_stream`) drives the engine with `add_request` + `step()`, the loop `LLM.generate`
+   itself runs, so finished samples come out one by one while the engine stays full; requests left when the consumer
+   stops are aborted, so the engine can be reused (the GRPO trainer's engine, a test's engine).
+3) Every eval request is one sample (n=1), so a run can stop and resume at any sample.
+4) Data parallelism: requests are dealt round-robin to one actor per engine; each actor streams its results back
    through a Ray streaming generator and the driver merges the streams with `ray.wait`.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
+import os
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from sse_rl import check_worker_imports
@@ -27,8 +32,21 @@ from sse_rl.config import SamplingConfig
 _call_counter = itertools.count()
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seeding rule for several engines: engine `rank` draws from `seed + rank` (choice 1)."""
+    return seed + rank
+
+
+def reseed_sampler(worker: Any, seed: int) -> None:
+    """Restart a vLLM worker's random stream (`llm.collective_rpc(reseed_sampler, args=(seed,))`): vLLM draws the
+    sampling noise of requests without a seed of their own from torch's default generators."""
+    import torch
+
+    torch.manual_seed(seed)
+
+
 def vllm_params(sampling: SamplingConfig) -> Any:
-    """vLLM's `SamplingParams` of one eval request: one sample (choice 2; `evaluate` refuses n > 1), no seed of its
+    """vLLM's `SamplingParams` of one eval request: one sample (choice 3; `evaluate` refuses n > 1), no seed of its
     own."""
     from vllm import SamplingParams
 
@@ -54,7 +72,7 @@ GenerateFn = Callable[[list[GenRequest], SamplingConfig], Iterator[tuple[int, Ge
 
 
 def stream_vllm(llm: Any, requests: list[GenRequest], sampling: SamplingConfig) -> Iterator[tuple[int, Generation]]:
-    """Yield (index into requests, Generation) from a vLLM `LLM` as each sample finishes."""
+    """Yield (index into requests, Generation) from a vLLM `LLM` as each sample finishes (choice 2)."""
     engine = llm.llm_engine
     prefix = f"eval-{next(_call_counter)}-"
     params = vllm_params(sampling)
@@ -77,7 +95,7 @@ def stream_vllm(llm: Any, requests: list[GenRequest], sampling: SamplingConfig) 
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """How to build each vLLM engine (the `LLM(...)` arguments this package sets)."""
+    """How to build a vLLM engine, for rollouts and evals alike (the `LLM(...)` arguments both set)."""
 
     model: str
     dtype: str = "auto"
@@ -85,33 +103,60 @@ class EngineSpec:
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
-    seed: int = 0
+    seed: int = 0  # the engine's random stream starts here (choice 1)
+    max_num_seqs: int | None = None  # concurrent sequences; None = vLLM's default
+    cpu_kvcache_space_gib: int | None = None  # VLLM_CPU_KVCACHE_SPACE where the environment sets none; None = vLLM's
 
-    def build(self) -> Any:
+    def for_rank(self, rank: int) -> EngineSpec:
+        """The spec of engine `rank` of several: its own seed (choice 1)."""
+        return replace(self, seed=rank_seed(self.seed, rank))
+
+    def build(self, **training: Any) -> Any:
+        """The vLLM `LLM`; `training`: the `LLM` arguments a training engine adds (`RolloutWorker`)."""
+        if self.cpu_kvcache_space_gib is not None:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kvcache_space_gib))
         from vllm import LLM
 
-        return LLM(**asdict(self))
+        args = asdict(self)
+        del args["cpu_kvcache_space_gib"]
+        return LLM(**args, **training)
 
 
-class EngineActor:
-    """One vLLM engine in a Ray actor (wrapped with `ray.remote` in `start_actors`, so Ray is only imported there)."""
+class Engine:
+    """One vLLM engine with batch and streaming generation under the seeding rule (module doc). A Ray actor in a
+    data-parallel eval (`start_actors`); `RolloutWorker` builds on it."""
 
-    def __init__(self, spec: EngineSpec) -> None:
-        self.llm = spec.build()
+    def __init__(self, spec: EngineSpec, **training: Any) -> None:
+        self.llm = spec.build(**training)
 
     def ready(self) -> bool:
         return True
 
-    def generate(self, requests: list[GenRequest], sampling: SamplingConfig) -> Iterator[tuple[int, Generation]]:
+    def generate_batch(self, prompt_ids: list[list[int]], params: Any, seed: int | None) -> list[Any]:
+        """vLLM's output for each prompt (token ids), in prompt order, with `params` (vLLM `SamplingParams`), from
+        the engine's random stream restarted from `seed` (None: continued)."""
+        from vllm.inputs import TokensPrompt
+
+        if seed is not None:
+            self.llm.collective_rpc(reseed_sampler, args=(seed,))
+        return self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+
+    def generate_stream(self, requests: list[GenRequest],
+                        sampling: SamplingConfig) -> Iterator[tuple[int, Generation]]:
+        """The engine as a `GenerateFn`: each sample as it finishes (choice 2)."""
         yield from stream_vllm(self.llm, requests, sampling)
+
+    def close(self) -> None:
+        """Stop the engine's processes now rather than at interpreter exit."""
+        self.llm.llm_engine.engine_core.shutdown()
 
 
 def start_actors(spec: EngineSpec, count: int, gpus_per_engine: float) -> list[Any]:
     """Start `count` engine actors (Ray must be initialised), each holding `gpus_per_engine` GPUs; wait until loaded."""
     import ray
 
-    actor_cls = ray.remote(num_gpus=gpus_per_engine)(EngineActor)
-    actors = [actor_cls.remote(dataclasses.replace(spec, seed=spec.seed + rank)) for rank in range(count)]
+    actor_cls = ray.remote(num_gpus=gpus_per_engine)(Engine)
+    actors = [actor_cls.remote(spec.for_rank(rank)) for rank in range(count)]
     ray.get([a.ready.remote() for a in actors])
     return actors
 
@@ -125,7 +170,7 @@ def stream_actors(actors: list[Any], requests: list[GenRequest],
     for rank, actor in enumerate(actors):
         shard = list(range(rank, len(requests), len(actors)))
         if shard:
-            gen = actor.generate.options(num_returns="streaming").remote([requests[i] for i in shard], sampling)
+            gen = actor.generate_stream.options(num_returns="streaming").remote([requests[i] for i in shard], sampling)
             streams.append((gen, shard))
     try:
         while streams:
@@ -145,13 +190,14 @@ def stream_actors(actors: list[Any], requests: list[GenRequest],
 
 
 class Engines:
-    """The engines of one eval run: a local `LLM` when data_parallel == 1, else Ray actors. Callable as a GenerateFn."""
+    """The engines of one eval run: an `Engine` in this process when data_parallel == 1, else Ray actors. Callable as
+    a GenerateFn."""
 
     def __init__(self, spec: EngineSpec, data_parallel: int) -> None:
         if data_parallel < 1:
             raise ValueError(f"data_parallel must be >= 1, got {data_parallel}")
         self.spec = spec
-        self.llm = spec.build() if data_parallel == 1 else None
+        self.engine = Engine(spec) if data_parallel == 1 else None
         self.actors: list[Any] = []
         self.own_ray = False  # whether close() should shut Ray down (we started it)
         if data_parallel > 1:
@@ -165,15 +211,15 @@ class Engines:
             self.actors = start_actors(spec, data_parallel, gpus)
 
     def __call__(self, requests: list[GenRequest], sampling: SamplingConfig) -> Iterator[tuple[int, Generation]]:
-        if self.llm is not None:
-            return stream_vllm(self.llm, requests, sampling)
+        if self.engine is not None:
+            return self.engine.generate_stream(requests, sampling)
         return stream_actors(self.actors, requests, sampling)
 
     def close(self) -> None:
         """Stop the engine processes now rather than at interpreter exit."""
-        if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
-            self.llm = None
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
         if self.actors:
             import ray
 

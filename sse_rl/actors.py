@@ -23,13 +23,14 @@ from typing import Any
 import ray
 
 from sse_rl import weight_sync
-from sse_rl.config import Recipe
+from sse_rl.config import Recipe, SamplingConfig
+from sse_rl.eval.engines import EngineSpec, rank_seed
 from sse_rl.packing import MicroBatch
 from sse_rl.rewards.pool import RewardResult
 from sse_rl.step_stats import StepStats
 from sse_rl.weight_sync import WeightTransport
 from sse_rl.workers.reward import RewardWorker
-from sse_rl.workers.rollout import Rollout, RolloutWorker, SamplingSpec
+from sse_rl.workers.rollout import Rollout, RolloutWorker
 from sse_rl.workers.trainer import TrainerWorker
 
 READY_TIMEOUT_S = 300.0  # a feasible group on a busy or autoscaling cluster may take a while
@@ -69,21 +70,24 @@ class Actors:
     sleep_level: int  # rollout.sleep_level
     asleep: bool = False  # the engines released their GPU memory for the trainers
 
-    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec, seed: int | None) -> list[list[Rollout]]:
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
+                 seed: int | None) -> list[list[Rollout]]:
         """Spread prompts over the engines (round-robin) and gather the completions in prompt order; engine i
-        restarts its random stream from seed + i (None: continues it)."""
+        restarts its random stream from seed + i (`rank_seed`; None: continues it)."""
         n = len(self.engines)
         shards = [s for s in (range(len(prompt_ids))[i::n] for i in range(n)) if len(s)]
-        calls = [e.generate.remote([prompt_ids[j] for j in s], spec, None if seed is None else seed + i)
-                 for i, (e, s) in enumerate(zip(self.engines, shards))]
+        seeds = [None if seed is None else rank_seed(seed, i) for i in range(len(shards))]
+        calls = [e.generate.remote([prompt_ids[j] for j in s], sampling, engine_seed)
+                 for e, s, engine_seed in zip(self.engines, shards, seeds)]
         out: list[list[Rollout]] = [[] for _ in prompt_ids]
         for shard, result in zip(shards, ray.get(calls)):
             for j, rollouts in zip(shard, result):
                 out[j] = rollouts
         return out
 
-    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list[Any]]) -> RewardResult:
-        return ray.get(self.reward.score.remote(prompts, completions, columns))
+    def score(self, prompts: list[str], completions: list[str], **columns: list[Any]) -> RewardResult:
+        """The reward worker's `score`: every completion graded by every reward function."""
+        return ray.get(self.reward.score.remote(prompts, completions, **columns))
 
     def train(self, per_rank: list[list[list[MicroBatch]]]) -> list[StepStats]:
         """One update of every trainer rank on its micro-batches; their statistics, rank 0 first."""
@@ -151,13 +155,13 @@ def start(recipe: Recipe, model_path: str) -> Actors:
 
 def _start_engines(recipe: Recipe, model_path: str, placement: list[dict[str, Any]]) -> list[Any]:
     r = recipe.rollout
+    spec = EngineSpec(model=model_path, dtype=r.dtype, tensor_parallel_size=r.tensor_parallel_size,
+                      max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
+                      enforce_eager=r.enforce_eager, seed=recipe.seed, max_num_seqs=r.max_num_seqs,
+                      cpu_kvcache_space_gib=r.cpu_kvcache_space_gib)
     engine_cls = ray.remote(num_cpus=1, num_gpus=r.num_gpus_per_engine)(RolloutWorker)
-    return [engine_cls.options(**placement[i]).remote(
-        model_path, dtype=r.dtype, max_model_len=r.max_model_len, seed=recipe.seed + i, enforce_eager=r.enforce_eager,
-        gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
-        cpu_kvcache_space_gib=r.cpu_kvcache_space_gib, enable_sleep_mode=r.sleep_level > 0,
-        max_num_seqs=r.max_num_seqs,
-    ) for i in range(r.num_engines)]
+    return [engine_cls.options(**placement[i]).remote(spec.for_rank(i), enable_sleep_mode=r.sleep_level > 0)
+            for i in range(r.num_engines)]
 
 
 def _start_trainers(recipe: Recipe, model_path: str, placement: list[dict[str, Any]]) -> list[Any]:

@@ -8,7 +8,8 @@ reached: `sse_rl.actors`; how weights travel: `sse_rl.weight_sync`.
 
 Two evals: `evaluate` (mean reward on the held-out prompts of data.eval, eval/*) and `validate` (the eval package on
 the eval.benchmark problems: avg@n, pass@k, maj@k as val/*, report files in OUT_DIR/val/step_NNNN). Both sample with
-the run's engines and grade with the run's reward pool, so they cost no extra processes.
+the run's engines and grade with the run's reward pool, so they cost no extra processes; validation grades through
+the eval package's one grader (`RewardGrader`) over that pool.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Any
 from sse_rl import actors, checkpoint, rollouts, weight_sync
 from sse_rl.config import Recipe
 from sse_rl.data import EpochSampler, Prompt
-from sse_rl.eval import Generation, GenRequest, Grade, Problem, SamplingConfig, extract_answer
+from sse_rl.eval import Generation, GenRequest, Problem, RewardGrader, SamplingConfig
 from sse_rl.eval import evaluate as evaluate_benchmark
 from sse_rl.grpo.advantages import build_advantage_fn
 from sse_rl.grpo.losses import build_loss_agg
@@ -30,7 +31,7 @@ from sse_rl.metrics_log import MetricsLog
 from sse_rl.rewards.pool import RewardResult
 from sse_rl.rollouts import Group, Round, call_seed
 from sse_rl.step_stats import StepStats
-from sse_rl.workers.rollout import Rollout, SamplingSpec
+from sse_rl.workers.rollout import Rollout
 
 
 @dataclass
@@ -53,8 +54,8 @@ class Controller:
         self.sampler = EpochSampler(len(train_prompts), recipe.seed)
         self.advantages = build_advantage_fn(recipe.algo.adv_std_scaling)
         self.loss_agg = build_loss_agg(recipe.algo.loss_agg, recipe.rollout.max_tokens)
-        self.spec = SamplingSpec(n=recipe.rollout.group_size, max_tokens=recipe.rollout.max_tokens,
-                                 temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p)
+        self.sampling = SamplingConfig(n=recipe.rollout.group_size, max_tokens=recipe.rollout.max_tokens,
+                                       temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p)
         self.probe_ids = [p.ids for p in train_prompts[:recipe.run.probe_prompts]]
         self.actors: actors.Actors | None = None
 
@@ -122,14 +123,15 @@ class Controller:
     def sample_round(self, prompts: list[Prompt], step: int, rnd: int) -> Round:
         """Round `rnd` of a step's sampling: G completions per prompt from a seed of the call's own, graded."""
         t0 = time.perf_counter()
-        sampled = self.actors.generate([p.ids for p in prompts], self.spec, call_seed(self.cfg.seed, step, rnd))
+        sampled = self.actors.generate([p.ids for p in prompts], self.sampling, call_seed(self.cfg.seed, step, rnd))
         t1 = time.perf_counter()
         groups, result = self.score(prompts, sampled)
         return Round(groups, t1 - t0, time.perf_counter() - t1, result.timeouts, len(result.errors))
 
     def score(self, prompts: list[Prompt], sampled: list[list[Rollout]]) -> tuple[list[Group], RewardResult]:
         """Grade every completion with the reward pool: one Group per prompt, and the pool's result."""
-        result = self.actors.score(*rollouts.reward_inputs(prompts, sampled))
+        texts, completions, columns = rollouts.reward_inputs(prompts, sampled)
+        result = self.actors.score(texts, completions, **columns)
         accuracy = self.actors.reward_names[self.cfg.reward.accuracy]
         return rollouts.to_groups(prompts, sampled, result, accuracy), result
 
@@ -152,19 +154,26 @@ class Controller:
         """Mean reward and accuracy on the held-out prompts (one fixed seed, so every eval draws alike)."""
         c = self.cfg
         prompts = self.eval_prompts[:c.eval.num_prompts or None]
-        spec = SamplingSpec(n=c.eval.samples, max_tokens=c.rollout.max_tokens, temperature=c.eval.temperature)
-        groups, _ = self.score(prompts, self.actors.generate([p.ids for p in prompts], spec, call_seed(c.seed, -1)))
+        sampling = SamplingConfig(n=c.eval.samples, max_tokens=c.rollout.max_tokens, temperature=c.eval.temperature)
+        sampled = self.actors.generate([p.ids for p in prompts], sampling, call_seed(c.seed, -1))
+        groups, _ = self.score(prompts, sampled)
         return {"eval/reward": rollouts.mean([r for g in groups for r in g.rewards]),
                 "eval/accuracy": rollouts.mean([a for g in groups for a in g.accuracy])}
 
     def validate(self, step: int) -> dict[str, float]:
-        """The eval package on the validation benchmark: val/* metrics; completions and report in val/step_NNNN."""
+        """The eval package on the validation benchmark: val/* metrics; completions and report in val/step_NNNN.
+
+        The score is the recipe's accuracy reward from the run's reward pool: for math recipes `math_accuracy`, what
+        the eval package's own MathGrader scores, without a second pool of grading processes; a custom task is graded
+        by its own accuracy reward (given `answer` only).
+        """
         out = self.run_dir / "val" / f"step_{step:04d}"
         shutil.rmtree(out, ignore_errors=True)  # left by an interrupted attempt at this step
         t0 = time.perf_counter()
+        grader = RewardGrader(self.actors.score, self.actors.reward_names[self.cfg.reward.accuracy])
         metrics = evaluate_benchmark(
             self.sample_for_eval, self.val.problems, tokenizer=self.val.tokenizer,
-            samples=self.cfg.eval.benchmark_samples, sampling=self.val.sampling, grader=self.grade_for_eval,
+            samples=self.cfg.eval.benchmark_samples, sampling=self.val.sampling, grader=grader,
             benchmark=self.val.name, instruction="", chat_template=self.cfg.data.chat_template, out_dir=out)
         return {**metrics.flat("val/"), "time/val": time.perf_counter() - t0}
 
@@ -174,20 +183,6 @@ class Controller:
         No seed: the engines' random streams continue. Training calls restart them from seeds of their own, so
         training samples do not depend on when validation ran.
         """
-        if sampling.top_k:
-            raise ValueError(f"the rollout engines sample without top-k, got top_k={sampling.top_k}")
-        spec = SamplingSpec(n=1, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                            top_p=sampling.top_p)
-        for i, (rollout,) in enumerate(self.actors.generate([r.prompt_token_ids for r in requests], spec, None)):
+        sampled = self.actors.generate([r.prompt_token_ids for r in requests], sampling, None)
+        for i, (rollout,) in enumerate(sampled):
             yield i, Generation(rollout.text, len(rollout.completion_ids), rollout.finish_reason)
-
-    def grade_for_eval(self, completions: list[str], golds: list[str]) -> list[Grade]:
-        """The eval package's Grader on the run's reward pool: the score is the accuracy function's value.
-
-        For math recipes that is `math_accuracy`, what the eval package's own MathGrader scores, without a second
-        pool of grading processes; a custom task is graded by its own accuracy reward (given `answer` only).
-        The maj@k vote is the eval package's `extract_answer`.
-        """
-        result = self.actors.score([""] * len(completions), completions, {"answer": golds})
-        scores = result.per_function[self.actors.reward_names[self.cfg.reward.accuracy]]
-        return [Grade(score=s, pred=extract_answer(c)) for s, c in zip(scores, completions)]

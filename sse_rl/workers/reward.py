@@ -24,7 +24,8 @@ class RewardWorker:
         self.pool = RewardPool(reward_specs(cfg), SandboxConfig(workers=cfg.num_workers, timeout_s=cfg.timeout_s))
         self.names = list(self.pool.weights)
 
-    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list[Any]]) -> RewardResult:
+    def score(self, prompts: list[str], completions: list[str], **columns: list[Any]) -> RewardResult:
+        """`RewardPool.score`: columns are dataset columns by keyword, one value per completion."""
         return self.pool.score(prompts, completions, **columns)
 
     def function_names(self) -> list[str]:

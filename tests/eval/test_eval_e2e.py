@@ -92,13 +92,13 @@ def test_full_run_writes_every_output(engines, model_dir, shared_data, tmp_path)
 
 def test_interrupted_run_resumes_without_redoing_samples(engines, model_dir, shared_data, tmp_path):
     run = tmp_path / "resumed"
-    first = Recorder(engines.llm, stop_after=25)
+    first = Recorder(engines.engine.llm, stop_after=25)
     with pytest.raises(KeyboardInterrupt):
         run_eval(_config(shared_data, run, model=str(model_dir)), generate=first)
-    assert not engines.llm.llm_engine.has_unfinished_requests()
+    assert not engines.engine.llm.llm_engine.has_unfinished_requests()
     done = [f"{r['benchmark']}/{r['problem_id']}/{r['sample']}" for r in _lines(run)]
     assert len(done) == 25 and not (run / "results.json").exists()
-    second = Recorder(engines.llm)
+    second = Recorder(engines.engine.llm)
     run_eval(_config(shared_data, run, model=str(model_dir), resume=True), generate=second)
     assert len(second.ids) == 2 * 30 * SAMPLES - 25 and not set(done) & set(second.ids)
     lines = _lines(run)
@@ -110,7 +110,8 @@ def test_interrupted_run_resumes_without_redoing_samples(engines, model_dir, sha
 def test_evaluate_with_a_running_engine(engines, shared_data):
     """The trainer's path: an engine it already has, a few problems, metrics back, no files."""
     problems = load_benchmark("aime24", shared_data / "aime24.jsonl")[:3]
-    metrics = evaluate(engines.llm, problems, samples=4, sampling=dataclasses.replace(EVAL_SAMPLING, max_tokens=8))
+    sampling = dataclasses.replace(EVAL_SAMPLING, max_tokens=8)
+    metrics = evaluate(engines.engine.llm, problems, samples=4, sampling=sampling)
     assert (metrics.num_problems, metrics.samples) == (3, 4)
     assert 0 < metrics.mean_tokens <= 8 and 0 <= metrics.truncation_rate <= 1
     assert set(metrics.pass_at) == {1, 2, 4}

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import ray
 
-from sse_rl.config import AlgoConfig, RewardConfig, RewardFunctionConfig, TrainConfig
+from sse_rl.config import AlgoConfig, RewardConfig, RewardFunctionConfig, SamplingConfig, TrainConfig
+from sse_rl.eval.engines import EngineSpec
 from sse_rl.packing import Sequence, pack
 from sse_rl.weight_sync import probe
 from sse_rl.weight_sync.collective import Collective
 from sse_rl.weight_sync.object_store import ObjectStore
 from sse_rl.workers.reward import RewardWorker
-from sse_rl.workers.rollout import RolloutWorker, SamplingSpec
+from sse_rl.workers.rollout import RolloutWorker
 from sse_rl.workers.trainer import TrainerWorker
 
 pytestmark = pytest.mark.slow  # Ray actors, a vLLM engine
@@ -29,9 +30,9 @@ HERE = Path(__file__).resolve().parent
 @pytest.fixture(scope="module")
 def actors(policy):
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
-    engine = ray.remote(num_cpus=1)(RolloutWorker).remote(
+    engine = ray.remote(num_cpus=1)(RolloutWorker).remote(EngineSpec(
         policy, dtype="float32", max_model_len=64, seed=0, enforce_eager=True, gpu_memory_utilization=0.5,
-        tensor_parallel_size=1, cpu_kvcache_space_gib=1)
+        tensor_parallel_size=1, max_num_seqs=256, cpu_kvcache_space_gib=1))
     trainer = ray.remote(num_cpus=1)(TrainerWorker).remote(
         policy, rank=0, world_size=1, train=TrainConfig(lr=1e-2), algo=AlgoConfig(), temperature=1.0, seed=0,
         dtype="float32", gradient_checkpointing=False)
@@ -47,12 +48,12 @@ def test_seeded_calls_are_reproducible(actors):
     """A seed restarts the engine's random stream: the same call with the same seed draws the same completions,
     whatever unseeded calls ran in between; another seed, or no seed, draws anew."""
     engine, _ = actors
-    spec = SamplingSpec(n=4, max_tokens=6, temperature=1.0)
+    sampling = SamplingConfig(n=4, max_tokens=6, temperature=1.0)
     ids = lambda out: [[r.completion_ids for r in group] for group in out]  # noqa: E731
-    first = ray.get(engine.generate.remote(PROMPTS, spec, 1))
-    unseeded = [ray.get(engine.generate.remote(PROMPTS, spec, None)) for _ in range(2)]
-    again = ray.get(engine.generate.remote(PROMPTS, spec, 1))
-    other = ray.get(engine.generate.remote(PROMPTS, spec, 2))
+    first = ray.get(engine.generate.remote(PROMPTS, sampling, 1))
+    unseeded = [ray.get(engine.generate.remote(PROMPTS, sampling, None)) for _ in range(2)]
+    again = ray.get(engine.generate.remote(PROMPTS, sampling, 1))
+    other = ray.get(engine.generate.remote(PROMPTS, sampling, 2))
     assert ids(first) == ids(again)
     assert ids(first) != ids(other)
     assert ids(unseeded[0]) != ids(unseeded[1]) and [len(g) for g in unseeded[0]] == [4, 4, 4]
@@ -68,7 +69,7 @@ def test_rollout_texts_and_logprobs_equal_vllm_defaults(actors):
     are those of vLLM's default outputs (detokenized text, a dict of `Logprob`s per token), and its seed is that of
     a freshly seeded engine."""
     engine, _ = actors
-    spec = SamplingSpec(n=4, max_tokens=12, temperature=1.0)
+    sampling = SamplingConfig(n=4, max_tokens=12, temperature=1.0)
 
     def vllm_texts(worker: RolloutWorker) -> list:  # runs in the actor (defined here: pickled by value)
         import torch
@@ -76,12 +77,13 @@ def test_rollout_texts_and_logprobs_equal_vllm_defaults(actors):
         from vllm.inputs import TokensPrompt
 
         torch.manual_seed(4)
-        params = SamplingParams(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, logprobs=0)
+        params = SamplingParams(n=sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                                logprobs=0)
         outputs = worker.llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False)
         return [[(list(c.token_ids), c.text, [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)])
                  for c in out.outputs] for out in outputs]
 
-    ours = ray.get(engine.generate.remote(PROMPTS, spec, 4))
+    ours = ray.get(engine.generate.remote(PROMPTS, sampling, 4))
     assert [[(r.completion_ids, r.text, r.logprobs) for r in group] for group in ours] == ray.get(
         engine.__ray_call__.remote(vllm_texts))
     assert any(r.text for group in ours for r in group)
@@ -89,7 +91,7 @@ def test_rollout_texts_and_logprobs_equal_vllm_defaults(actors):
 
 def _update_trainer(engine, trainer, seed: int) -> None:
     """One policy update on the engine's own samples: afterwards engine and trainer disagree."""
-    rollouts = ray.get(engine.generate.remote(PROMPTS, SamplingSpec(n=4, max_tokens=4, temperature=1.0), seed))
+    rollouts = ray.get(engine.generate.remote(PROMPTS, SamplingConfig(n=4, max_tokens=4, temperature=1.0), seed))
     seqs = [Sequence(p, r.completion_ids, r.logprobs, advantage=1.0 if k % 2 else -1.0, weight=1 / 40)
             for p, group in zip(PROMPTS, rollouts) for k, r in enumerate(group)]
     stats = ray.get(trainer.train.remote([pack(seqs, 256)[0]]))
@@ -143,11 +145,11 @@ def test_hanging_and_dying_rewards_cost_one_sample(actors):
         RewardConfig(functions=[RewardFunctionConfig(spec=spec)], num_workers=2, timeout_s=1.0))
     completions = ["fine", "hang", "die", "also fine"]
     start = time.perf_counter()
-    result = ray.get(worker.score.remote(["p"] * 4, completions, {"answer": ["1"] * 4}))
+    result = ray.get(worker.score.remote(["p"] * 4, completions, answer=["1"] * 4))
     seconds = time.perf_counter() - start
     assert result.total == [1.0, 0.0, 0.0, 1.0]
     assert result.timeouts == 1 and sorted(e.kind for e in result.errors) == ["timeout", "worker_died"]
     assert seconds < 1.0 + 6.0, f"scoring took {seconds:.1f} s with a 1 s timeout"
-    again = ray.get(worker.score.remote(["p"] * 2, ["ok", "ok"], {"answer": ["1"] * 2}))
+    again = ray.get(worker.score.remote(["p"] * 2, ["ok", "ok"], answer=["1"] * 2))
     assert again.total == [1.0, 1.0] and again.timeouts == 0
     ray.get(worker.close.remote())
