@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import triton
 from sse_rl.models.ops.chunk import sse_triton
 from sse_rl.models.ops.decode import sse_decode_triton
+from sse_rl.models.ops.features import SSEFeatures
 from sse_rl.models.ops.router import fused_router
 
 from bench.common import bench_ms, copy_bandwidth, device_name, write_results
@@ -52,6 +53,17 @@ def sse_inputs(T: int, requires_grad: bool) -> list[torch.Tensor]:
     return [f.to(DTYPE).requires_grad_(requires_grad) for f in feats]
 
 
+def sse_op(inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Triton SSE op on `sse_inputs` (seven features, then the router logits)."""
+    return sse_triton(features=SSEFeatures(*inputs[:7]), router_logits=inputs[7], top_k=K)
+
+
+def decode_op(feats: list[torch.Tensor], state: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """One Triton decode step on `decode_inputs` (seven features, then the router logits)."""
+    return sse_decode_triton(features=SSEFeatures(*feats[:7]), router_logits=feats[7], state=state, slot_ids=slots,
+                             top_k=K)
+
+
 def fwd_bwd(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], object]:
     def run():
         out = fn()
@@ -72,13 +84,13 @@ def compile_times() -> dict[str, float]:
     inputs = sse_inputs(1000, requires_grad=True)
     logits = inputs[-1]
     stages: dict[str, Callable[[], object]] = {
-        "router fwd": lambda: fused_router(logits.detach(), K),
-        "router bwd": lambda: fused_router(logits, K)[1].sum().backward(),
-        "chunk fwd (fwd_h + fwd_o)": lambda: sse_triton(*inputs, top_k=K),
-        "chunk bwd (bwd_dh + bwd_dv + bwd_dqkg)": fwd_bwd(lambda: sse_triton(*inputs, top_k=K)[0], inputs),
+        "router fwd": lambda: fused_router(logits.detach(), top_k=K),
+        "router bwd": lambda: fused_router(logits, top_k=K)[1].sum().backward(),
+        "chunk fwd (fwd_h + fwd_o)": lambda: sse_op(inputs),
+        "chunk bwd (bwd_dh + bwd_dv + bwd_dqkg)": fwd_bwd(lambda: sse_op(inputs)[0], inputs),
     }
     feats, state, slots = decode_inputs(4)
-    stages["decode"] = lambda: sse_decode_triton(*feats, state, slots, top_k=K)
+    stages["decode"] = lambda: decode_op(feats, state, slots)
     out = {}
     for name, fn in stages.items():
         first = sync_time(fn)
@@ -91,7 +103,7 @@ def time_sse(T: int) -> dict:
     inputs = sse_inputs(T, requires_grad=True)
 
     def sse() -> torch.Tensor:
-        return sse_triton(*inputs, top_k=K)[0]
+        return sse_op(inputs)[0]
     return {"sse_fwd_ms": bench_ms(sse), "sse_fwdbwd_ms": bench_ms(fwd_bwd(sse, inputs))}
 
 
@@ -137,7 +149,7 @@ def bench_fla(rows: list[dict]) -> float:
 
 def time_decode(B: int) -> float:
     feats, state, slots = decode_inputs(B)
-    return bench_ms(lambda: sse_decode_triton(*feats, state, slots, top_k=K))
+    return bench_ms(lambda: decode_op(feats, state, slots))
 
 
 def bench_decode(batches: list[int], bw_gbs: float) -> list[dict]:

@@ -127,6 +127,7 @@ def components(config_dir: Path, tokens: int, seqs: int, compile_too: bool) -> d
     from sse_rl.grpo.logprobs import logprobs_and_entropy
     from sse_rl.models import ops
     from sse_rl.models.modeling import SSEHBlock, attention_mask_4d
+    from sse_rl.models.ops.features import SSEFeatures
 
     config = AutoConfig.from_pretrained(config_dir)
     sse = SSEHBlock(config, next(i for i, t in enumerate(config.layer_types) if t != "full_attention")).cuda()
@@ -139,7 +140,7 @@ def components(config_dir: Path, tokens: int, seqs: int, compile_too: bool) -> d
     targets = torch.randint(0, config.vocab_size, (tokens,), device="cuda")
     mixer = sse.attn
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        feats = [t.detach().requires_grad_() for t in mixer._features(x)]
+        feats = SSEFeatures(*[t.detach().requires_grad_() for t in mixer._features(x)])
         logits = mixer.e_proj(x).detach()
 
     def out(y: Any) -> torch.Tensor:
@@ -152,7 +153,7 @@ def components(config_dir: Path, tokens: int, seqs: int, compile_too: bool) -> d
     pieces = {
         "rms_norm": lambda: sse.attn_norm(x),
         "sse_features": lambda: mixer._features(x),
-        "sse_op": lambda: ops.sse_chunk(*feats, logits, top_k=mixer.top_k, cu_seqlens=cu)[0],
+        "sse_op": lambda: ops.sse_chunk(features=feats, router_logits=logits, top_k=mixer.top_k, cu_seqlens=cu)[0],
         "sse_mixer": lambda: mixer(x, None, cu)[0],
         "mlp": lambda: sse.mlp(x),
         "sse_block": lambda: sse(x, position_ids=pos, cu_seqlens=cu)[0],

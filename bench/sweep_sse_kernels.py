@@ -69,7 +69,7 @@ def stream_inputs(lengths: list[int]) -> tuple[torch.Tensor, ...]:
     k_sh, k_sp = (rand(L, H, DK).softmax(-1).to(BF16) for _ in range(2))
     g_sh, g_sp = (F.logsigmoid(rand(L, H, DK)) / 16 for _ in range(2))
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEV)
-    _, weights, indices = fused_router(rand(L, N).to(BF16), K)
+    _, weights, indices = fused_router(rand(L, N).to(BF16), top_k=K)
     routing = sort_by_partition(indices, cu, N)
     q, k = to_stream(q_sh, q_sp, routing, weights), to_stream(k_sh, k_sp, routing, weights)
     return q, k, to_stream(v, v, routing), to_stream(g_sh, g_sp, routing), routing.seg_start, routing.seg_len
