@@ -28,20 +28,6 @@ def test_overrides_parse_yaml_scalars_and_list_indices():
     assert recipe.model.init is not None and recipe.model.init.preset == "sse-h-tiny"
 
 
-def test_call_seeds_differ_between_calls_and_engines_and_fit_torch():
-    """Every rollout call of a run (step, round; eval -1) gets its own seed, engine i of a call seed + i: no two
-    (call, engine) pairs may share a random stream, and every seed must be one `torch.manual_seed` accepts."""
-    import torch
-
-    from sse_rl.controller import call_seed
-
-    calls = [(step, rnd) for step in range(1, 200) for rnd in range(4)] + [(-1,)]
-    seeds = [call_seed(0, *c) + engine for c in calls for engine in range(8)]
-    assert len(set(seeds)) == len(seeds)
-    assert call_seed(0, 1, 0) == call_seed(0, 1, 0) != call_seed(1, 1, 0)
-    torch.manual_seed(max(seeds))
-
-
 def test_aux_loss_coef_defaults_to_the_policy_and_is_bounded():
     assert load_recipe(None, MINIMAL).algo.aux_loss_coef is None  # None = the policy config's weight
     assert load_recipe(None, MINIMAL + ["algo.aux_loss_coef=0"]).algo.aux_loss_coef == 0.0
@@ -252,7 +238,7 @@ def test_one_sampling_config_for_rollouts_evals_and_validation():
 
 def test_config_classes_have_distinct_names_and_other_modules_use_its_public_api():
     """No two schema classes share a name (there was an EvalConfig in the recipe and one in the eval package), and
-    nothing outside sse_rl/config.py imports its private helpers."""
+    nothing outside the sse_rl/config package imports its private helpers."""
     import ast
     import dataclasses
     import inspect

@@ -8,7 +8,8 @@ from sse_rl.data import EpochSampler, Prompt
 from sse_rl.grpo.advantages import build_advantage_fn
 from sse_rl.grpo.losses import build_loss_agg
 from sse_rl.rewards.pool import RewardError, RewardResult
-from sse_rl.rollouts import Group, Round, batches, collect, reward_inputs, to_groups
+from sse_rl.eval.engines import rank_seed
+from sse_rl.rollouts import Group, Round, batches, call_seed, collect, reward_inputs, to_groups
 from sse_rl.workers.rollout import Rollout
 
 G = 4
@@ -110,3 +111,13 @@ def test_batches_weigh_pack_and_spread_the_groups(overlong_filter):
         assert int((weights > 0).sum()) == kept
         # advantages: rewards minus the group mean (no std scaling), per completion token
         assert sorted(set(torch.cat([mb.advantages for mb in micro]).tolist())) == [-0.5, 0.5]
+
+
+def test_call_seeds_differ_between_calls_and_engines_and_fit_torch():
+    """Every rollout call of a run (step, round; eval -1) gets its own seed, engine r of a call rank_seed(seed, r):
+    no two (call, engine) pairs may share a random stream, and every seed must be one `torch.manual_seed` accepts."""
+    calls = [(step, rnd) for step in range(1, 200) for rnd in range(4)] + [(-1,)]
+    seeds = [rank_seed(call_seed(0, *c), engine) for c in calls for engine in range(8)]
+    assert len(set(seeds)) == len(seeds)
+    assert call_seed(0, 1, 0) == call_seed(0, 1, 0) != call_seed(1, 1, 0)
+    torch.manual_seed(max(seeds))
