@@ -223,26 +223,29 @@ def prepare(setup: Setup) -> Any:
 
 
 def start_engine(setup: Setup, recipe: Any, part: str) -> tuple[Any, list[Any], float]:
-    """(engine, the step's prompts, start seconds): `vllm.LLM` with the resolved recipe's engine settings and the
-    rollout worker's logprobs mode, after one short warm-up generate."""
-    from vllm import LLM, SamplingParams
+    """(engine, the step's prompts, start seconds): `vllm.LLM` from the `EngineSpec` of the resolved recipe's engine
+    settings (as `sse_rl.actors` starts the rollout engines) with the rollout worker's logprobs mode, after one short
+    warm-up generate."""
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from sse_rl.workers.rollout import SamplingSpec, request_params
+    from sse_rl.config import SamplingConfig
+    from sse_rl.eval.engines import EngineSpec
+    from sse_rl.workers.rollout import request_params
 
     r = recipe.rollout
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(r.cpu_kvcache_space_gib))
     prompts = [TokensPrompt(prompt_token_ids=p.ids) for p in encoded_prompts(setup, recipe)]
     prompts = prompts[:recipe.train.prompts_per_step]
     say(f"{part}: starting vLLM")
     t0 = time.perf_counter()
-    llm = LLM(model=recipe.model.path, dtype=r.dtype, max_model_len=r.max_model_len, seed=recipe.seed,
-              enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization,
-              tensor_parallel_size=r.tensor_parallel_size, enable_sleep_mode=r.sleep_level > 0,
-              max_num_seqs=r.max_num_seqs, logprobs_mode="processed_logprobs")
+    spec = EngineSpec(model=recipe.model.path, dtype=r.dtype, tensor_parallel_size=r.tensor_parallel_size,
+                      max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
+                      enforce_eager=r.enforce_eager, seed=recipe.seed, max_num_seqs=r.max_num_seqs,
+                      cpu_kvcache_space_gib=r.cpu_kvcache_space_gib)
+    llm = spec.build(logprobs_mode="processed_logprobs", enable_sleep_mode=r.sleep_level > 0)
     start_s = time.perf_counter() - t0
     # warm-up: one plain request and one as the rollout worker asks (its logprobs path has first-use costs too)
-    warm = SamplingSpec(n=2, max_tokens=16, temperature=r.temperature)
+    warm = SamplingConfig(n=2, max_tokens=16, temperature=r.temperature)
     llm.generate(prompts[:2], [SamplingParams(n=2, max_tokens=16), request_params(warm)], use_tqdm=False)
     say(f"{part}: engine up in {start_s:.0f}s; {len(prompts)} prompts x {r.group_size}, up to {r.max_tokens} tokens")
     return llm, prompts, start_s
@@ -255,11 +258,14 @@ def timed_generate(llm: Any, prompts: list[Any], recipe: Any, label: str, *, wor
     `request_seeds`: a seed per request besides."""
     from vllm import SamplingParams
 
-    from sse_rl.workers.rollout import SamplingSpec, request_params, reseed_sampler
+    from sse_rl.config import SamplingConfig
+    from sse_rl.eval.engines import reseed_sampler
+    from sse_rl.workers.rollout import request_params
 
     r = recipe.rollout
     if worker:
-        params = request_params(SamplingSpec(r.group_size, r.max_tokens, r.temperature, r.top_p))
+        params = request_params(SamplingConfig(n=r.group_size, max_tokens=r.max_tokens, temperature=r.temperature,
+                                               top_p=r.top_p))
         llm.collective_rpc(reseed_sampler, args=(recipe.seed,))  # as RolloutWorker.generate before a seeded call
     else:
         params = SamplingParams(n=r.group_size, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p)
