@@ -13,7 +13,7 @@ Choices:
   vocabulary (256 bytes + generated merges + the chat special tokens, EOS <|im_end|>), so every id a random model
   samples decodes; the policy from its config with seeded random weights, saved in the engine dtype; 32 short
   arithmetic prompts as .jsonl. A random model almost never samples EOS, so responses run to max_tokens.
-- `pipeline` is `sse-rl train` itself (`sse_rl.train.main`) on recipes/bench_grpo_step.yaml plus overrides; the
+- `pipeline` is `sse-rl train` itself (`sse_rl.train.main`) on bench/grpo_step_recipe.yaml plus overrides; the
   numbers are the last step's row of its metrics.jsonl (time/rollout, time/reward, time/train, time/sync, ...).
   The row is recorded as soon as it is written: the pipeline still saves a checkpoint after its last step.
   Before it starts, the SSE kernels of the policy's shapes are compiled once (`warm_kernels`, Triton's disk cache),
@@ -54,7 +54,7 @@ from bench.common import MODELS, device_name, model_config, say, write_results
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "bench_grpo_step.yaml"
+RECIPE = REPO / "bench" / "grpo_step_recipe.yaml"  # bench-only: model and data are set by this script
 RESULTS = REPO / "bench" / "results" / "grpo_step.json"
 TINY_SHAPES = {"sse-h-2b": "sse-h-tiny", "qwen3-1.7b-shape": "qwen3-tiny-shape"}  # --tiny: the CPU stand-ins
 PARTS = ("plain", "pipeline", "sampling")
@@ -229,8 +229,8 @@ def start_engine(setup: Setup, recipe: Any, part: str) -> tuple[Any, list[Any], 
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from sse_rl.actors import engine_spec
     from sse_rl.config import SamplingConfig
-    from sse_rl.eval.engines import EngineSpec
     from sse_rl.workers.rollout import request_params
 
     r = recipe.rollout
@@ -238,10 +238,7 @@ def start_engine(setup: Setup, recipe: Any, part: str) -> tuple[Any, list[Any], 
     prompts = prompts[:recipe.train.prompts_per_step]
     say(f"{part}: starting vLLM")
     t0 = time.perf_counter()
-    spec = EngineSpec(model=recipe.model.path, dtype=r.dtype, tensor_parallel_size=r.tensor_parallel_size,
-                      max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
-                      enforce_eager=r.enforce_eager, seed=recipe.seed, max_num_seqs=r.max_num_seqs,
-                      cpu_kvcache_space_gib=r.cpu_kvcache_space_gib)
+    spec = engine_spec(recipe, recipe.model.path)  # as `sse-rl train` builds its rollout engines
     llm = spec.build(logprobs_mode="processed_logprobs", enable_sleep_mode=r.sleep_level > 0)
     start_s = time.perf_counter() - t0
     # warm-up: one plain request and one as the rollout worker asks (its logprobs path has first-use costs too)

@@ -3,7 +3,7 @@
     python -m bench.profile_train_step --model sse-h-2b --out /tmp/bench [--variants 1@13056 3@8704 0@4352]
 
 Builds (or reuses, same folder) the random policy of `bench_grpo_step.py`, starts one `TrainerWorker` rank with the
-settings of `recipes/bench_grpo_step.yaml` (bf16 autocast over fp32 weights, AdamW, the recipe's token budget) and
+settings of `bench/grpo_step_recipe.yaml` (bf16 autocast over fp32 weights, AdamW, the recipe's token budget) and
 feeds it random rollouts shaped like the bench's step: `--prompt-len` prompt + `--completion-len` completion tokens
 per sequence, non-zero advantages so every token has a gradient. After a warm-up call (kernel compilation, the
 allocator), it times `TrainerWorker.train` over `--sequences` rollouts packed into micro-batches and one optimizer

@@ -153,12 +153,18 @@ def start(recipe: Recipe, model_path: str) -> Actors:
     return actors
 
 
-def _start_engines(recipe: Recipe, model_path: str, placement: list[dict[str, Any]]) -> list[Any]:
+def engine_spec(recipe: Recipe, model_path: str) -> EngineSpec:
+    """How a run's rollout engines are built (engine r gets `spec.for_rank(r)`)."""
     r = recipe.rollout
-    spec = EngineSpec(model=model_path, dtype=r.dtype, tensor_parallel_size=r.tensor_parallel_size,
+    return EngineSpec(model=model_path, dtype=r.dtype, tensor_parallel_size=r.tensor_parallel_size,
                       max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
                       enforce_eager=r.enforce_eager, seed=recipe.seed, max_num_seqs=r.max_num_seqs,
                       cpu_kvcache_space_gib=r.cpu_kvcache_space_gib)
+
+
+def _start_engines(recipe: Recipe, model_path: str, placement: list[dict[str, Any]]) -> list[Any]:
+    r = recipe.rollout
+    spec = engine_spec(recipe, model_path)
     engine_cls = ray.remote(num_cpus=1, num_gpus=r.num_gpus_per_engine)(RolloutWorker)
     return [engine_cls.options(**placement[i]).remote(spec.for_rank(i), enable_sleep_mode=r.sleep_level > 0)
             for i in range(r.num_engines)]

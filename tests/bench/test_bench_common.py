@@ -97,3 +97,12 @@ def test_every_script_imports_and_parses_its_arguments(script: str) -> None:
                           cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("usage:")
+
+
+def test_grpo_step_recipe_loads_with_what_the_bench_sets() -> None:
+    """The bench's own GRPO recipe leaves the policy and prompts to bench_grpo_step.py; with them it is valid."""
+    from sse_rl.config import Recipe, load_recipe
+
+    recipe = load_recipe(ROOT / "bench" / "grpo_step_recipe.yaml",
+                         ["out_dir=runs/check", "model.path=some/model", "data.train=prompts.jsonl"])
+    assert isinstance(recipe, Recipe) and recipe.train.steps >= 1
