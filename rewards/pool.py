@@ -9,7 +9,11 @@ Choices:
    A time limit, memory exhaustion or a dead worker is the sample's fault: 0, recorded in `errors`.
 4) `RewardWarning`s a reward issues on a sample (e.g. `GoldAnswerWarning`) become `errors` entries with the
    value the reward returned; a `RewardTimeoutWarning` counts as a timeout.
-5) `score_async` runs `score` on one helper thread, so an event loop (TRL async rewards, async Ray actors)
+5) A reward killed at its time limit on `max_timeouts` samples of one `score` call is reported (a warning that
+   names it) and its calls still queued in that call are skipped: scored 0, counted in `skipped` and `errors`
+   ("skipped"), so a reward that hangs on everything slows a step by a few timeouts, not one per sample, and the
+   metrics show it. The count starts again at each call (each step).
+6) `score_async` runs `score` on one helper thread, so an event loop (TRL async rewards, async Ray actors)
    stays free while the workers grade.
 """
 import asyncio
@@ -57,7 +61,7 @@ class RewardSpec:
 class RewardError:
     function: str
     index: int  # sample index in the batch
-    kind: str  # "timeout" | "memory" | "worker_died" | a RewardWarning class name, e.g. "GoldAnswerWarning"
+    kind: str  # "timeout" | "memory" | "worker_died" | "skipped" | a RewardWarning class name, e.g. "GoldAnswerWarning"
     message: str
 
 
@@ -67,14 +71,16 @@ class RewardResult:
     per_function: dict[str, list[float | None]]  # name -> [N]
     timeouts: int  # (reward, sample) pairs that hit a time limit and scored 0
     errors: list[RewardError]
+    skipped: int = 0  # (reward, sample) pairs not run (scored 0): their reward hit max_timeouts in this call
 
     def metrics(self) -> dict[str, float]:
-        """Flat scalars for logging: means per reward and of the total, timeouts, error counts by kind."""
+        """Flat scalars for logging: means per reward and of the total, timeouts, skipped calls, errors by kind."""
         def mean(values: list[float | None]) -> float:
             applied = [v for v in values if v is not None]
             return sum(applied) / len(applied) if applied else float("nan")
 
-        out = {"reward/mean": mean(self.total), "reward/timeouts": float(self.timeouts)}
+        out = {"reward/mean": mean(self.total), "reward/timeouts": float(self.timeouts),
+               "reward/skipped": float(self.skipped)}
         out.update({f"reward/{name}/mean": mean(values) for name, values in self.per_function.items()})
         out.update({f"reward/errors/{kind}": float(n) for kind, n in Counter(e.kind for e in self.errors).items()})
         return out
@@ -108,10 +114,13 @@ class RewardPool:
     ...     result = pool.score(prompts, completions, answer=answers)
     """
 
-    def __init__(self, rewards: Sequence[RewardSpec | str], config: SandboxConfig | None = None):
+    def __init__(self, rewards: Sequence[RewardSpec | str], config: SandboxConfig | None = None,
+                 max_timeouts: int = 8):
         specs = tuple(r if isinstance(r, RewardSpec) else RewardSpec(r) for r in rewards)
         if not specs:
             raise ValueError("RewardPool needs at least one reward")
+        if max_timeouts < 1:
+            raise ValueError(f"RewardPool: max_timeouts must be >= 1, got {max_timeouts}")
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"RewardPool: reward names must be unique, got {names} (set RewardSpec.name)")
@@ -123,6 +132,7 @@ class RewardPool:
                 raise ValueError(f"reward {spec.name!r} cannot be pickled for the worker processes ({e}); "
                                  "define it at module level or pass a 'module:function' spec") from e
         self.weights = {s.name: s.weight for s in specs}
+        self.max_timeouts = max_timeouts  # per reward per `score` call; then its queued calls are skipped
         self._sandbox = Sandbox(functools.partial(_RewardRunner, specs), config)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-pool")
 
@@ -134,7 +144,8 @@ class RewardPool:
                 raise ValueError(f"RewardPool.score: {key!r} must be a list with one value per completion ({n})")
         tasks = [(f, prompts[i], completions[i], {k: v[i] for k, v in columns.items()})
                  for f in range(len(self.weights)) for i in range(n)]
-        outcomes = self._sandbox.map(tasks)
+        groups = [f for f in range(len(self.weights)) for _ in range(n)]
+        outcomes = self._sandbox.map(tasks, groups, self.max_timeouts)
         per_function: dict[str, list[float | None]] = {}
         errors: list[RewardError] = []
         for f, name in enumerate(self.weights):
@@ -148,8 +159,18 @@ class RewardPool:
             per_function[name] = values
         if errors:
             logger.warning("reward errors: %s", dict(Counter(e.kind for e in errors)))
+        self._report_skipped(errors)
         timeouts = sum(e.kind == "timeout" for e in errors)
-        return RewardResult(combine(per_function, self.weights), per_function, timeouts, errors)
+        skipped = sum(e.kind == "skipped" for e in errors)
+        return RewardResult(combine(per_function, self.weights), per_function, timeouts, errors, skipped)
+
+    def _report_skipped(self, errors: list[RewardError]) -> None:
+        """One warning per reward that hit `max_timeouts`, naming it and how many of its calls were skipped."""
+        timeouts = Counter(e.function for e in errors if e.kind == "timeout")
+        for name, n in Counter(e.function for e in errors if e.kind == "skipped").items():
+            logger.warning("reward %r timed out on %d samples in this batch (max_timeouts=%d): its other %d calls "
+                           "were skipped and score 0; check it for hangs or raise timeout_s", name,
+                           timeouts[name], self.max_timeouts, n)
 
     async def score_async(self, prompts: Sequence, completions: Sequence, **columns: Sequence) -> RewardResult:
         """`score` without blocking the event loop (calls are queued, one batch at a time)."""

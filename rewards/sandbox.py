@@ -11,6 +11,11 @@ pool), and math-verify's SIGALRM timeouts cannot interrupt a long C-level sympy/
 4) `RLIMIT_AS` is set in the worker before it loads anything; a MemoryError comes back as a "memory" outcome.
 5) A task's exception comes back with its traceback ("exception"); the caller decides what that means.
 6) The deadline starts when a task is handed to a ready worker, so start-up (imports) never eats into it.
+7) A worker that died while idle (OOM killer, an operator's kill) is replaced before a task is handed to it; the
+   task waits for the replacement instead of failing.
+8) Tasks may carry a group (e.g. the reward that grades them): once `max_timeouts` tasks of one group have timed out
+   in one `map` call, the group's tasks still queued come back "skipped" without running, so a function that hangs
+   on everything costs about `max_timeouts / workers` timeouts per call rather than one per task.
 """
 import multiprocessing as mp
 import multiprocessing.connection as mpc
@@ -19,8 +24,8 @@ import signal
 import threading
 import time
 import traceback
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -56,7 +61,7 @@ class SandboxConfig:
 @dataclass
 class Outcome:
     value: Any = None
-    failure: str | None = None  # None | "timeout" | "memory" | "worker_died" | "exception"
+    failure: str | None = None  # None | "timeout" | "memory" | "worker_died" | "exception" | "skipped"
     message: str = ""
     seconds: float = 0.0  # hand-off to result, as seen by the parent
 
@@ -124,36 +129,69 @@ class Sandbox:
         """Process ids of the current workers (they change when a worker is replaced)."""
         return [w.process.pid for w in self._workers]
 
-    def map(self, tasks: Sequence[Any]) -> list[Outcome]:
-        """Run every task; outcomes in task order. Thread-safe (calls are serialised)."""
+    def map(self, tasks: Sequence[Any], groups: Sequence[Hashable] | None = None,
+            max_timeouts: int | None = None) -> list[Outcome]:
+        """Run every task; outcomes in task order. Thread-safe (calls are serialised).
+
+        With `groups` (one per task) and `max_timeouts`, a group's queued tasks are skipped once that many of its
+        tasks have timed out in this call.
+        """
+        if max_timeouts is not None and (groups is None or len(groups) != len(tasks) or max_timeouts < 1):
+            raise ValueError("Sandbox.map: max_timeouts needs >= 1 and one group per task")
         with self._lock:
             if self._closed:
                 raise RuntimeError("Sandbox.map called after close()")
             outcomes: list[Outcome | None] = [None] * len(tasks)
             queue = deque(range(len(tasks)))
+            timeouts: Counter = Counter()
             try:
                 while queue or any(w.index is not None for w in self._workers):
                     self._hand_out(tasks, queue)
-                    self._collect(outcomes)
+                    for index in self._collect(outcomes):
+                        if max_timeouts is not None:
+                            timeouts[groups[index]] += 1
+                            if timeouts[groups[index]] == max_timeouts:
+                                self._skip(groups, groups[index], queue, outcomes, max_timeouts)
             except BaseException:
                 self._replace_busy()  # never let a stale result reach the next call
                 raise
             return outcomes
 
     def _hand_out(self, tasks: Sequence[Any], queue: deque) -> None:
-        for w in self._workers:
-            if w.ready and w.index is None and queue:
-                w.index = queue.popleft()
-                w.started = time.monotonic()
-                w.conn.send(tasks[w.index])
+        for k, w in enumerate(self._workers):
+            if not (w.ready and w.index is None and queue):
+                continue
+            if not w.process.is_alive():
+                self._replace(k)
+                continue
+            index = queue.popleft()
+            try:
+                w.conn.send(tasks[index])
+            except OSError:  # it died after the liveness check: the task goes back to the queue
+                queue.appendleft(index)
+                self._replace(k)
+                continue
+            w.index, w.started = index, time.monotonic()
 
-    def _collect(self, outcomes: list) -> None:
-        """Wait for the next message, worker exit or deadline, and record what happened."""
+    @staticmethod
+    def _skip(groups: Sequence[Hashable], group: Hashable, queue: deque, outcomes: list, max_timeouts: int) -> None:
+        """Drop `group`'s queued tasks from `queue`; each comes back as a "skipped" outcome scored 0."""
+        message = f"not run: {max_timeouts} tasks of its group timed out in this call (max_timeouts={max_timeouts})"
+        kept = [i for i in queue if groups[i] != group]
+        for i in queue:
+            if groups[i] == group:
+                outcomes[i] = Outcome(0.0, "skipped", message, 0.0)
+        queue.clear()
+        queue.extend(kept)
+
+    def _collect(self, outcomes: list) -> list[int]:
+        """Wait for the next message, worker exit or deadline, record what happened; returns the tasks timed out."""
         busy = [w for w in self._workers if w.index is not None]
         deadline = min((w.started + self.config.timeout_s for w in busy), default=None)
         wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
         handles = [w.conn for w in self._workers] + [w.process.sentinel for w in self._workers]
         mpc.wait(handles, timeout=wait_s)
+        timed_out = []
         for k, w in enumerate(self._workers):
             if w.conn.poll():
                 self._receive(k, w, outcomes)
@@ -163,7 +201,9 @@ class Sandbox:
                 seconds = time.monotonic() - w.started
                 outcomes[w.index] = Outcome(0.0, "timeout", f"killed after {seconds:.2f} s "
                                             f"(timeout_s={self.config.timeout_s})", seconds)
+                timed_out.append(w.index)
                 self._replace(k)
+        return timed_out
 
     def _receive(self, k: int, w: _Worker, outcomes: list) -> None:
         try:

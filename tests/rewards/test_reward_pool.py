@@ -2,12 +2,13 @@
 import asyncio
 import functools
 import json
+import logging
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from reward_procs import reward_children
+from reward_procs import kill_and_wait, reward_children
 from sse_rl.rewards import (
     RewardFunctionError,
     RewardPool,
@@ -85,6 +86,40 @@ def test_timeout_memory_and_warnings_are_counted(pool):
     assert elapsed < TIMEOUT_S + 1.5
     killed = set(pids) - set(pool.worker_pids())
     assert len(killed) == 1 and not any(psutil.pid_exists(p) for p in killed)
+
+
+def test_grading_process_killed_while_idle_is_replaced():
+    with RewardPool([f"{USER}:worker_pid"], SandboxConfig(workers=2, timeout_s=5.0)) as pool:
+        served: set[float] = set()
+        while not served >= set(pool.worker_pids()):  # until both workers are started and idle
+            served |= set(pool.score(["p"] * 2, ["c"] * 2).total)
+        killed = pool.worker_pids()
+        for pid in killed:
+            kill_and_wait(pid)
+        result = pool.score(["p"] * 4, ["c"] * 4)
+        assert result.errors == [] and set(result.total) <= set(pool.worker_pids())
+    assert not any(psutil.pid_exists(p) for p in killed)
+
+
+def test_reward_that_keeps_timing_out_is_skipped_for_the_step(caplog):
+    rewards = [RewardSpec(f"{USER}:misbehave", name="user"), "format"]
+    with RewardPool(rewards, SandboxConfig(workers=2, timeout_s=0.5), max_timeouts=2) as pool:
+        pool.score(["p"] * 4, ["ok"] * 4)  # workers started
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="sse_rl.rewards.pool"):
+            result = pool.score(["p"] * 6, ["sleep"] * 6)
+        elapsed = time.monotonic() - start
+        again = pool.score(["p"] * 3, ["sleep", "ok", "ok"])
+    assert result.per_function == {"user": [0.0] * 6, "format": [0.0] * 6}
+    assert (result.timeouts, result.skipped) == (2, 4)
+    assert [(e.index, e.kind) for e in result.errors if e.function == "user"] == \
+        [(0, "timeout"), (1, "timeout")] + [(i, "skipped") for i in range(2, 6)]
+    assert result.metrics()["reward/skipped"] == 4.0 and result.metrics()["reward/errors/skipped"] == 4.0
+    assert elapsed < 0.5 + 1.5, f"took {elapsed:.2f} s: the skipped calls ran"
+    assert "reward 'user' timed out on 2 samples" in caplog.text and "other 4 calls were skipped" in caplog.text
+    assert again.per_function["user"] == [0.0, 1.0, 1.0] and (again.timeouts, again.skipped) == (1, 0)
+    with pytest.raises(ValueError, match="max_timeouts must be >= 1"):
+        RewardPool(["format"], max_timeouts=0)
 
 
 def test_reward_bugs_raise_with_name_and_sample(pool):

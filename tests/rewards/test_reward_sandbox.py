@@ -4,7 +4,7 @@ import time
 
 import psutil
 import pytest
-from reward_procs import reward_children
+from reward_procs import kill_and_wait, reward_children
 from sse_rl.rewards import Sandbox, SandboxConfig, SandboxError
 
 TIMEOUT_S = 1.5
@@ -21,6 +21,8 @@ def _handler(task: tuple) -> object:
         os._exit(arg)
     if op == "raise":
         raise ValueError(arg)
+    if op == "nap":
+        time.sleep(arg)
     return os.getpid()
 
 
@@ -83,6 +85,42 @@ def test_dead_worker_is_reported_and_replaced(sandbox):
     assert outcomes[1].failure is None
     served_by = {o.value for o in sandbox.map([("sleep", 0.2)] * 2 + [("pid", None)] * 4)}
     assert served_by - {0.2} <= set(sandbox.pids())
+
+
+def _warm(box: Sandbox) -> None:
+    """Return once every worker has served a task, i.e. is started and idle."""
+    served: set[int] = set()
+    for _ in range(20):
+        served |= {o.value for o in box.map([("nap", 0.2)] * len(box.pids()))}
+        if served >= set(box.pids()):
+            return
+    raise AssertionError(f"workers {box.pids()} never all served a task (served: {served})")
+
+
+def test_worker_killed_while_idle_is_replaced_before_work(sandbox):
+    _warm(sandbox)
+    killed = sandbox.pids()
+    for pid in killed:
+        kill_and_wait(pid)
+    outcomes = sandbox.map([("pid", None)] * 4)
+    assert [o.failure for o in outcomes] == [None] * 4
+    assert {o.value for o in outcomes} <= set(sandbox.pids()) and not set(killed) & set(sandbox.pids())
+
+
+def test_group_that_keeps_timing_out_is_skipped_for_the_call(sandbox):
+    _warm(sandbox)
+    tasks = [("sleep", 60.0)] * 6 + [("pid", None)] * 2
+    start = time.monotonic()
+    outcomes = sandbox.map(tasks, groups=["hang"] * 6 + ["fast"] * 2, max_timeouts=2)
+    elapsed = time.monotonic() - start
+    assert [o.failure for o in outcomes] == ["timeout"] * 2 + ["skipped"] * 4 + [None] * 2
+    assert all(o.value == 0.0 and "max_timeouts=2" in o.message for o in outcomes[2:6])
+    assert elapsed < TIMEOUT_S + 1.0, f"took {elapsed:.2f} s: the skipped tasks ran"
+    # the limit counts per call: one more timeout of the group runs its other tasks
+    again = sandbox.map([("sleep", 60.0), ("nap", 0.05), ("nap", 0.05)], groups=["hang"] * 3, max_timeouts=2)
+    assert [o.failure for o in again] == ["timeout", None, None]
+    with pytest.raises(ValueError, match="one group per task"):
+        sandbox.map(tasks, max_timeouts=2)
 
 
 def test_exception_comes_back_with_traceback(sandbox):

@@ -1,4 +1,5 @@
 """User-style reward functions loaded by file path in the pool tests (`tests/rewards/user_rewards.py:<fn>`)."""
+import os
 import time
 import warnings
 
@@ -11,6 +12,12 @@ class OddSampleWarning(RewardWarning):
 
 def brevity(prompts, completions, **columns):
     return [1.0 / (1 + len(c)) for c in completions]
+
+
+def worker_pid(prompts, completions, **columns):
+    """The grading process's id after a short nap, so a test sees which workers served a batch."""
+    time.sleep(0.2)
+    return [float(os.getpid()) for _ in completions]
 
 
 def misbehave(prompts, completions, **columns):
