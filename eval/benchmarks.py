@@ -1,4 +1,5 @@
-"""Evaluation problem sets: AIME 2024, AIME 2025 and MATH-500 from the Hugging Face hub, or local jsonl/parquet files.
+"""Evaluation problem sets: AIME 2024, AIME 2025 and MATH-500 from the Hugging Face hub, or local jsonl/json/parquet
+files.
 
 Every source becomes a list of `Problem(id, problem, answer)`. Gold answers are normalised once here (integers lose
 leading zeros and a trailing degree sign, surrounding `$` go), so the grader, majority vote and reports all see the
@@ -6,10 +7,11 @@ same string.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from sse_rl.data import DATA_FILE_SUFFIXES, read_data_file
 
 
 @dataclass(frozen=True)
@@ -80,38 +82,15 @@ def load_hub_source(source: HubSource) -> list[Problem]:
 
 
 def load_problems_file(path: str | Path) -> list[Problem]:
-    """Problems from a .jsonl or .parquet file with fields `problem` and `answer` (and optionally `id`)."""
+    """Problems from a .jsonl, .json or .parquet file with fields `problem` and `answer` (and optionally `id`); the
+    file is read as `sse_rl.data.read_data_file` reads training data, so its errors name the file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    if path.suffix == ".jsonl":
-        rows = _read_jsonl(path)
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
-    else:
-        raise ValueError(f"data file {path}: expected a .jsonl or .parquet file")
-    if not rows:
-        raise ValueError(f"data file {path} has no rows")
+    if path.suffix not in DATA_FILE_SUFFIXES:
+        raise ValueError(f"data file {path}: expected a {', '.join(DATA_FILE_SUFFIXES)} file")
+    rows = read_data_file(path)
     problems = [_problem_from_row(row, str(path), i, "problem", "answer", "id", str(i + 1))
                 for i, row in enumerate(rows)]
     return _check_unique(problems, str(path))
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"data file {path} line {number}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise TypeError(f"data file {path} line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
 
 
 def _problem_from_row(row: dict, where: str, index: int, problem_field: str, answer_field: str,

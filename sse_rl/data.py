@@ -1,17 +1,21 @@
 """Prompt datasets and the resumable sampler that walks them.
 
 Choices:
-1) A source is an HF hub id (`org/name`, loaded with `datasets`), a local `.jsonl` / `.parquet` file, or a
+1) A source is an HF hub id (`org/name`, loaded with `datasets`), a local `.jsonl` / `.json` / `.parquet` file, or a
    generator `pkg.mod:fn` called as fn(split) -> list of row dicts (synthetic tasks such as the toy task).
 2) Every row is checked up front: a row missing a template field or the answer column fails the run before any
    engine starts, with the row number and the field name in the message (or is dropped and counted, on request).
-3) Reward functions see every column of the row plus `answer` (the configured answer column).
-4) The sampler is epoch-exact: each prompt once per epoch, in an order fixed by (seed, epoch), and its whole state
+3) Reward functions see every column of the row plus `answer` (the configured answer column, as text: a JSON number
+   becomes its decimal string, so string-comparing rewards see "42" whether the file wrote 42 or "42").
+4) Local files are read as written, row by row (`read_data_file`): no column-wide type inference, so one integer
+   answer among strings changes nothing else; an empty, malformed or non-UTF-8 file fails naming the file and line.
+5) The sampler is epoch-exact: each prompt once per epoch, in an order fixed by (seed, epoch), and its whole state
    is two integers, saved with every checkpoint.
 """
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import random
 import string
@@ -65,20 +69,85 @@ def check_source(source: str) -> None:
 
 
 def read_rows(source: str, split: str, subset: str) -> list[dict[str, Any]]:
-    """Rows of a local jsonl/parquet file, an HF hub dataset split, or a `pkg.mod:fn` returning fn(split)."""
-    import datasets
-
-    path = Path(source)
+    """Rows of a local jsonl/json/parquet file, an HF hub dataset split, or a `pkg.mod:fn` returning fn(split)."""
     if is_function_spec(source):
         return [dict(row) for row in import_function(source)(split)]
-    if path.suffix in DATA_FILE_SUFFIXES:
-        if not path.is_file():
-            raise FileNotFoundError(f"dataset file {source} does not exist")
-        kind = "parquet" if path.suffix == ".parquet" else "json"
-        table = datasets.load_dataset(kind, data_files=str(path), split="train")
-    else:
-        table = datasets.load_dataset(source, subset or None, split=split)
-    return [dict(row) for row in table]
+    if Path(source).suffix in DATA_FILE_SUFFIXES:
+        return read_data_file(source)
+    import datasets
+
+    return [dict(row) for row in datasets.load_dataset(source, subset or None, split=split)]
+
+
+def read_data_file(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a local .jsonl, .json (JSON lines, or one array of objects) or .parquet file, each as written.
+
+    `datasets` would infer one type per column, turning "7" into 7 when another row holds an integer; reading row by
+    row keeps every value as the file wrote it. Errors (missing, empty, unreadable, non-UTF-8, malformed, a line that
+    is not an object) name the file and, where there is one, the line.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    rows = _read_parquet(path) if path.suffix == ".parquet" else _read_json_rows(path, _utf8_text(path))
+    if not rows:
+        raise ValueError(f"data file {path} is empty (no rows)")
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"data file {path}: not a readable parquet file ({err})") from None
+
+
+def _utf8_text(path: Path) -> str:
+    """The file as text (a leading BOM dropped); bytes that are not UTF-8 fail naming the line they are on."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"data file {path} line {line}: not UTF-8 (byte 0x{data[err.start]:02x}); "
+                         "re-save the file as UTF-8") from None
+
+
+def _read_json_rows(path: Path, text: str) -> list[dict[str, Any]]:
+    """JSON lines (blank lines skipped), or for a .json file whose text starts with `[` one array of objects."""
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"data file {path} line {err.lineno}: not valid JSON ({err.msg})") from None
+        return [_json_object(row, path, f"item {i}") for i, row in enumerate(rows)]
+    rows = []
+    # split on "\n" only: str.splitlines also splits at U+2028 and the like, which JSON strings may hold as written
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            where = f"data file {path} line {number}"
+            raise ValueError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
+        rows.append(_json_object(row, path, f"line {number}"))
+    return rows
+
+
+def _json_object(row: Any, path: Path, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise ValueError(f"data file {path} {where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def as_text(value: Any) -> Any:
+    """A column value as the text rewards and trainers see: a number as its decimal string (42 -> "42"), anything
+    else unchanged (strings, and the lists or objects a structured answer may be)."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 def template_fields(template: str) -> list[str]:
@@ -115,7 +184,7 @@ def load_prompts(source: str, *, split: str, subset: str, template: str, answer_
         if chat_template:
             text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                  add_generation_prompt=True)
-        prompts.append(Prompt(index=i, text=text, columns={**row, "answer": row[answer_column]}))
+        prompts.append(Prompt(index=i, text=text, columns={**row, "answer": as_text(row[answer_column])}))
     if dropped:
         logger.warning("dataset %s: dropped %d of %d rows with missing fields", source, dropped, len(rows))
     if not prompts:

@@ -76,12 +76,15 @@ def rows_to_examples(rows: list[dict[str, Any]], data: SFTDataConfig, tokenizer:
 
 
 def _column(row: dict[str, Any], column: str, where: tuple[str, str, int], keys: str) -> Any:
-    """row[column]; a missing column fails naming the recipe key, the source and the row (`where`)."""
-    if column not in row:
+    """row[column] as text (`sse_rl.data.as_text`: a JSON number is its decimal string); a missing or null column
+    fails naming the recipe key, the source and the row (`where`)."""
+    from sse_rl.data import as_text
+
+    if row.get(column) is None:
         key, source, i = where
         raise ValueError(f"{key}: row {i} of {source} has no column '{column}' (columns: {', '.join(row)}); "
                          f"check {keys}")
-    return row[column]
+    return as_text(row[column])
 
 
 class SSEHSFTTrainer(SFTTrainer):

@@ -52,7 +52,7 @@ def test_schema_errors_name_file_row_and_field(tmp_path):
     dup = _write_jsonl(tmp_path / "dup.jsonl", [{"id": "a", "problem": "x", "answer": "1"}] * 2)
     with pytest.raises(ValueError, match=r"dup\.jsonl row 2: duplicate id 'a'"):
         load_problems_file(dup)
-    with pytest.raises(ValueError, match="expected a .jsonl or .parquet"):
+    with pytest.raises(ValueError, match=r"expected a \.jsonl, \.json, \.parquet file"):
         load_problems_file(_write_jsonl(tmp_path / "x.txt", [{}]))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_problems_file(tmp_path / "missing.jsonl")
@@ -81,3 +81,21 @@ def test_hub_source_loading_with_configs(tmp_path):
     wrong_field = HubSource(str(tmp_path), "test", "problem", "answer", config="AIME2025-I")
     with pytest.raises(ValueError, match=r"\(AIME2025-I\) split 'test' row 1: field 'problem' is missing"):
         load_hub_source(wrong_field)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.jsonl", b"", r"empty\.jsonl is empty"),
+    ("latin1.jsonl", b'{"problem": "x", "answer": "1"}\n{"problem": "caf\xe9", "answer": "2"}\n',
+     r"latin1\.jsonl line 2: not UTF-8"),
+    ("list.jsonl", b'{"problem": "x", "answer": "1"}\n[1]\n', r"list\.jsonl line 2: expected a JSON object"),
+    ("garbage.parquet", b"PAR1", r"garbage\.parquet: not a readable parquet file"),
+], ids=["empty", "not-utf8", "not-an-object", "not-parquet"])
+def test_unreadable_files_name_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        load_problems_file(tmp_path / name)
+
+
+def test_json_array_file_loads_like_jsonl(tmp_path):
+    (tmp_path / "set.json").write_text(json.dumps([{"problem": "1+1?", "answer": 2}]))
+    assert load_problems_file(tmp_path / "set.json") == [Problem("1", "1+1?", "2")]

@@ -91,3 +91,44 @@ def test_encode_prompts_drops_prompts_too_long_for_the_engine(tmp_path):
     assert [p.index for p in kept] == [0] and kept[0].ids == tok("max(1,2,3)=")["input_ids"] and len(kept[0].ids) == 11
     with pytest.raises(ValueError, match="every prompt is longer than 5 tokens"):
         encode_prompts(prompts, tok, max_tokens=5, source=path)
+
+
+def test_one_integer_answer_leaves_string_answers_strings(tmp_path):
+    rows = [{"problem": "a", "answer": "7"}, {"problem": "b", "answer": 42}, {"problem": "c", "answer": "x/2"}]
+    path = _write_jsonl(tmp_path / "mixed.jsonl", rows)
+    prompts = load_prompts(path, split="train", subset="", template="{problem}", answer_column="answer")
+    assert [p.columns["answer"] for p in prompts] == ["7", "42", "x/2"]
+
+
+BAD_FILES = [  # (name, bytes, the error it must raise)
+    ("empty.jsonl", b"", r"empty\.jsonl is empty"),
+    ("blank.jsonl", b"\n  \n", r"blank\.jsonl is empty"),
+    ("broken.jsonl", b'{"problem": "a", "answer": "1"}\n\n{"problem": \n', r"broken\.jsonl line 3: not valid JSON"),
+    ("latin1.jsonl", b'{"problem": "a", "answer": "1"}\n{"problem": "caf\xe9", "answer": "2"}\n',
+     r"latin1\.jsonl line 2: not UTF-8 \(byte 0xe9\)"),
+    ("list.jsonl", b'{"problem": "a"}\n[1, 2]\n', r"list\.jsonl line 2: expected a JSON object, got list"),
+    ("array.json", b'[{"problem": "a", "answer": "1"},\n {"problem": ]', r"array\.json line 2: not valid JSON"),
+    ("garbage.parquet", b"not parquet", r"garbage\.parquet: not a readable parquet file"),
+]
+
+
+@pytest.mark.parametrize("name, content, message", BAD_FILES, ids=[case[0] for case in BAD_FILES])
+def test_bad_data_file_names_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        load_prompts(str(tmp_path / name), split="train", subset="", template="{problem}", answer_column="answer")
+
+
+def test_json_array_bom_and_jsonl_read_alike(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(ROWS))
+    (tmp_path / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in ROWS).encode())
+    kw = {"split": "train", "subset": "", "template": "{problem}", "answer_column": "answer"}
+    a, b = load_prompts(str(tmp_path / "a.json"), **kw), load_prompts(str(tmp_path / "b.jsonl"), **kw)
+    assert [p.columns for p in a] == [p.columns for p in b] == [dict(r) for r in ROWS]
+
+
+def test_line_separators_inside_strings_are_text_not_line_ends(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"problem": "a\u2028b", "answer": "1"}\r\n{"problem": "c", "answer": "2"}\r\n')
+    prompts = load_prompts(str(tmp_path / "d.jsonl"), split="train", subset="", template="{problem}",
+                           answer_column="answer")
+    assert [p.text for p in prompts] == ["a\u2028b", "c"]
