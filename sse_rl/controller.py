@@ -10,9 +10,15 @@ Two evals: `evaluate` (mean reward on the held-out prompts of data.eval, eval/*)
 the eval.benchmark problems: avg@n, pass@k, maj@k as val/*, report files in OUT_DIR/val/step_NNNN). Both sample with
 the run's engines and grade with the run's reward pool, so they cost no extra processes; validation grades through
 the eval package's one grader (`RewardGrader`) over that pool.
+
+What stops a run (`sse_rl.grpo.guard`): a non-finite reward, advantage or probe difference, non-finite weights after
+an update (before they are synced or saved), `train.max_skipped_steps` updates in a row skipped for a non-finite loss
+or gradient, `train.max_empty_steps` steps in a row that train nothing. `RunStopped` names the step, the quantity and
+the newest checkpoint, which holds finite weights (none are saved after a fault) and is the one to resume from.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from collections.abc import Iterator
@@ -26,12 +32,15 @@ from sse_rl.data import EpochSampler, Prompt
 from sse_rl.eval import Generation, GenRequest, Problem, RewardGrader, SamplingConfig
 from sse_rl.eval import evaluate as evaluate_benchmark
 from sse_rl.grpo.advantages import build_advantage_fn
+from sse_rl.grpo.guard import NonFiniteError, RunStopped, StreakLimit
 from sse_rl.grpo.losses import build_loss_agg
 from sse_rl.metrics_log import MetricsLog
 from sse_rl.rewards.pool import RewardResult
 from sse_rl.rollouts import Group, Round, call_seed
 from sse_rl.step_stats import StepStats
 from sse_rl.workers.rollout import Rollout
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +67,8 @@ class Controller:
                                        temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p)
         self.probe_ids = [p.ids for p in train_prompts[:recipe.run.probe_prompts]]
         self.actors: actors.Actors | None = None
+        self.skipped = StreakLimit(recipe.train.max_skipped_steps)
+        self.empty = StreakLimit(recipe.train.max_empty_steps)
 
     def start_actors(self) -> None:
         self.actors = actors.start(self.cfg, self.model_path)
@@ -85,24 +96,34 @@ class Controller:
         c = self.cfg
         log = MetricsLog(self.run_dir, c.train.steps, start_step, tensorboard=c.run.tensorboard,
                          progress=c.run.progress)
-        first = self.actors.sync(self.probe_ids)
-        weight_sync.check(first["probe/max_abs_diff"], c.run.probe_tolerance, start_step)
-        if start_step == 0:
-            log.log(0, {**first, **(self.evaluate() if self.eval_prompts else {}),
-                        **(self.validate(0) if self.val else {})})
-        for step in range(start_step + 1, c.train.steps + 1):
-            metrics, drawn = self.step(step)
-            last = step == c.train.steps
-            if self.eval_prompts and (last or (c.eval.every and step % c.eval.every == 0)):
-                metrics.update(self.evaluate())
-            if self.val and (last or (c.eval.benchmark_every and step % c.eval.benchmark_every == 0)):
-                metrics.update(self.validate(step))
-            log.log(step, metrics)
-            log.log_prompts(step, drawn)
-            log.advance(metrics)
-            if last or (c.run.save_every and step % c.run.save_every == 0):
-                self.save(step)
+        step = start_step
+        try:
+            first = self.sync(step)
+            if start_step == 0:
+                log.log(0, {**first, **(self.evaluate() if self.eval_prompts else {}),
+                            **(self.validate(0) if self.val else {})})
+            for step in range(start_step + 1, c.train.steps + 1):
+                metrics, drawn = self.step(step)
+                last = step == c.train.steps
+                if self.eval_prompts and (last or (c.eval.every and step % c.eval.every == 0)):
+                    metrics.update(self.evaluate())
+                if self.val and (last or (c.eval.benchmark_every and step % c.eval.benchmark_every == 0)):
+                    metrics.update(self.validate(step))
+                log.log(step, metrics)
+                log.log_prompts(step, drawn)
+                log.advance(metrics)
+                if last or (c.run.save_every and step % c.run.save_every == 0):
+                    self.save(step)
+        except NonFiniteError as err:
+            raise self.stopped(step, str(err)) from err
         return log.close()
+
+    def stopped(self, step: int, what: str) -> RunStopped:
+        """The error that ends the run at `step` because of `what`; it says which checkpoint to resume from."""
+        latest = checkpoint.latest(self.run_dir)
+        resume = f"resume from {latest} with --resume" if latest else "no checkpoint was saved"
+        return RunStopped(f"run stopped at step {step}: {what}. Nothing of this step was synced or saved; {resume} "
+                          "after fixing the cause")
 
     def step(self, step: int) -> tuple[dict[str, float], list[int]]:
         """One GRPO step; returns its metrics and the dataset rows it drew."""
@@ -112,13 +133,46 @@ class Controller:
             self.sampler, self.train_prompts, lambda prompts, rnd: self.sample_round(prompts, step, rnd),
             prompts_per_step=self.cfg.train.prompts_per_step, dynamic=a.dynamic_sampling,
             max_rounds=a.max_sampling_rounds)
+        self.check_signal(step, groups)
         if groups:
             metrics.update(self.actors.sleep())
-            metrics.update(self.train(groups))
-            metrics.update(self.actors.sync(self.probe_ids))
-            weight_sync.check(metrics["probe/max_abs_diff"], self.cfg.run.probe_tolerance, step)
+            metrics.update(self.train(step, groups))
+            metrics.update(self.sync(step))
         metrics["time/step"] = time.perf_counter() - t0
         return metrics, drawn
+
+    def sync(self, step: int) -> dict[str, float]:
+        """New weights into the engines, then the probe, checked (`weight_sync.check`); returns their metrics."""
+        metrics = self.actors.sync(self.probe_ids)
+        weight_sync.check(metrics["probe/max_abs_diff"], self.cfg.run.probe_tolerance, step)
+        return metrics
+
+    def check_signal(self, step: int, groups: list[Group]) -> None:
+        """Warn on a step that trains nothing (no kept group whose rewards vary); stop at train.max_empty_steps."""
+        if rollouts.has_signal(groups):
+            self.empty.record(False)
+            return
+        limit = self.cfg.train.max_empty_steps
+        if self.empty.record(True):
+            raise self.stopped(step, f"{limit} steps in a row trained nothing: no kept group had rewards that vary "
+                                     "(every group all right, all wrong or filtered; check the reward functions, "
+                                     "the data and algo.max_sampling_rounds)")
+        logger.warning("step %d trains nothing: %d kept groups, none with rewards that vary (%d such steps in a row; "
+                       "the run stops at train.max_empty_steps=%d)", step, len(groups), self.empty.count, limit)
+
+    def check_update(self, step: int, stats: StepStats) -> None:
+        """Stop on non-finite weights after the update (before they are synced or saved), or after
+        train.max_skipped_steps steps in a row whose update was skipped for a non-finite loss or gradient."""
+        if stats.nonfinite_weights:
+            raise self.stopped(step, f"weights after the update: {int(stats.nonfinite_weights)} non-finite values "
+                                     f"(train/grad_norm {stats.grad_norm}, train/lr {stats.lr})")
+        if self.skipped.record(stats.skipped > 0):
+            raise self.stopped(step, f"{self.skipped.limit} steps in a row skipped their update for a non-finite "
+                                     f"loss or gradient (train/loss {stats.loss}, train/grad_norm {stats.grad_norm})")
+        if stats.skipped:
+            logger.warning("step %d: %d of %d updates skipped for a non-finite loss or gradient (%d such steps in a "
+                           "row; the run stops at train.max_skipped_steps=%d)", step, stats.skipped, stats.updates,
+                           self.skipped.count, self.skipped.limit)
 
     def sample_round(self, prompts: list[Prompt], step: int, rnd: int) -> Round:
         """Round `rnd` of a step's sampling: G completions per prompt from a seed of the call's own, graded."""
@@ -135,8 +189,8 @@ class Controller:
         accuracy = self.actors.reward_names[self.cfg.reward.accuracy]
         return rollouts.to_groups(prompts, sampled, result, accuracy), result
 
-    def train(self, groups: list[Group]) -> dict[str, float]:
-        """One update of the trainers on the kept groups; returns train/* metrics."""
+    def train(self, step: int, groups: list[Group]) -> dict[str, float]:
+        """One update of the trainers on the kept groups, checked (`check_update`); returns train/* metrics."""
         c = self.cfg
         t0 = time.perf_counter()
         per_rank = rollouts.batches(groups, self.advantages, self.loss_agg, mini_batches=c.algo.mini_batches,
@@ -144,6 +198,7 @@ class Controller:
                                     num_ranks=c.train.num_trainers)
         packed = time.perf_counter() - t0
         stats = StepStats.merge(self.actors.train(per_rank))
+        self.check_update(step, stats)
         seconds = time.perf_counter() - t0
         tokens = sum(mb.num_tokens for b in per_rank for mini in b for mb in mini)
         return {**stats.to_metrics(), "time/train": seconds, "time/train_pack": packed,

@@ -8,13 +8,15 @@ Choices:
 2) Each rollout call restarts the engines' random streams from a seed hashed from (run seed, step, round), so a
    resumed run draws the same completions as an uninterrupted one.
 3) Rollout metrics cover every scored group of the step, kept or not; rewards the pool could not give (None) count
-   as 0.
+   as 0. A reward function that returns a non-finite value is a bug in it: `NonFiniteError` names the function and
+   the sample, and the run stops (`sse_rl.grpo.guard`).
 4) Batching: group-normalised advantages, then per mini-batch (groups dealt round-robin) the loss-aggregation weight
    of each sequence (0 for overlong-filtered ones), then packing by token budget over the trainer ranks.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,7 @@ from torch import Tensor
 
 from sse_rl.data import EpochSampler, Prompt
 from sse_rl.grpo.filters import group_has_variance, loss_keep_mask
+from sse_rl.grpo.guard import NonFiniteError
 from sse_rl.packing import MicroBatch, Sequence as PackedSequence, pack
 from sse_rl.rewards.pool import RewardResult
 from sse_rl.workers.rollout import Rollout
@@ -73,6 +76,7 @@ def to_groups(prompts: list[Prompt], rollouts: list[list[Rollout]], result: Rewa
               accuracy: str) -> list[Group]:
     """One Group per prompt from the pool's flat result; `accuracy` names the function whose value is accuracy."""
     g = len(rollouts[0])
+    _check_finite(prompts, result, g)
 
     def rows(values: list[float | None]) -> list[list[float]]:
         values = [0.0 if v is None else v for v in values]
@@ -81,6 +85,21 @@ def to_groups(prompts: list[Prompt], rollouts: list[list[Rollout]], result: Rewa
     per_function = {name: rows(values) for name, values in result.per_function.items()}
     return [Group(p, rs, total, per_function[accuracy][i], {name: v[i] for name, v in per_function.items()})
             for i, (p, rs, total) in enumerate(zip(prompts, rollouts, rows(result.total)))]
+
+
+def _check_finite(prompts: list[Prompt], result: RewardResult, g: int) -> None:
+    """NonFiniteError naming the first reward function and sample (prompt row, completion) with a non-finite value."""
+    for name, values in result.per_function.items():
+        for i, v in enumerate(values):
+            if v is not None and not math.isfinite(v):
+                prompt = prompts[i // g]
+                raise NonFiniteError(f"reward function {name!r} returned {v} for completion {i % g} of dataset row "
+                                     f"{prompt.index} (prompt {prompt.text[:80]!r})")
+
+
+def has_signal(groups: list[Group]) -> bool:
+    """Whether any group's rewards vary: otherwise every advantage is 0 and the step trains nothing."""
+    return bool(groups) and bool(group_has_variance(torch.tensor([g.rewards for g in groups])).any())
 
 
 def collect(sampler: EpochSampler, prompts: Sequence[Prompt], sample: Callable[[list[Prompt], int], Round], *,
@@ -138,7 +157,10 @@ def batches(groups: list[Group], advantages: Callable[[Tensor], Tensor], loss_ag
             mini_batches: int, overlong_filter: bool, token_budget: int,
             num_ranks: int) -> list[list[list[MicroBatch]]]:
     """Advantages, loss weights and packing (choice 4): per rank, per mini-batch, its micro-batches."""
-    adv = advantages(torch.tensor([g.rewards for g in groups])).tolist()  # [P][G]
+    values = advantages(torch.tensor([g.rewards for g in groups]))  # [P, G]
+    if not torch.isfinite(values).all():
+        raise NonFiniteError(f"advantages: {int((~torch.isfinite(values)).sum())} of {values.numel()} are not finite")
+    adv = values.tolist()  # [P][G]
     n_mini = min(mini_batches, len(groups))
     per_rank: list[list[list[MicroBatch]]] = [[] for _ in range(num_ranks)]
     for j in range(n_mini):

@@ -76,6 +76,9 @@ class StepStats:
     skipped: float = _stat(0.0, Combine.RANK0)  # updates skipped for a non-finite loss or gradient
     updates: float = _stat(0.0, Combine.RANK0)  # optimizer steps taken or skipped
     lr: float = _stat(0.0, Combine.RANK0)  # after the scheduler's step
+    # non-finite weight entries after the step's updates; the largest count of a rank (its shard under fsdp2), so
+    # above 0 wherever any rank holds one
+    nonfinite_weights: Value = _stat(0.0, Combine.MAX)
     graphs_compiled: float = _stat(0.0, Combine.MAX)  # new torch.compile graphs during the step
     time_prepare: float = _stat(0.0, Combine.MAX)  # micro-batches to the device, pi_old / reference passes queued
     time_updates: float = _stat(0.0, Combine.MAX)  # forwards, backwards, optimizer steps, until the GPU is done
@@ -109,7 +112,8 @@ class StepStats:
                "train/is_ratio_mean": self.is_sum / tokens, "train/is_ratio_max": self.is_max,
                "train/is_ratio_min": self.is_min, "train/mismatch": self.mismatch_sum / tokens,
                "train/aux_loss": self.aux_sum / self.updates, "train/grad_norm": self.grad_norm,
-               "train/skipped_updates": self.skipped, "train/lr": self.lr,
+               "train/skipped_updates": self.skipped, "train/nonfinite_weights": self.nonfinite_weights,
+               "train/lr": self.lr,
                "train/graphs_compiled": self.graphs_compiled,
                # the slowest rank's split of time/train (the rest of it: packing and moving the batches to the ranks)
                "time/train_prepare": self.time_prepare, "time/train_updates": self.time_updates,

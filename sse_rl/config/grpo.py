@@ -132,6 +132,10 @@ class TrainConfig:
     # torch.compile each decoder block and the logprob/entropy head (dynamic shapes; the SSE Triton op stays outside
     # the graphs): fuses the elementwise work around the matmuls. Compiled when the trainer starts (minutes at 2B).
     compile: bool = False
+    # steps in a row whose update a non-finite loss or gradient skipped, before the run stops (sse_rl.grpo.guard)
+    max_skipped_steps: int = bounded(3, ge=1)
+    # steps in a row that train nothing (no kept group whose rewards vary) before the run stops
+    max_empty_steps: int = bounded(5, ge=1)
 
 
 @dataclass

@@ -13,6 +13,8 @@ Choices:
 3) pi_old is the policy before this step's updates: with one update per batch it is the same forward pass
    (detached); with several (ppo_epochs or mini_batches > 1) it is computed once up front.
 4) A step whose loss or gradient norm is not finite is skipped on every rank (the all-reduced norm is identical).
+   After the updates the non-finite weight entries are counted on the device and read with the step's statistics,
+   so the controller can stop the run before such weights are synced or saved (`sse_rl.grpo.guard`).
 5) The router load-balancing aux loss of the SSE layers is added with `algo.aux_loss_coef` (default: the policy
    config's `aux_loss_coef`), per micro-batch weighted by its share of the mini-batch tokens.
 6) fsdp2 forwards are collectives: every rank runs as many micro-batches per mini-batch (zero-weight fillers pad
@@ -54,6 +56,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from sse_rl import checkpoint
 from sse_rl.config import AlgoConfig, TrainConfig
@@ -327,13 +330,21 @@ class TrainerWorker:
                     if mb is not filler:
                         micro.append(stats)
                 norms.append(self._optimizer_step())
-        stats = (StepStats.merge(micro) if micro else StepStats()).on_host()
+        stats = StepStats.merge(micro) if micro else StepStats()
+        stats.nonfinite_weights = self._nonfinite_weights()
+        stats = stats.on_host()
         self.scheduler.step()
         stats.grad_norm = max([0.0, *(n if math.isfinite(n) else math.inf for n in norms)])
         stats.skipped = float(sum(not math.isfinite(n) for n in norms))
         stats.updates = float(len(norms))
         stats.lr = self.scheduler.get_last_lr()[0]
         return stats
+
+    @torch.no_grad()
+    def _nonfinite_weights(self) -> Tensor:
+        """Non-finite entries of this rank's weights (its shards under fsdp2): a 0-d fp32 tensor on the device."""
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters()]
+        return torch.stack([(~torch.isfinite(p)).sum() for p in local]).sum().float()
 
     def _release_cache(self, stats: StepStats, gpu_free: float, retries: int) -> None:
         """GPU ranks: record what the GPU had free for this step and what the step used at peak, then give the cache

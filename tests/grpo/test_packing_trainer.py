@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 import queue as queue_module
 import random
 
@@ -193,6 +195,26 @@ def test_non_finite_step_is_skipped(trainer):
     assert stats.skipped == 1 and stats.updates == 1 and stats.grad_norm == float("inf")
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
     assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_non_finite_weights_are_counted_after_the_update(trainer):
+    """train.lr=inf: the gradient is finite, so the update is taken, and every weight it moves becomes non-finite;
+    the step's statistics count them (the controller stops before syncing or saving them)."""
+    seqs = _sequences(3, seed=5)
+    for s in seqs:
+        s.weight = 0.1
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    optim = copy.deepcopy(trainer.optimizer.state_dict())
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = float("inf")
+    try:
+        stats = trainer.train([pack(seqs, 64)[0]])
+    finally:
+        trainer.model.load_state_dict(weights)
+        trainer.optimizer.load_state_dict(optim)  # the scheduler's step already set the lr back
+    assert stats.skipped == 0 and math.isfinite(stats.grad_norm) and stats.nonfinite_weights > 0
+    clean = trainer.train([[]])  # no micro-batch: no gradient, weights as restored
+    assert clean.nonfinite_weights == 0
 
 
 def _train_rank(rank: int, world: int, port: int, strategy: str, path: str, minibatches, queue, ckpt: str) -> None:

@@ -24,6 +24,8 @@ def test_ranks_combine_by_each_fields_rule():
     assert (merged.tokens, merged.loss, merged.clip_high, merged.is_sum) == (21.0, 2.0, 2.0, 19.0)  # sums
     assert (merged.is_max, merged.graphs_compiled, merged.time_prepare, merged.time_updates) == (1.5, 1.0, 0.2, 2.0)
     assert merged.is_min == 0.5  # min
+    # a rank with non-finite weights (its shard under fsdp2) makes the merged count non-zero
+    assert StepStats.merge([StepStats(), StepStats(nonfinite_weights=3.0)]).nonfinite_weights == 3.0
     # rank 0's: every rank holds these alike (here they differ only to show whose is kept)
     assert (merged.grad_norm, merged.skipped, merged.updates, merged.lr) == (3.0, 1.0, 2.0, 1e-3)
     assert merged.gpu_free_gib is None and merged.gpu_peak_gib is None  # CPU ranks have none
@@ -58,8 +60,8 @@ def test_metrics_are_per_token_and_per_update_means():
     assert list(metrics) == [  # the metrics.jsonl keys, in the order rows have them
         "train/loss", "train/entropy", "train/clip_frac", "train/clip_low_frac", "train/clip_high_frac",
         "train/is_ratio_mean", "train/is_ratio_max", "train/is_ratio_min", "train/mismatch", "train/aux_loss",
-        "train/grad_norm", "train/skipped_updates", "train/lr", "train/graphs_compiled", "time/train_prepare",
-        "time/train_updates", "time/train_release"]
+        "train/grad_norm", "train/skipped_updates", "train/nonfinite_weights", "train/lr", "train/graphs_compiled",
+        "time/train_prepare", "time/train_updates", "time/train_release"]
     assert metrics["train/loss"] == 2.0 / 2 and metrics["train/aux_loss"] == 0.5 / 2  # per update
     assert metrics["train/entropy"] == 40.0 / 21 and metrics["train/is_ratio_mean"] == 19.0 / 21  # per token
     assert metrics["train/clip_frac"] == (2.0 + 2.0) / 21 and metrics["train/clip_low_frac"] == 2.0 / 21
