@@ -5,6 +5,8 @@ Choices:
 2) On resume from checkpoint k, rows after step k (metrics.jsonl and prompts.jsonl) are dropped: they belong to the
    interrupted attempt and are recomputed, so the files read like one uninterrupted run. TensorBoard purges them too.
 3) The PNG plots whichever of the main curves the run has.
+4) A recipe change accepted on resume is one row per key in recipe_changes.jsonl (step resumed after, key, old, new),
+   so the run directory tells what each step was trained with.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"
 PROMPTS_FILE = "prompts.jsonl"  # per step: the dataset rows drawn (all sampling rounds), for audits of the data order
 CURVES_FILE = "curves.png"
+TENSORBOARD_DIR = "tensorboard"
+RECIPE_CHANGES_FILE = "recipe_changes.jsonl"
+OUTPUTS = (METRICS_FILE, PROMPTS_FILE, CURVES_FILE, TENSORBOARD_DIR, RECIPE_CHANGES_FILE)
 # (title, metric keys) per panel of the PNG
 PANELS = [
     ("reward", ["reward/mean", "eval/reward"]), ("accuracy", ["accuracy"]),
@@ -30,6 +35,17 @@ def read_metrics(run_dir: str | Path, name: str = METRICS_FILE) -> list[dict[str
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_outputs(run_dir: str | Path) -> list[Path]:
+    """The outputs an earlier run left in `run_dir` (what a fresh start there would replace)."""
+    return [Path(run_dir) / name for name in OUTPUTS if (Path(run_dir) / name).exists()]
+
+
+def log_recipe_changes(run_dir: str | Path, step: int, changes: list[tuple[str, Any, Any]]) -> None:
+    """Append the accepted changes (key, old, new) of a resume after `step` to recipe_changes.jsonl."""
+    with open(Path(run_dir) / RECIPE_CHANGES_FILE, "a") as f:
+        f.writelines(json.dumps({"step": step, "key": key, "old": old, "new": new}) + "\n" for key, old, new in changes)
 
 
 def _keep_rows_up_to(run_dir: Path, name: str, step: int) -> None:
@@ -51,7 +67,7 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
+            self._writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
         self._bar = None
         if progress:
             from tqdm import tqdm

@@ -1,9 +1,18 @@
-"""`sse-rl train RECIPE.yaml [key=value ...] [--resume] [--address ADDR]`: GRPO on an SSE-H policy.
+"""`sse-rl train RECIPE.yaml [key=value ...] [--resume] [--accept-changes] [--overwrite] [--address ADDR]`: GRPO
+on an SSE-H policy.
 
 Reads top to bottom: check the recipe (`config.validate`: nothing is written before it passes), prepare the run
 directory and the policy (built from `model.init` when the path does not exist yet), load the prompts, start Ray
 (local unless --address / RAY_ADDRESS), run the controller.
-A run directory that already holds a checkpoint is resumed automatically; --resume insists on one.
+Resume is a contract:
+1) A run directory that holds an intact checkpoint is resumed from the newest one (--resume insists on one); newer
+   damaged checkpoints are skipped, each named with the reason.
+2) The recipe must equal the one stored with that checkpoint (out_dir aside: a moved run directory is the same run;
+   keys the stored recipe lacks, added to the schema since, take their defaults). Differences are refused, listed
+   key by key, unless --accept-changes: then every new value applies from here on and each is recorded in
+   recipe_changes.jsonl.
+3) A run directory with an earlier run's outputs but no intact checkpoint is refused unless --overwrite, which
+   deletes those outputs: nothing is truncated silently.
 """
 from __future__ import annotations
 
@@ -15,8 +24,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sse_rl import check_worker_imports, checkpoint
-from sse_rl.config import Recipe, RecipeError, SamplingConfig, parse_recipe, validate, write_recipe
+import yaml
+
+from sse_rl import check_worker_imports, checkpoint, metrics_log
+from sse_rl.config import RESOLVED_FILE, Recipe, RecipeError, SamplingConfig, parse_recipe, validate, write_recipe
 from sse_rl.data import encode_prompts, import_function, is_function_spec, load_prompts
 
 if TYPE_CHECKING:
@@ -31,9 +42,76 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sse-rl train", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny_cpu.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. out_dir=runs/a train.lr=1e-5")
-    parser.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the run directory's newest intact checkpoint")
+    parser.add_argument("--accept-changes", action="store_true",
+                        help="resume although the recipe differs from the checkpoint's; the changes are recorded")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an out_dir whose earlier run left outputs but no intact checkpoint")
     parser.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else local)")
     return parser.parse_args(argv)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a recipe dict, as overrides name them; lists are compared whole."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_changes(stored: dict[str, Any], recipe: Recipe) -> list[tuple[str, Any, Any]]:
+    """(key, stored value, new value) for each key whose value differs (module doc, point 2)."""
+    old = _flat(stored)
+    new = _flat(yaml.safe_load(yaml.safe_dump(dataclasses.asdict(recipe))))  # as config.yaml stores it
+    return [(k, old[k], v) for k, v in new.items() if k != "out_dir" and k in old and old[k] != v]
+
+
+def find_checkpoint(run_dir: Path, resume: bool) -> Path | None:
+    """The newest intact checkpoint, newer damaged ones logged with the reason; --resume without one is an error."""
+    path, skipped = checkpoint.scan(run_dir)
+    for bad, why in skipped:
+        logger.warning("skipping checkpoint %s: %s", bad, why)
+    if resume and path is None:
+        raise SystemExit(f"--resume: {run_dir} has no intact checkpoint to resume from"
+                         + "".join(f"\n  skipped {bad}: {why}" for bad, why in skipped))
+    return path
+
+
+def check_resume(recipe: Recipe, path: Path, accept: bool) -> None:
+    """Resuming from `path`: the recipe must match the stored one, or the changes are accepted and recorded."""
+    stored = checkpoint.load_recipe(path)
+    if stored is None:
+        logger.warning("checkpoint %s stores no recipe (saved before recipes were stored): not compared", path)
+        return
+    changes = recipe_changes(stored, recipe)
+    if not changes:
+        return
+    listed = "".join(f"\n  {key}: {old!r} -> {new!r}" for key, old, new in changes)
+    if not accept:
+        raise SystemExit(f"the recipe differs from the one checkpoint {path} was trained with:{listed}\n"
+                         f"Resume with that recipe ({path / RESOLVED_FILE}), or pass --accept-changes to train with "
+                         f"the new values from here on (recorded in {metrics_log.RECIPE_CHANGES_FILE}).")
+    logger.warning("resuming from %s with accepted recipe changes:%s", path, listed)
+    metrics_log.log_recipe_changes(recipe.out_dir, checkpoint.load_state(path)["step"], changes)
+
+
+def start_over(run_dir: Path, overwrite: bool) -> None:
+    """A fresh start: an earlier run's outputs (and damaged checkpoints) are refused, or deleted with --overwrite."""
+    checkpoints = run_dir / checkpoint.ROOT_DIR
+    earlier = metrics_log.run_outputs(run_dir) + ([checkpoints] if checkpoints.exists() else [])
+    if earlier and not overwrite:
+        raise SystemExit(f"out_dir {run_dir} holds an earlier run ({', '.join(p.name for p in earlier)}) but no "
+                         "intact checkpoint to resume from; pass --overwrite to delete it and start over, or choose "
+                         "another out_dir")
+    for path in earlier:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def build_policy(recipe: Recipe, run_dir: Path) -> str:
@@ -102,8 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     recipe = validate(*parse_recipe(args.recipe, args.overrides, Recipe))
     run_dir = Path(recipe.out_dir)
-    if args.resume and checkpoint.latest(run_dir) is None:
-        raise SystemExit(f"--resume: {run_dir} has no checkpoint to resume from")
+    resume_from = find_checkpoint(run_dir, args.resume)
+    if resume_from is not None and args.overwrite:
+        raise SystemExit(f"--overwrite: {run_dir} holds checkpoint {resume_from.name}; resume it (without "
+                         "--overwrite) or choose another out_dir")
+    if resume_from is not None:
+        check_resume(recipe, resume_from, args.accept_changes)
+    else:
+        start_over(run_dir, args.overwrite)
     write_recipe(recipe, run_dir)
     model_path = build_policy(recipe, run_dir)
 
@@ -134,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         controller.start_actors()
         start = controller.restore()
         if start:
-            logger.info("resuming after step %d from %s", start, checkpoint.latest(run_dir))
+            logger.info("resuming after step %d from %s", start, resume_from)
         png = controller.run(start)
         controller.close()
         logger.info("done: %s, %s", run_dir / "metrics.jsonl", png)

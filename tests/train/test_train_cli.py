@@ -27,7 +27,7 @@ def test_unknown_reward_is_reported_with_its_key(tmp_path):
 
 
 def test_resume_without_checkpoint_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="has no checkpoint to resume from"):
+    with pytest.raises(SystemExit, match="has no intact checkpoint to resume from"):
         main([TINY, f"out_dir={tmp_path / 'run'}", "--resume"])
 
 
