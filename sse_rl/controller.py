@@ -180,7 +180,7 @@ class Controller:
         sampled = self.actors.generate([p.ids for p in prompts], self.sampling, call_seed(self.cfg.seed, step, rnd))
         t1 = time.perf_counter()
         groups, result = self.score(prompts, sampled)
-        return Round(groups, t1 - t0, time.perf_counter() - t1, result.timeouts, len(result.errors))
+        return Round(groups, t1 - t0, time.perf_counter() - t1, result.timeouts, len(result.errors), result.skipped)
 
     def score(self, prompts: list[Prompt], sampled: list[list[Rollout]]) -> tuple[list[Group], RewardResult]:
         """Grade every completion with the reward pool: one Group per prompt, and the pool's result."""

@@ -51,7 +51,8 @@ class Round:
     rollout_s: float  # generating
     reward_s: float  # grading
     timeouts: int  # completions the reward pool timed out on (scored 0)
-    errors: int  # completions the reward pool failed on (scored 0)
+    errors: int  # completions the reward pool failed on (scored 0), skipped ones included
+    skipped: int = 0  # completions not graded: their reward had timed out max_timeouts times this step (scored 0)
 
 
 def call_seed(seed: int, *parts: int) -> int:
@@ -129,6 +130,7 @@ def round_metrics(rounds: list[Round], kept: int) -> dict[str, float]:
     return {"time/rollout": rollout_s, "time/reward": sum(r.reward_s for r in rounds),
             "reward/timeouts": float(sum(r.timeouts for r in rounds)),
             "reward/errors": float(sum(r.errors for r in rounds)),
+            "reward/skipped": float(sum(r.skipped for r in rounds)),
             **rollout_metrics(groups), "sampling/rounds": float(len(rounds)),
             "throughput/rollout_tokens_per_s": generated / rollout_s, "sampling/kept_groups": float(kept)}
 

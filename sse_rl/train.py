@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from sse_rl.controller import Controller
+    from sse_rl.grpo.guard import RunStopped
 
     start_ray(args.address, recipe.run.ray_num_cpus)
     controller = Controller(recipe, run_dir, model_path, train_prompts, eval_prompts, val)
@@ -222,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         png = controller.run(start)
         controller.close()
         logger.info("done: %s, %s", run_dir / "metrics.jsonl", png)
+    except RunStopped as stop:  # a fault the guard caught: its message says what, where and how to resume
+        logger.error("%s", stop)
+        return 1
     finally:
         ray.shutdown()
     return 0

@@ -89,6 +89,8 @@ class RewardConfig:
     accuracy: int = bounded(0, ge=0)  # index of the function whose raw value is "accuracy" (filters, eval)
     num_workers: int = bounded(2, ge=1)
     timeout_s: float = bounded(10.0, gt=0)  # hard per-sample wall clock; a timeout scores 0
+    max_timeouts: int = bounded(8, ge=1)  # per reward per step: past this many hard timeouts its other calls in the
+                                          # step are skipped (score 0, counted as reward/skipped)
 
 
 @dataclass

@@ -21,7 +21,8 @@ class RewardWorker:
     """Made a Ray actor by the controller (`ray.remote(RewardWorker)`)."""
 
     def __init__(self, cfg: RewardConfig):
-        self.pool = RewardPool(reward_specs(cfg), SandboxConfig(workers=cfg.num_workers, timeout_s=cfg.timeout_s))
+        self.pool = RewardPool(reward_specs(cfg), SandboxConfig(workers=cfg.num_workers, timeout_s=cfg.timeout_s),
+                               max_timeouts=cfg.max_timeouts)
         self.names = list(self.pool.weights)
 
     def score(self, prompts: list[str], completions: list[str], **columns: list[Any]) -> RewardResult:
