@@ -6,7 +6,10 @@ Choices:
    {GPU: 1, CPU: 2} bundles, bundle r holding the pair; otherwise the trainer ranks get a group of their own (one
    bundle each, so FSDP2's collectives stay on NVLink where the ranks fit one node, and the group is reserved whole:
    no rank starts, and waits in the rendezvous, while another cannot be placed), and the engines go where Ray's
-   scheduler puts them. A group the cluster cannot hold is an error that names the shortfall, not a hang.
+   scheduler puts them. Before anything starts, what the run's actors ask for (`requests`, the numbers they are
+   created with) is compared with the cluster's totals: a cluster too small is an error within seconds that names
+   each short resource, what each actor kind asks for and the recipe keys to change (`check_cluster`), never a
+   hang. A group that fits the cluster but is not placed in READY_TIMEOUT_S (resources taken) is an error too.
 2) Start order: on CPU engines and trainers start in parallel. GPU engines start first, so that vLLM's memory
    profiling does not count a trainer's allocations as its own; then engines with sleep mode go to sleep until the
    first weight sync, so the trainer's start-up compilation (a full micro-batch, `TrainerWorker._compile_now`)
@@ -34,6 +37,63 @@ from sse_rl.workers.rollout import Rollout, RolloutWorker
 from sse_rl.workers.trainer import TrainerWorker
 
 READY_TIMEOUT_S = 300.0  # a feasible group on a busy or autoscaling cluster may take a while
+ENGINE_CPUS = TRAINER_CPUS = REWARD_CPUS = 1  # logical CPUs each actor reserves (not its threads)
+# The recipe keys that change what a resource's requests add up to (the cluster's side: run.ray_num_cpus, --address).
+KEYS = {"CPU": "raise run.ray_num_cpus (local Ray), or lower rollout.num_engines, train.num_trainers",
+        "GPU": "lower rollout.num_engines, train.num_trainers, rollout.num_gpus_per_engine, "
+               "train.num_gpus_per_trainer, or join a cluster with more GPUs (--address)"}
+PAIRS, ENGINES, TRAINERS, REWARD = ("engine + trainer pairs (colocated)", "rollout engines", "trainer ranks",
+                                    "reward worker")  # the actor kinds, as `requests` and its errors name them
+
+
+class ClusterTooSmall(RuntimeError):
+    """The Ray cluster cannot hold (or, within READY_TIMEOUT_S, did not place) the run's actors."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """`count` actors (or placement-group bundles) of one kind, each reserving `bundle`."""
+
+    what: str  # e.g. "trainer ranks", as the error names it
+    count: int
+    bundle: dict[str, float]  # {"CPU": n, "GPU": n}
+
+    def total(self, resource: str) -> float:
+        return self.count * self.bundle.get(resource, 0)
+
+
+def requests(recipe: Recipe, colocated: bool) -> list[Request]:
+    """What the run's actors reserve, in start order: `start` creates them from these, `check_cluster` adds them up.
+
+    Colocated, a {GPU: 1, CPU: 2} bundle holds engine r and trainer rank r (module doc, choice 1)."""
+    r, t = recipe.rollout, recipe.train
+    if colocated:
+        pairs = [Request(PAIRS, t.num_trainers, {"GPU": 1, "CPU": ENGINE_CPUS + TRAINER_CPUS})]
+    else:
+        pairs = [Request(ENGINES, r.num_engines, {"CPU": ENGINE_CPUS, "GPU": r.num_gpus_per_engine}),
+                 Request(TRAINERS, t.num_trainers, {"CPU": TRAINER_CPUS, "GPU": t.num_gpus_per_trainer})]
+    return [*pairs, Request(REWARD, 1, {"CPU": REWARD_CPUS})]
+
+
+def shortfall(needed: list[Request], have: dict[str, float]) -> str | None:
+    """The error text for every resource the requests need more of than `have` holds; None when all fit."""
+    lines = []
+    for resource, keys in KEYS.items():
+        total = sum(q.total(resource) for q in needed)
+        if total <= have.get(resource, 0):
+            continue
+        lines.append(f"  {resource}: {total:g} needed, {have.get(resource, 0):g} in the cluster")
+        lines += [f"    {q.what}: {q.count} x {q.bundle[resource]:g} {resource}" for q in needed if q.total(resource)]
+        lines.append(f"    to fit: {keys}")
+    return "the Ray cluster cannot hold this run's actors:\n" + "\n".join(lines) if lines else None
+
+
+def check_cluster(needed: list[Request]) -> None:
+    """Fail in seconds, naming the shortfall, where the cluster's totals cannot hold the actors (else Ray waits
+    forever for resources that never come)."""
+    message = shortfall(needed, ray.cluster_resources())
+    if message:
+        raise ClusterTooSmall(message)
 
 
 def packed_group(bundle: dict[str, float], count: int, what: str) -> list[dict[str, Any]]:
@@ -46,14 +106,14 @@ def packed_group(bundle: dict[str, float], count: int, what: str) -> list[dict[s
     short = [f"{k}: {v * count:g} needed, {have.get(k, 0):g} in the cluster" for k, v in bundle.items()
              if v * count > have.get(k, 0)]
     if short:
-        raise RuntimeError(f"{what}: the Ray cluster cannot hold {count} x {bundle} ({'; '.join(short)})")
+        raise ClusterTooSmall(f"{what}: the Ray cluster cannot hold {count} x {bundle} ({'; '.join(short)})")
     group = placement_group([dict(bundle) for _ in range(count)], strategy="PACK")
     try:
         ray.get(group.ready(), timeout=READY_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(group)
-        raise RuntimeError(f"{what}: {count} x {bundle} could not be placed in {READY_TIMEOUT_S:g} s; free now: "
-                           f"{ray.available_resources()}") from None
+        raise ClusterTooSmall(f"{what}: {count} x {bundle} could not be placed in {READY_TIMEOUT_S:g} s; free now: "
+                              f"{ray.available_resources()}") from None
     return [{"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)}
             for i in range(count)]
 
@@ -132,25 +192,31 @@ class Actors:
 
 
 def start(recipe: Recipe, model_path: str) -> Actors:
-    """Place and start the engines, the trainer ranks and the reward pool, then connect the weight transport."""
+    """Check the cluster can hold the actors, place and start the engines, the trainer ranks and the reward pool,
+    then connect the weight transport."""
     c = recipe
     transport = weight_sync.build(recipe)
-    pairs = packed_group({"GPU": 1, "CPU": 2}, c.train.num_trainers, "engine + trainer pairs (colocated)") \
-        if transport.colocated else None
+    needed = {q.what: q for q in requests(recipe, transport.colocated)}
+    check_cluster(list(needed.values()))
+    pairs = _group(needed.get(PAIRS))
     actors = Actors(_start_engines(recipe, model_path, pairs or [{}] * c.rollout.num_engines), trainers=[],
                     reward=None, reward_names=[], transport=transport, sleep_level=c.rollout.sleep_level)
     if c.rollout.num_gpus_per_engine:
         ray.get([e.__ray_ready__.remote() for e in actors.engines])
         actors.sleep()  # woken by the first sync
     # after the engines: on one GPU they start first (choice 2)
-    actors.trainers = _start_trainers(recipe, model_path, pairs or packed_group(
-        {"GPU": c.train.num_gpus_per_trainer, "CPU": 1}, c.train.num_trainers, "trainer ranks"))
-    actors.reward = ray.remote(num_cpus=1)(RewardWorker).remote(c.reward)
+    actors.trainers = _start_trainers(recipe, model_path, pairs or _group(needed[TRAINERS]))
+    actors.reward = ray.remote(num_cpus=needed[REWARD].bundle["CPU"])(RewardWorker).remote(c.reward)
     actors.reward_names = ray.get(actors.reward.function_names.remote())
     master = ray.get(actors.trainers[0].address.remote())
     ray.get([t.join.remote(*master) for t in actors.trainers] + [e.__ray_ready__.remote() for e in actors.engines])
     transport.connect(actors.trainers, actors.engines)
     return actors
+
+
+def _group(request: Request | None) -> list[dict[str, Any]] | None:
+    """One placement group for a request's bundles (None: the request is not part of this run)."""
+    return packed_group(request.bundle, request.count, request.what) if request else None
 
 
 def engine_spec(recipe: Recipe, model_path: str) -> EngineSpec:
@@ -165,14 +231,14 @@ def engine_spec(recipe: Recipe, model_path: str) -> EngineSpec:
 def _start_engines(recipe: Recipe, model_path: str, placement: list[dict[str, Any]]) -> list[Any]:
     r = recipe.rollout
     spec = engine_spec(recipe, model_path)
-    engine_cls = ray.remote(num_cpus=1, num_gpus=r.num_gpus_per_engine)(RolloutWorker)
+    engine_cls = ray.remote(num_cpus=ENGINE_CPUS, num_gpus=r.num_gpus_per_engine)(RolloutWorker)
     return [engine_cls.options(**placement[i]).remote(spec.for_rank(i), enable_sleep_mode=r.sleep_level > 0)
             for i in range(r.num_engines)]
 
 
 def _start_trainers(recipe: Recipe, model_path: str, placement: list[dict[str, Any]]) -> list[Any]:
     c = recipe
-    trainer_cls = ray.remote(num_cpus=1, num_gpus=c.train.num_gpus_per_trainer)(TrainerWorker)
+    trainer_cls = ray.remote(num_cpus=TRAINER_CPUS, num_gpus=c.train.num_gpus_per_trainer)(TrainerWorker)
     return [trainer_cls.options(**placement[r]).remote(
         model_path, rank=r, world_size=c.train.num_trainers, train=c.train, algo=c.algo,
         temperature=c.rollout.temperature, seed=c.seed, dtype=c.model.dtype,

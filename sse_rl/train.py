@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from sse_rl.actors import ClusterTooSmall
     from sse_rl.controller import Controller
     from sse_rl.grpo.guard import RunStopped
 
@@ -225,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("done: %s, %s", run_dir / "metrics.jsonl", png)
     except RunStopped as stop:  # a fault the guard caught: its message says what, where and how to resume
         logger.error("%s", stop)
+        return 1
+    except ClusterTooSmall as short:  # what the actors need and the cluster has, and the keys to change
+        logger.error("%s", short)
         return 1
     finally:
         ray.shutdown()
