@@ -106,6 +106,8 @@ class EngineSpec:
     seed: int = 0  # the engine's random stream starts here (choice 1)
     max_num_seqs: int | None = None  # concurrent sequences; None = vLLM's default
     cpu_kvcache_space_gib: int | None = None  # VLLM_CPU_KVCACHE_SPACE where the environment sets none; None = vLLM's
+    # None = vLLM's choice, which is its Ray executor inside a Ray placement group (a training engine sets "mp")
+    distributed_executor_backend: str | None = None
 
     def for_rank(self, rank: int) -> EngineSpec:
         """The spec of engine `rank` of several: its own seed (choice 1)."""

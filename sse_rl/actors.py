@@ -1,15 +1,18 @@
 """The run's Ray actors: where they go, how they start, the engines' sleep/wake state, and the calls that reach them.
 
 Choices:
-1) Placement: Ray placement groups of identical bundles, PACK-ed onto as few nodes as fit (`packed_group`). A
+1) Placement: Ray placement groups of identical bundles, PACK-ed onto as few nodes as fit (`reserve`). A
    transport that needs engine r on trainer rank r's GPU (`WeightTransport.colocated`, CUDA IPC) gets one group of
    {GPU: 1, CPU: 2} bundles, bundle r holding the pair; otherwise the trainer ranks get a group of their own (one
    bundle each, so FSDP2's collectives stay on NVLink where the ranks fit one node, and the group is reserved whole:
-   no rank starts, and waits in the rendezvous, while another cannot be placed), and the engines go where Ray's
-   scheduler puts them. Before anything starts, what the run's actors ask for (`requests`, the numbers they are
-   created with) is compared with the cluster's totals: a cluster too small is an error within seconds that names
-   each short resource, what each actor kind asks for and the recipe keys to change (`check_cluster`), never a
-   hang. A group that fits the cluster but is not placed in READY_TIMEOUT_S (resources taken) is an error too.
+   no rank starts, and waits in the rendezvous, while another cannot be placed), the engines get one group and the
+   reward worker a group of one. Before anything starts, what the run's actors ask for (`requests`, the numbers
+   they are created with) is compared with the cluster's totals: a cluster too small is an error within seconds
+   that names each short resource, what each actor kind asks for and the recipe keys to change (`check_cluster`),
+   never a hang. Then every group is reserved (`reserve`): groups that fit the totals but are not placed within
+   READY_TIMEOUT_S (resources taken by other actors or tasks) are an error naming them and what was free. An
+   engine of several tensor-parallel ranks keeps vLLM's multiprocessing executor (`engine_spec`): inside a placement
+   group vLLM would pick its Ray executor, which asks the group for one bundle per rank.
 2) Start order: on CPU engines and trainers start in parallel. GPU engines start first, so that vLLM's memory
    profiling does not count a trainer's allocations as its own; then engines with sleep mode go to sleep until the
    first weight sync, so the trainer's start-up compilation (a full micro-batch, `TrainerWorker._compile_now`)
@@ -96,24 +99,46 @@ def check_cluster(needed: list[Request]) -> None:
         raise ClusterTooSmall(message)
 
 
-def packed_group(bundle: dict[str, float], count: int, what: str) -> list[dict[str, Any]]:
-    """Ray actor options placing actor i in bundle i of one PACK placement group of `count` copies of `bundle`."""
+def reserve(needed: list[Request]) -> dict[str, list[dict[str, Any]]]:
+    """Place one PACK group per request and return, by request name, the Ray actor options of each bundle.
+
+    The cluster's totals are checked first (`check_cluster`). All groups are created before any is awaited, so one
+    READY_TIMEOUT_S bounds the whole reservation. Groups that fit the totals but are not placed in time (their
+    resources are held by something else) are all removed, since nothing has started in them, and the error names
+    each unplaced request with the resources that were free when the run asked."""
     from ray.util.placement_group import placement_group, remove_placement_group
+
+    check_cluster(needed)
+    free = ray.available_resources()
+    groups = {q.what: placement_group([_nonzero(q.bundle) for _ in range(q.count)], strategy="PACK")
+              for q in needed}
+    waits = {g.ready(): what for what, g in groups.items()}
+    done, late = ray.wait(list(waits), num_returns=len(waits), timeout=READY_TIMEOUT_S)
+    if late:
+        for group in groups.values():
+            remove_placement_group(group)
+        unplaced = "".join(f"\n  {q.what}: {q.count} x {_nonzero(q.bundle)}" for q in needed
+                           if q.what in {waits[ref] for ref in late})
+        raise ClusterTooSmall(f"not placed within {READY_TIMEOUT_S:g} s (the cluster's totals hold them, but other "
+                              f"actors or tasks hold the resources):{unplaced}\n  free when asked: "
+                              f"{_resources(free)}")
+    return {what: _bundle_options(group, len(group.bundle_specs)) for what, group in groups.items()}
+
+
+def _nonzero(bundle: dict[str, float]) -> dict[str, float]:
+    """A bundle without its zero entries (Ray rejects zero-sized bundle resources)."""
+    return {k: v for k, v in bundle.items() if v > 0}
+
+
+def _resources(have: dict[str, float]) -> str:
+    """CPU and GPU (0 where Ray lists none) and memory in GiB, as the error shows what was free."""
+    return ", ".join([*(f"{k} {have.get(k, 0):g}" for k in KEYS), f"memory {have.get('memory', 0) / 2**30:.1f} GiB"])
+
+
+def _bundle_options(group: Any, count: int) -> list[dict[str, Any]]:
+    """Ray actor options placing actor i in bundle i of `group`."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    bundle = {k: v for k, v in bundle.items() if v > 0}
-    have = ray.cluster_resources()
-    short = [f"{k}: {v * count:g} needed, {have.get(k, 0):g} in the cluster" for k, v in bundle.items()
-             if v * count > have.get(k, 0)]
-    if short:
-        raise ClusterTooSmall(f"{what}: the Ray cluster cannot hold {count} x {bundle} ({'; '.join(short)})")
-    group = placement_group([dict(bundle) for _ in range(count)], strategy="PACK")
-    try:
-        ray.get(group.ready(), timeout=READY_TIMEOUT_S)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group(group)
-        raise ClusterTooSmall(f"{what}: {count} x {bundle} could not be placed in {READY_TIMEOUT_S:g} s; free now: "
-                              f"{ray.available_resources()}") from None
     return [{"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)}
             for i in range(count)]
 
@@ -192,31 +217,26 @@ class Actors:
 
 
 def start(recipe: Recipe, model_path: str) -> Actors:
-    """Check the cluster can hold the actors, place and start the engines, the trainer ranks and the reward pool,
-    then connect the weight transport."""
+    """Reserve every actor's resources (module doc, choice 1), start the engines, the trainer ranks and the reward
+    pool in them, then connect the weight transport."""
     c = recipe
     transport = weight_sync.build(recipe)
-    needed = {q.what: q for q in requests(recipe, transport.colocated)}
-    check_cluster(list(needed.values()))
-    pairs = _group(needed.get(PAIRS))
-    actors = Actors(_start_engines(recipe, model_path, pairs or [{}] * c.rollout.num_engines), trainers=[],
+    placed = reserve(requests(recipe, transport.colocated))
+    pairs = placed.get(PAIRS)
+    actors = Actors(_start_engines(recipe, model_path, pairs or placed[ENGINES]), trainers=[],
                     reward=None, reward_names=[], transport=transport, sleep_level=c.rollout.sleep_level)
     if c.rollout.num_gpus_per_engine:
         ray.get([e.__ray_ready__.remote() for e in actors.engines])
         actors.sleep()  # woken by the first sync
     # after the engines: on one GPU they start first (choice 2)
-    actors.trainers = _start_trainers(recipe, model_path, pairs or _group(needed[TRAINERS]))
-    actors.reward = ray.remote(num_cpus=needed[REWARD].bundle["CPU"])(RewardWorker).remote(c.reward)
+    actors.trainers = _start_trainers(recipe, model_path, pairs or placed[TRAINERS])
+    reward_cls = ray.remote(num_cpus=REWARD_CPUS)(RewardWorker)
+    actors.reward = reward_cls.options(**placed[REWARD][0]).remote(c.reward)
     actors.reward_names = ray.get(actors.reward.function_names.remote())
     master = ray.get(actors.trainers[0].address.remote())
     ray.get([t.join.remote(*master) for t in actors.trainers] + [e.__ray_ready__.remote() for e in actors.engines])
     transport.connect(actors.trainers, actors.engines)
     return actors
-
-
-def _group(request: Request | None) -> list[dict[str, Any]] | None:
-    """One placement group for a request's bundles (None: the request is not part of this run)."""
-    return packed_group(request.bundle, request.count, request.what) if request else None
 
 
 def engine_spec(recipe: Recipe, model_path: str) -> EngineSpec:
@@ -225,7 +245,8 @@ def engine_spec(recipe: Recipe, model_path: str) -> EngineSpec:
     return EngineSpec(model=model_path, dtype=r.dtype, tensor_parallel_size=r.tensor_parallel_size,
                       max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
                       enforce_eager=r.enforce_eager, seed=recipe.seed, max_num_seqs=r.max_num_seqs,
-                      cpu_kvcache_space_gib=r.cpu_kvcache_space_gib)
+                      cpu_kvcache_space_gib=r.cpu_kvcache_space_gib,
+                      distributed_executor_backend="mp" if r.tensor_parallel_size > 1 else None)
 
 
 def _start_engines(recipe: Recipe, model_path: str, placement: list[dict[str, Any]]) -> list[Any]:
