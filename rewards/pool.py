@@ -13,12 +13,15 @@ Choices:
    names it) and its calls still queued in that call are skipped: scored 0, counted in `skipped` and `errors`
    ("skipped"), so a reward that hangs on everything slows a step by a few timeouts, not one per sample, and the
    metrics show it. The count starts again at each call (each step).
-6) `score_async` runs `score` on one helper thread, so an event loop (TRL async rewards, async Ray actors)
+6) A non-finite value (NaN, inf) is passed on as returned, for the caller to stop on, unless the pool is built with
+   `zero_non_finite`: then it scores 0, counted in `non_finite` and `errors` ("non_finite", naming the value).
+7) `score_async` runs `score` on one helper thread, so an event loop (TRL async rewards, async Ray actors)
    stays free while the workers grade.
 """
 import asyncio
 import functools
 import logging
+import math
 import pickle
 import warnings
 from collections import Counter
@@ -72,15 +75,17 @@ class RewardResult:
     timeouts: int  # (reward, sample) pairs that hit a time limit and scored 0
     errors: list[RewardError]
     skipped: int = 0  # (reward, sample) pairs not run (scored 0): their reward hit max_timeouts in this call
+    non_finite: int = 0  # (reward, sample) pairs whose value was NaN or inf, scored 0 (`zero_non_finite`)
 
     def metrics(self) -> dict[str, float]:
-        """Flat scalars for logging: means per reward and of the total, timeouts, skipped calls, errors by kind."""
+        """Flat scalars for logging: means per reward and of the total, timeouts, skipped calls, non-finite values
+        scored 0, errors by kind."""
         def mean(values: list[float | None]) -> float:
             applied = [v for v in values if v is not None]
             return sum(applied) / len(applied) if applied else float("nan")
 
         out = {"reward/mean": mean(self.total), "reward/timeouts": float(self.timeouts),
-               "reward/skipped": float(self.skipped)}
+               "reward/skipped": float(self.skipped), "reward/non_finite": float(self.non_finite)}
         out.update({f"reward/{name}/mean": mean(values) for name, values in self.per_function.items()})
         out.update({f"reward/errors/{kind}": float(n) for kind, n in Counter(e.kind for e in self.errors).items()})
         return out
@@ -115,7 +120,7 @@ class RewardPool:
     """
 
     def __init__(self, rewards: Sequence[RewardSpec | str], config: SandboxConfig | None = None,
-                 max_timeouts: int = 8):
+                 max_timeouts: int = 8, zero_non_finite: bool = False):
         specs = tuple(r if isinstance(r, RewardSpec) else RewardSpec(r) for r in rewards)
         if not specs:
             raise ValueError("RewardPool needs at least one reward")
@@ -133,6 +138,7 @@ class RewardPool:
                                  "define it at module level or pass a 'module:function' spec") from e
         self.weights = {s.name: s.weight for s in specs}
         self.max_timeouts = max_timeouts  # per reward per `score` call; then its queued calls are skipped
+        self.zero_non_finite = zero_non_finite  # NaN/inf scores 0 and is counted (choice 6), else passed on
         self._sandbox = Sandbox(functools.partial(_RewardRunner, specs), config)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-pool")
 
@@ -154,6 +160,8 @@ class RewardPool:
                 if out.failure == "exception":
                     raise RewardFunctionError(f"reward {name!r} raised on sample {i}:\n{out.message}")
                 value, notes = (out.value if out.failure is None else (0.0, [(out.failure, out.message)]))
+                if self.zero_non_finite and value is not None and not math.isfinite(value):
+                    value, notes = 0.0, [*notes, ("non_finite", f"returned {value}, scored 0")]
                 values.append(value)
                 errors.extend(RewardError(name, i, kind, message) for kind, message in notes)
             per_function[name] = values
@@ -162,7 +170,8 @@ class RewardPool:
         self._report_skipped(errors)
         timeouts = sum(e.kind == "timeout" for e in errors)
         skipped = sum(e.kind == "skipped" for e in errors)
-        return RewardResult(combine(per_function, self.weights), per_function, timeouts, errors, skipped)
+        non_finite = sum(e.kind == "non_finite" for e in errors)
+        return RewardResult(combine(per_function, self.weights), per_function, timeouts, errors, skipped, non_finite)
 
     def _report_skipped(self, errors: list[RewardError]) -> None:
         """One warning per reward that hit `max_timeouts`, naming it and how many of its calls were skipped."""

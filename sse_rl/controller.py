@@ -11,10 +11,11 @@ the eval.benchmark problems: avg@n, pass@k, maj@k as val/*, report files in OUT_
 the run's engines and grade with the run's reward pool, so they cost no extra processes; validation grades through
 the eval package's one grader (`RewardGrader`) over that pool.
 
-What stops a run (`sse_rl.grpo.guard`): a non-finite reward, advantage or probe difference, non-finite weights after
-an update (before they are synced or saved), `train.max_skipped_steps` updates in a row skipped for a non-finite loss
-or gradient, `train.max_empty_steps` steps in a row that train nothing. `RunStopped` names the step, the quantity and
-the newest checkpoint, which holds finite weights (none are saved after a fault) and is the one to resume from.
+What stops a run (`sse_rl.grpo.guard`): a non-finite reward (unless reward.non_finite is "zero": scored 0, counted),
+advantage or probe difference, non-finite weights after an update (before they are synced or saved),
+`train.max_skipped_steps` updates in a row skipped for a non-finite loss or gradient, `train.max_empty_steps` steps in
+a row that train nothing. `RunStopped` names the step, the quantity and the newest checkpoint, which holds finite
+weights (none are saved after a fault) and is the one to resume from.
 """
 from __future__ import annotations
 
@@ -180,7 +181,8 @@ class Controller:
         sampled = self.actors.generate([p.ids for p in prompts], self.sampling, call_seed(self.cfg.seed, step, rnd))
         t1 = time.perf_counter()
         groups, result = self.score(prompts, sampled)
-        return Round(groups, t1 - t0, time.perf_counter() - t1, result.timeouts, len(result.errors), result.skipped)
+        return Round(groups, t1 - t0, time.perf_counter() - t1, result.timeouts, len(result.errors), result.skipped,
+                     result.non_finite)
 
     def score(self, prompts: list[Prompt], sampled: list[list[Rollout]]) -> tuple[list[Group], RewardResult]:
         """Grade every completion with the reward pool: one Group per prompt, and the pool's result."""

@@ -9,7 +9,8 @@ Choices:
    resumed run draws the same completions as an uninterrupted one.
 3) Rollout metrics cover every scored group of the step, kept or not; rewards the pool could not give (None) count
    as 0. A reward function that returns a non-finite value is a bug in it: `NonFiniteError` names the function and
-   the sample, and the run stops (`sse_rl.grpo.guard`).
+   the sample, and the run stops (`sse_rl.grpo.guard`); with reward.non_finite "zero" the pool has scored such a
+   value 0 instead, and the step counts it (reward/non_finite).
 4) Batching: group-normalised advantages, then per mini-batch (groups dealt round-robin) the loss-aggregation weight
    of each sequence (0 for overlong-filtered ones), then packing by token budget over the trainer ranks.
 """
@@ -53,6 +54,7 @@ class Round:
     timeouts: int  # completions the reward pool timed out on (scored 0)
     errors: int  # completions the reward pool failed on (scored 0), skipped ones included
     skipped: int = 0  # completions not graded: their reward had timed out max_timeouts times this step (scored 0)
+    non_finite: int = 0  # (reward, completion) pairs valued NaN or inf, scored 0 (reward.non_finite "zero")
 
 
 def call_seed(seed: int, *parts: int) -> int:
@@ -131,6 +133,7 @@ def round_metrics(rounds: list[Round], kept: int) -> dict[str, float]:
             "reward/timeouts": float(sum(r.timeouts for r in rounds)),
             "reward/errors": float(sum(r.errors for r in rounds)),
             "reward/skipped": float(sum(r.skipped for r in rounds)),
+            "reward/non_finite": float(sum(r.non_finite for r in rounds)),
             **rollout_metrics(groups), "sampling/rounds": float(len(rounds)),
             "throughput/rollout_tokens_per_s": generated / rollout_s, "sampling/kept_groups": float(kept)}
 

@@ -91,6 +91,9 @@ class RewardConfig:
     timeout_s: float = bounded(10.0, gt=0)  # hard per-sample wall clock; a timeout scores 0
     max_timeouts: int = bounded(8, ge=1)  # per reward per step: past this many hard timeouts its other calls in the
                                           # step are skipped (score 0, counted as reward/skipped)
+    # a reward function's NaN or inf: "error" stops the run naming the function and the sample; "zero" scores it 0
+    # and counts it as reward/non_finite
+    non_finite: Literal["error", "zero"] = "error"
 
 
 @dataclass

@@ -22,7 +22,7 @@ class RewardWorker:
 
     def __init__(self, cfg: RewardConfig):
         self.pool = RewardPool(reward_specs(cfg), SandboxConfig(workers=cfg.num_workers, timeout_s=cfg.timeout_s),
-                               max_timeouts=cfg.max_timeouts)
+                               max_timeouts=cfg.max_timeouts, zero_non_finite=cfg.non_finite == "zero")
         self.names = list(self.pool.weights)
 
     def score(self, prompts: list[str], completions: list[str], **columns: list[Any]) -> RewardResult:

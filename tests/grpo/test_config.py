@@ -19,6 +19,13 @@ def test_minimal_recipe_gets_schema_defaults():
     assert recipe.reward.functions[0].spec == "math_accuracy" and recipe.reward.functions[0].weight == 1.0
 
 
+def test_a_non_finite_reward_is_an_error_unless_the_recipe_scores_it_0():
+    assert load_recipe(None, MINIMAL).reward.non_finite == "error"
+    assert load_recipe(None, [*MINIMAL, "reward.non_finite=zero"]).reward.non_finite == "zero"
+    with pytest.raises(RecipeError, match="reward.non_finite: must be one of 'error', 'zero', got 'skip'"):
+        load_recipe(None, [*MINIMAL, "reward.non_finite=skip"])
+
+
 def test_overrides_parse_yaml_scalars_and_list_indices():
     recipe = load_recipe(None, MINIMAL + ["train.lr=1e-6", "rollout.group_size=4", "algo.dynamic_sampling=false",
                                           "reward.functions.0.weight=0.5", "model.init.preset=sse-h-tiny"])

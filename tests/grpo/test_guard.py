@@ -2,6 +2,7 @@
 on fake actors, the outcome asserted (the error, the step and quantity it names, what was synced and saved)."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -29,10 +30,11 @@ class FakeActors:
 
     reward_names = ["acc", "bonus"]
 
-    def __init__(self, *, reward=None, stats=None, probe=lambda step: 0.0):
+    def __init__(self, *, reward=None, stats=None, probe=lambda step: 0.0, non_finite=0):
         self.reward = reward or (lambda k: float(k % 2))  # completion k's accuracy: the groups vary
         self.stats = stats or (lambda step: StepStats(updates=1.0))
         self.probe = probe
+        self.non_finite = non_finite  # values the pool scored 0 per score call (reward.non_finite "zero")
         self.step = 0  # trainer updates so far
         self.synced: list[int] = []
         self.saved: list[int] = []
@@ -43,7 +45,7 @@ class FakeActors:
     def score(self, texts, completions, **columns):
         acc = [self.reward(int(c)) for c in completions]
         return RewardResult(total=list(acc), per_function={"acc": acc, "bonus": [0.0] * len(acc)}, timeouts=0,
-                            errors=[])
+                            errors=[], non_finite=self.non_finite)
 
     def sleep(self):
         return {}
@@ -112,6 +114,12 @@ def test_nan_reward_stops_the_run_naming_step_function_and_sample(tmp_path):
         _run(tmp_path, fake)
     assert "no checkpoint was saved" in str(info.value)
     assert fake.synced == [0] and fake.saved == []  # the start-up sync only
+
+
+def test_non_finite_rewards_the_pool_scored_0_are_counted_in_the_step_metrics(tmp_path):
+    _run(tmp_path, FakeActors(non_finite=2), steps=2, dynamic_sampling=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["reward/non_finite"] for row in rows if "reward/non_finite" in row] == [2.0, 2.0]
 
 
 def test_non_finite_weights_stop_before_sync_and_save(tmp_path):

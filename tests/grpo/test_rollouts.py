@@ -37,7 +37,7 @@ class FakeEngines:
     def __call__(self, prompts: list[Prompt], rnd: int) -> Round:
         self.calls.append(([p.index for p in prompts], rnd))
         return Round([_group(p) for p in prompts], rollout_s=2.0, reward_s=0.5, timeouts=1, errors=2,
-                     skipped=3)
+                     skipped=3, non_finite=4)
 
 
 def _collect(dynamic: bool, max_rounds: int, per_step: int = 6):
@@ -58,7 +58,7 @@ def test_dynamic_sampling_refills_with_groups_that_have_signal():
     assert metrics["sampling/rounds"] == rounds and metrics["sampling/kept_groups"] == 6.0
     assert metrics["time/rollout"] == 2.0 * rounds and metrics["time/reward"] == 0.5 * rounds
     assert metrics["reward/timeouts"] == rounds and metrics["reward/errors"] == 2 * rounds
-    assert metrics["reward/skipped"] == 3 * rounds
+    assert metrics["reward/skipped"] == 3 * rounds and metrics["reward/non_finite"] == 4 * rounds
     # rollout metrics cover every scored group of the step, kept or not
     zero = sum(1 for i in drawn if i % 3 == 0) / len(drawn)
     assert metrics["sampling/zero_variance_frac"] == pytest.approx(zero)

@@ -3,6 +3,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -120,6 +121,20 @@ def test_reward_that_keeps_timing_out_is_skipped_for_the_step(caplog):
     assert again.per_function["user"] == [0.0, 1.0, 1.0] and (again.timeouts, again.skipped) == (1, 0)
     with pytest.raises(ValueError, match="max_timeouts must be >= 1"):
         RewardPool(["format"], max_timeouts=0)
+
+
+def test_non_finite_values_pass_on_as_returned_unless_the_pool_scores_them_0_and_counts_them():
+    rewards, completions = [RewardSpec(f"{USER}:misbehave", name="user")], ["nan", "ok", "nan"]
+    with RewardPool(rewards, SandboxConfig(workers=1)) as pool:
+        passed = pool.score(["p"] * 3, completions)
+    with RewardPool(rewards, SandboxConfig(workers=1), zero_non_finite=True) as pool:
+        zeroed = pool.score(["p"] * 3, completions)
+    assert [math.isnan(v) for v in passed.per_function["user"]] == [True, False, True]  # the caller stops on these
+    assert passed.non_finite == 0 and passed.errors == []
+    assert zeroed.per_function["user"] == [0.0, 1.0, 0.0] and zeroed.total == [0.0, 1.0, 0.0]
+    assert [(e.index, e.kind, e.message) for e in zeroed.errors] == [(0, "non_finite", "returned nan, scored 0"),
+                                                                     (2, "non_finite", "returned nan, scored 0")]
+    assert zeroed.non_finite == 2 and zeroed.metrics()["reward/non_finite"] == 2.0
 
 
 def test_reward_bugs_raise_with_name_and_sample(pool):

@@ -38,5 +38,8 @@ def misbehave(prompts, completions, **columns):
             warnings.warn(OddSampleWarning("sample looks odd"), stacklevel=1)
         elif c == "junk":
             return ["1.0"]
+        elif c == "nan":
+            out.append(float("nan"))
+            continue
         out.append(1.0)
     return out

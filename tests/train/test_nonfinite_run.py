@@ -2,6 +2,8 @@
 and a message naming the step and the quantity, and saves no checkpoint of non-finite weights."""
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +38,14 @@ def test_a_nan_reward_stops_the_run_naming_the_function_and_sample(tmp_path):
     assert "run stopped at step 1: reward function 'nan_reward' returned nan for completion" in log, \
         log[-3000:]
     assert not list((tmp_path / "run" / "checkpoints").glob("step_*"))
+
+
+def test_with_reward_non_finite_zero_a_nan_reward_scores_0_and_is_counted(tmp_path):
+    functions = ("reward.functions=[{spec: sse_rl.tasks.max_digit:max_digit_reward}, "
+                 "{spec: tests/train/nan_reward.py:nan_reward, weight: 0.1}]")
+    code, log = _train(tmp_path / "run", functions, "reward.non_finite=zero", "data.eval=", "eval.num_prompts=0")
+    assert code == 0, log[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    counts = [row["reward/non_finite"] for row in rows if "reward/non_finite" in row]
+    assert len(counts) == 3 and sum(counts) > 0, counts  # the completion "7" came up and was scored 0
+    assert all(math.isfinite(row["reward/mean"]) for row in rows if "reward/mean" in row)
