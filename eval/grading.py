@@ -5,18 +5,23 @@ is `extract_answer`. `MathGrader` runs it over a local `RewardPool` of `math_acc
 `</think>`, last `\\boxed{}`, integer fast path, math-verify otherwise); GRPO validation runs it over the run's reward
 worker with the recipe's accuracy reward. Either way a pathological completion costs one sandboxed worker a hard
 time limit, never the run. The vote of a completion for maj@k is what `math_accuracy` reads: the last box after
-`</think>`, as a canonical integer when it is one, else the box content with whitespace removed. Two LaTeX answers
-that are equal but spelled differently (`\\frac12` and `0.5`) therefore vote for different answers; for AIME's
-integer answers the vote is exact.
+`</think>`, as a canonical integer when it is one, else the box content with whitespace removed (but one space kept
+between two digits: `3 4` is not 34). Two LaTeX answers that are equal but spelled differently (`\\frac12` and `0.5`)
+therefore vote for different answers; for AIME's integer answers the vote is exact.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, Self
 
 from sse_rl.rewards import RewardPool, RewardResult, SandboxConfig
 from sse_rl.rewards.math_reward import answer_text, canonical_int, last_boxed
+
+
+# A space that does not separate two digits (the vote drops it; `3 4` keeps its space).
+_DROPPED_SPACE = re.compile(r"(?<![0-9]) | (?![0-9])")
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,7 @@ def extract_answer(completion: str) -> str | None:
     if boxed is None:
         return None
     canonical = canonical_int(boxed)
-    return canonical if canonical is not None else "".join(boxed.split()) or None
+    return canonical if canonical is not None else _DROPPED_SPACE.sub("", " ".join(boxed.split())) or None
 
 
 class ScoreFn(Protocol):

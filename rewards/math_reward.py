@@ -11,7 +11,10 @@ Choices (docs/math_reward.md keeps the behaviour of math-verify behind them):
    silent 0; one that parses only as text is graded by exact text match, also with a `GoldAnswerWarning`.
    A math-verify alarm gives 0 and a `RewardTimeoutWarning`, which `RewardPool` counts as a timeout.
 6) A boxed answer nested deeper than `MAX_BOX_DEPTH` braces is wrong without parsing: no real answer nests that
-   deep, and latex2sympy silently mis-parses such towers (300 nested `\frac{1}{...}` around 2 parse as 1/2).
+   deep, and latex2sympy silently mis-parses such towers (300 nested `\\frac{1}{...}` around 2 parse as 1/2).
+7) Numbers are read as TeX writes them: TeX's one-token arguments (`\\frac13`, `\\tfrac12`, `\\sqrt3`) are braced
+   before parsing (`expand_tex_shorthand`), and digits are joined only across a valid thousands grouping
+   (`10,000`, `10{,}000`, `10\\,000`), never across a space or a `32, 349` pair.
 
 The module is named `math_reward` rather than `math` so that it can never stand in for the stdlib `math` module
 (a spawned worker or a script run from inside `rewards/` puts that folder on sys.path).
@@ -42,10 +45,19 @@ PRED_CONFIG = [
     )
 ]
 GOLD_CONFIG = [LatexExtractionConfig(), ExprExtractionConfig()]
-# Wrappers that never change an integer's value: \text{..}, $..$, degrees, LaTeX spaces, `{,}` thousands groups.
+# Wrappers that never change an integer's value: \text{..}, $..$, degrees, spaces around it (never inside it).
 _INT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
-_INT_NOISE = re.compile(r"\^\{?\\circ\}?|\\[,!; ]|[\s$]")
+_INT_NOISE = re.compile(r"\^\{?\\circ\}?|\$")
+_INT_PAD = re.compile(r"^(?:\s|\\[,!; ])+|(?:\s|\\[,!; ])+$")
+# Thousands separators (`,`, `{,}`, MATH's `,\!`, a thin space `\,`), valid only where every group after the first
+# has exactly 3 digits.
+_INT_SEPARATOR = re.compile(r"\{,\}|,\\!\s*|\\,")
 _INT = re.compile(r"[+-]?[0-9]{1,3}(,[0-9]{3})+|[+-]?[0-9]+", re.ASCII)
+# TeX commands whose arguments may be single tokens: those in group 1 take two arguments, `\sqrt` one.
+_SHORTHAND = re.compile(r"\\(?:([dtc]?frac|[dt]?binom)|sqrt)(?![a-zA-Z])")
+# The next TeX argument: a group's `{`, a control word (`\pi`), a control symbol, or one character.
+_TOKEN = re.compile(r"\s*(\{|\\[a-zA-Z]+|\\.|[^\s{}\\])")
+_SQRT_INDEX = re.compile(r"\s*\[[^\[\]]*\]")  # no nested `[`: one pass over `\sqrt[\sqrt[...` stays linear
 
 
 class GoldAnswerWarning(RewardWarning):
@@ -94,17 +106,65 @@ def last_boxed(text: str) -> str | None:
 def canonical_int(answer: str) -> str | None:
     """A plain integer answer as a canonical signed digit string ('033' -> '33'); None if it is not one.
 
-    Strings, not int(), so that a 5000-digit answer cannot hit Python's int-parsing limit.
+    `10,000`, `10{,}000`, `10,\\!000` and `10\\,000` are 10000; `32, 349`, `1,00` and `3 4` are not integers
+    (math-verify reads the first two as sets). Strings, not int(), so that a 5000-digit answer cannot hit Python's
+    int-parsing limit.
     """
     if len(answer) > 200:
         return None
-    s = _INT_WRAPPER.sub(r"\1", answer.replace("\u2212", "-").replace("{,}", ","))
-    s = _INT_NOISE.sub("", s)
+    s = _INT_SEPARATOR.sub(",", answer.replace("\u2212", "-"))
+    s = _INT_PAD.sub("", _INT_NOISE.sub("", _INT_WRAPPER.sub(r"\1", s)))
     if not _INT.fullmatch(s):
         return None
     sign = "-" if s[0] == "-" else ""
     digits = s.lstrip("+-").replace(",", "").lstrip("0") or "0"
     return ("" if digits == "0" else sign) + digits
+
+
+def expand_tex_shorthand(tex: str) -> str:
+    """Brace the one-token arguments TeX allows: `\\frac13` -> `\\frac{1}{3}`, `\\sqrt3` -> `\\sqrt{3}`.
+
+    >>> expand_tex_shorthand(r"\\tfrac12 + \\frac{\\sqrt3}2 - \\frac\\pi4 + \\sqrt[3]2")
+    '\\\\tfrac{1}{2} + \\\\frac{\\\\sqrt{3}}{2} - \\\\frac{\\\\pi}{4} + \\\\sqrt[3]{2}'
+
+    Hand-written because math-verify's parser fails on these forms and its `malformed_operators` normalisation is
+    not TeX: it reads `\\frac123` as 1/23 (TeX reads `\\frac{1}{2}3`), garbles `\\frac\\pi2` and `\\sqrt\\pi`, and
+    also accepts non-TeX such as `sqrt(3)` and `x^(2)`, which this reward keeps wrong.
+    """
+    inserts: list[tuple[int, str]] = []  # (position in tex, brace), in the order the braces read
+    for m in _SHORTHAND.finditer(tex):
+        i = m.end()
+        if not m.group(1) and tex[i:].lstrip().startswith("["):  # \sqrt[3]8: the index is not an argument
+            if (index := _SQRT_INDEX.match(tex, i)) is None:
+                continue
+            i = index.end()
+        for _ in range(2 if m.group(1) else 1):
+            token = _TOKEN.match(tex, i)
+            if token is None:
+                break
+            if token.group(1) == "{":
+                i = _group_end(tex, token.start(1))
+            else:
+                inserts += [(token.start(1), "{"), (token.end(1), "}")]
+                i = token.end(1)
+    out, last = [], 0
+    for pos, brace in sorted(inserts, key=lambda p: p[0]):  # stable: `}{` between two arguments stays in order
+        out += [tex[last:pos], brace]
+        last = pos
+    return "".join(out) + tex[last:]
+
+
+def _group_end(tex: str, start: int) -> int:
+    """Index just past the `}` that closes the `{` at `start` (len(tex) when it never closes)."""
+    depth = 0
+    for k in range(start, len(tex)):
+        if tex[k] == "{":
+            depth += 1
+        elif tex[k] == "}":
+            depth -= 1
+            if depth == 0:
+                return k + 1
+    return len(tex)
 
 
 def brace_depth(text: str) -> int:
@@ -128,7 +188,8 @@ def _alarm_s() -> int | None:
 def _parse_gold(answer: str) -> tuple:
     """Parsed gold answer (cached: every group of G completions shares one); () when unparseable."""
     try:
-        return tuple(parse(BOXED + answer + "}", GOLD_CONFIG, parsing_timeout=_alarm_s(), raise_on_error=True))
+        return tuple(parse(BOXED + expand_tex_shorthand(answer) + "}", GOLD_CONFIG, parsing_timeout=_alarm_s(),
+                           raise_on_error=True))
     except (Exception, TimeoutException):  # noqa: BLE001 - any failure means "unparseable", reported by grade
         return ()
 
@@ -136,7 +197,8 @@ def _parse_gold(answer: str) -> tuple:
 def _verify_boxed(gold: tuple, boxed: str) -> float:
     """math-verify on one extracted box: every (gold, prediction) pair, each under its own alarm."""
     try:
-        pred = parse(BOXED + boxed + "}", PRED_CONFIG, parsing_timeout=_alarm_s(), raise_on_error=True)
+        pred = parse(BOXED + expand_tex_shorthand(boxed) + "}", PRED_CONFIG, parsing_timeout=_alarm_s(),
+                     raise_on_error=True)
     except TimeoutException:
         warnings.warn(RewardTimeoutWarning(f"math-verify parse alarm ({MATH_VERIFY_TIMEOUT_S} s)"), stacklevel=2)
         return 0.0
