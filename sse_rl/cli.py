@@ -1,7 +1,9 @@
 """`sse-rl`: the command line.
 
 Each subcommand lives in its own module with a `main(argv) -> int`; this file only maps names to modules, so that
-`sse-rl --help` stays fast (nothing heavy is imported until a command runs).
+`sse-rl --help` stays fast (nothing heavy is imported until a command runs). A recipe a command refuses
+(`RecipeError`, raised before anything is written) is a user's mistake, not a bug: its message, exit status 2, no
+traceback.
 """
 from __future__ import annotations
 
@@ -49,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown command {name!r}; choose from: {', '.join(COMMANDS)}")
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    from sse_rl.config import RecipeError
+
+    try:
+        return int(func(rest) or 0)
+    except RecipeError as err:
+        print(f"sse-rl {name}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

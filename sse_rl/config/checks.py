@@ -5,7 +5,8 @@ Two levels of checks, reported together, each problem under its dotted key (`alg
 1) A recipe on its own: types, bounds and unknown keys while it is built (`parse_recipe`, on `reading`'s builder),
    then the constraints between its fields (each kind's `*_rules`, beside its schema). `load_recipe` stops here: it
    reads nothing the recipe names, so tests, tools and a run's own config.yaml use it.
-2) What the recipe names (this module): local files and directories, hub ids by their form (no download),
+2) What the recipe names (this module): local files and directories (a local data file is read once, row by row,
+   so an empty, malformed or non-UTF-8 one fails here naming the file and line), hub ids by their form (no download),
    `pkg.mod:fn` functions, reward specs, model presets, the distillation teacher's and student's configs and
    tokenizers, training data that is an evaluation benchmark, an eval run folder to resume.
 `validate` runs both levels and raises every problem at once; each command calls it first, so nothing is written, no
@@ -25,7 +26,7 @@ from sse_rl.config.eval import COMPLETIONS_FILE, EVAL_CONFIG_FILE, GENERATION_KE
 from sse_rl.config.grpo import ModelConfig, Recipe, RewardConfig, grpo_rules
 from sse_rl.config.reading import R, RecipeError, build_recipe, read_raw
 from sse_rl.config.sft import SFTRecipe, sft_rules
-from sse_rl.data import check_not_benchmark, check_source, is_function_spec
+from sse_rl.data import DATA_FILE_SUFFIXES, check_not_benchmark, check_source, is_function_spec, read_data_file
 
 
 def parse_recipe(path: str | Path | None, overrides: list[str] = (), cls: type[R] = Recipe,
@@ -97,10 +98,18 @@ def _model_inputs(model: ModelConfig) -> list[str]:
 
 def _data_inputs(sources: dict[str, str]) -> list[str]:
     """Each named data source readable (key -> source); training data that is an evaluation benchmark refused."""
-    errors = [e for key, source in sources.items() if source for e in _raised(key, lambda s=source: check_source(s))]
+    errors = [e for key, source in sources.items() if source for e in _raised(key, lambda s=source: _readable(s))]
     if sources.get("data.train"):
         errors += _raised("data.train", lambda: check_not_benchmark(sources["data.train"]))
     return errors
+
+
+def _readable(source: str) -> None:
+    """`check_source`, then a local data file read as the command will read it: its faults are found before the
+    command writes anything (reading a file is cheap; tokenising is left to the run)."""
+    check_source(source)
+    if not is_function_spec(source) and Path(source).suffix in DATA_FILE_SUFFIXES:
+        read_data_file(source)
 
 
 def _reward_inputs(reward: RewardConfig) -> list[str]:
@@ -250,10 +259,12 @@ def _hybridizable_inputs(recipe: DistillRecipe, teacher: Any, errors: list[str])
 
 
 def _eval_inputs(recipe: EvalRecipe) -> list[str]:
-    from sse_rl.eval.benchmarks import BENCHMARKS
+    """The model, each data file read as the run reads it (missing, empty, malformed, non-UTF-8 or without problem
+    and answer fields: named with its line or row), the benchmarks, the run folder's resume rules."""
+    from sse_rl.eval.benchmarks import BENCHMARKS, load_problems_file
 
     errors = _missing_path("model", recipe.model)
-    errors += [f"data_files: {f} does not exist" for f in recipe.data_files if not Path(f).is_file()]
+    errors += [e for f in recipe.data_files for e in _raised("data_files", lambda f=f: load_problems_file(f))]
     if not recipe.data_files:
         errors += [f"benchmarks: unknown benchmark {name!r}; choose from {', '.join(sorted(BENCHMARKS))} or give "
                    "--data-file" for name, _ in recipe.sources() if name not in BENCHMARKS]
