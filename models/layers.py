@@ -18,6 +18,16 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache
 
 
+# A routes entry the engine did not record (prompt tokens served from its prefix cache, a sequence's last token): the
+# SSE layer keeps its own choice there. Recorded routes are uint8, so this needs N < 255 partitions.
+NO_ROUTE = 255
+
+
+def route_dtype(num_partitions: int) -> torch.dtype:
+    """The dtype recorded and returned routes use: uint8 while N < NO_ROUTE (1 byte per token, layer and k)."""
+    return torch.uint8 if num_partitions < NO_ROUTE else torch.int16
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back to the input dtype."""
 
@@ -89,23 +99,39 @@ class SSEMixer(nn.Module):
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None, cu_seqlens: Tensor | None = None,
-                past_key_values: Cache | None = None) -> tuple[Tensor, Tensor]:
+                past_key_values: Cache | None = None, routes: Tensor | None = None,
+                output_routes: bool = False) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
         """x: [B, T, D]; token_mask: [B, T] bool (False = padding, which then neither writes nor decays any state);
-        cu_seqlens: [S+1] for packed sequences (B = 1). Returns the output [B, T, D] and this layer's aux loss."""
+        cu_seqlens: [S+1] for packed sequences (B = 1); routes: [B, T, K] integer partitions to use instead of the
+        router's top-K (routing replay: the weights stay the router's probabilities at them, so the router keeps
+        learning; a token with an entry NO_ROUTE keeps the router's own choice). Returns the output [B, T, D] and
+        this layer's aux loss, and with output_routes the partitions used [B, T, K] int64."""
         features = self._features(x)
         logits = self.e_proj(x)  # [B, T, N]
         if token_mask is not None:
             keep = token_mask[..., None, None].to(x.dtype)  # [B, T, 1, 1]
             features = features._replace(k_shared=features.k_shared * keep, k_sparse=features.k_sparse * keep,
                                          g_shared=features.g_shared * keep, g_sparse=features.g_sparse * keep)
-        o = self._mix(features, logits, cu_seqlens, past_key_values)  # [B, T, H, dv]
+        if routes is not None:
+            routes = self._replayed(logits, routes)  # [B, T, K] int64
+        o = self._mix(features, logits, cu_seqlens, past_key_values, routes)  # [B, T, H, dv]
         gate = None if self.g_proj is None else self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim))
         o = self.o_norm(o, gate)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.training:
-            probs, _, indices = sse_router(logits, top_k=self.top_k)
+            probs, _, indices = sse_router(logits, top_k=self.top_k, routes=routes)
             aux = sse_aux_loss(probs, indices, token_mask)
-        return self.o_proj(o.flatten(-2)), aux
+        y = self.o_proj(o.flatten(-2))
+        if not output_routes:
+            return y, aux
+        return y, aux, routes if routes is not None else sse_router(logits.detach(), top_k=self.top_k)[2]
+
+    def _replayed(self, logits: Tensor, routes: Tensor) -> Tensor:
+        """The partitions [B, T, K] int64 to replay: `routes`, with the router's own top-K for tokens the engine did
+        not record (an entry NO_ROUTE). No host sync: the own choice is computed for every token and selected."""
+        routes = routes.to(device=logits.device, dtype=torch.long)
+        own = sse_router(logits.detach(), top_k=self.top_k)[2]  # [B, T, K]
+        return torch.where((routes == NO_ROUTE).any(-1, keepdim=True), own, routes)
 
     def _features(self, x: Tensor) -> SSEFeatures:
         """The op's features of x [B, T, D]: fields [B, T, H, dk] / [B, T, H, dv]."""
@@ -113,20 +139,22 @@ class SSEMixer(nn.Module):
                             v=self.v_proj(x), gate_shared=self.gk_proj[0](x), gate_sparse=self.gk_proj[1](x),
                             num_heads=self.num_heads, gate_logit_normalizer=self.gate_logit_normalizer)
 
-    def _mix(self, features: SSEFeatures, logits: Tensor, cu_seqlens: Tensor | None, cache: Cache | None) -> Tensor:
-        """Run the SSE op, continuing from and writing back to the cache's state when there is a cache."""
+    def _mix(self, features: SSEFeatures, logits: Tensor, cu_seqlens: Tensor | None, cache: Cache | None,
+             routes: Tensor | None) -> Tensor:
+        """Run the SSE op, continuing from and writing back to the cache's state when there is a cache. Forced routes
+        go through the chunk op (the decode op routes inside its kernel), also for one cached step."""
         layer = cache.layers[self.layer_idx] if cache is not None else None
         state = layer.recurrent_states[0] if layer is not None and layer.is_recurrent_states_initialized[0] else None
         batch, length = features.v.shape[:2]
         if state is not None:
             assert state.shape[1:] == self.state_shape, f"cached SSE state {tuple(state.shape)} != {self.state_shape}"
-        if state is not None and length == 1:
+        if state is not None and length == 1 and routes is None:
             slots = torch.arange(batch, device=features.v.device)
             o = sse_decode(features=features.map(lambda f: f[:, 0]), router_logits=logits[:, 0], state=state,
                            slot_ids=slots, top_k=self.top_k)  # [B, H, dv]; state updated in place
             return o[:, None]
         o, final = sse_chunk(features=features, router_logits=logits, top_k=self.top_k, initial_state=state,
-                             output_final_state=cache is not None, cu_seqlens=cu_seqlens)
+                             output_final_state=cache is not None, cu_seqlens=cu_seqlens, routes=routes)
         if cache is not None:
             cache.update_recurrent_state(final.to(SSE_STATE_DTYPE), self.layer_idx)
         return o

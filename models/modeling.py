@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 from sse_rl.models.configuration import SSEHConfig
-from sse_rl.models.layers import Attention, GatedMLP, RMSNorm, SSEMixer, uses_varlen
+from sse_rl.models.layers import NO_ROUTE, Attention, GatedMLP, RMSNorm, SSEMixer, route_dtype, uses_varlen
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
@@ -52,23 +52,57 @@ class SSEHBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: Tensor, position_ids: Tensor | None = None, attn_mask: Tensor | None = None,
                 token_mask: Tensor | None = None, cu_seqlens: Tensor | None = None,
-                past_key_values: Cache | None = None) -> tuple[Tensor, Tensor]:
-        """Returns the new hidden states [B, T, D] and the layer's router aux loss (0 for attention layers)."""
+                past_key_values: Cache | None = None, routes: Tensor | None = None,
+                output_routes: bool = False) -> tuple[Tensor, ...]:
+        """Returns the new hidden states [B, T, D] and the layer's router aux loss (0 for attention layers), and with
+        output_routes the SSE partitions used [B, T, K] (None for attention layers). routes: [B, T, K] partitions an
+        SSE layer replays (`SSEMixer.forward`)."""
         h = self.attn_norm(hidden_states)
+        used = None
         if isinstance(self.attn, Attention):
             h, aux = (self.attn(h, position_ids, attn_mask, past_key_values, cu_seqlens),
                       h.new_zeros((), dtype=torch.float32))
+        elif output_routes:
+            h, aux, used = self.attn(h, token_mask, cu_seqlens, past_key_values, routes, output_routes=True)
         else:
-            h, aux = self.attn(h, token_mask, cu_seqlens, past_key_values)
+            h, aux = self.attn(h, token_mask, cu_seqlens, past_key_values, routes)
         hidden_states = hidden_states + h
-        return hidden_states + self.mlp(self.mlp_norm(hidden_states)), aux
+        hidden_states = hidden_states + self.mlp(self.mlp_norm(hidden_states))
+        return (hidden_states, aux, used) if output_routes else (hidden_states, aux)
 
 
 @dataclass
 class SSEHModelOutput(BaseModelOutputWithPast):
-    """`BaseModelOutputWithPast` plus the sum over SSE layers of the router balance loss (0 outside training)."""
+    """`BaseModelOutputWithPast` plus the sum over SSE layers of the router balance loss (0 outside training) and,
+    with output_routes, the partitions every SSE layer used: routes [B, T, num SSE layers, K] (`layers.route_dtype`)."""
 
     aux_loss: Tensor | None = None
+    routes: Tensor | None = None
+
+
+@dataclass
+class SSEHCausalLMOutput(MoeCausalLMOutputWithPast):
+    """`MoeCausalLMOutputWithPast` plus, with output_routes, the partitions every SSE layer used:
+    routes [B, T, num SSE layers, K] in `layers.route_dtype` (uint8 for fewer than 255 partitions)."""
+
+    routes: Tensor | None = None
+
+
+def check_routes_values(routes: Tensor, num_partitions: int) -> None:
+    """Replayed routes [..., K] hold partitions in [0, N), or NO_ROUTE (the layer's own choice), and name K distinct
+    partitions per token: checked once per forward for every layer (one host sync; the ops check the values only
+    off CUDA)."""
+    if num_partitions >= NO_ROUTE:
+        raise NotImplementedError(f"routing replay needs fewer than {NO_ROUTE} partitions per SSE layer, "
+                                  f"got num_sparse_partition={num_partitions}")
+    r = routes.long()
+    bad = ((r < 0) | (r >= num_partitions)) & (r != NO_ROUTE)
+    ordered = r.sort(-1).values
+    repeated = (ordered.diff(dim=-1) == 0) & (ordered[..., 1:] != NO_ROUTE)  # empty for K = 1
+    if bool(bad.any() | repeated.any()):
+        raise ValueError(f"routes must hold K distinct partitions in [0, {num_partitions}) per token (or {NO_ROUTE} "
+                         f"for 'not recorded'), got out-of-range values {sorted(set(r[bad].tolist()))[:8]} "
+                         f"and {int(repeated.sum())} repeated entries")
 
 
 class SSEHPreTrainedModel(PreTrainedModel):
@@ -136,9 +170,12 @@ class SSEHModel(SSEHPreTrainedModel):
                 position_ids: Tensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: Tensor | None = None, use_cache: bool | None = None,
                 cu_seqlens: Tensor | None = None, output_hidden_states: bool | None = None,
-                **kwargs) -> SSEHModelOutput:
+                routes: Tensor | None = None, output_routes: bool = False, **kwargs) -> SSEHModelOutput:
         """input_ids: [B, T]; attention_mask: [B, T_past + T] (1 = real token); position_ids: [B, T];
-        cu_seqlens: [S+1] packed sequence bounds (B = 1), also derived from packed position_ids."""
+        cu_seqlens: [S+1] packed sequence bounds (B = 1), also derived from packed position_ids;
+        routes: [B, T, num SSE layers, K] integer partitions the SSE layers use instead of their top-K (routing
+        replay, layers in model order; NO_ROUTE = the layer's own choice for that token), e.g. the engine's record
+        or another forward's output routes; output_routes: return the partitions used (`SSEHModelOutput.routes`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         hidden = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
@@ -157,19 +194,44 @@ class SSEHModel(SSEHPreTrainedModel):
         attn_mask = None if cu_seqlens is not None and uses_varlen(hidden) else \
             attention_mask_4d(length, past_len + length, key_mask, cu_seqlens, hidden.device)
         token_mask = None if key_mask is None else key_mask[:, -length:]  # [B, T]
+        layer_routes = self._layer_routes(routes, batch, length)
         all_hidden = [] if output_hidden_states else None
         aux_loss = hidden.new_zeros((), dtype=torch.float32)
-        for layer in self.layers:
+        used = []
+        for layer, replay in zip(self.layers, layer_routes):
             if all_hidden is not None:
                 all_hidden.append(hidden)
-            hidden, aux = layer(hidden, position_ids=position_ids, attn_mask=attn_mask, token_mask=token_mask,
-                                cu_seqlens=cu_seqlens, past_key_values=past_key_values)
+            hidden, aux, *chosen = layer(hidden, position_ids=position_ids, attn_mask=attn_mask, token_mask=token_mask,
+                                         cu_seqlens=cu_seqlens, past_key_values=past_key_values, routes=replay,
+                                         output_routes=output_routes)
             aux_loss = aux_loss + aux
+            if chosen and chosen[0] is not None:
+                used.append(chosen[0])
         hidden = self.norm(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
+        out_routes = None
+        if output_routes:
+            out_routes = torch.stack(used, 2).to(route_dtype(self.config.num_sparse_partition)) if used else \
+                torch.zeros(batch, length, 0, self.config.num_writer, dtype=torch.uint8, device=hidden.device)
         return SSEHModelOutput(last_hidden_state=hidden, past_key_values=past_key_values,
-                               hidden_states=tuple(all_hidden) if all_hidden is not None else None, aux_loss=aux_loss)
+                               hidden_states=tuple(all_hidden) if all_hidden is not None else None, aux_loss=aux_loss,
+                               routes=out_routes)
+
+    def _layer_routes(self, routes: Tensor | None, batch: int, length: int) -> list[Tensor | None]:
+        """Per layer, the routes [B, T, K] it replays (None for attention layers, or without routes)."""
+        if routes is None:
+            return [None] * len(self.layers)
+        sse = [i for i, kind in enumerate(self.config.layer_types) if kind != "full_attention"]
+        want = (batch, length, len(sse), self.config.num_writer)
+        if routes.is_floating_point() or routes.dtype == torch.bool or tuple(routes.shape) != want:
+            raise ValueError(f"routes must be an integer tensor [B, T, num SSE layers, K] = {want}, got "
+                             f"{routes.dtype} {tuple(routes.shape)}")
+        check_routes_values(routes, self.config.num_sparse_partition)
+        per_layer: list[Tensor | None] = [None] * len(self.layers)
+        for j, i in enumerate(sse):
+            per_layer[i] = routes[:, :, j]
+        return per_layer
 
     @staticmethod
     def _packing(cu_seqlens: Tensor | None, position_ids: Tensor | None, key_mask: Tensor | None,
@@ -221,13 +283,16 @@ class SSEHForCausalLM(SSEHPreTrainedModel, GenerationMixin):
                 position_ids: Tensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: Tensor | None = None, labels: Tensor | None = None, use_cache: bool | None = None,
                 cu_seqlens: Tensor | None = None, output_hidden_states: bool | None = None,
-                logits_to_keep: int = 0, **kwargs) -> MoeCausalLMOutputWithPast:
+                logits_to_keep: int = 0, routes: Tensor | None = None, output_routes: bool = False,
+                **kwargs) -> SSEHCausalLMOutput:
         """labels: [B, T] aligned with input_ids (shifted inside; -100 = ignored). With packed sequences, set the
         label of each sequence's first token to -100 so no sequence predicts the next one's start.
-        logits_to_keep: compute logits for the last n positions only (0 = all)."""
+        logits_to_keep: compute logits for the last n positions only (0 = all).
+        routes / output_routes: routing replay and the partitions used, as in `SSEHModel.forward`."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         cu_seqlens=cu_seqlens, output_hidden_states=output_hidden_states)
+                         cu_seqlens=cu_seqlens, output_hidden_states=output_hidden_states, routes=routes,
+                         output_routes=output_routes)
         hidden = out.last_hidden_state if logits_to_keep == 0 else out.last_hidden_state[:, -logits_to_keep:]
         logits = self.lm_head(hidden)  # [B, T, V]
         loss = None
@@ -235,5 +300,5 @@ class SSEHForCausalLM(SSEHPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
                                       num_items_in_batch=kwargs.get("num_items_in_batch"))
             loss = loss + self.config.aux_loss_coef * out.aux_loss.to(loss.device)
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss, logits=logits,
-                                         past_key_values=out.past_key_values, hidden_states=out.hidden_states)
+        return SSEHCausalLMOutput(loss=loss, aux_loss=out.aux_loss, logits=logits, past_key_values=out.past_key_values,
+                                  hidden_states=out.hidden_states, routes=out.routes)

@@ -32,7 +32,7 @@ __all__ = [
 @torch.compiler.disable  # the Triton op stays outside torch.compile graphs (a graph break around it)
 def sse_chunk(*, features: SSEFeatures, router_logits: Tensor, top_k: int, scale: float | None = None,
               initial_state: Tensor | None = None, output_final_state: bool = False,
-              cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+              cu_seqlens: Tensor | None = None, routes: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """SSE over whole sequences, differentiable in every float input.
 
     Args:
@@ -44,12 +44,15 @@ def sse_chunk(*, features: SSEFeatures, router_logits: Tensor, top_k: int, scale
         initial_state: [S, N+1, H, dk, dv] fp32 (`configuration.sse_state_shape` per sequence), or None for zeros.
         output_final_state: whether to return the final states.
         cu_seqlens: [S+1] bounds of sequences packed along T (then B == 1), or None (S = B).
+        routes: [B, T, K] integer partitions in [0, N), distinct per token, used instead of the router's top-K
+            (routing replay; the weights are then the router's probabilities at these partitions), or None.
     Returns:
         o: [B, T, H, dv] in v's dtype; final_state: [S, N+1, H, dk, dv] fp32 if output_final_state, else None.
     """
     impl = _triton_impl(features.q_shared, "chunk", "sse_triton") or sse_chunk_varlen
     return impl(features=features, router_logits=router_logits, top_k=top_k, scale=scale,
-                initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+                initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                routes=routes)
 
 
 @torch.compiler.disable

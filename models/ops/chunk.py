@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from sse_rl.models.configuration import SSE_STATE_DTYPE
 from sse_rl.models.ops.features import SSEFeatures
+from sse_rl.models.ops.naive import check_routes
 from sse_rl.models.ops.router import fused_router
 from sse_rl.models.ops.routing import from_stream, sort_by_partition, to_stream
 
@@ -336,7 +337,8 @@ def chunk_gla_segments(
 
 
 def check_sse_inputs(*, features: SSEFeatures, router_logits: torch.Tensor, top_k: int,
-                     initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> int:
+                     initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                     routes: torch.Tensor | None = None) -> int:
     """Host-side checks of the SSE op (one block: the op's whole input contract); returns the number of sequences
     S. The values of a CUDA `cu_seqlens` are not checked: that would synchronise with the device (and break graph
     capture)."""
@@ -371,28 +373,35 @@ def check_sse_inputs(*, features: SSEFeatures, router_logits: torch.Tensor, top_
     want = (S, *features.state_shape(N))
     if initial_state is not None and (tuple(initial_state.shape) != want or initial_state.dtype != SSE_STATE_DTYPE):
         raise ValueError(f"initial_state must be fp32 {want}, got {initial_state.dtype} {tuple(initial_state.shape)}")
+    if routes is not None:
+        check_routes(routes, (B, T), top_k, N)
+        if routes.device != router_logits.device:
+            raise ValueError(f"routes must be on the device of router_logits ({router_logits.device}), "
+                             f"got {routes.device}")
     return S
 
 
 def sse_triton(
     *, features: SSEFeatures, router_logits: torch.Tensor, top_k: int, scale: float | None = None,
     initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None, routes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`sse_rl.models.ops.sse_chunk` (arguments and returns documented there) with Triton kernels: router,
-    counting-sort routing, one chunked GLA over [shared | sorted sparse] and a gather back to token order.
+    """`sse_rl.models.ops.sse_chunk` (arguments and returns documented there) with Triton kernels: router (or the
+    forced `routes`), counting-sort routing, one chunked GLA over [shared | sorted sparse] and a gather back to
+    token order.
 
     Examples::
         >>> o, state = sse_triton(features=SSEFeatures(q1, k1, q2, k2, v, g1, g2), router_logits=logits, top_k=1,
         ...                       output_final_state=True)
     """
     S = check_sse_inputs(features=features, router_logits=router_logits, top_k=top_k, initial_state=initial_state,
-                         cu_seqlens=cu_seqlens)
+                         cu_seqlens=cu_seqlens, routes=routes)
     B, T, H, DK = features.q_shared.shape
     N, DV, L = router_logits.shape[-1], features.v.shape[-1], B * T
     if cu_seqlens is None:
         cu_seqlens = torch.arange(B + 1, device=features.v.device) * T
-    _, weights, indices = fused_router(router_logits.reshape(L, N), top_k=top_k)         # [L, K]
+    _, weights, indices = fused_router(router_logits.reshape(L, N), top_k=top_k,
+                                       routes=routes.reshape(L, top_k) if routes is not None else None)  # [L, K]
     routing = sort_by_partition(indices, cu_seqlens, N)
 
     def stream(shared: torch.Tensor, sparse: torch.Tensor, weighted: bool) -> torch.Tensor:

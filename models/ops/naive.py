@@ -31,11 +31,13 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def sse_router(router_logits: Tensor, *, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Softmax over the N partitions in fp32 and the top-k partitions (ties broken toward the lower index).
+def sse_router(router_logits: Tensor, *, top_k: int, routes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax over the N partitions in fp32 and the top-k partitions (ties broken toward the lower index), or the
+    partitions `routes` forces (routing replay): then the weights are the probabilities at those partitions.
 
     Args:
-        router_logits: [..., N] raw e_proj output; top_k: K, the partitions each token selects.
+        router_logits: [..., N] raw e_proj output; top_k: K, the partitions each token selects;
+        routes: [..., K] integer partitions to use instead of the top-k (`check_routes`), or None.
     Returns:
         probs [..., N] (fp32, fp64 for fp64 input), weights [..., K] (the selected probs, not renormalised),
         indices [..., K] int64.
@@ -44,9 +46,32 @@ def sse_router(router_logits: Tensor, *, top_k: int) -> tuple[Tensor, Tensor, Te
     if not 1 <= top_k <= n:
         raise ValueError(f"top_k must be in [1, num_sparse_partition={n}], got {top_k}")
     probs = F.softmax(router_logits.to(_compute_dtype(router_logits)), dim=-1)  # [..., N]
+    if routes is not None:
+        check_routes(routes, router_logits.shape[:-1], top_k, n)
+        indices = routes.to(device=probs.device, dtype=torch.long)  # [..., K]
+        return probs, probs.gather(-1, indices), indices
     # A stable descending sort keeps equal probabilities in index order, so ties go to the lower index.
     weights, indices = torch.sort(probs, dim=-1, descending=True, stable=True)
     return probs, weights[..., :top_k], indices[..., :top_k]
+
+
+def check_routes(routes: Tensor, lead_shape: tuple[int, ...], top_k: int, num_partitions: int) -> None:
+    """Check forced partitions `routes` [*lead_shape, K]: an integer tensor of that shape whose entries lie in
+    [0, N) and differ within each token. The values are not checked on CUDA (that would synchronise with the
+    device and break graph capture): the model checks them once per forward (`modeling.check_routes_values`)."""
+    want = (*lead_shape, top_k)
+    if routes.is_floating_point() or routes.is_complex() or routes.dtype == torch.bool or \
+            tuple(routes.shape) != want:
+        raise ValueError(f"routes must be an integer tensor of shape {want}, got {routes.dtype} "
+                         f"{tuple(routes.shape)}")
+    if routes.is_cuda or routes.numel() == 0:
+        return
+    r = routes.long()
+    if bool(((r < 0) | (r >= num_partitions)).any()):
+        raise ValueError(f"routes must lie in [0, num_sparse_partition={num_partitions}), got values "
+                         f"{sorted(set(r[(r < 0) | (r >= num_partitions)].tolist()))[:8]}")
+    if top_k > 1 and bool((r.sort(-1).values.diff(dim=-1) == 0).any()):
+        raise ValueError("routes must name K distinct partitions per token, got a repeated partition")
 
 
 def sse_aux_loss(probs: Tensor, indices: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -127,22 +152,22 @@ def _gla_one_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, sc
 
 
 def _prepare(features: SSEFeatures, router_logits: Tensor, top_k: int, scale: float | None,
-             initial_state: Tensor | None, cu_seqlens: Tensor | None):
+             initial_state: Tensor | None, cu_seqlens: Tensor | None, routes: Tensor | None):
     """Shared validation of the public forms; returns (compute dtype, scale, router weights, router indices)."""
     batch, length, _, dk = features.q_shared.shape
     if router_logits.shape[:2] != (batch, length):
         raise ValueError(f"router_logits must be [B={batch}, T={length}, N], got {tuple(router_logits.shape)}")
     num_seqs = len(_sequence_bounds(batch, length, cu_seqlens))
     _check_state(initial_state, num_seqs, features.state_shape(router_logits.shape[-1]))
-    _, weights, indices = sse_router(router_logits, top_k=top_k)
+    _, weights, indices = sse_router(router_logits, top_k=top_k, routes=routes)
     return _compute_dtype(features.v), (dk ** -0.5 if scale is None else scale), weights, indices
 
 
 def sse_recurrent(*, features: SSEFeatures, router_logits: Tensor, top_k: int, scale: float | None = None,
                   initial_state: Tensor | None = None, output_final_state: bool = False,
-                  cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                  cu_seqlens: Tensor | None = None, routes: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """The SSE recurrence token by token (the definition)."""
-    dtype, scale, weights, indices = _prepare(features, router_logits, top_k, scale, initial_state, cu_seqlens)
+    dtype, scale, weights, indices = _prepare(features, router_logits, top_k, scale, initial_state, cu_seqlens, routes)
     batch, length, heads, dk = features.q_shared.shape
     n, dv = router_logits.shape[-1], features.v.shape[-1]
     qs, ks, qp, kp, vv, gs, gp = features.map(lambda x: x.to(dtype))
@@ -167,9 +192,9 @@ def sse_recurrent(*, features: SSEFeatures, router_logits: Tensor, top_k: int, s
 
 def sse_chunk_varlen(*, features: SSEFeatures, router_logits: Tensor, top_k: int, scale: float | None = None,
                      initial_state: Tensor | None = None, output_final_state: bool = False,
-                     cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                     cu_seqlens: Tensor | None = None, routes: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """SSE as one chunked-GLA call over [shared stream || (sequence, partition)-sorted sparse stream]."""
-    dtype, scale, weights, indices = _prepare(features, router_logits, top_k, scale, initial_state, cu_seqlens)
+    dtype, scale, weights, indices = _prepare(features, router_logits, top_k, scale, initial_state, cu_seqlens, routes)
     batch, length, heads, dk = features.q_shared.shape
     n, dv, total = router_logits.shape[-1], features.v.shape[-1], batch * length
     if cu_seqlens is None:
@@ -203,13 +228,13 @@ def sse_chunk_varlen(*, features: SSEFeatures, router_logits: Tensor, top_k: int
 
 def sse_mask(*, features: SSEFeatures, router_logits: Tensor, top_k: int, scale: float | None = None,
              initial_state: Tensor | None = None, output_final_state: bool = False,
-             cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+             cu_seqlens: Tensor | None = None, routes: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """SSE as chunked GLA over (N+1)*H heads: partition p's heads see q*w, k*w, v and g masked to its tokens.
 
     An unselected token has k = 0 (no write) and g = 0 (no decay) in that partition. Costs (N+1)x the GLA compute
     but needs no sorting.
     """
-    dtype, scale, weights, indices = _prepare(features, router_logits, top_k, scale, initial_state, cu_seqlens)
+    dtype, scale, weights, indices = _prepare(features, router_logits, top_k, scale, initial_state, cu_seqlens, routes)
     batch, length, heads = features.q_shared.shape[:3]
     n, dv = router_logits.shape[-1], features.v.shape[-1]
     zeros = torch.zeros(batch, length, n, dtype=dtype, device=features.v.device)

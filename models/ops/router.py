@@ -5,12 +5,15 @@ the top-K (docs/sse_layer.md, "Router"), and ties go to the lower partition inde
 Probabilities and weights are fp32 whatever the logits' dtype, because the router's softmax is computed in fp32 in
 every implementation.
 Indices get no gradient; the gradient reaches the logits through the weights and (for the aux loss) the probs.
+With forced partitions (`routes`, routing replay) the kernel reads the indices instead of picking them and gathers
+the probabilities there; the backward is the same.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from sse_rl.models.ops.naive import check_routes
 
 ROUTER_BM = 32
 
@@ -44,8 +47,9 @@ def topk_candidates(b_p, o_n, N: tl.constexpr):
 @triton.jit(do_not_specialize=["M"])
 def router_fwd_kernel(
     logits, probs, weights, indices, M,
-    N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FORCED: tl.constexpr,
 ):
+    """Probs, top-K weights and indices of BM tokens; with FORCED the indices are inputs (read, not picked)."""
     o_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     o_n = tl.arange(0, BN)
     m_m = o_m < M
@@ -55,10 +59,14 @@ def router_fwd_kernel(
     tl.store(probs + o_m[:, None] * N + o_n[None, :], b_p, mask=m_x)
     b_rem = topk_candidates(b_p, o_n, N)
     for r in tl.static_range(K):
-        _, b_idx, b_rem = pick_top1(b_rem, o_n)
+        if FORCED:
+            b_idx = tl.load(indices + o_m * K + r, mask=m_m, other=0)
+        else:
+            _, b_idx, b_rem = pick_top1(b_rem, o_n)
         b_w = tl.sum(tl.where(o_n[None, :] == b_idx[:, None], b_p, 0.0), 1)
         tl.store(weights + o_m * K + r, b_w, mask=m_m)
-        tl.store(indices + o_m * K + r, b_idx.to(tl.int64), mask=m_m)
+        if not FORCED:
+            tl.store(indices + o_m * K + r, b_idx.to(tl.int64), mask=m_m)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -85,14 +93,19 @@ def router_bwd_kernel(
     tl.store(dlogits + o_m[:, None] * N + o_n[None, :], b_dx.to(dlogits.dtype.element_ty), mask=m_x)
 
 
-def router_fwd(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def router_fwd(logits: torch.Tensor, top_k: int,
+               routes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [M, N], routes [M, K] or None -> probs [M, N] fp32, weights [M, K] fp32, indices [M, K] int64."""
     M, N = logits.shape
     probs = logits.new_empty(M, N, dtype=torch.float32)
     weights = logits.new_empty(M, top_k, dtype=torch.float32)
-    indices = logits.new_empty(M, top_k, dtype=torch.int64)
+    if routes is None:
+        indices = logits.new_empty(M, top_k, dtype=torch.int64)
+    else:  # a copy: the indices are an output, saved for backward, and must not alias the caller's tensor
+        indices = routes.to(dtype=torch.int64, copy=True).contiguous()
     grid = (triton.cdiv(M, ROUTER_BM),)
     router_fwd_kernel[grid](logits, probs, weights, indices, M, N=N, K=top_k, BM=ROUTER_BM,
-                            BN=triton.next_power_of_2(N))
+                            BN=triton.next_power_of_2(N), FORCED=routes is not None)
     return probs, weights, indices
 
 
@@ -112,8 +125,8 @@ def router_bwd(probs: torch.Tensor, indices: torch.Tensor, dprobs: torch.Tensor 
 
 class RouterFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, top_k: int):
-        probs, weights, indices = router_fwd(logits, top_k)
+    def forward(ctx, logits: torch.Tensor, top_k: int, routes: torch.Tensor | None):
+        probs, weights, indices = router_fwd(logits, top_k, routes)
         ctx.save_for_backward(probs, indices)
         ctx.logits_dtype = logits.dtype
         ctx.mark_non_differentiable(indices)
@@ -122,12 +135,14 @@ class RouterFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dprobs, dweights, _dindices):
         probs, indices = ctx.saved_tensors
-        return router_bwd(probs, indices, dprobs, dweights, ctx.logits_dtype), None
+        return router_bwd(probs, indices, dprobs, dweights, ctx.logits_dtype), None, None
 
 
-def fused_router(router_logits: torch.Tensor, *, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_router(router_logits: torch.Tensor, *, top_k: int,
+                 routes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton `sse_router`: `router_logits [..., N]` -> probs [..., N] fp32, weights [..., K] fp32 (top-K probs,
-    not renormalised), indices [..., K] int64 (descending weight, ties -> lower index).
+    not renormalised), indices [..., K] int64 (descending weight, ties -> lower index). With `routes` [..., K]
+    (forced partitions, `naive.check_routes`) the indices are those and the weights the probs there.
 
     Examples::
         >>> probs, w, idx = fused_router(torch.randn(1, 5, 4, device="cuda"), top_k=1)
@@ -139,6 +154,9 @@ def fused_router(router_logits: torch.Tensor, *, top_k: int) -> tuple[torch.Tens
     if not 1 <= top_k <= N:
         raise ValueError(f"top_k must be in [1, N={N}], got {top_k}")
     lead = router_logits.shape[:-1]
-    probs, weights, indices = RouterFunction.apply(router_logits.reshape(-1, N).contiguous(), top_k)
+    if routes is not None:
+        check_routes(routes, tuple(lead), top_k, N)
+        routes = routes.reshape(-1, top_k)
+    probs, weights, indices = RouterFunction.apply(router_logits.reshape(-1, N).contiguous(), top_k, routes)
     return probs.view(*lead, N), weights.view(*lead, top_k), indices.view(*lead, top_k)
 
