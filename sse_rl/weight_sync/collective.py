@@ -25,10 +25,10 @@ class Collective(WeightTransport):
     method = "collective"
 
     def connect(self, trainers: list[Any], engines: list[Any]) -> None:
-        host, port = ray.get(trainers[0].address.remote())
+        meet = ray.get(trainers[0].address.remote())  # (host, port, secret): `TrainerWorker.address`
         world = len(engines) + 1
-        layouts = [t.connect_weights.remote(self, host, port, world) for t in trainers]
-        ray.get([e.connect_weights.remote(self, host, port, i + 1, world) for i, e in enumerate(engines)])
+        layouts = [t.connect_weights.remote(self, *meet, world) for t in trainers]
+        ray.get([e.connect_weights.remote(self, *meet, i + 1, world) for i, e in enumerate(engines)])
         self.layout: flat.Layout = ray.get(layouts)[0]
 
     def transfer(self, trainers: list[Any], engines: list[Any]) -> list[int]:
@@ -37,18 +37,20 @@ class Collective(WeightTransport):
         ray.get(sends)
         return written
 
-    def connect_trainer(self, trainer: TrainerWorker, host: str, port: int, world_size: int) -> flat.Layout | None:
+    def connect_trainer(self, trainer: TrainerWorker, host: str, port: int, secret: str,
+                        world_size: int) -> flat.Layout | None:
         """Rank 0 hosts the group and returns its packing (shapes only: no gather); the other ranks only send."""
         self.group = None
         if trainer.rank != 0:
             return None
-        self.group = flat.join_group(host, port, 0, world_size, trainer.device)
+        self.group = flat.join_group(host, port, 0, world_size, trainer.device, secret)
         return flat.layout(trainer.engine_weight_shapes(), getattr(torch, self.dtype))
 
-    def connect_engine(self, engine: RolloutWorker, host: str, port: int, rank: int, world_size: int) -> None:
+    def connect_engine(self, engine: RolloutWorker, host: str, port: int, secret: str, rank: int,
+                       world_size: int) -> None:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
-        self.group = flat.join_group(host, port, rank, world_size, self.device)
+        self.group = flat.join_group(host, port, rank, world_size, self.device, secret)
 
     @torch.no_grad()
     def send(self, trainer: TrainerWorker) -> None:

@@ -7,11 +7,12 @@ two for the whole model.
 from __future__ import annotations
 
 import math
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from sse_rl import rendezvous
 
 # (HF name, shape, element offset) of each tensor in a buffer
 Entries = list[tuple[str, tuple[int, ...], int]]
@@ -46,10 +47,12 @@ def unpack(flat: Tensor, entries: Entries) -> dict[str, Tensor]:
     return {name: flat[offset:offset + math.prod(shape)].view(shape) for name, shape, offset in entries}
 
 
-def join_group(host: str, port: int, rank: int, world_size: int, device: torch.device) -> dist.ProcessGroup:
+def join_group(host: str, port: int, rank: int, world_size: int, device: torch.device,
+               secret: str) -> dist.ProcessGroup:
     """A process group of trainer rank 0 (rank 0, hosting the store) and the engines (ranks 1..), separate from the
-    trainers' default group and from vLLM's own: NCCL for CUDA tensors, gloo otherwise."""
-    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timedelta(minutes=10))
+    trainers' default group and from vLLM's own: NCCL for CUDA tensors, gloo otherwise. The store listens on `host`
+    alone and keeps its keys under `secret` (`sse_rl.rendezvous`)."""
+    store = rendezvous.open_store(host, port, rank, world_size, secret)
     if device.type == "cuda":
         return dist.ProcessGroupNCCL(store, rank, world_size)
     return dist.ProcessGroupGloo(store, rank, world_size)

@@ -21,11 +21,20 @@ Choices:
    the engine's thread between decode steps, where they hold up every sequence of a long rollout.
 7) Logprobs come back flat (`flat_logprobs`): a few lists per completion instead of a dict and a `Logprob` object
    per token, which the engine's thread would otherwise build between decode steps.
+8) A weight update through a file stages it in `<STAGING_PARENT>/sse_rl-weights-<pid>-<random>/` (/dev/shm where
+   there is one), removed when the update returns or fails. An engine killed during an update (SIGKILL, ray.kill,
+   the end of a run) runs no clean-up, so every rollout worker first removes the staging folders whose process is
+   gone (`remove_stale_staging`): a leftover copy of the model in /dev/shm lasts until the next engine starts.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,6 +66,35 @@ def request_params(sampling: SamplingConfig) -> Any:
                           flat_logprobs=True)
 
 
+STAGING_PARENT = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+STAGING_PREFIX = "sse_rl-weights-"  # then the owning process's pid (choice 8)
+
+
+@contextmanager
+def staging_dir(parent: Path) -> Iterator[Path]:
+    """A folder for one weight update, named after this process, removed when the update returns or fails."""
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent) as folder:
+        yield Path(folder)
+
+
+def remove_stale_staging(parent: Path) -> None:
+    """Remove the staging folders under `parent` whose process no longer exists (killed during an update)."""
+    for folder in parent.glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name.removeprefix(STAGING_PREFIX).partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal sent: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _count_parameters(worker: Any) -> int:
     return sum(1 for _ in worker.model_runner.model.named_parameters())
 
@@ -65,6 +103,7 @@ class RolloutWorker(Engine):
     """An `Engine` for training; made a Ray actor by `sse_rl.actors` (`ray.remote(RolloutWorker)`)."""
 
     def __init__(self, spec: EngineSpec, *, enable_sleep_mode: bool = False) -> None:
+        remove_stale_staging(STAGING_PARENT)  # choice 8
         # the engine core runs in this process (choice 4)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from sse_rl.models.vllm.weight_update import WORKER_EXTENSION
@@ -119,11 +158,11 @@ class RolloutWorker(Engine):
 
     def load_weights(self, named: dict[str, torch.Tensor]) -> int:
         """Load HF-named CPU tensors in place through a safetensors file that every tensor-parallel worker reads (in
-        /dev/shm where there is one); returns #params set."""
+        a staging folder, choice 8); returns #params set."""
         from sse_rl.models.vllm.weight_update import update_weights
 
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        return len(update_weights(self.llm, named, tmp_dir=shm))
+        with staging_dir(STAGING_PARENT) as folder:
+            return len(update_weights(self.llm, named, tmp_dir=folder))
 
     def load_weights_in_process(self, named: dict[str, torch.Tensor]) -> int:
         """Load HF-named tensors on any device in place, handed to the in-process model runner as objects (one

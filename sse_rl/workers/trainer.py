@@ -58,7 +58,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from sse_rl import checkpoint
+from sse_rl import checkpoint, rendezvous
 from sse_rl.config import AlgoConfig, TrainConfig
 from sse_rl.grpo.logprobs import logprobs_and_entropy
 from sse_rl.grpo.losses import LossInputs, PolicyLoss
@@ -204,22 +204,23 @@ class TrainerWorker:
         self._micro_step(mb, self._extra(mb))  # also the no-grad passes a step makes (pi_old, reference)
         self.model.zero_grad(set_to_none=True)
 
-    def address(self) -> tuple[str, int]:
-        """(this node's IP, a free port): rank 0's answer is where every rank meets."""
-        import socket
-
+    def address(self) -> tuple[str, int, str]:
+        """(host, free port, secret) of a new group hosted here: rank 0's answer is where every rank meets, the
+        trainers' group (`join`) and the weight-sync group alike. The host is loopback when the Ray cluster is
+        this one node, else this node's IP (`sse_rl.rendezvous`)."""
+        import ray
         from ray.util import get_node_ip_address
 
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
-        return get_node_ip_address(), port
+        alive = sum(1 for node in ray.nodes() if node["Alive"])
+        host = rendezvous.meeting_host(alive, get_node_ip_address())
+        return host, rendezvous.free_port(host), rendezvous.new_secret()
 
-    def join(self, master_addr: str, master_port: int) -> None:
-        """Enter the torch.distributed group (nccl on GPU, gloo on CPU); all ranks call this together."""
+    def join(self, master_addr: str, master_port: int, secret: str = "") -> None:
+        """Enter the torch.distributed group (nccl on GPU, gloo on CPU); all ranks call this together, with the
+        address and secret of rank 0's `address()` (no secret: local test processes only)."""
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
-                                world_size=self.world_size)
+        store = rendezvous.open_store(master_addr, master_port, self.rank, self.world_size, secret)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
         if self.fsdp:
             for model in (self.model, self.ref):
                 if model is not None:
