@@ -16,7 +16,7 @@ import torch
 from sse_rl.models.configuration import SSE_STATE_DTYPE
 from sse_rl.models.layers import scaled_rope_frequencies
 from sse_rl.models.vllm import compat
-from sse_rl.models.vllm.sse_layer import SSEHMixer, x_proj_parts
+from sse_rl.models.vllm.sse_layer import RouteRecorder, SSEHMixer, x_proj_parts
 from torch import nn
 from transformers import PretrainedConfig
 from vllm.compilation.decorators import support_torch_compile
@@ -237,6 +237,7 @@ class SSEHForCausalLM(nn.Module, HasInnerState, IsHybrid):
             self.lm_head = self.lm_head.tie_weights(self.model.embeddings)
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.checkpoint_shapes: dict[str, tuple[int, ...]] = {}
+        self.route_recorder = self._route_recorder(vllm_config) if getattr(config, "record_routes", False) else None
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
@@ -247,7 +248,20 @@ class SSEHForCausalLM(nn.Module, HasInnerState, IsHybrid):
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        # Runs eagerly once per forward (outside CUDA graphs), after the SSE layers wrote this step's routes.
+        if self.route_recorder is not None:
+            self.route_recorder.collect()
         return self.logits_processor(self.lm_head, hidden_states)
+
+    def _route_recorder(self, vllm_config: VllmConfig) -> RouteRecorder:
+        """One recorder shared by the SSE layers, its step buffer as large as the largest step."""
+        mixers = [m for m in self.modules() if isinstance(m, SSEHMixer)]
+        scheduler = vllm_config.scheduler_config
+        recorder = RouteRecorder(len(mixers), self.config.num_writer, self.config.num_sparse_partition,
+                                 max(scheduler.max_num_batched_tokens, scheduler.max_num_seqs))
+        for mixer in mixers:
+            mixer.recorder = recorder
+        return recorder
 
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, ...]]:
@@ -293,3 +307,32 @@ class SSEHForCausalLM(nn.Module, HasInnerState, IsHybrid):
             loaded.add(target)
             self.checkpoint_shapes[name] = tuple(tensor.shape)
         return loaded
+
+
+def enable_route_recording(worker: Any) -> None:
+    """`LLM.collective_rpc(enable_route_recording)`: start filing the routes of an engine built with
+    `hf_overrides={"record_routes": True}` under their requests (the recorder reads the runner's batch layout)."""
+    runner = worker.model_runner
+    recorder = getattr(runner.get_model(), "route_recorder", None)
+    if recorder is None:
+        raise ValueError("this engine does not record SSE routes: build it with "
+                         "LLM(..., hf_overrides={'record_routes': True})")
+    recorder.runner = runner
+
+
+def take_routes(worker: Any) -> dict[str, Any]:
+    """`LLM.collective_rpc(take_routes)`: every recorded request's routes since the last call, as numpy uint8
+    [positions, num SSE layers, K] (NO_ROUTE where the request computed no forward: prefix-cache hits, its last
+    token), keyed by `route_key` of the request; the worker forgets them."""
+    recorder = getattr(worker.model_runner.get_model(), "route_recorder", None)
+    if recorder is None or recorder.runner is None:
+        raise ValueError("route recording is not enabled: build the engine with hf_overrides={'record_routes': True} "
+                         "and call LLM.collective_rpc(enable_route_recording) before generating")
+    return {route_key(request_id): routes for request_id, routes in recorder.take().items()}
+
+
+def route_key(internal_request_id: str) -> str:
+    """The key of a request's routes: vLLM's internal id without the 8-character suffix the engine appends to the
+    caller's id ("{id}-{suffix}"); sample i of a request with n > 1 is "{i}_{id}" (vLLM's child request id)."""
+    head, sep, tail = internal_request_id.rpartition("-")
+    return head if sep and len(tail) == 8 else internal_request_id

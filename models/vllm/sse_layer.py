@@ -17,13 +17,21 @@ Choices:
   final states scattered back.
 - Tensor parallelism: heads are sharded (q/k/v, LoRA-B, gate-B, decay-B column-parallel, o_proj row-parallel);
   `x_proj` is replicated, so every rank routes identically.
+- Route recording (issue #28, off by default): with `record_routes` in the HF config (`hf_overrides`), every layer
+  writes the partitions it chose for this step's tokens into one `RouteRecorder` step buffer on the device, inside
+  the op, so FULL decode graphs capture the write; the model files them per request after the forward
+  (`model.SSEHForCausalLM.compute_logits`).
 """
 from __future__ import annotations
 
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
 import torch
 from sse_rl.models.configuration import SSE_STATE_DTYPE, SSEHConfig
-from sse_rl.models.layers import GatedRMSNorm
-from sse_rl.models.ops import SSEFeatures, sse_chunk, sse_decode, sse_features
+from sse_rl.models.layers import NO_ROUTE, GatedRMSNorm, route_dtype
+from sse_rl.models.ops import SSEFeatures, sse_chunk, sse_decode, sse_features, sse_router
 from sse_rl.models.vllm.backend import SSEStateMetadata
 from sse_rl.models.vllm.compat import STATE_BACKEND
 from torch import nn
@@ -36,6 +44,7 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 from vllm.model_executor.layers.mamba.abstract import MambaBase
+from vllm.model_executor.models.utils import extract_layer_index
 from vllm.utils.torch_utils import direct_register_custom_op
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
@@ -50,6 +59,65 @@ def x_proj_parts(config: SSEHConfig) -> tuple[str, ...]:
     return ("lora_q_proj.0", "lora_k_proj.0", "gk_proj.0.0", "gk_proj.1.0", *gate, "e_proj")
 
 
+class RouteRecorder:
+    """The partitions every SSE layer chose, per request and token position (issue #28's measurement and replay).
+
+    Per step, each SSE layer writes its choices for the step's token rows into `step` [max tokens, S, K] on the
+    device (S = SSE layers in model order, K = top_k, `layers.route_dtype`: 1 byte per token, layer and k); after
+    the forward, `collect` copies the real rows to the host and files them under the request each row belongs to,
+    at its position. `take` hands out (and forgets) every request's routes [positions, S, K], NO_ROUTE at positions
+    not computed by that request: prompt tokens served from the prefix cache and the last sampled token, which no
+    forward has seen yet.
+    """
+
+    def __init__(self, num_sse_layers: int, top_k: int, num_partitions: int, max_tokens: int,
+                 device: torch.device | str | None = None) -> None:
+        if num_partitions >= NO_ROUTE:
+            raise NotImplementedError(f"route recording stores partitions as uint8 and needs fewer than {NO_ROUTE} "
+                                      f"partitions, got num_sparse_partition={num_partitions}")
+        self.top_k = top_k
+        self.step = torch.zeros(max_tokens, num_sse_layers, top_k, dtype=route_dtype(num_partitions),
+                                device=device)  # [max tokens, S, K]
+        self.runner: Any = None  # the worker's model runner, attached by `model.enable_route_recording`
+        self.chunks: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)  # request -> (first position, rows)
+
+    def write(self, sse_index: int, router_logits: torch.Tensor) -> None:
+        """Layer `sse_index`'s choices for the step's first T token rows, from its router logits [T, N] (the same
+        top-K rule as the kernels); device work only, so it can be captured in a CUDA graph."""
+        n = min(router_logits.shape[0], self.step.shape[0])
+        self.step[:n, sse_index] = sse_router(router_logits[:n], top_k=self.top_k)[2].to(self.step.dtype)
+
+    def collect(self) -> None:
+        """File this step's rows under their requests (host side; a no-op before a runner is attached, e.g. in
+        vLLM's warm-up and profiling runs). Token rows follow the runner's batch order: request i owns rows
+        query_start_loc[i]:query_start_loc[i+1], at positions from its num_computed_tokens on."""
+        if self.runner is None:
+            return
+        batch = self.runner.input_batch
+        num_reqs = batch.num_reqs
+        if num_reqs == 0:
+            return
+        bounds = self.runner.query_start_loc.np[: num_reqs + 1].tolist()
+        first = batch.num_computed_tokens_cpu[:num_reqs].tolist()
+        rows = self.step[: bounds[-1]].to("cpu", copy=True).numpy()  # [tokens, S, K]; a copy also on CPU
+        for i, request_id in enumerate(batch.req_ids[:num_reqs]):
+            if bounds[i + 1] > bounds[i]:
+                self.chunks[request_id].append((int(first[i]), rows[bounds[i]: bounds[i + 1]]))
+
+    def take(self) -> dict[str, np.ndarray]:
+        """Every recorded request's routes [positions, S, K] (NO_ROUTE where not computed), keyed by vLLM's
+        internal request id; the records are forgotten."""
+        out = {}
+        for request_id, chunks in self.chunks.items():
+            length = max(start + len(rows) for start, rows in chunks)
+            routes = np.full((length, *self.step.shape[1:]), NO_ROUTE, dtype=chunks[0][1].dtype)
+            for start, rows in chunks:  # in step order: a recomputed (preempted) position keeps its latest record
+                routes[start: start + len(rows)] = rows
+            out[request_id] = routes
+        self.chunks.clear()
+        return out
+
+
 class SSEHMixer(nn.Module, MambaBase):
     """SSE layer of SSE-H (docs/sse_layer.md) with parameter names of the HF model (`...attn.<name>`)."""
 
@@ -59,6 +127,10 @@ class SSEHMixer(nn.Module, MambaBase):
             raise NotImplementedError("SSE-H in vLLM does not support speculative decoding; drop the "
                                       "speculative_config / --speculative-config option")
         self.prefix = prefix
+        # This layer's place among the SSE layers (its column in recorded routes); the model sets `recorder`.
+        self.sse_index = [i for i, kind in enumerate(config.layer_types)
+                          if kind != "full_attention"].index(extract_layer_index(prefix))
+        self.recorder: RouteRecorder | None = None
         self.state_shape = config.sse_state_shape(get_tensor_model_parallel_world_size())
         _, self.num_heads, self.head_k_dim, self.head_v_dim = self.state_shape
         self.top_k = config.num_writer
@@ -123,7 +195,10 @@ class SSEHMixer(nn.Module, MambaBase):
         assert isinstance(step, SSEStateMetadata), f"{self.prefix}: unexpected metadata {type(step)}"
         self._decode(features, router_logits, step, o)
         self._prefill(features, router_logits, step, o)
-        o[step.num_decode_tokens + step.num_prefill_tokens:].zero_()
+        num_rows = step.num_decode_tokens + step.num_prefill_tokens
+        o[num_rows:].zero_()
+        if self.recorder is not None:
+            self.recorder.write(self.sse_index, router_logits[:num_rows])
 
     def _features(self, x: torch.Tensor) -> tuple[SSEFeatures, torch.Tensor, torch.Tensor | None]:
         """The op's features of x [T, D] (fields [T, H, dk] / [T, H, dv]), the router logits [T, N] and the output
