@@ -153,12 +153,33 @@ class Engine:
         self.llm.llm_engine.engine_core.shutdown()
 
 
-def start_actors(spec: EngineSpec, count: int, gpus_per_engine: float) -> list[Any]:
-    """Start `count` engine actors (Ray must be initialised), each holding `gpus_per_engine` GPUs; wait until loaded."""
-    import ray
+PLACE_TIMEOUT_S = 60.0  # how long data-parallel engines wait for their resources before the eval stops
 
-    actor_cls = ray.remote(num_gpus=gpus_per_engine)(Engine)
-    actors = [actor_cls.remote(spec.for_rank(rank)) for rank in range(count)]
+
+def start_actors(spec: EngineSpec, count: int, gpus_per_engine: float) -> list[Any]:
+    """Start `count` engine actors (Ray must be initialised), each holding one CPU and `gpus_per_engine` GPUs; wait
+    until loaded. Their resources are reserved first in one placement group with a bounded wait, so a cluster that
+    cannot hold them stops the eval with the shortfall named instead of waiting forever."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = {"CPU": 1.0, **({"GPU": float(gpus_per_engine)} if gpus_per_engine else {})}
+    total, free = ray.cluster_resources(), ray.available_resources()
+    short = [f"{k} {v * count:g} needed, {total.get(k, 0):g} in the cluster" for k, v in bundle.items()
+             if v * count > total.get(k, 0)]
+    if short:
+        raise RuntimeError(f"{count} eval engines of {bundle} do not fit the Ray cluster: {'; '.join(short)}")
+    group = placement_group([dict(bundle) for _ in range(count)], strategy="PACK")
+    if not ray.wait([group.ready()], timeout=PLACE_TIMEOUT_S)[0]:
+        remove_placement_group(group)
+        raise RuntimeError(f"{count} eval engines of {bundle} were not placed within {PLACE_TIMEOUT_S:g} s (other "
+                           f"actors or tasks hold the resources); free when asked: {free}")
+    if spec.tensor_parallel_size > 1:  # the engine's own processes use the actor's GPUs, not vLLM's Ray executor
+        spec = replace(spec, distributed_executor_backend=spec.distributed_executor_backend or "mp")
+    actor_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_engine)(Engine)
+    actors = [actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=rank)).remote(spec.for_rank(rank)) for rank in range(count)]
     ray.get([a.ready.remote() for a in actors])
     return actors
 
