@@ -1,9 +1,10 @@
 """Evaluation problem sets: AIME 2024, AIME 2025 and MATH-500 from the Hugging Face hub, or local jsonl/json/parquet
 files.
 
-Every source becomes a list of `Problem(id, problem, answer)`. Gold answers are normalised once here (integers lose
-leading zeros and a trailing degree sign, surrounding `$` go), so the grader, majority vote and reports all see the
-same string.
+Every source becomes a list of `Problem(id, problem, answer)`; a problem is text or, from a local file, a list of
+chat messages (TRL's conversational / verl's `prompt`). Columns of local files are named by key or dotted path
+(`reward_model.ground_truth`). Gold answers are normalised once here (integers lose leading zeros and a trailing
+degree sign, surrounding `$` go), so the grader, majority vote and reports all see the same string.
 """
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sse_rl.data import DATA_FILE_SUFFIXES, read_data_file
+from sse_rl.data import DATA_FILE_SUFFIXES, Message, as_messages, column, is_messages, read_data_file
 
 
 @dataclass(frozen=True)
 class Problem:
     id: str
-    problem: str
+    problem: str | list[Message]  # text, or the whole prompt as chat messages
     answer: str
 
 
@@ -58,10 +59,12 @@ def normalize_answer(answer: object) -> str:
     return text
 
 
-def load_benchmark(name: str, data_file: str | Path | None = None) -> list[Problem]:
-    """The problems of benchmark `name`: from `data_file` when given, else from its hub sources."""
+def load_benchmark(name: str, data_file: str | Path | None = None, problem_column: str = "problem",
+                   answer_column: str = "answer") -> list[Problem]:
+    """The problems of benchmark `name`: from `data_file` (its problem and answer columns) when given, else from its
+    hub sources."""
     if data_file is not None:
-        return load_problems_file(data_file)
+        return load_problems_file(data_file, problem_column, answer_column)
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)} or pass a --data-file")
     return [p for source in BENCHMARKS[name] for p in load_hub_source(source)]
@@ -81,14 +84,16 @@ def load_hub_source(source: HubSource) -> list[Problem]:
     return _check_unique(problems, where)
 
 
-def load_problems_file(path: str | Path) -> list[Problem]:
-    """Problems from a .jsonl, .json or .parquet file with fields `problem` and `answer` (and optionally `id`); the
-    file is read as `sse_rl.data.read_data_file` reads training data, so its errors name the file and line."""
+def load_problems_file(path: str | Path, problem_column: str = "problem", answer_column: str = "answer",
+                       ) -> list[Problem]:
+    """Problems from a .jsonl, .json or .parquet file with a problem and an answer column (keys or dotted paths;
+    optionally `id`); the file is read as `sse_rl.data.read_data_file` reads training data, so its errors name the
+    file and line."""
     path = Path(path)
     if path.suffix not in DATA_FILE_SUFFIXES:
         raise ValueError(f"data file {path}: expected a {', '.join(DATA_FILE_SUFFIXES)} file")
     rows = read_data_file(path)
-    problems = [_problem_from_row(row, str(path), i, "problem", "answer", "id", str(i + 1))
+    problems = [_problem_from_row(row, str(path), i, problem_column, answer_column, "id", str(i + 1))
                 for i, row in enumerate(rows)]
     return _check_unique(problems, str(path))
 
@@ -97,18 +102,20 @@ def _problem_from_row(row: dict, where: str, index: int, problem_field: str, ans
                       id_field: str | None, default_id: str | None) -> Problem:
     """Validate one row; errors name the source, the row (1-based) and the field."""
     for name in (problem_field, answer_field):
-        value = row.get(name)
+        value = column(row, name)
         if value is None or not str(value).strip():
             raise ValueError(f"{where} row {index + 1}: field {name!r} is missing or empty "
                              f"(row has fields {sorted(row)})")
-    if not isinstance(row[problem_field], str):
-        raise TypeError(f"{where} row {index + 1}: field {problem_field!r} must be a string, "
-                         f"got {type(row[problem_field]).__name__}")
+    problem = column(row, problem_field)
+    if not (isinstance(problem, str) or is_messages(problem)):
+        raise TypeError(f"{where} row {index + 1}: field {problem_field!r} must be a string or a list of chat "
+                        f"messages, got {type(problem).__name__}")
     problem_id = row.get(id_field) if id_field else None
     problem_id = default_id if problem_id is None else str(problem_id)
     if problem_id is None:
         raise ValueError(f"{where} row {index + 1}: field {id_field!r} is missing (row has fields {sorted(row)})")
-    return Problem(id=problem_id, problem=row[problem_field], answer=normalize_answer(row[answer_field]))
+    return Problem(id=problem_id, problem=problem if isinstance(problem, str) else as_messages(problem),
+                   answer=normalize_answer(column(row, answer_field)))
 
 
 def _check_unique(problems: list[Problem], where: str) -> list[Problem]:

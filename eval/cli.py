@@ -22,13 +22,18 @@ def build_parser() -> argparse.ArgumentParser:
                                         "with --data-file: the files' stems)")
     p.add_argument("--data-file", nargs="+", default=[], metavar="FILE",
                    help="local .jsonl/.parquet problem files (fields problem, answer, optional id), one per benchmark")
+    p.add_argument("--problem-column", default=d.problem_column,
+                   help="the data files' problem column or dotted path: text, or chat messages used as the prompt")
+    p.add_argument("--answer-column", default=d.answer_column,
+                   help="the data files' answer column or dotted path, e.g. reward_model.ground_truth")
     p.add_argument("--samples", type=int, default=d.samples, help="samples per problem (n)")
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--top-k", type=int, default=d.top_k, help="0 disables top-k")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="generation budget per sample")
     p.add_argument("--seed", type=int, default=d.seed, help="run seed; every sample's seed derives from it")
-    p.add_argument("--instruction", default=d.instruction, help="appended to every problem")
+    p.add_argument("--instruction", default=d.instruction, help="appended to every text problem")
+    p.add_argument("--system-prompt", default=d.system_prompt, help="system turn before every prompt")
     p.add_argument("--out", default=d.out, help="run folder (default runs/eval/<model folder name>); "
                                                 "with --compare: where compare.md/.png go")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished samples")
@@ -50,7 +55,9 @@ def recipe_fields(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model or "", "data_files": list(args.data_file), "samples": args.samples,
         "benchmarks": [b.strip() for b in args.benchmarks.split(",")] if args.benchmarks else [],
         "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "max_tokens": args.max_tokens,
-        "seed": args.seed, "instruction": args.instruction, "out": args.out, "resume": args.resume,
+        "seed": args.seed, "instruction": args.instruction, "system_prompt": args.system_prompt,
+        "problem_column": args.problem_column, "answer_column": args.answer_column, "out": args.out,
+        "resume": args.resume,
         "dtype": args.dtype, "tensor_parallel_size": args.tensor_parallel_size, "data_parallel": args.data_parallel,
         "max_model_len": args.max_model_len, "gpu_memory_utilization": args.gpu_memory_utilization,
         "enforce_eager": args.enforce_eager, "progress": not args.no_progress}

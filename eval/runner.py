@@ -7,7 +7,9 @@ Two entry points share one loop (`generate_and_grade`):
   several GPUs are visible), `--resume`, and the full report.
 
 Choices:
-1) Prompt: problem + "\\n" + the standard instruction, wrapped in the tokenizer's chat template when it has one.
+1) Prompt: problem + "\\n" + the standard instruction, wrapped in the tokenizer's chat template when it has one
+   (after the system prompt, if any); a problem that is chat messages is the whole prompt, through the chat template
+   as written (after the system prompt when it has no system turn of its own).
 2) Each sample is graded and appended to completions.jsonl as soon as it finishes; nothing else is state, so a kill
    loses only samples in flight.
 """
@@ -29,6 +31,7 @@ from sse_rl.config import (
     EvalRecipe,
     SamplingConfig,
 )
+from sse_rl.data import Message, chat_text, row_prompt
 from sse_rl.eval.benchmarks import Problem, load_benchmark
 from sse_rl.eval.engines import (
     Engines,
@@ -45,15 +48,19 @@ from sse_rl.eval.report import write_report
 from sse_rl.eval.store import CompletionStore, SampleRecord
 
 
-def build_prompt(problem: str, tokenizer: Any, instruction: str, chat_template: bool = True) -> tuple[str, list[int]]:
-    """(prompt text, prompt token ids): the problem plus the instruction, in the chat template when there is one."""
-    content = f"{problem}\n{instruction}" if instruction else problem
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-        # the template already wrote the special tokens (BOS, role markers)
-        return text, tokenizer(text, add_special_tokens=False)["input_ids"]
-    return content, tokenizer(content)["input_ids"]
+def build_prompt(problem: str | list[Message], tokenizer: Any, instruction: str, chat_template: bool = True,
+                 system_prompt: str = "") -> tuple[str, list[int]]:
+    """(prompt text, prompt token ids): chat messages as written, or the problem plus the instruction, in the chat
+    template when there is one; `system_prompt` first (it needs the chat template)."""
+    if isinstance(problem, str):
+        problem = f"{problem}\n{instruction}" if instruction else problem
+        if not (chat_template and getattr(tokenizer, "chat_template", None) or system_prompt):
+            return problem, tokenizer(problem)["input_ids"]
+    messages = row_prompt({"problem": problem}, "{problem}", system_prompt=system_prompt, chat=True,
+                          where="eval prompt")
+    text = chat_text(tokenizer, messages, "eval prompt")
+    # the template already wrote the special tokens (BOS, role markers)
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @dataclass(frozen=True)
@@ -65,9 +72,9 @@ class Job:
 
 
 def make_jobs(benchmark: str, problems: list[Problem], samples: int, tokenizer: Any, instruction: str,
-              chat_template: bool, store: CompletionStore) -> list[Job]:
+              chat_template: bool, store: CompletionStore, system_prompt: str = "") -> list[Job]:
     """One job per (problem, sample) not yet in the store, sample-major so early problems are not favoured."""
-    prompts = {p.id: build_prompt(p.problem, tokenizer, instruction, chat_template) for p in problems}
+    prompts = {p.id: build_prompt(p.problem, tokenizer, instruction, chat_template, system_prompt) for p in problems}
     jobs = []
     for sample in range(samples):
         for p in problems:
@@ -171,13 +178,15 @@ def run_eval(recipe: EvalRecipe, generate: GenerateFn | None = None) -> dict:
     from transformers import AutoTokenizer
 
     out = recipe.out_dir()
-    problem_sets = {name: load_benchmark(name, data_file) for name, data_file in recipe.sources()}
+    problem_sets = {name: load_benchmark(name, data_file, recipe.problem_column, recipe.answer_column)
+                    for name, data_file in recipe.sources()}
     tokenizer = AutoTokenizer.from_pretrained(recipe.model)
     store = CompletionStore(out / COMPLETIONS_FILE, resume=recipe.resume)
     (out / EVAL_CONFIG_FILE).write_text(json.dumps(asdict(recipe), indent=2, ensure_ascii=False) + "\n",
                                         encoding="utf-8")
     jobs = [job for name, problems in problem_sets.items()
-            for job in make_jobs(name, problems, recipe.samples, tokenizer, recipe.instruction, True, store)]
+            for job in make_jobs(name, problems, recipe.samples, tokenizer, recipe.instruction, True, store,
+                                 recipe.system_prompt)]
     engines = None
     if jobs and generate is None:
         dp = recipe.data_parallel or default_data_parallel(recipe.tensor_parallel_size)

@@ -5,11 +5,21 @@ Choices:
    generator `pkg.mod:fn` called as fn(split) -> list of row dicts (synthetic tasks such as the toy task).
 2) Every row is checked up front: a row missing a template field or the answer column fails the run before any
    engine starts, with the row number and the field name in the message (or is dropped and counted, on request).
-3) Reward functions see every column of the row plus `answer` (the configured answer column, as text: a JSON number
-   becomes its decimal string, so string-comparing rewards see "42" whether the file wrote 42 or "42").
-4) Local files are read as written, row by row (`read_data_file`): no column-wide type inference, so one integer
+3) Columns are named by key or by a dotted path into nested objects (`reward_model.ground_truth`, verl's layout).
+   A prompt template fills its fields with text (strings, or numbers as their decimal strings); any other value
+   (a list, an object, a bool) fails naming the row and field instead of rendering as Python's repr.
+4) Chat messages: a template that is exactly one field (`{prompt}`) whose value is a list of {role, content}
+   messages (TRL's conversational format, verl's `prompt`) is the prompt as written, and it always goes through the
+   tokenizer's chat template (with the generation prompt). A text prompt goes through it as the user turn under
+   `chat_template`. `system_prompt` becomes the first (system) turn of either; messages that carry a system turn of
+   their own and a system prompt fail, naming the row.
+5) Reward functions see the row's top-level columns as the source holds them (a nested column as its object, e.g.
+   `reward_model={"ground_truth": ...}`, as TRL passes dataset columns) plus `answer`: the configured answer column
+   (dotted path allowed) as text, a JSON number becoming its decimal string, so string-comparing rewards see "42"
+   whether the file wrote 42 or "42".
+6) Local files are read as written, row by row (`read_data_file`): no column-wide type inference, so one integer
    answer among strings changes nothing else; an empty, malformed or non-UTF-8 file fails naming the file and line.
-5) The sampler is epoch-exact: each prompt once per epoch, in an order fixed by (seed, epoch), and its whole state
+7) The sampler is epoch-exact: each prompt once per epoch, in an order fixed by (seed, epoch), and its whole state
    is two integers, saved with every checkpoint.
 """
 from __future__ import annotations
@@ -30,12 +40,16 @@ EVAL_BENCHMARKS = ("aime24", "aime25", "aime_2024", "aime_2025", "math500", "mat
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
+Message = dict[str, str]  # one chat turn: {"role": ..., "content": ...}
+
+
 @dataclass
 class Prompt:
     index: int  # row number in its dataset
-    text: str  # the rendered prompt
+    text: str  # the rendered prompt (the chat template applied to `messages`, when there are messages)
     columns: dict[str, Any]  # the row's columns + `answer`, passed to the reward functions
     ids: list[int] = field(default_factory=list)  # token ids, set by `encode_prompts`
+    messages: list[Message] | None = None  # the chat turns `text` was rendered from; None for a plain-text prompt
 
 
 def import_function(spec: str) -> Callable:
@@ -150,46 +164,212 @@ def as_text(value: Any) -> Any:
     return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
+def column(row: dict[str, Any], path: str) -> Any:
+    """The row's value at `path`: a column name, or a dotted path into nested objects (`reward_model.ground_truth`);
+    a key that itself holds the dots is found first. None when absent."""
+    if path in row:
+        return row[path]
+    value: Any = row
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def missing_columns(row: dict[str, Any], paths: list[str]) -> list[str]:
+    """The paths the row has no value at (absent or null)."""
+    return [path for path in paths if column(row, path) is None]
+
+
+def is_messages(value: Any) -> bool:
+    """Whether `value` is a list of chat messages: objects with a string `role` and a string `content`."""
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in value))
+
+
+def as_messages(value: list[dict[str, Any]]) -> list[Message]:
+    """Chat messages without the null keys a parquet or `datasets` struct adds (a message struct holds every key
+    any message has), which chat templates would see as set."""
+    return [{k: v for k, v in m.items() if v is not None} for m in value]
+
+
+def text_value(value: Any, name: str, where: str) -> str:
+    """A value that must be text: a string, or a number as its decimal string; anything else fails naming `where`
+    (the source and row) and the field."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    kind = "a list of chat messages" if is_messages(value) else type(value).__name__
+    raise ValueError(f"{where}: field {name!r} must be a string, got {kind}: {str(value)[:80]}")
+
+
 def template_fields(template: str) -> list[str]:
-    """The row columns a `str.format` prompt template reads."""
+    """The row columns (dotted paths allowed) a `str.format` prompt template reads."""
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-def load_prompts(source: str, *, split: str, subset: str, template: str, answer_column: str,
-                 tokenizer: Any | None = None, chat_template: bool = False,
-                 drop_incomplete: bool = False) -> list[Prompt]:
-    """Load a dataset and render every row's prompt.
+class _RowFormatter(string.Formatter):
+    """`str.format` over a row whose field names are column paths, each value checked to be text."""
 
-    Args:
-        source: HF hub id, local .jsonl/.parquet path, or `pkg.mod:fn`.
-        template: `str.format` template over the row's columns.
-        answer_column: column holding the reference answer, exposed to rewards as `answer`.
-        tokenizer: needed only with `chat_template=True`.
-        drop_incomplete: skip rows missing a field (logged) instead of raising ValueError naming row and field.
+    def __init__(self, where: str):
+        self.where = where
+
+    def get_field(self, field_name: str, args: Any, kwargs: dict[str, Any]) -> tuple[str, str]:
+        value = column(kwargs, field_name)
+        if value is None:
+            raise ValueError(f"{self.where}: no column {field_name!r} (columns: {', '.join(kwargs)})")
+        if is_messages(value):
+            raise ValueError(f"{self.where}: field {field_name!r} holds chat messages, which a template with other "
+                             f"text cannot fill; use the messages as the prompt with the template '{{{field_name}}}'")
+        return text_value(value, field_name, self.where), field_name
+
+
+def row_prompt(row: dict[str, Any], template: str, *, system_prompt: str = "", chat: bool = False,
+               where: str) -> str | list[Message]:
+    """The row's prompt: chat messages (to go through the chat template) or plain text.
+
+    A template that is exactly one field whose value is a message list gives those messages; otherwise the template
+    is filled with text, which with `chat` becomes the user turn. `system_prompt` is the first turn of either; a
+    text prompt without `chat` cannot take one. Errors name `where` (the source and row) and the field.
+    """
+    fields = template_fields(template)
+    value = column(row, fields[0]) if len(fields) == 1 and template == f"{{{fields[0]}}}" else None
+    if is_messages(value):
+        return _with_system(as_messages(value), system_prompt, where)
+    text = _RowFormatter(where).format(template, **row)
+    if chat:
+        return _with_system([{"role": "user", "content": text}], system_prompt, where)
+    if system_prompt:
+        raise ValueError(f"{where}: a system prompt is set but the prompt is plain text without the chat template; "
+                         "turn the chat template on or drop the system prompt")
+    return text
+
+
+def _with_system(messages: list[Message], system_prompt: str, where: str) -> list[Message]:
+    if not system_prompt:
+        return messages
+    if messages[0]["role"] == "system":
+        raise ValueError(f"{where}: the prompt's messages have a system turn of their own and a system prompt is set; "
+                         "drop one of them")
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def chat_text(tokenizer: Any, messages: list[Message], where: str) -> str:
+    """The messages through the tokenizer's chat template, ending with the assistant's generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{where}: the prompts are chat messages but the tokenizer has no chat template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_rows(rows: list[dict[str, Any]], source: str, *, template: str, answer_column: str,
+                system_prompt: str = "", chat_template: bool = False, drop_incomplete: bool = False) -> list[Prompt]:
+    """Every row's prompt, before any tokenizer: plain text in `text`, or chat turns in `messages` (`text` empty).
+
+    Cheap enough to run while a recipe is checked; errors name the source, the row and the field.
     """
     fields = template_fields(template)
     if not fields:
         raise ValueError(f"data.prompt_template {template!r} uses no column; write e.g. '{{problem}}'")
-    rows = read_rows(source, split, subset)
     prompts, dropped = [], 0
     for i, row in enumerate(rows):
-        missing = [name for name in (*fields, answer_column) if row.get(name) is None]
+        missing = missing_columns(row, [*fields, answer_column])
         if missing and drop_incomplete:
             dropped += 1
             continue
         if missing:
             raise ValueError(f"dataset {source} row {i}: missing field {missing[0]!r} (columns: {', '.join(row)}); "
                              "check data.prompt_template / data.answer_column, or set data.drop_incomplete=true")
-        text = template.format(**row)
-        if chat_template:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
-        prompts.append(Prompt(index=i, text=text, columns={**row, "answer": as_text(row[answer_column])}))
+        prompt = row_prompt(row, template, system_prompt=system_prompt, chat=chat_template,
+                            where=f"dataset {source} row {i}")
+        columns = {**row, "answer": as_text(column(row, answer_column))}
+        if isinstance(prompt, list):
+            prompts.append(Prompt(index=i, text="", columns=columns, messages=prompt))
+        else:
+            prompts.append(Prompt(index=i, text=prompt, columns=columns))
     if dropped:
         logger.warning("dataset %s: dropped %d of %d rows with missing fields", source, dropped, len(rows))
     if not prompts:
-        raise ValueError(f"dataset {source} (split {split!r}) has no usable rows")
+        raise ValueError(f"dataset {source} has no usable rows")
     return prompts
+
+
+def load_prompts(source: str, *, split: str, subset: str, template: str, answer_column: str,
+                 tokenizer: Any | None = None, chat_template: bool = False, system_prompt: str = "",
+                 drop_incomplete: bool = False) -> list[Prompt]:
+    """Load a dataset and render every row's prompt (`prompt_rows`, then the chat template for chat turns).
+
+    Args:
+        source: HF hub id, local .jsonl/.parquet path, or `pkg.mod:fn`.
+        template: `str.format` template over the row's columns (dotted paths allowed), or one field holding chat
+            messages.
+        answer_column: column (or dotted path) holding the reference answer, exposed to rewards as `answer`.
+        tokenizer: applies the chat template; needed with `chat_template=True` or message prompts.
+        system_prompt: the system turn put before every prompt (chat messages or `chat_template` only).
+        drop_incomplete: skip rows missing a field (logged) instead of raising ValueError naming row and field.
+    """
+    prompts = prompt_rows(read_rows(source, split, subset), source, template=template, answer_column=answer_column,
+                          system_prompt=system_prompt, chat_template=chat_template, drop_incomplete=drop_incomplete)
+    for prompt in prompts:
+        if prompt.messages is not None:
+            prompt.text = chat_text(tokenizer, prompt.messages, f"dataset {source}")
+    return prompts
+
+
+def sft_examples(rows: list[dict[str, Any]], data: Any, source: str, key: str = "data.train") -> list[dict[str, Any]]:
+    """Rows as TRL SFT examples (`data`: an SFT data section), all of one kind, since TRL builds one dataset:
+
+    - with `data.text_column`: language modeling, loss on every token: {"text"}, or {"messages"} when the column
+      holds chat messages (TRL renders them with the chat template);
+    - else prompt-completion, loss on the completion: the prompt as `row_prompt` gives it and the completion from
+      `data.response_column`; conversational ({"prompt": messages, "completion": messages}, which TRL renders with
+      the chat template) when the prompt or the completion is chat messages or `data.chat_template` is on, a text
+      completion becoming the assistant turn; plain text otherwise.
+    Errors name the recipe `key`, the row and `source`.
+    """
+    make = _text_example if data.text_column else _prompt_completion_example
+    examples = [make(row, data, f"{key}: row {i} of {source}") for i, row in enumerate(rows)]
+    for i, example in enumerate(examples):
+        if _example_kind(example) != _example_kind(examples[0]):
+            raise ValueError(f"{key}: row {i} of {source} is a {_example_kind(example)} example but row 0 is a "
+                             f"{_example_kind(examples[0])} one; TRL trains on one kind per dataset")
+    return examples
+
+
+def _example_kind(example: dict[str, Any]) -> str:
+    chat = any(isinstance(value, list) for value in example.values())
+    return f"{'conversational' if chat else 'text'} {'/'.join(example)}"
+
+
+def _required(row: dict[str, Any], path: str, where: str, keys: str) -> Any:
+    value = column(row, path)
+    if value is None:
+        raise ValueError(f"{where} has no column {path!r} (columns: {', '.join(row)}); check {keys}")
+    return value
+
+
+def _text_example(row: dict[str, Any], data: Any, where: str) -> dict[str, Any]:
+    value = _required(row, data.text_column, where, "data.text_column")
+    if is_messages(value):
+        return {"messages": as_messages(value)}
+    return {"text": text_value(value, data.text_column, where)}
+
+
+def _prompt_completion_example(row: dict[str, Any], data: Any, where: str) -> dict[str, Any]:
+    keys = "data.prompt_template / data.response_column"
+    for path in template_fields(data.prompt_template):
+        _required(row, path, where, keys)
+    response = _required(row, data.response_column, where, keys)
+    chat = data.chat_template or is_messages(response)
+    prompt = row_prompt(row, data.prompt_template, system_prompt=data.system_prompt, chat=chat, where=where)
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "completion": text_value(response, data.response_column, where)}
+    if is_messages(response):
+        return {"prompt": prompt, "completion": as_messages(response)}
+    return {"prompt": prompt,
+            "completion": [{"role": "assistant", "content": text_value(response, data.response_column, where)}]}
 
 
 def encode_prompts(prompts: list[Prompt], tokenizer: Any, max_tokens: int, source: str) -> list[Prompt]:

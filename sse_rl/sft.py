@@ -7,10 +7,13 @@ Choices:
 1) Config is data: `sse_rl.config.SFTRecipe`, checked by `config.validate` before anything is written (unknown
    keys, bad values, missing data or policy, benchmark data: all reported at once, each naming its key); `model` is
    the GRPO recipe's section, so `model.init` builds the tokenizer and random policy exactly as `sse-rl train` does.
-2) Rows become TRL prompt-completion examples: the prompt is `data.prompt_template` over the row (as a user turn
-   under the chat template with `data.chat_template`, the way GRPO and eval render prompts), the completion is
-   `data.response_column`. Loss is on completion tokens only. With `data.text_column`, rows are plain text instead
-   (TRL language-modeling examples, EOS appended by TRL) and the loss covers every token.
+2) Rows become TRL examples in TRL's own formats (`sse_rl.data.sft_examples`), so TRL applies the chat template:
+   prompt-completion rows, the prompt being `data.prompt_template` over the row (chat messages as written when the
+   template is one field holding them, as a user turn under `data.chat_template`, after `data.system_prompt`: the
+   way GRPO renders prompts), the completion `data.response_column` (messages, or text as the assistant turn).
+   Loss is on completion tokens only. With `data.text_column`, rows are whole examples instead (TRL
+   language-modeling examples: text, EOS appended by TRL, or a conversation of chat messages) and the loss covers
+   every token.
 3) Sequences are packed (best-fit decreasing) into rows of `train.token_budget` tokens, padding-free: the collator
    concatenates them with positions restarting at 0, from which SSE-H derives the sequence bounds (`cu_seqlens`),
    so no state or attention crosses a boundary, and the first token of every sequence has no label.
@@ -32,6 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, T
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
+from sse_rl.config.describe import recipe_parser
 from sse_rl.config import SFTDataConfig, SFTRecipe, parse_recipe, validate, write_recipe
 
 logger = logging.getLogger("sse_rl.sft")
@@ -52,39 +56,16 @@ def build_examples(data: SFTDataConfig, tokenizer: Any) -> list[dict[str, Any]]:
 
 def rows_to_examples(rows: list[dict[str, Any]], data: SFTDataConfig, tokenizer: Any, source: str,
                      key: str = "data.train") -> list[dict[str, Any]]:
-    """Rows as TRL examples: language-modeling rows {"text"} with `data.text_column`, else prompt-completion rows
-    (conversational under `data.chat_template`). Errors name the recipe `key` and `source` the rows came from."""
-    if data.text_column:
-        return [{"text": _column(row, data.text_column, (key, source, i), "data.text_column")}
-                for i, row in enumerate(rows)]
-    if data.chat_template and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("data.chat_template: the tokenizer has no chat template; set data.chat_template=false")
-    examples = []
-    for i, row in enumerate(rows):
-        try:
-            prompt = data.prompt_template.format(**row)
-        except KeyError as err:
-            raise ValueError(f"{key}: row {i} of {source} has no column {err} (columns: {', '.join(row)}); "
-                             "check data.prompt_template / data.response_column") from None
-        completion = _column(row, data.response_column, (key, source, i), "data.prompt_template / data.response_column")
-        if data.chat_template:
-            examples.append({"prompt": [{"role": "user", "content": prompt}],
-                             "completion": [{"role": "assistant", "content": completion}]})
-        else:
-            examples.append({"prompt": prompt, "completion": completion})
+    """Rows as TRL examples (`sse_rl.data.sft_examples`); conversational ones need the tokenizer's chat template.
+    Errors name the recipe `key` and `source` the rows came from."""
+    from sse_rl.data import sft_examples
+
+    examples = sft_examples(rows, data, source, key)
+    chat = any(isinstance(value, list) for value in examples[0].values())
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{key}: the examples are chat messages but the tokenizer has no chat template; set "
+                         "data.chat_template=false for text prompts")
     return examples
-
-
-def _column(row: dict[str, Any], column: str, where: tuple[str, str, int], keys: str) -> Any:
-    """row[column] as text (`sse_rl.data.as_text`: a JSON number is its decimal string); a missing or null column
-    fails naming the recipe key, the source and the row (`where`)."""
-    from sse_rl.data import as_text
-
-    if row.get(column) is None:
-        key, source, i = where
-        raise ValueError(f"{key}: row {i} of {source} has no column '{column}' (columns: {', '.join(row)}); "
-                         f"check {keys}")
-    return as_text(row[column])
 
 
 class SSEHSFTTrainer(SFTTrainer):
@@ -181,7 +162,7 @@ def sft_config(recipe: SFTRecipe, out_dir: Path) -> SFTConfig:
         completion_only_loss=True, bf16=recipe.model.dtype == "bfloat16", fp16=False,
         gradient_checkpointing=recipe.model.gradient_checkpointing, dataset_num_proc=recipe.data.num_proc,
         logging_steps=r.logging_steps, save_strategy="steps" if r.save_steps else "no", save_steps=r.save_steps or 1,
-        save_total_limit=r.keep_checkpoints, report_to=["tensorboard"] if r.tensorboard else [],
+        save_total_limit=r.keep_checkpoints, report_to=list(r.report_to),
         disable_tqdm=not r.progress)
 
 
@@ -211,9 +192,7 @@ def run_sft(recipe: SFTRecipe, model_path: str, out_dir: Path) -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="sse-rl sft", description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", help="SFT recipe YAML, e.g. recipes/arith_sft.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. out_dir=runs/a train.lr=1e-4")
+    parser = recipe_parser("sse-rl sft", __doc__.split("\n\n")[0], SFTRecipe, "recipes/arith_sft.yaml")
     return parser.parse_args(argv)
 
 

@@ -16,7 +16,9 @@ eval package, the reward registry) inside themselves, so importing the config st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,20 @@ from sse_rl.config.distill import DistillRecipe, distill_rules
 from sse_rl.config.eval import COMPLETIONS_FILE, EVAL_CONFIG_FILE, GENERATION_KEYS, EvalRecipe, eval_rules
 from sse_rl.config.grpo import ModelConfig, Recipe, RewardConfig, grpo_rules
 from sse_rl.config.reading import R, RecipeError, build_recipe, read_raw
-from sse_rl.config.sft import SFTRecipe, sft_rules
-from sse_rl.data import DATA_FILE_SUFFIXES, check_not_benchmark, check_source, is_function_spec, read_data_file
+from sse_rl.config.sft import SFTDataConfig, SFTRecipe, sft_rules
+from sse_rl.data import (
+    DATA_FILE_SUFFIXES,
+    check_not_benchmark,
+    check_source,
+    is_function_spec,
+    prompt_rows,
+    read_data_file,
+    sft_examples,
+    template_fields,
+)
+
+
+PROBE_ROWS = 16  # training rows the reward probe reads for its one row (rows missing a field may be dropped)
 
 
 def parse_recipe(path: str | Path | None, overrides: list[str] = (), cls: type[R] = Recipe,
@@ -96,20 +110,26 @@ def _model_inputs(model: ModelConfig) -> list[str]:
     return errors
 
 
-def _data_inputs(sources: dict[str, str]) -> list[str]:
-    """Each named data source readable (key -> source); training data that is an evaluation benchmark refused."""
-    errors = [e for key, source in sources.items() if source for e in _raised(key, lambda s=source: _readable(s))]
+RowsCheck = Callable[[list[dict[str, Any]], str, str], Any]  # (rows, source, recipe key) -> raises on a bad row
+
+
+def _data_inputs(sources: dict[str, str], rows_check: RowsCheck) -> list[str]:
+    """Each named data source readable (key -> source), a local file's rows passing `rows_check`; training data that
+    is an evaluation benchmark refused."""
+    errors = [e for key, source in sources.items() if source
+              for e in _raised(key, lambda k=key, s=source: _readable(k, s, rows_check))]
     if sources.get("data.train"):
         errors += _raised("data.train", lambda: check_not_benchmark(sources["data.train"]))
     return errors
 
 
-def _readable(source: str) -> None:
-    """`check_source`, then a local data file read as the command will read it: its faults are found before the
-    command writes anything (reading a file is cheap; tokenising is left to the run)."""
+def _readable(key: str, source: str, rows_check: RowsCheck) -> None:
+    """`check_source`, then a local data file read and its rows turned into prompts or examples as the command will
+    (a field missing or not text, chat messages where text belongs): its faults are found before the command writes
+    anything (reading a file is cheap; tokenising is left to the run)."""
     check_source(source)
     if not is_function_spec(source) and Path(source).suffix in DATA_FILE_SUFFIXES:
-        read_data_file(source)
+        rows_check(read_data_file(source), source, key)
 
 
 def _reward_inputs(reward: RewardConfig) -> list[str]:
@@ -126,6 +146,46 @@ def _reward_inputs(reward: RewardConfig) -> list[str]:
     return errors
 
 
+def _reward_probe(recipe: Recipe) -> list[str]:
+    """Every reward called once, in this process and as the reward pool calls it (`sse_rl.rewards.pool.probe`), on
+    the first usable training row with a stand-in completion: a reward whose signature does not take TRL's call, or
+    that needs a column the data lacks, fails here in seconds, naming it. Skipped for a hub dataset (not downloaded
+    here) and when the specs or the data have problems of their own (their checks report them); a reward that does
+    not return within reward.timeout_s is only logged (the run's time limit handles it)."""
+    from sse_rl.rewards.pool import RewardFunctionError, probe
+    from sse_rl.workers.reward import reward_specs
+
+    prompt = _probe_prompt(recipe)
+    if prompt is None or not all(fn.spec for fn in recipe.reward.functions) or _reward_inputs(recipe.reward):
+        return []
+    errors = []
+    for i, spec in enumerate(reward_specs(recipe.reward)):
+        try:
+            probe(spec, prompt.messages or prompt.text, prompt.columns, recipe.reward.timeout_s)
+        except RewardFunctionError as err:
+            errors.append(f"reward.functions.{i}: {err}")
+        except TimeoutError as err:
+            logging.getLogger(__name__).warning("reward.functions.%d: %s", i, err)
+    return errors
+
+
+def _probe_prompt(recipe: Recipe) -> Any:
+    """The first usable training row as `prompt_rows` builds it (a Prompt), or None when the data is a hub dataset
+    or cannot be read (the data checks report why)."""
+    from sse_rl.data import read_rows
+
+    d = recipe.data
+    if not d.train or not (is_function_spec(d.train) or Path(d.train).suffix in DATA_FILE_SUFFIXES):
+        return None
+    try:
+        rows = read_rows(d.train, d.train_split, d.subset)
+        return prompt_rows(rows[:PROBE_ROWS], d.train, template=d.prompt_template, answer_column=d.answer_column,
+                           system_prompt=d.system_prompt, chat_template=d.chat_template,
+                           drop_incomplete=d.drop_incomplete)[0]
+    except Exception:  # noqa: BLE001 - whatever stops reading the data is the data checks' to report
+        return None
+
+
 def _benchmark_inputs(source: str) -> list[str]:
     """eval.benchmark: a benchmark the eval package knows, or a local problem file it reads."""
     from sse_rl.eval.benchmarks import BENCHMARKS, load_problems_file
@@ -140,17 +200,29 @@ def _benchmark_inputs(source: str) -> list[str]:
 
 def _grpo_inputs(recipe: Recipe) -> list[str]:
     d = recipe.data
-    return (_reward_inputs(recipe.reward) + _data_inputs({"data.train": d.train, "data.eval": d.eval})
-            + _model_inputs(recipe.model) + _benchmark_inputs(recipe.eval.benchmark))
+    rows_check = functools.partial(_prompt_rows, template=d.prompt_template, answer_column=d.answer_column,
+                                   system_prompt=d.system_prompt, chat_template=d.chat_template,
+                                   drop_incomplete=d.drop_incomplete)
+    return (_reward_inputs(recipe.reward) + _data_inputs({"data.train": d.train, "data.eval": d.eval}, rows_check)
+            + _model_inputs(recipe.model) + _benchmark_inputs(recipe.eval.benchmark) + _reward_probe(recipe))
+
+
+def _prompt_rows(rows: list[dict[str, Any]], source: str, _key: str, **options: Any) -> None:
+    if template_fields(options["template"]):  # a template without fields: the rules report it
+        prompt_rows(rows, source, **options)
+
+
+def _sft_rows(data: SFTDataConfig) -> RowsCheck:
+    return lambda rows, source, key: sft_examples(rows, data, source, key)
 
 
 def _sft_inputs(recipe: SFTRecipe) -> list[str]:
-    return _data_inputs({"data.train": recipe.data.train}) + _model_inputs(recipe.model)
+    return _data_inputs({"data.train": recipe.data.train}, _sft_rows(recipe.data)) + _model_inputs(recipe.model)
 
 
 def _distill_inputs(recipe: DistillRecipe) -> list[str]:
     d = recipe.data
-    return _data_inputs({"data.train": d.train, "data.eval": d.eval}) + _teacher_student_inputs(recipe)
+    return _data_inputs({"data.train": d.train, "data.eval": d.eval}, _sft_rows(d)) + _teacher_student_inputs(recipe)
 
 
 def _load_model_config(path: str, key: str, errors: list[str]) -> Any:
@@ -264,7 +336,9 @@ def _eval_inputs(recipe: EvalRecipe) -> list[str]:
     from sse_rl.eval.benchmarks import BENCHMARKS, load_problems_file
 
     errors = _missing_path("model", recipe.model)
-    errors += [e for f in recipe.data_files for e in _raised("data_files", lambda f=f: load_problems_file(f))]
+    errors += [e for f in recipe.data_files
+               for e in _raised("data_files", lambda f=f: load_problems_file(f, recipe.problem_column,
+                                                                             recipe.answer_column))]
     if not recipe.data_files:
         errors += [f"benchmarks: unknown benchmark {name!r}; choose from {', '.join(sorted(BENCHMARKS))} or give "
                    "--data-file" for name, _ in recipe.sources() if name not in BENCHMARKS]
@@ -280,8 +354,10 @@ def _resume_inputs(recipe: EvalRecipe) -> list[str]:
     saved_path = out / EVAL_CONFIG_FILE
     if not (recipe.resume and saved_path.is_file()):
         return []
-    saved, current = json.loads(saved_path.read_text(encoding="utf-8")), dataclasses.asdict(recipe)
-    changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in GENERATION_KEYS if saved.get(k) != current[k]]
+    # a key an older run did not save had its default then
+    saved = {**dataclasses.asdict(EvalRecipe()), **json.loads(saved_path.read_text(encoding="utf-8"))}
+    current = dataclasses.asdict(recipe)
+    changed = [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in GENERATION_KEYS if saved[k] != current[k]]
     if changed:
         return [f"resume: cannot resume {out}: generation settings differ from the saved run ({'; '.join(changed)}); "
                 "use the same settings or another --out"]

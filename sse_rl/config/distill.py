@@ -10,7 +10,7 @@ from typing import Literal
 
 from sse_rl.config.grpo import adam_betas_rule
 from sse_rl.config.reading import bounded
-from sse_rl.config.sft import SFTDataConfig, batch_tokens_rule
+from sse_rl.config.sft import SFTDataConfig, batch_tokens_rule, sft_data_rules
 
 STAGES = ("align", "logits")
 
@@ -71,7 +71,8 @@ class DistillRunConfig:
     save_steps: int = bounded(200, ge=0)  # checkpoint every N steps (for resume); 0 = only each stage's final
     eval_steps: int = bounded(0, ge=0)  # held-out metric every N steps; 0 = at each stage's start and end only
     keep_checkpoints: int = bounded(2, ge=1)
-    tensorboard: bool = False
+    # Trackers TRL reports to (its report_to): tensorboard, wandb, trackio, mlflow; [] = none
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = field(default_factory=list)
     progress: bool = True
 
 
@@ -114,4 +115,4 @@ def distill_rules(recipe: DistillRecipe) -> list[str]:
     errors += adam_betas_rule("train.adam_betas", t.adam_betas)
     if recipe.data.eval_rows and not recipe.data.eval:
         errors.append("data.eval_rows: set, but data.eval names no held-out rows")
-    return errors
+    return errors + sft_data_rules(recipe.data)

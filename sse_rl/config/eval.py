@@ -15,7 +15,7 @@ DEFAULT_BENCHMARKS = ("aime24", "aime25")
 EVAL_SAMPLING = SamplingConfig(max_tokens=32768, temperature=0.6, top_p=0.95)
 EVAL_CONFIG_FILE, COMPLETIONS_FILE = "config.json", "completions.jsonl"  # in an eval run folder
 # Settings that change what a sample is; a resumed eval run must keep them.
-GENERATION_KEYS = ("model", "temperature", "top_p", "top_k", "max_tokens", "seed", "instruction")
+GENERATION_KEYS = ("model", "temperature", "top_p", "top_k", "max_tokens", "seed", "instruction", "system_prompt")
 
 
 @dataclass
@@ -26,13 +26,18 @@ class EvalRecipe:
     model: str = ""  # checkpoint folder or hub id
     benchmarks: list[str] = field(default_factory=list)  # [] = DEFAULT_BENCHMARKS, or the data files' stems
     data_files: list[str] = field(default_factory=list)  # local jsonl/parquet files, one per benchmark
+    # the data files' columns (dotted paths into nested ones: reward_model.ground_truth); a problem is text or a list
+    # of chat messages (the whole prompt, as written: the instruction is not appended)
+    problem_column: str = "problem"
+    answer_column: str = "answer"
     samples: int = bounded(64, ge=1)
     temperature: float = bounded(EVAL_SAMPLING.temperature, ge=0)  # 0 = greedy
     top_p: float = bounded(EVAL_SAMPLING.top_p, gt=0, le=1)
     top_k: int = bounded(EVAL_SAMPLING.top_k, ge=0)  # 0 = no top-k cut
     max_tokens: int = bounded(EVAL_SAMPLING.max_tokens, ge=1)
     seed: int = 0  # engine r of the data-parallel engines samples from seed + r
-    instruction: str = STANDARD_INSTRUCTION  # appended to every problem
+    instruction: str = STANDARD_INSTRUCTION  # appended to every text problem
+    system_prompt: str = ""  # the system turn before every prompt (needs the tokenizer's chat template)
     out: str = ""  # "" = runs/eval/<model folder name>
     resume: bool = False
     dtype: str = "auto"

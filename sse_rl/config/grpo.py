@@ -32,6 +32,9 @@ class ModelConfig:
     # With gradient_checkpointing: recompute every k-th decoder block only (blocks 0, k, 2k, ...; 1 = all, as in
     # torchtune's selective `ac_option`). The other blocks keep their activations: less recomputation, more memory.
     checkpoint_every: int = bounded(1, ge=1)
+    # LM head and final norm in fp32 in the engines and the trainer (issue #28): logits without bf16 rounding on
+    # either side, at the cost of an fp32 copy of the LM head in each engine and fp32 head matmuls in both
+    lm_head_fp32: bool = False
 
 
 @dataclass
@@ -41,9 +44,13 @@ class DataConfig:
     eval: str = ""  # held-out prompts (same forms as `train`); "" = no eval
     eval_split: str = "test"
     subset: str = ""  # HF dataset config name, if the hub dataset has several
-    prompt_template: str = "{problem}"  # str.format over the row's columns
-    answer_column: str = "answer"  # reaches the reward functions as `answer`
-    chat_template: bool = False  # wrap the prompt as a user message with the tokenizer's chat template
+    # str.format over the row's columns (dotted paths into nested ones: {extra_info.question}); a template that is
+    # one field holding chat messages ({prompt}: TRL's conversational / verl's prompt) is the prompt as written,
+    # always through the tokenizer's chat template
+    prompt_template: str = "{problem}"
+    answer_column: str = "answer"  # column or dotted path (reward_model.ground_truth); reaches rewards as `answer`
+    chat_template: bool = False  # wrap a text prompt as a user message with the tokenizer's chat template
+    system_prompt: str = ""  # the system turn before every chat prompt (chat_template on, or chat-message prompts)
     drop_incomplete: bool = False  # skip (and count) rows missing a field instead of failing on the first
 
 
@@ -74,6 +81,9 @@ class RolloutConfig:
     # broadcasts to the engines over a process group of their own (NCCL on GPU, gloo on CPU; engines anywhere);
     # auto = cuda_ipc when each engine shares its trainer rank's GPU, else object_store.
     weight_sync: Literal["auto", "object_store", "cuda_ipc", "collective"] = "auto"
+    # The engines record every SSE layer's top-K partitions per token (1 byte per token, SSE layer and k) and return
+    # them with the rollouts: the trainer logs the route-flip rate, and algo.routing_replay can replay them.
+    record_routes: bool = False
 
 
 @dataclass
@@ -88,9 +98,11 @@ class RewardConfig:
     functions: list[RewardFunctionConfig] = field(default_factory=list)
     accuracy: int = bounded(0, ge=0)  # index of the function whose raw value is "accuracy" (filters, eval)
     num_workers: int = bounded(2, ge=1)
-    timeout_s: float = bounded(10.0, gt=0)  # hard per-sample wall clock; a timeout scores 0
-    max_timeouts: int = bounded(8, ge=1)  # per reward per step: past this many hard timeouts its other calls in the
-                                          # step are skipped (score 0, counted as reward/skipped)
+    # hard wall clock per reward call: on a grading worker's share of the batch, then, if that call fails, on each of
+    # its samples alone (a sample that times out alone scores 0, counted as reward/timeouts); the probe's limit too
+    timeout_s: float = bounded(10.0, gt=0)
+    max_timeouts: int = bounded(8, ge=1)  # per reward per round: past this many samples timed out alone, its other
+                                          # retries are skipped (score 0, counted as reward/skipped)
     # a reward function's NaN or inf: "error" stops the run naming the function and the sample; "zero" scores it 0
     # and counts it as reward/non_finite
     non_finite: Literal["error", "zero"] = "error"
@@ -114,6 +126,9 @@ class AlgoConfig:
     # (the SFT/pre-training weight). Adam turns even a tiny but consistent gradient into lr-sized steps, so RL runs
     # on a balanced router may want it lower or 0 (MoE RL recipes commonly lower or drop theirs).
     aux_loss_coef: float | None = bounded(None, ge=0)
+    # The trainer's SSE layers use the partitions the engine chose (rollout.record_routes) instead of their own
+    # top-K, with the trainer's router probabilities at them as weights, so the router keeps learning (issue #28)
+    routing_replay: bool = False
 
 
 @dataclass
@@ -168,7 +183,10 @@ class RunConfig:
     keep_checkpoints: int = bounded(2, ge=1)
     probe_prompts: int = bounded(4, ge=1)
     probe_tolerance: float = bounded(1e-3, gt=0)  # max |engine - trainer| first-token logprob after a sync
-    tensorboard: bool = True
+    # Trackers that get every step's metrics (sse_rl.trackers): tensorboard, wandb, trackio, mlflow; [] = none
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = field(
+        default_factory=lambda: ["tensorboard"])
+    log_completions: int = bounded(0, ge=0)  # completions per step to OUT_DIR/completions.jsonl and the trackers
     progress: bool = True
     ray_num_cpus: int = bounded(4, ge=1)  # logical CPUs of a local Ray (actors reserve 1 each)
 
@@ -264,6 +282,8 @@ def grpo_rules(recipe: Recipe) -> list[str]:
                       "checkpointing recomputes, but model.gradient_checkpointing is false; turn it on or leave "
                       "checkpoint_every 1")
     errors += _placement_rules(recipe)
+    if recipe.algo.routing_replay and not r.record_routes:
+        errors.append("algo.routing_replay: replays the routes the engines record; set rollout.record_routes=true")
     if recipe.eval.num_prompts and not recipe.data.eval:
         errors.append("eval.num_prompts: set, but data.eval names no held-out set")
     return errors + _template_rules(recipe)

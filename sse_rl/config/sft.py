@@ -17,12 +17,16 @@ class SFTDataConfig:
     train: str = ""  # HF hub id, a local .jsonl / .parquet file, or "pkg.mod:fn" called as fn(split)
     train_split: str = "train"
     subset: str = ""  # HF dataset config name, if the hub dataset has several
-    prompt_template: str = "{problem}"  # str.format over the row's columns; the same template GRPO uses
-    response_column: str = "solution"  # the completion the model learns
-    # plain-text rows: this column is the whole example (a TRL language-modeling row, loss on every token);
+    # str.format over the row's columns (dotted paths into nested ones); one field holding chat messages (TRL's
+    # conversational "prompt") is the prompt as written. The same template GRPO uses.
+    prompt_template: str = "{problem}"
+    response_column: str = "solution"  # the completion the model learns: text, or chat messages
+    # whole-example rows: this column (text, or chat messages like TRL's "messages") is the whole example (a TRL
+    # language-modeling row, loss on every token);
     # "" = prompt/completion rows from prompt_template and response_column
     text_column: str = ""
     chat_template: bool = True  # prompt as a user turn, response as the assistant turn (tokenizer's template)
+    system_prompt: str = ""  # the system turn before every chat prompt (chat_template on, or chat-message prompts)
     max_rows: int = bounded(0, ge=0)  # use the first N rows; 0 = all
     num_proc: int = bounded(1, ge=1)  # processes that tokenize and pack the dataset
 
@@ -47,7 +51,8 @@ class SFTRunConfig:
     logging_steps: int = bounded(10, ge=1)
     save_steps: int = bounded(200, ge=0)  # checkpoint every N steps (for resume); 0 = only OUT_DIR/final
     keep_checkpoints: int = bounded(2, ge=1)
-    tensorboard: bool = False
+    # Trackers TRL reports to (its report_to): tensorboard, wandb, trackio, mlflow; [] = none
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = field(default_factory=list)
     progress: bool = True
 
 
@@ -71,12 +76,21 @@ def batch_tokens_rule(key: str, batch_tokens: int, token_budget: int) -> list[st
     return []
 
 
+def sft_data_rules(data: SFTDataConfig) -> list[str]:
+    """The constraints between the data fields of an SFT or distillation recipe."""
+    if data.system_prompt and data.text_column:
+        return ["data.system_prompt: set, but data.text_column rows are whole examples without a prompt; the system "
+                "prompt goes before prompt_template's prompts"]
+    return []
+
+
 def sft_rules(recipe: SFTRecipe) -> list[str]:
     """The constraints between an SFT recipe's fields."""
     t = recipe.train
     errors = required_rules(recipe.out_dir, recipe.data.train, recipe.model)
     errors += batch_tokens_rule("train", t.batch_tokens, t.token_budget)
     errors += adam_betas_rule("train.adam_betas", t.adam_betas)
+    errors += sft_data_rules(recipe.data)
     if recipe.model.checkpoint_every != 1:
         errors.append(f"model.checkpoint_every: {recipe.model.checkpoint_every}, but SFT (TRL) recomputes every block "
                       "under model.gradient_checkpointing; only the GRPO trainer takes checkpoint_every")
