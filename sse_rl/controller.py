@@ -19,6 +19,8 @@ weights (none are saved after a fault) and is the one to resume from.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import shutil
 import time
@@ -26,6 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from sse_rl import actors, checkpoint, rollouts, weight_sync
 from sse_rl.config import Recipe
@@ -35,7 +39,8 @@ from sse_rl.eval import evaluate as evaluate_benchmark
 from sse_rl.grpo.advantages import build_advantage_fn
 from sse_rl.grpo.guard import NonFiniteError, RunStopped, StreakLimit
 from sse_rl.grpo.losses import build_loss_agg
-from sse_rl.metrics_log import MetricsLog
+from sse_rl.metrics_log import MetricsLog, completion_rows
+from sse_rl.rewards.calling import TrainerState
 from sse_rl.rewards.pool import RewardResult
 from sse_rl.rollouts import Group, Round, call_seed
 from sse_rl.step_stats import StepStats
@@ -68,6 +73,7 @@ class Controller:
                                        temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p)
         self.probe_ids = [p.ids for p in train_prompts[:recipe.run.probe_prompts]]
         self.actors: actors.Actors | None = None
+        self.log: MetricsLog | None = None  # opened by `run`
         self.skipped = StreakLimit(recipe.train.max_skipped_steps)
         self.empty = StreakLimit(recipe.train.max_empty_steps)
 
@@ -95,19 +101,19 @@ class Controller:
     def run(self, start_step: int) -> Path:
         """Steps start_step+1 .. train.steps with eval/checkpoints; returns the path of the PNG of the curves."""
         c = self.cfg
-        log = MetricsLog(self.run_dir, c.train.steps, start_step, tensorboard=c.run.tensorboard,
-                         progress=c.run.progress)
+        log = self.log = MetricsLog(self.run_dir, c.train.steps, start_step, report_to=c.run.report_to,
+                                    config=dataclasses.asdict(c), progress=c.run.progress)
         step = start_step
         try:
             first = self.sync(step)
             if start_step == 0:
-                log.log(0, {**first, **(self.evaluate() if self.eval_prompts else {}),
+                log.log(0, {**first, **(self.evaluate(0) if self.eval_prompts else {}),
                             **(self.validate(0) if self.val else {})})
             for step in range(start_step + 1, c.train.steps + 1):
                 metrics, drawn = self.step(step)
                 last = step == c.train.steps
                 if self.eval_prompts and (last or (c.eval.every and step % c.eval.every == 0)):
-                    metrics.update(self.evaluate())
+                    metrics.update(self.evaluate(step))
                 if self.val and (last or (c.eval.benchmark_every and step % c.eval.benchmark_every == 0)):
                     metrics.update(self.validate(step))
                 log.log(step, metrics)
@@ -135,12 +141,22 @@ class Controller:
             prompts_per_step=self.cfg.train.prompts_per_step, dynamic=a.dynamic_sampling,
             max_rounds=a.max_sampling_rounds)
         self.check_signal(step, groups)
+        self.log_completions(step, groups)
         if groups:
             metrics.update(self.actors.sleep())
             metrics.update(self.train(step, groups))
             metrics.update(self.sync(step))
         metrics["time/step"] = time.perf_counter() - t0
         return metrics, drawn
+
+    def log_completions(self, step: int, groups: list[Group]) -> None:
+        """run.log_completions completions of the step's kept groups with their scores and advantages
+        (`metrics_log.completion_rows`), drawn from a seed of the step."""
+        n = self.cfg.run.log_completions
+        if n and groups:
+            advantages = self.advantages(torch.tensor([g.rewards for g in groups])).tolist()  # [P][G]
+            rows = completion_rows(step, groups, advantages, n, call_seed(self.cfg.seed, step))
+            self.log.log_completions(step, rows)
 
     def sync(self, step: int) -> dict[str, float]:
         """New weights into the engines, then the probe, checked (`weight_sync.check`); returns their metrics."""
@@ -180,14 +196,17 @@ class Controller:
         t0 = time.perf_counter()
         sampled = self.actors.generate([p.ids for p in prompts], self.sampling, call_seed(self.cfg.seed, step, rnd))
         t1 = time.perf_counter()
-        groups, result = self.score(prompts, sampled)
+        groups, result = self.score(prompts, sampled, step)
         return Round(groups, t1 - t0, time.perf_counter() - t1, result.timeouts, len(result.errors), result.skipped,
-                     result.non_finite)
+                     result.non_finite, result.retried, result.logged)
 
-    def score(self, prompts: list[Prompt], sampled: list[list[Rollout]]) -> tuple[list[Group], RewardResult]:
-        """Grade every completion with the reward pool: one Group per prompt, and the pool's result."""
+    def score(self, prompts: list[Prompt], sampled: list[list[Rollout]],
+              step: int) -> tuple[list[Group], RewardResult]:
+        """Grade every completion with the reward pool (rewards see `step` as TRL's trainer_state.global_step): one
+        Group per prompt, and the pool's result."""
         texts, completions, columns = rollouts.reward_inputs(prompts, sampled)
-        result = self.actors.score(texts, completions, **columns)
+        state = TrainerState(global_step=step, max_steps=self.cfg.train.steps)
+        result = self.actors.score(texts, completions, trainer_state=state, **columns)
         accuracy = self.actors.reward_names[self.cfg.reward.accuracy]
         return rollouts.to_groups(prompts, sampled, result, accuracy), result
 
@@ -207,13 +226,13 @@ class Controller:
                 "throughput/train_tokens_per_s": tokens / seconds}
 
     # ----------------------------------------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, step: int) -> dict[str, float]:
         """Mean reward and accuracy on the held-out prompts (one fixed seed, so every eval draws alike)."""
         c = self.cfg
         prompts = self.eval_prompts[:c.eval.num_prompts or None]
         sampling = SamplingConfig(n=c.eval.samples, max_tokens=c.rollout.max_tokens, temperature=c.eval.temperature)
         sampled = self.actors.generate([p.ids for p in prompts], sampling, call_seed(c.seed, -1))
-        groups, _ = self.score(prompts, sampled)
+        groups, _ = self.score(prompts, sampled, step)
         return {"eval/reward": rollouts.mean([r for g in groups for r in g.rewards]),
                 "eval/accuracy": rollouts.mean([a for g in groups for a in g.accuracy])}
 
@@ -227,7 +246,9 @@ class Controller:
         out = self.run_dir / "val" / f"step_{step:04d}"
         shutil.rmtree(out, ignore_errors=True)  # left by an interrupted attempt at this step
         t0 = time.perf_counter()
-        grader = RewardGrader(self.actors.score, self.actors.reward_names[self.cfg.reward.accuracy])
+        state = TrainerState(global_step=step, max_steps=self.cfg.train.steps)
+        grader = RewardGrader(functools.partial(self.actors.score, trainer_state=state),
+                              self.actors.reward_names[self.cfg.reward.accuracy])
         metrics = evaluate_benchmark(
             self.sample_for_eval, self.val.problems, tokenizer=self.val.tokenizer,
             samples=self.cfg.eval.benchmark_samples, sampling=self.val.sampling, grader=grader,

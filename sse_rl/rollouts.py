@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,6 +55,8 @@ class Round:
     errors: int  # completions the reward pool failed on (scored 0), skipped ones included
     skipped: int = 0  # completions not graded: their reward had timed out max_timeouts times this step (scored 0)
     non_finite: int = 0  # (reward, completion) pairs valued NaN or inf, scored 0 (reward.non_finite "zero")
+    retried: int = 0  # reward calls on several completions that failed and were redone one completion at a time
+    logged: dict[str, list[float]] = field(default_factory=dict)  # what rewards logged with log_metric, by name
 
 
 def call_seed(seed: int, *parts: int) -> int:
@@ -125,17 +127,26 @@ def collect(sampler: EpochSampler, prompts: Sequence[Prompt], sample: Callable[[
 
 
 def round_metrics(rounds: list[Round], kept: int) -> dict[str, float]:
-    """The step's sampling metrics: phase times and pool failures summed over the rounds, then `rollout_metrics`."""
+    """The step's sampling metrics: what rewards logged (`logged_metrics`; a built-in name wins a clash), phase times
+    and pool failures summed over the rounds, then `rollout_metrics`."""
     groups = [g for r in rounds for g in r.groups]
     rollout_s = sum(r.rollout_s for r in rounds)
     generated = sum(len(r.completion_ids) for g in groups for r in g.rollouts)
-    return {"time/rollout": rollout_s, "time/reward": sum(r.reward_s for r in rounds),
+    return {**logged_metrics(rounds), "time/rollout": rollout_s, "time/reward": sum(r.reward_s for r in rounds),
             "reward/timeouts": float(sum(r.timeouts for r in rounds)),
             "reward/errors": float(sum(r.errors for r in rounds)),
             "reward/skipped": float(sum(r.skipped for r in rounds)),
             "reward/non_finite": float(sum(r.non_finite for r in rounds)),
+            "reward/retried": float(sum(r.retried for r in rounds)),
             **rollout_metrics(groups), "sampling/rounds": float(len(rounds)),
             "throughput/rollout_tokens_per_s": generated / rollout_s, "sampling/kept_groups": float(kept)}
+
+
+def logged_metrics(rounds: list[Round]) -> dict[str, float]:
+    """`reward/<name>`: the mean of every value the rewards logged under `name` with TRL's `log_metric` this step
+    (TRL averages a logging step's values the same way)."""
+    names = {name for r in rounds for name in r.logged}
+    return {f"reward/{name}": mean([v for r in rounds for v in r.logged.get(name, [])]) for name in sorted(names)}
 
 
 def rollout_metrics(groups: list[Group]) -> dict[str, float]:
@@ -174,7 +185,7 @@ def batches(groups: list[Group], advantages: Callable[[Tensor], Tensor], loss_ag
         keep = loss_keep_mask([r.finish_reason for _, _, r in items], overlong_filter)  # [S]
         lengths = torch.tensor([len(r.completion_ids) for _, _, r in items]) * keep  # [S]
         weights = (loss_agg(lengths) * keep).tolist()  # [S]
-        seqs = [PackedSequence(g.prompt.ids, r.completion_ids, r.logprobs, a, w)
+        seqs = [PackedSequence(g.prompt.ids, r.completion_ids, r.logprobs, a, w, routes=r.routes)
                 for (g, a, r), w in zip(items, weights)]
         for rank, micro in enumerate(pack(seqs, token_budget, num_ranks)):
             per_rank[rank].append(micro)

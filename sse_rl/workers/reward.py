@@ -1,6 +1,7 @@
-"""The reward worker: owns one `RewardPool` (sandboxed grading processes with hard per-sample timeouts).
+"""The reward worker: owns one `RewardPool` (sandboxed grading processes with hard per-call timeouts).
 
-A reward that hangs is killed at `timeout_s` and scores 0; a grading process that dies is replaced and its sample
+Rewards are called as TRL calls them (`sse_rl.rewards.calling`), with the controller's step as `trainer_state`. A
+reward that hangs is killed at `timeout_s` and scores 0; a grading process that dies is replaced and its sample
 scores 0; both are counted in the result, and the step goes on. A reward function that raises is a bug and stops
 the run with its traceback (RewardFunctionError).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from sse_rl.config import RewardConfig
+from sse_rl.rewards.calling import TrainerState
 from sse_rl.rewards.pool import RewardPool, RewardResult, RewardSpec
 from sse_rl.rewards.sandbox import SandboxConfig
 
@@ -25,9 +27,10 @@ class RewardWorker:
                                max_timeouts=cfg.max_timeouts, zero_non_finite=cfg.non_finite == "zero")
         self.names = list(self.pool.weights)
 
-    def score(self, prompts: list[str], completions: list[str], **columns: list[Any]) -> RewardResult:
+    def score(self, prompts: list[Any], completions: list[str], trainer_state: TrainerState | None = None,
+              **columns: list[Any]) -> RewardResult:
         """`RewardPool.score`: columns are dataset columns by keyword, one value per completion."""
-        return self.pool.score(prompts, completions, **columns)
+        return self.pool.score(prompts, completions, trainer_state=trainer_state, **columns)
 
     def function_names(self) -> list[str]:
         return self.names

@@ -20,6 +20,12 @@ def worker_pid(prompts, completions, **columns):
     return [float(os.getpid()) for _ in completions]
 
 
+def nap(prompts, completions, **columns):
+    """Returns after 2 s: longer than a short probe limit."""
+    time.sleep(2)
+    return [1.0 for _ in completions]
+
+
 def misbehave(prompts, completions, **columns):
     """Acts out what the completion asks for: sleep, hog memory, raise, warn, time out itself, or return junk."""
     out = []
