@@ -66,6 +66,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, T
 from trl import SFTConfig, SFTTrainer
 
 import sse_rl.models  # noqa: F401  (registers SSE-H with the Auto classes)
+from sse_rl.config.describe import recipe_parser
 from sse_rl.config import (
     DistillRecipe,
     LogitsStageConfig,
@@ -377,7 +378,7 @@ def stage_config(recipe: DistillRecipe, stage: str, stage_dir: Path, first_attem
         eval_strategy="steps" if has_eval else "no", eval_steps=r.eval_steps or s.steps,
         eval_on_start=has_eval and first_attempt, prediction_loss_only=True,
         save_strategy="steps" if r.save_steps else "no", save_steps=r.save_steps or 1,
-        save_total_limit=r.keep_checkpoints, report_to=["tensorboard"] if r.tensorboard else [],
+        save_total_limit=r.keep_checkpoints, report_to=list(r.report_to),
         disable_tqdm=not r.progress)
 
 
@@ -466,9 +467,7 @@ def run_distill(recipe: DistillRecipe, out_dir: Path, data: tuple[list, list]) -
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="sse-rl distill", description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", help="distillation recipe YAML, e.g. recipes/tiny_distill_cpu.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. out_dir=runs/d logits.lr=1e-4")
+    parser = recipe_parser("sse-rl distill", __doc__.split("\n\n")[0], DistillRecipe, "recipes/tiny_distill_cpu.yaml")
     return parser.parse_args(argv)
 
 

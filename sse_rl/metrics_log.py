@@ -1,27 +1,38 @@
-"""Run outputs for people: metrics.jsonl (one row per step), TensorBoard, a progress bar, PNG curves at the end.
+"""Run outputs for people: metrics.jsonl (one row per step), sampled completions, the trackers of run.report_to
+(`sse_rl.trackers`: TensorBoard, wandb, trackio, mlflow), a progress bar, PNG curves at the end.
 
 Choices:
 1) Step 0 is "before training" (the first eval row); training step s writes the row {"step": s, ...}.
-2) On resume from checkpoint k, rows after step k (metrics.jsonl and prompts.jsonl) are dropped: they belong to the
-   interrupted attempt and are recomputed, so the files read like one uninterrupted run. TensorBoard purges them too.
+2) On resume from checkpoint k, rows after step k (metrics.jsonl, prompts.jsonl, completions.jsonl) are dropped:
+   they belong to the interrupted attempt and are recomputed, so the files read like one uninterrupted run.
+   TensorBoard purges them too; the other trackers open a new run (`sse_rl.trackers`, choice 3).
 3) The PNG plots whichever of the main curves the run has.
 4) A recipe change accepted on resume is one row per key in recipe_changes.jsonl (step resumed after, key, old, new),
    so the run directory tells what each step was trained with.
+5) `run.log_completions: N` logs N completions of each step's kept groups, drawn at random from a seed of the step
+   (prompt, completion, weighted reward, each reward function's score, advantage), to completions.jsonl and to
+   every tracker as the table "completions": what the policy writes, and what each reward made of it, at a glance.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from sse_rl.trackers import TENSORBOARD_DIR, open_trackers
+
+if TYPE_CHECKING:
+    from sse_rl.rollouts import Group
 
 METRICS_FILE = "metrics.jsonl"
 PROMPTS_FILE = "prompts.jsonl"  # per step: the dataset rows drawn (all sampling rounds), for audits of the data order
+COMPLETIONS_FILE = "completions.jsonl"  # run.log_completions rows per step (choice 5)
 CURVES_FILE = "curves.png"
-TENSORBOARD_DIR = "tensorboard"
 RECIPE_CHANGES_FILE = "recipe_changes.jsonl"
-OUTPUTS = (METRICS_FILE, PROMPTS_FILE, CURVES_FILE, TENSORBOARD_DIR, RECIPE_CHANGES_FILE)
+OUTPUTS = (METRICS_FILE, PROMPTS_FILE, COMPLETIONS_FILE, CURVES_FILE, TENSORBOARD_DIR, RECIPE_CHANGES_FILE)
 # (title, metric keys) per panel of the PNG
 PANELS = [
     ("reward", ["reward/mean", "eval/reward"]), ("accuracy", ["accuracy"]),
@@ -56,18 +67,16 @@ def _keep_rows_up_to(run_dir: Path, name: str, step: int) -> None:
 
 
 class MetricsLog:
-    """Append-only metrics of one run (see module doc for resume behaviour)."""
+    """Append-only metrics of one run (see module doc for resume behaviour), sent to the trackers of `report_to`;
+    `config` (the resolved recipe) becomes each tracker run's config."""
 
-    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int, *, tensorboard: bool, progress: bool):
+    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int, *, report_to: list[str],
+                 config: dict[str, Any], progress: bool):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
-        for name in (METRICS_FILE, PROMPTS_FILE):
+        for name in (METRICS_FILE, PROMPTS_FILE, COMPLETIONS_FILE):
             _keep_rows_up_to(self.run_dir, name, start_step)
-        self._writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
+        self.trackers = open_trackers(report_to, self.run_dir, start_step, config)
         self._bar = None
         if progress:
             from tqdm import tqdm
@@ -75,13 +84,18 @@ class MetricsLog:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step", dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        values = {k: float(v) for k, v in metrics.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self._writer is not None:
-            for key, value in metrics.items():
-                self._writer.add_scalar(key, value, step)
-            self._writer.flush()
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        for tracker in self.trackers:
+            tracker.log(step, values)
+
+    def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Sampled completions of a step (`completion_rows`) to completions.jsonl and each tracker's table."""
+        with open(self.run_dir / COMPLETIONS_FILE, "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        for tracker in self.trackers:
+            tracker.log_table(step, "completions", rows)
 
     def log_prompts(self, step: int, indices: list[int]) -> None:
         with open(self.run_dir / PROMPTS_FILE, "a") as f:
@@ -99,9 +113,21 @@ class MetricsLog:
         """Flush everything and draw the PNG; returns its path."""
         if self._bar is not None:
             self._bar.close()
-        if self._writer is not None:
-            self._writer.close()
+        for tracker in self.trackers:
+            tracker.close()
         return plot_curves(self.run_dir)
+
+
+def completion_rows(step: int, groups: list[Group], advantages: list[list[float]], n: int,
+                    seed: int) -> list[dict[str, Any]]:
+    """`n` completions of the step's kept groups drawn without replacement from `seed`, in group order: step,
+    prompt, completion, weighted reward, each reward function's score (under its name, as TRL's table has it) and
+    the advantage (`advantages[group][completion]`)."""
+    pairs = [(i, k) for i, g in enumerate(groups) for k in range(len(g.rollouts))]
+    chosen = sorted(random.Random(seed).sample(pairs, min(n, len(pairs))))
+    return [{"step": step, "prompt": groups[i].prompt.text, "completion": groups[i].rollouts[k].text,
+             "reward": groups[i].rewards[k], **{name: v[k] for name, v in groups[i].per_function.items()},
+             "advantage": advantages[i][k]} for i, k in chosen]
 
 
 def plot_curves(run_dir: str | Path) -> Path:

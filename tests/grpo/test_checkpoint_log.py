@@ -48,13 +48,13 @@ def test_rng_state_round_trip():
 
 
 def test_metrics_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
-    log = MetricsLog(tmp_path, total_steps=5, start_step=0, tensorboard=True, progress=False)
+    log = MetricsLog(tmp_path, total_steps=5, start_step=0, report_to=["tensorboard"], config={}, progress=False)
     log.log(0, {"eval/reward": 0.1})
     for step in range(1, 5):
         log.log(step, {"reward/mean": step / 10, "train/loss": 1.0 - step / 10})
     log.close()
     # resumed from checkpoint 2: rows 3 and 4 belong to the interrupted attempt
-    log = MetricsLog(tmp_path, total_steps=5, start_step=2, tensorboard=False, progress=False)
+    log = MetricsLog(tmp_path, total_steps=5, start_step=2, report_to=[], config={}, progress=False)
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]
     log.log(3, {"reward/mean": 0.33})
     png = log.close()

@@ -70,7 +70,7 @@ def _run(tmp_path: Path, fake: FakeActors, steps: int = 6, dynamic_sampling: boo
     recipe.train.steps, recipe.train.prompts_per_step = steps, 4
     for key, value in train.items():
         setattr(recipe.train, key, value)
-    recipe.run.save_every, recipe.run.tensorboard, recipe.run.progress = 2, False, False
+    recipe.run.save_every, recipe.run.report_to, recipe.run.progress = 2, [], False
     controller = Controller(recipe, tmp_path, "policy", PROMPTS, [])
     controller.actors = fake
     controller.run(0)

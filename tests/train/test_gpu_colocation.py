@@ -26,7 +26,7 @@ def run_rows(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("colocated")
     main([str(RECIPE), f"out_dir={out}", "rollout.num_gpus_per_engine=0.4", "train.num_gpus_per_trainer=0.5",
           "rollout.sleep_level=2", f"rollout.gpu_memory_utilization={ENGINE_SHARE}", "rollout.enforce_eager=false",
-          "train.steps=4", "eval.every=0", "run.save_every=0", "run.tensorboard=false"])
+          "train.steps=4", "eval.every=0", "run.save_every=0", "run.report_to=[]"])
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -33,7 +33,7 @@ def run(tmp_path_factory) -> Path:
     args = [f"out_dir={out}", "train.steps=3", "train.prompts_per_step=8", "data.eval=", "eval.num_prompts=0",
             f"eval.benchmark={data}", f"eval.benchmark_samples={SAMPLES}", "eval.benchmark_every=2",
             "eval.benchmark_temperature=1.0", "eval.benchmark_top_p=1.0", "run.save_every=0",
-            "run.tensorboard=false", "run.progress=false"]
+            "run.report_to=[]", "run.progress=false"]
     proc = subprocess.run([sys.executable, "-m", "sse_rl.train", TINY, *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
