@@ -9,6 +9,9 @@
   (`configuration.sse_state_shape` per sequence), attention layers their K/V. Works with `generate` (greedy,
   sampling, beam search).
 - Loss: next-token cross entropy + aux_loss_coef * sum of the SSE layers' router balance losses (training mode).
+- `config.lm_head_fp32` (an attribute the RL trainer and `hf_overrides` set; absent = off): the final norm returns
+  fp32 and the LM head runs in fp32 with autocast off (`lm_head_logits`), so the logits carry no bf16 rounding (a
+  model loaded in bf16 upcasts its head weights for the matmul).
 """
 from __future__ import annotations
 
@@ -86,6 +89,17 @@ class SSEHCausalLMOutput(MoeCausalLMOutputWithPast):
     routes [B, T, num SSE layers, K] in `layers.route_dtype` (uint8 for fewer than 255 partitions)."""
 
     routes: Tensor | None = None
+
+
+def lm_head_logits(lm_head: nn.Module, hidden: Tensor, fp32: bool) -> Tensor:
+    """Logits [..., V] of hidden states [..., D]; with `fp32`, in fp32 with autocast off, whatever the surrounding
+    compute dtype (`config.lm_head_fp32`; the trainer calls this for any causal LM's head)."""
+    if not fp32:
+        return lm_head(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
+        if lm_head.weight.dtype == torch.float32:  # the trainer's masters (an fsdp2 unit unshards them in its call)
+            return lm_head(hidden.float())
+        return nn.functional.linear(hidden.float(), lm_head.weight.float())  # a model loaded in bf16: upcast
 
 
 def check_routes_values(routes: Tensor, num_partitions: int) -> None:
@@ -207,7 +221,8 @@ class SSEHModel(SSEHPreTrainedModel):
             aux_loss = aux_loss + aux
             if chosen and chosen[0] is not None:
                 used.append(chosen[0])
-        hidden = self.norm(hidden)
+        # RMSNorm computes in fp32 and returns the input's dtype: an fp32 input keeps its output unrounded
+        hidden = self.norm(hidden.float() if getattr(self.config, "lm_head_fp32", False) else hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
         out_routes = None
@@ -294,7 +309,7 @@ class SSEHForCausalLM(SSEHPreTrainedModel, GenerationMixin):
                          cu_seqlens=cu_seqlens, output_hidden_states=output_hidden_states, routes=routes,
                          output_routes=output_routes)
         hidden = out.last_hidden_state if logits_to_keep == 0 else out.last_hidden_state[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)  # [B, T, V]
+        logits = lm_head_logits(self.lm_head, hidden, getattr(self.config, "lm_head_fp32", False))  # [B, T, V]
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,

@@ -6,6 +6,11 @@ are stacked into `qkv_proj` / `gate_up_proj` here, and an SSE layer's replicated
 (`stacked_target`).
 `load_weights` takes any subset, any number of times (RL weight updates), returns the vLLM names it loaded, and
 raises on a name it cannot place.
+
+`hf_overrides={"lm_head_fp32": True}` (issue #28) computes the final norm and the LM head in fp32 from fp32 weights,
+as the RL trainer does with `model.lm_head_fp32`: the model returns fp32 hidden states and `compute_logits` runs its
+own fp32 matmul (vLLM's `head_dtype` differs between releases and rounds the hidden states to the model dtype on
+CUDA). It costs an fp32 copy of the LM head (twice its bf16 memory) and an fp32 matmul per sampled position.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_gather
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -175,7 +180,9 @@ class SSEHModel(nn.Module):
         self.start_layer, self.end_layer, self.layers = make_layers(
             config.num_hidden_layers, lambda prefix: SSEHDecoderLayer(vllm_config, prefix),
             prefix=f"{prefix}.layers")
-        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.norm_fp32 = getattr(config, "lm_head_fp32", False)
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps,
+                            dtype=torch.float32 if self.norm_fp32 else None)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embeddings(input_ids)
@@ -187,8 +194,15 @@ class SSEHModel(nn.Module):
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual)
+        if self.norm_fp32:
+            return self._norm_fp32(hidden_states + residual)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
+
+    def _norm_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """The final RMSNorm in fp32 with its fp32 weight, as the HF model's with `lm_head_fp32`: [T, D] fp32."""
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.norm.variance_epsilon) * self.norm.weight
 
 
 def stacked_target(name: str, attn_layers: set[int],
@@ -232,7 +246,12 @@ class SSEHForCausalLM(nn.Module, HasInnerState, IsHybrid):
         self.attn_layers = set(config.attn_layers)
         self.x_parts = x_proj_parts(config)
         self.model = SSEHModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
+        self.lm_head_fp32 = getattr(config, "lm_head_fp32", False)
+        if self.lm_head_fp32 and config.tie_word_embeddings:
+            raise NotImplementedError("lm_head_fp32 keeps an fp32 LM head apart from the embeddings; this checkpoint "
+                                      "ties them (tie_word_embeddings): leave lm_head_fp32 off")
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"),
+                                      params_dtype=torch.float32 if self.lm_head_fp32 else None)
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embeddings)
         self.logits_processor = LogitsProcessor(config.vocab_size)
@@ -251,7 +270,16 @@ class SSEHForCausalLM(nn.Module, HasInnerState, IsHybrid):
         # Runs eagerly once per forward (outside CUDA graphs), after the SSE layers wrote this step's routes.
         if self.route_recorder is not None:
             self.route_recorder.collect()
+        if self.lm_head_fp32:
+            return self._logits_fp32(hidden_states)
         return self.logits_processor(self.lm_head, hidden_states)
+
+    def _logits_fp32(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits [T, V] fp32 from fp32 hidden states and the fp32 LM head (module doc), gathered over TP ranks."""
+        logits = torch.nn.functional.linear(hidden_states.float(), self.lm_head.weight)  # [T, V_padded / TP]
+        if self.lm_head.tp_size > 1:
+            logits = tensor_model_parallel_all_gather(logits)
+        return logits[..., :self.config.vocab_size]
 
     def _route_recorder(self, vllm_config: VllmConfig) -> RouteRecorder:
         """One recorder shared by the SSE layers, its step buffer as large as the largest step."""
