@@ -108,6 +108,10 @@ class EngineSpec:
     cpu_kvcache_space_gib: int | None = None  # VLLM_CPU_KVCACHE_SPACE where the environment sets none; None = vLLM's
     # None = vLLM's choice, which is its Ray executor inside a Ray placement group (a training engine sets "mp")
     distributed_executor_backend: str | None = None
+    # SSE-H plugin options, passed as hf_overrides (`docs/sse_layer.md`, issue #28): record every SSE layer's
+    # partitions per token (the training engine returns them with its rollouts); LM head and final norm in fp32
+    record_routes: bool = False
+    lm_head_fp32: bool = False
 
     def for_rank(self, rank: int) -> EngineSpec:
         """The spec of engine `rank` of several: its own seed (choice 1)."""
@@ -121,6 +125,9 @@ class EngineSpec:
 
         args = asdict(self)
         del args["cpu_kvcache_space_gib"]
+        overrides = {key: True for key in ("record_routes", "lm_head_fp32") if args.pop(key)}
+        if overrides:
+            args["hf_overrides"] = overrides
         return LLM(**args, **training)
 
 
@@ -130,6 +137,11 @@ class Engine:
 
     def __init__(self, spec: EngineSpec, **training: Any) -> None:
         self.llm = spec.build(**training)
+        self.record_routes = spec.record_routes
+        if spec.record_routes:  # the plugin files each request's routes from now on (`take_routes` reads them)
+            from sse_rl.models.vllm.model import enable_route_recording
+
+            self.llm.collective_rpc(enable_route_recording)
 
     def ready(self) -> bool:
         return True

@@ -246,7 +246,8 @@ def engine_spec(recipe: Recipe, model_path: str) -> EngineSpec:
                       max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
                       enforce_eager=r.enforce_eager, seed=recipe.seed, max_num_seqs=r.max_num_seqs,
                       cpu_kvcache_space_gib=r.cpu_kvcache_space_gib,
-                      distributed_executor_backend="mp" if r.tensor_parallel_size > 1 else None)
+                      distributed_executor_backend="mp" if r.tensor_parallel_size > 1 else None,
+                      record_routes=r.record_routes, lm_head_fp32=recipe.model.lm_head_fp32)
 
 
 def _start_engines(recipe: Recipe, model_path: str, placement: list[dict[str, Any]]) -> list[Any]:
@@ -264,4 +265,5 @@ def _start_trainers(recipe: Recipe, model_path: str, placement: list[dict[str, A
         model_path, rank=r, world_size=c.train.num_trainers, train=c.train, algo=c.algo,
         temperature=c.rollout.temperature, seed=c.seed, dtype=c.model.dtype,
         gradient_checkpointing=c.model.gradient_checkpointing, checkpoint_every=c.model.checkpoint_every,
+        lm_head_fp32=c.model.lm_head_fp32,
     ) for r in range(c.train.num_trainers)]

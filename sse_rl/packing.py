@@ -7,14 +7,20 @@ Choices:
    budget gets a micro-batch of its own rather than failing the step.
 3) Micro-batches are dealt to ranks largest first onto the rank with the fewest tokens, so ranks finish together.
 4) Everything the loss needs per completion token is flattened here (`targets`, `target_pos`, logprobs,
-   advantages, weights), so the trainer only gathers logits at `target_pos`.
+   advantages, weights, position in the response), so the trainer only gathers logits at `target_pos`.
+5) The engine's recorded SSE routes (issue #28) travel per input position, aligned with `input_ids`: [1, L, S, K]
+   uint8, NO_ROUTE wherever a sequence has none (the last sampled token, prefix-cache hits, a sequence without a
+   record); a micro-batch none of whose sequences has routes carries None.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from sse_rl.models.layers import NO_ROUTE
 
 
 @dataclass
@@ -26,6 +32,8 @@ class Sequence:
     rollout_logprobs: list[float]  # engine logprob of each completion token
     advantage: float
     weight: float  # loss weight of each of its completion tokens (aggregation); 0 = no loss
+    # the engine's SSE partitions per position of prompt + completion, uint8 [<= len, S, K] (choice 5); None = none
+    routes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)
@@ -42,6 +50,8 @@ class MicroBatch:
     advantages: Tensor  # [N] fp32
     weights: Tensor  # [N] fp32
     seq_ids: Tensor  # [N] int64 sequence index within this micro-batch
+    response_pos: Tensor  # [N] int64 position of each completion token in its response (0 = the first)
+    routes: Tensor | None = None  # [1, L, S, K] uint8 engine routes aligned with input_ids (choice 5)
     aux_weight: float = 1.0  # this micro-batch's share of all packed tokens (weights the router aux loss)
 
     @property
@@ -71,9 +81,24 @@ def _bins(lengths: list[int], budget: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
+def _routes(seqs: list[Sequence], length: int) -> Tensor | None:
+    """The sequences' routes laid back to back as their tokens are: [1, L, S, K], NO_ROUTE where none (choice 5)."""
+    recorded = [s.routes for s in seqs if s.routes is not None]
+    if not recorded:
+        return None
+    out = np.full((length, *recorded[0].shape[1:]), NO_ROUTE, dtype=np.uint8)  # [L, S, K]
+    start = 0
+    for seq in seqs:
+        if seq.routes is not None:
+            n = min(len(seq.routes), len(seq))
+            out[start:start + n] = seq.routes[:n]
+        start += len(seq)
+    return torch.from_numpy(out)[None]
+
+
 def _collate(seqs: list[Sequence]) -> MicroBatch:
     ids, pos, bounds = [], [], [0]
-    target_pos, targets, logp, adv, weights, seq_ids = [], [], [], [], [], []
+    target_pos, targets, logp, adv, weights, seq_ids, response_pos = [], [], [], [], [], [], []
     for s, seq in enumerate(seqs):
         start, n_prompt = bounds[-1], len(seq.prompt_ids)
         if not seq.completion_ids or n_prompt == 0:
@@ -89,13 +114,15 @@ def _collate(seqs: list[Sequence]) -> MicroBatch:
         adv += [seq.advantage] * len(seq.completion_ids)
         weights += [seq.weight] * len(seq.completion_ids)
         seq_ids += [s] * len(seq.completion_ids)
+        response_pos += range(len(seq.completion_ids))
     long, f32 = torch.long, torch.float32
     return MicroBatch(
         input_ids=torch.tensor([ids], dtype=long), position_ids=torch.tensor([pos], dtype=long),
         cu_seqlens=torch.tensor(bounds, dtype=long), target_pos=torch.tensor(target_pos, dtype=long),
         targets=torch.tensor(targets, dtype=long), rollout_logp=torch.tensor(logp, dtype=f32),
         advantages=torch.tensor(adv, dtype=f32), weights=torch.tensor(weights, dtype=f32),
-        seq_ids=torch.tensor(seq_ids, dtype=long),
+        seq_ids=torch.tensor(seq_ids, dtype=long), response_pos=torch.tensor(response_pos, dtype=long),
+        routes=_routes(seqs, len(ids)),
     )
 
 
@@ -108,6 +135,9 @@ def pack(seqs: list[Sequence], token_budget: int, num_ranks: int = 1) -> list[li
         if len(s.rollout_logprobs) != len(s.completion_ids):
             raise ValueError(f"a sequence has {len(s.completion_ids)} completion tokens but "
                              f"{len(s.rollout_logprobs)} rollout logprobs")
+        if s.routes is not None and (s.routes.ndim != 3 or len(s.routes) > len(s)):
+            raise ValueError(f"a sequence of {len(s)} tokens has routes of shape {s.routes.shape}; expected "
+                             "[positions <= tokens, SSE layers, K]")
     bins = _bins([len(s) for s in seqs], token_budget)
     micro = [_collate([seqs[i] for i in b]) for b in bins]
     total = sum(m.num_tokens for m in micro)

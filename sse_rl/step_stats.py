@@ -7,11 +7,14 @@ Where the fields come from:
    of them in one go (`on_host`: each read of a device value waits for the GPU), and sets the step's own fields:
    gradient norm, update counts, lr, where its time went, GPU memory.
 3) The controller merges the ranks (`merge`, rank 0 first) and logs `to_metrics()`, the train/* and time/train_*
-   rows of metrics.jsonl.
+   rows of metrics.jsonl, and the mismatch/* rows (`sse_rl.grpo.mismatch`: |rollout - trainer logprob| over the
+   tokens that carry loss weight, its p99 from a summed histogram, by position in the response, the sequence-level
+   KL estimates, and the route-flip rate where the engines record routes).
 How ranks combine (`Combine`): SUM for token counts and sums over tokens (the loss weights already normalise the
 loss over the whole mini-batch, so the sums over ranks are the single-process values); MAX / MIN for extremes and
 for per-rank timings and memory (the slowest rank, the fullest GPU); RANK0 for values every rank holds alike (the
-all-reduced gradient norm, update counts, the scheduler's lr).
+all-reduced gradient norm, update counts, the scheduler's lr). A vector field (a histogram) sums elementwise; a
+field no part measured (None) is left out of the combination.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from sse_rl.grpo.mismatch import BUCKET_NAMES, quantile
 
 
 class Combine(Enum):
@@ -52,6 +57,8 @@ def _stat(default: float | None, how: Combine) -> Any:
 
 # A float, or a 0-d fp32 tensor while the value is still on the trainer's device.
 Value = float | Tensor
+# A 1-d fp32 tensor (on the trainer's device, then on the host's CPU), or None where nothing was measured.
+Vector = Tensor | None
 
 
 @dataclass(slots=True)
@@ -68,6 +75,15 @@ class StepStats:
     is_min: Value = _stat(math.inf, Combine.MIN)
     mismatch_sum: Value = _stat(0.0, Combine.SUM)  # |log pi_old - log pi_rollout|, summed over tokens
     kl_sum: Value = _stat(0.0, Combine.SUM)  # k3 KL to the reference, summed over tokens (0 without a KL term)
+    # The rollout/trainer mismatch over tokens with loss weight (`sse_rl.grpo.mismatch`), per micro-batch.
+    mismatch_hist: Vector = _stat(None, Combine.SUM)  # [E+1] |log pi_old - log pi_rollout| histogram
+    mismatch_pos_sum: Vector = _stat(None, Combine.SUM)  # [4] sum of |delta| per response-position bucket
+    mismatch_pos_tokens: Vector = _stat(None, Combine.SUM)  # [4] tokens per response-position bucket
+    mismatch_sequences: Value = _stat(0.0, Combine.SUM)  # sequences with loss weight
+    seq_kl_k1_sum: Value = _stat(0.0, Combine.SUM)  # sum over tokens of log(pi_rollout / pi_old)
+    seq_kl_k3_sum: Value = _stat(0.0, Combine.SUM)  # sum over tokens of r - 1 - log r, r = pi_old / pi_rollout
+    route_pairs: Value = _stat(0.0, Combine.SUM)  # (token, SSE layer) pairs the engine recorded
+    route_flips: Value = _stat(0.0, Combine.SUM)  # of those, pairs whose partition set the trainer did not use
     # The trainer's forward, per micro-batch.
     entropy_sum: Value = _stat(0.0, Combine.SUM)
     aux_sum: Value = _stat(0.0, Combine.SUM)  # router balance loss, weighted by the micro-batch's token share
@@ -96,12 +112,15 @@ class StepStats:
                       for f in fields(cls)})
 
     def on_host(self) -> StepStats:
-        """The same statistics with every device value read as a float, all in one read."""
-        names = [f.name for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
-        if not names:
+        """The same statistics with every device value read, all in one read: scalars as floats, vectors as CPU
+        tensors."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        if not tensors:
             return self
-        values = torch.stack([getattr(self, name) for name in names]).tolist()
-        return dataclasses.replace(self, **dict(zip(names, values)))
+        flat = torch.cat([t.detach().float().reshape(-1) for t in tensors.values()]).cpu()
+        parts = flat.split([t.numel() for t in tensors.values()])
+        return dataclasses.replace(self, **{name: part.item() if t.dim() == 0 else part
+                                            for (name, t), part in zip(tensors.items(), parts)})
 
     def to_metrics(self) -> dict[str, float]:
         """The metrics.jsonl entries of stats merged over ranks: per-token means of the sums, per-update means."""
@@ -120,13 +139,33 @@ class StepStats:
                "time/train_release": self.time_release}
         if self.kl_sum:
             out["train/kl"] = self.kl_sum / tokens
+        out.update(self._mismatch_metrics())
         if self.gpu_free_gib is not None:
             out.update({"train/gpu_free_gib": self.gpu_free_gib, "train/gpu_peak_gib": self.gpu_peak_gib,
                         "train/gpu_kept_gib": self.gpu_kept_gib, "train/gpu_alloc_retries": self.gpu_alloc_retries})
         return out
 
+    def _mismatch_metrics(self) -> dict[str, float]:
+        """mismatch/*: |delta logprob| mean, p99 and mean per response-position bucket, sequence-level KL estimates,
+        and the route-flip rate where routes were recorded (module doc)."""
+        out = {"mismatch/route_flip_rate": self.route_flips / self.route_pairs} if self.route_pairs else {}
+        tokens = 0.0 if self.mismatch_pos_tokens is None else float(self.mismatch_pos_tokens.sum())
+        if not tokens:
+            return out
+        key, seqs = "mismatch/abs_logprob_diff", self.mismatch_sequences
+        out.update({f"{key}/mean": float(self.mismatch_pos_sum.sum()) / tokens,
+                    f"{key}/p99": quantile(self.mismatch_hist, 0.99), "mismatch/tokens": tokens,
+                    "mismatch/seq_kl_k1": self.seq_kl_k1_sum / seqs, "mismatch/seq_kl_k3": self.seq_kl_k3_sum / seqs})
+        for name, total, count in zip(BUCKET_NAMES, self.mismatch_pos_sum.tolist(), self.mismatch_pos_tokens.tolist()):
+            if count:
+                out[f"{key}/{name}"] = total / count
+        return out
+
 
 def _combine(how: Combine, values: list[Any]) -> Any:
-    if how is Combine.RANK0 or values[0] is None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    if how is Combine.RANK0:
         return values[0]
     return functools.reduce(_OPS[how], values)

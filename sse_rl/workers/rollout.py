@@ -25,6 +25,10 @@ Choices:
    there is one), removed when the update returns or fails. An engine killed during an update (SIGKILL, ray.kill,
    the end of a run) runs no clean-up, so every rollout worker first removes the staging folders whose process is
    gone (`remove_stale_staging`): a leftover copy of the model in /dev/shm lasts until the next engine starts.
+9) With `EngineSpec.record_routes` the engine records every SSE layer's partitions (the plugin's route recorder,
+   `docs/sse_layer.md`) and each rollout carries its sequence's record (prompt + completion, NO_ROUTE at the last
+   sampled token): 1 byte per token, SSE layer and k. Each call takes every record the engine holds, so those of
+   calls that return no rollouts (the weight-sync probe) are dropped there.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from sse_rl.config import SamplingConfig
@@ -54,6 +59,8 @@ class Rollout:
     logprobs: list[float]  # engine logprob of each completion token
     text: str
     finish_reason: str  # "stop" (EOS / stop token) or "length" (hit max_tokens)
+    # with route recording (choice 9): uint8 [len(prompt) + len(completion) - 1, SSE layers, K]; else None
+    routes: np.ndarray | None = None
 
 
 def request_params(sampling: SamplingConfig) -> Any:
@@ -122,7 +129,21 @@ class RolloutWorker(Engine):
         texts = self.llm.get_tokenizer().batch_decode(ids, skip_special_tokens=True,
                                                       clean_up_tokenization_spaces=False)
         made = iter(map(self._rollout, [c for out in outputs for c in out.outputs], ids, texts))
-        return [[next(made) for _ in out.outputs] for out in outputs]
+        rollouts = [[next(made) for _ in out.outputs] for out in outputs]
+        if self.record_routes:
+            self._attach_routes(outputs, rollouts)
+        return rollouts
+
+    def _attach_routes(self, outputs: list[Any], rollouts: list[list[Rollout]]) -> None:
+        """Give each rollout its sequence's recorded routes (choice 9): tensor-parallel ranks route alike, so rank
+        0's; keys as the plugin files them (`{i}_{request id}` for sample i of n > 1)."""
+        from sse_rl.models.vllm.model import take_routes
+
+        recorded = self.llm.collective_rpc(take_routes)[0]
+        for out, group in zip(outputs, rollouts):
+            for completion, rollout in zip(out.outputs, group):
+                key = out.request_id if len(out.outputs) == 1 else f"{completion.index}_{out.request_id}"
+                rollout.routes = recorded[key]
 
     @staticmethod
     def _rollout(completion: Any, ids: list[int], text: str) -> Rollout:

@@ -40,9 +40,17 @@ Choices:
    saves a quarter of its compute per micro-batch and keeps its activations, so the setting trades memory for speed.
 13) On CUDA the trainer allocates from expandable segments (`cuda_alloc`): micro-batches of many sizes otherwise
    fragment the cache by gigabytes, which a GPU shared with a sleeping engine does not have to spare.
+14) The rollout/trainer mismatch is measured in every micro-step against pi_old over the tokens with loss weight
+   (`sse_rl.grpo.mismatch`), and where the micro-batch carries the engine's routes the SSE-H forward also returns
+   the partitions it used, compared with the engine's (the route-flip rate). `algo.routing_replay` passes the
+   engine's routes into the forward (pi_old, the reference and the updates alike), so the trainer's SSE layers
+   write where the engine's did; their weights stay the trainer's router probabilities.
+15) `model.lm_head_fp32`: the final norm (SSE-H) and the LM head run in fp32 with autocast off; under fsdp2 both
+   are units of their own with an fp32 compute policy, so their weights are never cast to bf16.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -60,8 +68,10 @@ from torch.distributed.tensor import DTensor
 
 from sse_rl import checkpoint, rendezvous
 from sse_rl.config import AlgoConfig, TrainConfig
+from sse_rl.grpo import mismatch
 from sse_rl.grpo.logprobs import logprobs_and_entropy
 from sse_rl.grpo.losses import LossInputs, PolicyLoss
+from sse_rl.models.modeling import lm_head_logits
 from sse_rl.packing import MicroBatch, Sequence, pack
 from sse_rl.step_stats import StepStats
 from sse_rl.workers import cuda_alloc
@@ -92,8 +102,9 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
     return fn
 
 
-def _shard(model: torch.nn.Module, mp: MixedPrecisionPolicy) -> None:
-    """fully_shard each SSEHBlock, then the backbone (embeddings, final norm) and the lm_head, on one flat mesh."""
+def _shard(model: torch.nn.Module, mp: MixedPrecisionPolicy, fp32_head: bool = False) -> None:
+    """fully_shard each SSEHBlock, then the backbone (embeddings, final norm) and the lm_head, on one flat mesh; with
+    `fp32_head` the final norm and the lm_head are units computed in fp32 (choice 15)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     if model.config.tie_word_embeddings:
@@ -101,9 +112,12 @@ def _shard(model: torch.nn.Module, mp: MixedPrecisionPolicy) -> None:
                          "shards as separate units; use train.strategy=ddp for this model")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = init_device_mesh(device, (dist.get_world_size(),))
-    units = [*model.model.layers, model.model, model.lm_head]
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    norm = [model.model.norm] if fp32_head else []  # a unit of its own (inside the backbone's) for its policy
+    units = [*model.model.layers, *norm, model.model, model.lm_head]
     for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=mp)
+        head = fp32_head and (unit is model.lm_head or unit is model.model.norm)
+        fully_shard(unit, mesh=mesh, mp_policy=fp32 if head else mp)
     for unit in units:  # sum, not mean: the loss weights are already normalised (plain SUM: gloo has no PREMUL_SUM)
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)
@@ -148,7 +162,8 @@ class TrainerWorker:
     """Made a Ray actor by the controller; all ranks receive the same calls with their own micro-batches."""
 
     def __init__(self, model_path: str, *, rank: int, world_size: int, train: TrainConfig, algo: AlgoConfig,
-                 temperature: float, seed: int, dtype: str, gradient_checkpointing: bool, checkpoint_every: int = 1):
+                 temperature: float, seed: int, dtype: str, gradient_checkpointing: bool, checkpoint_every: int = 1,
+                 lm_head_fp32: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         import sse_rl.models  # noqa: F401  (registers SSE-H with the Auto classes)
@@ -165,6 +180,12 @@ class TrainerWorker:
         self.mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.sse = self.model.config.model_type == "sse_h"
+        if algo.routing_replay and not self.sse:
+            raise ValueError(f"algo.routing_replay replays SSE-H routes; the policy is a "
+                             f"{self.model.config.model_type!r} model")
+        self.routing_replay, self.lm_head_fp32 = algo.routing_replay, lm_head_fp32
+        self.model.config.lm_head_fp32 = lm_head_fp32  # SSE-H's final norm (`lm_head_logits` is the head's)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             layers = self.model.model.layers
@@ -180,6 +201,7 @@ class TrainerWorker:
         if algo.kl_coef > 0:
             self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device).eval()
             self.ref.requires_grad_(False)
+            self.ref.config.lm_head_fp32 = lm_head_fp32
         self.train_cfg = train
         self.loss_fn = PolicyLoss(eps_low=algo.clip_eps_low, eps_high=algo.clip_eps_high, kl_coef=algo.kl_coef,
                                   is_correction=algo.is_correction, is_cap=algo.is_cap)
@@ -224,7 +246,7 @@ class TrainerWorker:
         if self.fsdp:
             for model in (self.model, self.ref):
                 if model is not None:
-                    _shard(model, self.mp)
+                    _shard(model, self.mp, self.lm_head_fp32 and self.sse)
         t = self.train_cfg  # the optimizer holds the (sharded) parameters, so it is built after sharding
         # fused: one kernel per parameter group on the GPU instead of a dozen passes of foreach kernels
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
@@ -236,18 +258,21 @@ class TrainerWorker:
             self._compile_now()
 
     # ----------------------------------------------------------------------------------------------------------
-    def _forward(self, model: torch.nn.Module, mb: MicroBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """(completion-token logprobs [N], aux loss [], entropy sum []) of one packed micro-batch."""
-        packed = {"cu_seqlens": mb.cu_seqlens} if model.config.model_type == "sse_h" else {}
+    def _forward(self, model: torch.nn.Module, mb: MicroBatch) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(completion-token logprobs [N], aux loss [], entropy sum [], SSE partitions used [1, L, S, K] or None) of
+        one packed micro-batch; the partitions only where it carries the engine's routes (choice 14)."""
+        packed = {"cu_seqlens": mb.cu_seqlens} if self.sse else {}
+        if self.sse and mb.routes is not None:
+            packed.update(output_routes=True, routes=mb.routes if self.routing_replay else None)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             out = model.model(input_ids=mb.input_ids, position_ids=mb.position_ids,
                               use_cache=False, **packed)
             hidden = out.last_hidden_state[0, mb.target_pos]  # [N, D]
-            logits = model.lm_head(hidden)  # [N, V]
+            logits = lm_head_logits(model.lm_head, hidden, fp32=self.lm_head_fp32)  # [N, V]
         logp, ent = self.head(logits, mb.targets, self.temperature)  # [N] fp32 each
         aux = getattr(out, "aux_loss", None)
         aux = torch.zeros((), device=self.device) if aux is None else aux.float()
-        return logp, aux, ent.sum()
+        return logp, aux, ent.sum(), getattr(out, "routes", None)
 
     @torch.no_grad()
     def _logprobs(self, model: torch.nn.Module, mb: MicroBatch) -> Tensor:
@@ -260,14 +285,23 @@ class TrainerWorker:
 
     def _micro_step(self, mb: MicroBatch, extra: _Extra) -> StepStats:
         """Forward + backward of one micro-batch; returns its statistics (detached scalars on the device)."""
-        logp, aux, ent = self._forward(self.model, mb)
+        logp, aux, ent, routes = self._forward(self.model, mb)
         x = LossInputs(logp=logp, old_logp=logp.detach() if extra.old_logp is None else extra.old_logp,
                        rollout_logp=mb.rollout_logp, advantages=mb.advantages, weights=mb.weights,
                        seq_ids=mb.seq_ids, ref_logp=extra.ref_logp)
         loss, stats = self.loss_fn(x)
         (loss + self.aux_coef * mb.aux_weight * aux).backward()
         stats.entropy_sum, stats.aux_sum = ent, aux.detach() * mb.aux_weight
-        return stats
+        return self._measure(stats, x, mb, routes)
+
+    @staticmethod
+    def _measure(stats: StepStats, x: LossInputs, mb: MicroBatch, routes: Tensor | None) -> StepStats:
+        """`stats` with the micro-batch's rollout/trainer mismatch (choice 14): logprobs against pi_old, and routes
+        where the forward returned the partitions it used."""
+        measured = mismatch.logprob_stats(x.old_logp, mb.rollout_logp, mb.weights, mb.seq_ids, mb.response_pos)
+        if routes is not None:
+            measured |= mismatch.route_stats(mb.routes, routes)
+        return dataclasses.replace(stats, **measured)
 
     def _optimizer_step(self) -> float:
         """All-reduce (sum) gradients, clip, step unless non-finite; returns the gradient norm (the step was skipped
