@@ -1,0 +1,209 @@
+"""Rollout/trainer mismatch of SSE-H on one device (issue #28): how far the trainer's logprobs of the engine's samples
+are from the engine's, by position in the response, how often the SSE router's top-K flips between the two, and what
+routing replay, the fp32 LM head and route recording change or cost.
+
+    python -m bench.mismatch                              # random-init sse-h-small and sse-h-2b, 64 x 4k tokens
+    python -m bench.mismatch --model PATH --samples 128   # a trained checkpoint
+    python -m bench.mismatch --tiny                       # CPU smoke test: sse-h-tiny, 4 x 24 tokens, fp32
+
+For each policy: the training engine (`RolloutWorker`, the plugin recording routes) samples N responses of up to
+--max-tokens tokens from random prompts, with the LM head in the model dtype and in fp32 (`lm_head_fp32`), and once
+more without recording (rollout tokens/s with recording on vs off, same prompts and seed). The trainer
+(`TrainerWorker`, its packed forward, --dtype compute) then scores each engine's samples without and with routing
+replay, with the head matching the engine's. Reported per variant: mean and p99 |delta logprob| over response tokens,
+the mean per response-position bucket and along the response (the PNG), the sequence-level k1 KL estimate, and the
+route-flip rate over the (token, SSE layer) pairs the engine recorded. Results: bench/results/mismatch/<device>_<date>
+.json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.common import device_name, say, write_results
+from sse_rl.config import AlgoConfig, SamplingConfig, TrainConfig
+from sse_rl.grpo.mismatch import BUCKET_NAMES, position_bucket
+from sse_rl.models.layers import NO_ROUTE
+from sse_rl.packing import Sequence, pack
+
+PROMPT_TOKENS = 64
+PLOT_BINS = 32  # points along the response in the PNG
+
+
+def checkpoint(preset: str, root: Path, vocab_size: int | None) -> str:
+    """A random-init SSE-H `preset` with the tiny tokenizer (the model's vocabulary kept at the preset's size: token
+    ids the tokenizer lacks decode to nothing, and only ids matter here)."""
+    from sse_rl.init_model import init_model
+    from sse_rl.tokenizer import build_tiny_tokenizer
+
+    build_tiny_tokenizer(root / "tokenizer")
+    overrides = {} if vocab_size is None else {"vocab_size": vocab_size}
+    init_model(preset, root / preset, tokenizer=str(root / "tokenizer"), seed=0, **overrides)
+    return str(root / preset)
+
+
+def sample(path: str, prompts: list[list[int]], args: argparse.Namespace, *, record: bool,
+           fp32: bool) -> tuple[list[Any], float]:
+    """The training engine's rollouts of `prompts` (one each, seed 0) and its output tokens/s."""
+    from sse_rl.eval.engines import EngineSpec
+    from sse_rl.workers.rollout import RolloutWorker
+
+    on_gpu = torch.cuda.is_available()
+    spec = EngineSpec(model=path, dtype=args.dtype, max_model_len=PROMPT_TOKENS + args.max_tokens + 8,
+                      gpu_memory_utilization=0.5, enforce_eager=not on_gpu, max_num_seqs=min(256, len(prompts)),
+                      cpu_kvcache_space_gib=None if on_gpu else 2, record_routes=record, lm_head_fp32=fp32)
+    engine = RolloutWorker(spec)
+    sampling = SamplingConfig(max_tokens=args.max_tokens, temperature=1.0)
+    engine.generate(prompts[:2], sampling, seed=0)  # warm-up (CUDA graphs, first-call costs)
+    t0 = time.perf_counter()
+    rollouts = [group[0] for group in engine.generate(prompts, sampling, seed=0)]
+    seconds = time.perf_counter() - t0
+    engine.close()
+    del engine
+    _free()
+    return rollouts, sum(len(r.completion_ids) for r in rollouts) / seconds
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def score(path: str, prompts: list[list[int]], rollouts: list[Any], args: argparse.Namespace, *, replay: bool,
+          fp32: bool) -> dict[str, np.ndarray]:
+    """Per response token: |engine - trainer logprob|, log(engine / trainer) and the response position; per
+    recorded (token, SSE layer) pair whether the trainer's partitions differ. The trainer's packed forward (pi_old)."""
+    from sse_rl.workers.trainer import TrainerWorker
+
+    trainer = TrainerWorker(path, rank=0, world_size=1, train=TrainConfig(strategy="ddp"),
+                            algo=AlgoConfig(routing_replay=replay), temperature=1.0, seed=0, dtype=args.dtype,
+                            gradient_checkpointing=False, lm_head_fp32=fp32)
+    seqs = [Sequence(p, r.completion_ids, r.logprobs, advantage=0.0, weight=1.0, routes=r.routes)
+            for p, r in zip(prompts, rollouts) if r.completion_ids]
+    parts: dict[str, list[np.ndarray]] = {"delta": [], "pos": [], "flips": []}
+    with torch.no_grad():
+        for mb in pack(seqs, token_budget=args.token_budget)[0]:
+            mb = mb.to(trainer.device)
+            logp, _, _, used = trainer._forward(trainer.model, mb)
+            parts["delta"].append((mb.rollout_logp - logp).cpu().numpy())
+            parts["pos"].append(mb.response_pos.cpu().numpy())
+            recorded = (mb.routes != NO_ROUTE).all(-1)  # [1, L, S]
+            differ = (mb.routes.long().sort(-1).values != used.long().sort(-1).values).any(-1)
+            parts["flips"].append(differ[recorded].cpu().numpy())
+    del trainer
+    _free()
+    return {key: np.concatenate(value) for key, value in parts.items()}
+
+
+def statistics(scored: dict[str, np.ndarray], sequences: int, max_tokens: int) -> dict[str, Any]:
+    """The reported numbers of one variant (module doc)."""
+    absd, pos = np.abs(scored["delta"]), scored["pos"]
+    bucket = position_bucket(torch.from_numpy(pos)).numpy()
+    width = max(1, -(-max_tokens // PLOT_BINS))
+    curve = [float(absd[pos // width == i].mean()) if (pos // width == i).any() else None for i in range(PLOT_BINS)]
+    return {"tokens": int(absd.size), "mean": float(absd.mean()), "p99": float(np.quantile(absd, 0.99)),
+            "by_bucket": {name: float(absd[bucket == i].mean()) for i, name in enumerate(BUCKET_NAMES)
+                          if (bucket == i).any()},
+            "seq_kl_k1": float(scored["delta"].sum() / sequences),
+            "route_flip_rate": float(scored["flips"].mean()) if scored["flips"].size else None,
+            "curve": {"bin_tokens": width, "mean": curve}}
+
+
+def run_policy(path: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Every variant of one policy: engines (head dtype, recording), then the trainer on each engine's samples."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = min(args.prompt_vocab, _vocab_size(path))
+    prompts = torch.randint(3, vocab, (args.samples, PROMPT_TOKENS), generator=gen).tolist()
+    result: dict[str, Any] = {"model": path, "variants": {}, "rollout_tokens_per_s": {}}
+    say(f"{path}: engine without recording")
+    _, result["rollout_tokens_per_s"]["record_off"] = sample(path, prompts, args, record=False, fp32=False)
+    for fp32 in (False, True):
+        head = "fp32_head" if fp32 else "model_dtype_head"
+        say(f"{path}: engine recording routes, {head}")
+        rollouts, tps = sample(path, prompts, args, record=True, fp32=fp32)
+        result["rollout_tokens_per_s"][f"record_on_{head}"] = tps
+        for replay in (False, True):
+            say(f"{path}: trainer, {head}, replay {replay}")
+            scored = score(path, prompts, rollouts, args, replay=replay, fp32=fp32)
+            name = f"{head}{'_replay' if replay else ''}"
+            result["variants"][name] = statistics(scored, sum(bool(r.completion_ids) for r in rollouts),
+                                                  args.max_tokens)
+    tps = result["rollout_tokens_per_s"]
+    result["recording_overhead"] = 1.0 - tps["record_on_model_dtype_head"] / tps["record_off"]
+    return result
+
+
+def _vocab_size(path: str) -> int:
+    from transformers import AutoConfig
+
+    import sse_rl.models  # noqa: F401  (registers SSE-H)
+
+    return AutoConfig.from_pretrained(path).vocab_size
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """|delta logprob| along the response, one panel per policy, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, (name, res) in zip(axes[0], results.items()):
+        for variant, stats in res["variants"].items():
+            width, curve = stats["curve"]["bin_tokens"], stats["curve"]["mean"]
+            points = [(i * width, v) for i, v in enumerate(curve) if v is not None]
+            ax.plot([x for x, _ in points], [max(v, 1e-9) for _, v in points], label=variant, marker=".")
+        ax.set(title=name, xlabel="position in the response (tokens)", ylabel="mean |engine - trainer logprob|",
+               yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", help="checkpoint dir (repeatable); default: random-init presets")
+    parser.add_argument("--presets", default="sse-h-small,sse-h-2b", help="random-init SSE-H presets without --model")
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="engine dtype and trainer compute dtype")
+    parser.add_argument("--token-budget", type=int, default=16384, help="trainer micro-batch tokens")
+    parser.add_argument("--prompt-vocab", type=int, default=512, help="prompt token ids drawn from [3, this)")
+    parser.add_argument("--scratch", default="/tmp/bench_mismatch", help="where random-init checkpoints go")
+    parser.add_argument("--out", default="bench/results/mismatch")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: sse-h-tiny, 4 x 24 tokens, fp32")
+    args = parser.parse_args()
+    if args.tiny:
+        args.presets, args.samples, args.max_tokens, args.dtype = "sse-h-tiny", 4, 24, "float32"
+    paths = args.model or [checkpoint(p, Path(args.scratch), None if args.tiny else _preset_vocab(p))
+                           for p in args.presets.split(",")]
+    results = {Path(p).name: run_policy(p, args) for p in paths}
+    device = device_name()
+    stem = Path(args.out) / f"{device.replace(' ', '_').replace('/', '_')}_{date.today().isoformat()}"
+    write_results(stem.with_suffix(".json"), {"device": device, "samples": args.samples,
+                                              "max_tokens": args.max_tokens, "dtype": args.dtype,
+                                              "policies": results})
+    plot(results, stem.with_suffix(".png"))
+    say(f"wrote {stem}.json and .png")
+
+
+def _preset_vocab(preset: str) -> int:
+    """The preset's own vocabulary size (the LM head's cost depends on it)."""
+    from sse_rl.models import SSEHConfig
+
+    return SSEHConfig.from_preset(preset).vocab_size
+
+
+if __name__ == "__main__":
+    main()
