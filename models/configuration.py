@@ -6,7 +6,9 @@ configs map over (see `convert.py`). fla's nested `attn` dict is flattened into 
 """
 from __future__ import annotations
 
+import importlib
 import math
+import os
 from typing import Any, ClassVar
 
 import torch
@@ -158,6 +160,20 @@ class SSEHConfig(PreTrainedConfig):
         rope_type = (self.attn_rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_SCALING_TYPES:
             raise ValueError(f"attn_rope_scaling.rope_type must be one of {ROPE_SCALING_TYPES}, got {rope_type!r}")
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Also write the model's PyTorch code beside config.json and name it in `auto_map`, so that
+        `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads without sse-rl
+        (models/remote_code.py).
+
+        Only the package's own class does this; the copy a checkpoint carries is saved by transformers' remote-code
+        machinery, which copies its files itself. The package module is found by name, not imported by a statement,
+        because transformers refuses remote code that imports a package the loading machine lacks (sse_rl).
+        """
+        if __name__.startswith("sse_rl."):
+            remote_code = importlib.import_module("sse_rl.models.remote_code")
+            self.auto_map = remote_code.write_remote_code(save_directory)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @property
     def head_v_dim(self) -> int:

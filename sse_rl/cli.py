@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                   "attention layers, SSE layers from the attention weights)"),
     "distill": ("sse_rl.distill:main", "distil a Transformer teacher into an SSE-H student: layer alignment, then "
                 "logit KL (TRL)"),
+    "export": ("sse_rl.export:main", "a run's policy as a Hugging Face folder with its model code and a model card; "
+               "--push-to-hub REPO_ID uploads it"),
 }
 
 

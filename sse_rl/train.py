@@ -1,9 +1,10 @@
 """`sse-rl train RECIPE.yaml [key=value ...] [--resume] [--accept-changes] [--overwrite] [--address ADDR]`: GRPO
 on an SSE-H policy.
 
-Reads top to bottom: check the recipe (`config.validate`: nothing is written before it passes), prepare the run
-directory and the policy (built from `model.init` when the path does not exist yet), load the prompts, start Ray
-(local unless --address / RAY_ADDRESS), run the controller.
+Reads top to bottom: check the recipe (`config.validate`, and that run.report_to's trackers are installed: nothing is
+written before it passes), prepare the run directory and the policy (built from `model.init` when the path does not
+exist yet), load the prompts, start Ray (local unless --address / RAY_ADDRESS), run the controller, then export the
+last checkpoint as OUT_DIR/final with its model code and card (`sse_rl.export`).
 Resume is a contract:
 1) A run directory that holds an intact checkpoint is resumed from the newest one (--resume insists on one); newer
    damaged checkpoints are skipped, each named with the reason.
@@ -26,9 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from sse_rl import check_worker_imports, checkpoint, metrics_log
+from sse_rl import check_worker_imports, checkpoint, export, metrics_log, trackers
+from sse_rl.config.describe import recipe_parser
 from sse_rl.config import RESOLVED_FILE, Recipe, RecipeError, SamplingConfig, parse_recipe, validate, write_recipe
-from sse_rl.data import encode_prompts, import_function, is_function_spec, load_prompts
+from sse_rl.data import encode_prompts, import_function, is_function_spec, load_prompts, row_prompt
 
 if TYPE_CHECKING:
     from sse_rl.controller import ValSet
@@ -39,9 +41,7 @@ WORKER_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "OMP_WAIT_POLICY": "PASSIVE", "TO
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="sse-rl train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny_cpu.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. out_dir=runs/a train.lr=1e-5")
+    parser = recipe_parser("sse-rl train", __doc__.split("\n\n")[0], Recipe, "recipes/tiny_cpu.yaml")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run directory's newest intact checkpoint")
     parser.add_argument("--accept-changes", action="store_true",
@@ -101,8 +101,8 @@ def check_resume(recipe: Recipe, path: Path, accept: bool) -> None:
 
 def start_over(run_dir: Path, overwrite: bool) -> None:
     """A fresh start: an earlier run's outputs (and damaged checkpoints) are refused, or deleted with --overwrite."""
-    checkpoints = run_dir / checkpoint.ROOT_DIR
-    earlier = metrics_log.run_outputs(run_dir) + ([checkpoints] if checkpoints.exists() else [])
+    earlier = metrics_log.run_outputs(run_dir) + [path for path in (run_dir / checkpoint.ROOT_DIR,
+                                                                    run_dir / export.FINAL_DIR) if path.exists()]
     if earlier and not overwrite:
         raise SystemExit(f"out_dir {run_dir} holds an earlier run ({', '.join(p.name for p in earlier)}) but no "
                          "intact checkpoint to resume from; pass --overwrite to delete it and start over, or choose "
@@ -146,12 +146,14 @@ def load_val_set(recipe: Recipe, tokenizer: Any) -> ValSet | None:
     if not source:
         return None
     is_file = Path(source).suffix in (".jsonl", ".parquet")
+    d = recipe.data
     try:
-        problems = load_benchmark(source, source if is_file else None)
+        problems = [dataclasses.replace(p, problem=row_prompt({"problem": p.problem}, d.prompt_template,
+                                                              system_prompt=d.system_prompt, chat=d.chat_template,
+                                                              where=f"problem {p.id}"))
+                    for p in load_benchmark(source, source if is_file else None)]
     except (OSError, ValueError, TypeError) as err:
         raise RecipeError([f"eval.benchmark: {err}"]) from None
-    problems = [dataclasses.replace(p, problem=recipe.data.prompt_template.format(problem=p.problem))
-                for p in problems]
     sampling = SamplingConfig(temperature=e.benchmark_temperature, top_p=e.benchmark_top_p, top_k=0,
                               max_tokens=e.benchmark_max_tokens or recipe.rollout.max_tokens)
     budget = recipe.rollout.max_model_len - sampling.max_tokens
@@ -179,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     check_worker_imports()  # before any work: the run's Ray workers must import this sse-rl
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     recipe = validate(*parse_recipe(args.recipe, args.overrides, Recipe))
+    if errors := trackers.report_to_errors(recipe.run.report_to):
+        raise RecipeError(errors)
     run_dir = Path(recipe.out_dir)
     resume_from = find_checkpoint(run_dir, args.resume)
     if resume_from is not None and args.overwrite:
@@ -198,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     d = recipe.data
     common = {"subset": d.subset, "template": d.prompt_template, "answer_column": d.answer_column,
-              "tokenizer": tokenizer, "chat_template": d.chat_template, "drop_incomplete": d.drop_incomplete}
+              "tokenizer": tokenizer, "chat_template": d.chat_template, "system_prompt": d.system_prompt,
+              "drop_incomplete": d.drop_incomplete}
     budget = recipe.rollout.max_model_len - recipe.rollout.max_tokens
     train_prompts = encode_prompts(load_prompts(d.train, split=d.train_split, **common), tokenizer, budget, d.train)
     eval_prompts = []
@@ -223,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("resuming after step %d from %s", start, resume_from)
         png = controller.run(start)
         controller.close()
-        logger.info("done: %s, %s", run_dir / "metrics.jsonl", png)
+        final = export.export(run_dir, run_dir / export.FINAL_DIR, overwrite=True)
+        logger.info("done: %s, %s, %s", run_dir / "metrics.jsonl", png, final)
     except RunStopped as stop:  # a fault the guard caught: its message says what, where and how to resume
         logger.error("%s", stop)
         return 1
