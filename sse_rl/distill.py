@@ -55,6 +55,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, T
 from trl import SFTConfig, SFTTrainer
 
 import sse_rl.models  # noqa: F401  (registers SSE-H with the Auto classes)
+from sse_rl import dry_run
 from sse_rl.config.describe import recipe_parser
 from sse_rl.config import (
     DistillRecipe,
@@ -468,13 +470,16 @@ def run_distill(recipe: DistillRecipe, out_dir: Path, data: tuple[list, list]) -
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = recipe_parser("sse-rl distill", __doc__.split("\n\n")[0], DistillRecipe, "recipes/tiny_distill_cpu.yaml")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # flags may come after the overrides
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     recipe = validate(*parse_recipe(args.recipe, args.overrides, DistillRecipe))
+    if args.dry_run:
+        print(dry_run.report(recipe))
+        return 0
     data = build_datasets(recipe, recipe.student.path or recipe.teacher.path)
     out_dir = Path(recipe.out_dir)
     write_recipe(recipe, out_dir)
@@ -482,5 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # through the CLI, so that a refused recipe is its message and exit 2
+    from sse_rl.cli import main as cli_main
+
+    raise SystemExit(cli_main(["distill", *sys.argv[1:]]))

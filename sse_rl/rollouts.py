@@ -67,14 +67,15 @@ def call_seed(seed: int, *parts: int) -> int:
     return int.from_bytes(digest, "little") % 2**62
 
 
-def reward_inputs(prompts: list[Prompt], rollouts: list[list[Rollout]]) -> tuple[list[str], list[str],
+def reward_inputs(prompts: list[Prompt], rollouts: list[list[Rollout]]) -> tuple[list[Any], list[str],
                                                                                    dict[str, list[Any]]]:
-    """What the reward pool grades: (prompt texts, completion texts, dataset columns + completion_ids), one entry
-    per completion, prompt by prompt."""
+    """What the reward pool grades: (prompts, completion texts, dataset columns + completion_ids), one entry per
+    completion, prompt by prompt. A prompt is its chat messages where the data has them (the pool then hands rewards
+    conversational completions, as TRL does), else its text."""
     flat = [(p, r) for p, rs in zip(prompts, rollouts) for r in rs]
     columns: dict[str, list[Any]] = {key: [p.columns[key] for p, _ in flat] for key in prompts[0].columns}
     columns["completion_ids"] = [r.completion_ids for _, r in flat]
-    return [p.text for p, _ in flat], [r.text for _, r in flat], columns
+    return [p.text if p.messages is None else p.messages for p, _ in flat], [r.text for _, r in flat], columns
 
 
 def to_groups(prompts: list[Prompt], rollouts: list[list[Rollout]], result: RewardResult,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, T
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
+from sse_rl import dry_run
 from sse_rl.config.describe import recipe_parser
 from sse_rl.config import SFTDataConfig, SFTRecipe, parse_recipe, validate, write_recipe
 
@@ -193,7 +195,7 @@ def run_sft(recipe: SFTRecipe, model_path: str, out_dir: Path) -> Path:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = recipe_parser("sse-rl sft", __doc__.split("\n\n")[0], SFTRecipe, "recipes/arith_sft.yaml")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # flags may come after the overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,11 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     recipe = validate(*parse_recipe(args.recipe, args.overrides, SFTRecipe))
+    if args.dry_run:
+        print(dry_run.report(recipe))
+        return 0
     out_dir = Path(recipe.out_dir)
     write_recipe(recipe, out_dir)
     run_sft(recipe, build_policy(recipe, out_dir), out_dir)
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # through the CLI, so that a refused recipe is its message and exit 2
+    from sse_rl.cli import main as cli_main
+
+    raise SystemExit(cli_main(["sft", *sys.argv[1:]]))

@@ -22,12 +22,13 @@ import dataclasses
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from sse_rl import check_worker_imports, checkpoint, export, metrics_log, trackers
+from sse_rl import check_worker_imports, checkpoint, dry_run, export, metrics_log, trackers
 from sse_rl.config.describe import recipe_parser
 from sse_rl.config import RESOLVED_FILE, Recipe, RecipeError, SamplingConfig, parse_recipe, validate, write_recipe
 from sse_rl.data import encode_prompts, import_function, is_function_spec, load_prompts, row_prompt
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an out_dir whose earlier run left outputs but no intact checkpoint")
     parser.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else local)")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # flags may come after the overrides
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -181,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     check_worker_imports()  # before any work: the run's Ray workers must import this sse-rl
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     recipe = validate(*parse_recipe(args.recipe, args.overrides, Recipe))
+    if args.dry_run:
+        print(dry_run.report(recipe))
+        return 0
     if errors := trackers.report_to_errors(recipe.run.report_to):
         raise RecipeError(errors)
     run_dir = Path(recipe.out_dir)
@@ -241,5 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # through the CLI, so that a refused recipe is its message and exit 2
+    from sse_rl.cli import main as cli_main
+
+    raise SystemExit(cli_main(["train", *sys.argv[1:]]))

@@ -33,15 +33,16 @@ class StudentConfig:
 @dataclass
 class StageConfig:
     steps: int = bounded(100, ge=1)  # optimizer steps of this stage
-    lr: float = bounded(1e-3, gt=0)
+    lr: float = bounded(1e-3, gt=0)  # AdamW peak learning rate
     lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"  # after warm-up
-    warmup_steps: int = bounded(0, ge=0)
-    weight_decay: float = bounded(0.0, ge=0)
+    warmup_steps: int = bounded(0, ge=0)  # linear warm-up steps
+    weight_decay: float = bounded(0.0, ge=0)  # AdamW weight decay
 
 
 @dataclass
 class LogitsStageConfig(StageConfig):
-    lr: float = bounded(1e-4, gt=0)
+    lr: float = bounded(1e-4, gt=0)  # AdamW peak learning rate
+    # KL(teacher || student), KL(student || teacher) or generalised JSD (beta)
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: float = bounded(0.5, ge=0, le=1)  # loss=jsd: the teacher's weight in the mixture, in (0, 1)
     temperature: float = bounded(1.0, gt=0)  # both distributions at this temperature
@@ -52,7 +53,7 @@ class LogitsStageConfig(StageConfig):
 @dataclass
 class DistillDataConfig(SFTDataConfig):
     eval: str = ""  # held-out rows, same forms as `train`; "" = no held-out metric
-    eval_split: str = "test"
+    eval_split: str = "test"  # split of a hub dataset `eval` reads
     eval_rows: int = bounded(0, ge=0)  # use the first N held-out rows; 0 = all
 
 
@@ -60,29 +61,30 @@ class DistillDataConfig(SFTDataConfig):
 class DistillTrainConfig:
     token_budget: int = bounded(4096, ge=8)  # tokens per packed micro-batch (longer sequences are truncated)
     batch_tokens: int = bounded(65536, ge=8)  # tokens per optimizer step: a multiple of token_budget
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    max_grad_norm: float = bounded(1.0, gt=0)
-    seed: int = 0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (beta1, beta2)
+    max_grad_norm: float = bounded(1.0, gt=0)  # gradient clipping by global norm
+    seed: int = 0  # data order seed
 
 
 @dataclass
 class DistillRunConfig:
-    logging_steps: int = bounded(10, ge=1)
+    logging_steps: int = bounded(10, ge=1)  # metrics every N steps (distill_metrics.jsonl)
     save_steps: int = bounded(200, ge=0)  # checkpoint every N steps (for resume); 0 = only each stage's final
     eval_steps: int = bounded(0, ge=0)  # held-out metric every N steps; 0 = at each stage's start and end only
-    keep_checkpoints: int = bounded(2, ge=1)
+    keep_checkpoints: int = bounded(2, ge=1)  # newest checkpoints kept; older ones are deleted
     # Trackers TRL reports to (its report_to): tensorboard, wandb, trackio, mlflow; [] = none
     report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = field(default_factory=list)
-    progress: bool = True
+    progress: bool = True  # progress bar on stderr
 
 
 @dataclass
 class DistillRecipe:
     """A distillation recipe (`sse-rl distill`): a dense Transformer teacher into an SSE-H student, by stage."""
 
-    out_dir: str = ""
+    out_dir: str = ""  # the run directory: config.yaml, metrics, align/, logits/, final/
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    # stages to run, in order: align (layer MSE), logits (KL)
     stages: list[Literal["align", "logits"]] = field(default_factory=lambda: list(STAGES))
     align: StageConfig = field(default_factory=StageConfig)
     logits: LogitsStageConfig = field(default_factory=LogitsStageConfig)

@@ -19,7 +19,7 @@ class InitConfig:
 
     preset: str = "sse-h-tiny"  # SSE-H or Transformer-teacher preset (init_model.preset_names())
     tokenizer: str = ""  # "pkg.mod:fn" called as fn(out_dir) -> tokenizer dir; or a tokenizer dir / hub id
-    seed: int = 0
+    seed: int = 0  # seed of the random weights
     overrides: dict[str, Any] = field(default_factory=dict)  # SSEHConfig fields, e.g. {num_hidden_layers: 2}
 
 
@@ -28,7 +28,7 @@ class ModelConfig:
     path: str = ""  # HF checkpoint dir or hub id; "" = build from `init` into OUT_DIR/base_model
     init: InitConfig | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"  # trainer compute dtype (master weights stay fp32)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more compute)
     # With gradient_checkpointing: recompute every k-th decoder block only (blocks 0, k, 2k, ...; 1 = all, as in
     # torchtune's selective `ac_option`). The other blocks keep their activations: less recomputation, more memory.
     checkpoint_every: int = bounded(1, ge=1)
@@ -40,9 +40,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = ""  # HF hub id ("org/name") or a local .jsonl / .parquet file
-    train_split: str = "train"
+    train_split: str = "train"  # split of a hub dataset `train` reads
     eval: str = ""  # held-out prompts (same forms as `train`); "" = no eval
-    eval_split: str = "test"
+    eval_split: str = "test"  # split of a hub dataset `eval` reads
     subset: str = ""  # HF dataset config name, if the hub dataset has several
     # str.format over the row's columns (dotted paths into nested ones: {extra_info.question}); a template that is
     # one field holding chat messages ({prompt}: TRL's conversational / verl's prompt) is the prompt as written,
@@ -56,17 +56,17 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    num_engines: int = bounded(1, ge=1)
+    num_engines: int = bounded(1, ge=1)  # vLLM engines sampling in parallel (data parallel)
     group_size: int = bounded(8, ge=2)  # G completions per prompt
     max_tokens: int = bounded(1024, ge=1)  # max response length
-    temperature: float = bounded(1.0, gt=0)
-    top_p: float = bounded(1.0, gt=0, le=1)
-    max_model_len: int = bounded(2048, ge=2)
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    gpu_memory_utilization: float = bounded(0.5, gt=0, le=1)
+    temperature: float = bounded(1.0, gt=0)  # sampling temperature of the rollouts
+    top_p: float = bounded(1.0, gt=0, le=1)  # nucleus sampling of the rollouts; 1 = off
+    max_model_len: int = bounded(2048, ge=2)  # prompt + response tokens an engine holds per sequence
+    dtype: Literal["float32", "bfloat16"] = "float32"  # engine weights and compute dtype
+    gpu_memory_utilization: float = bounded(0.5, gt=0, le=1)  # an engine's share of its GPU's memory (vLLM)
     cpu_kvcache_space_gib: int = bounded(1, ge=1)  # VLLM_CPU_KVCACHE_SPACE on CPU engines
-    tensor_parallel_size: int = bounded(1, ge=1)
-    enforce_eager: bool = True
+    tensor_parallel_size: int = bounded(1, ge=1)  # GPUs each engine shards its weights over
+    enforce_eager: bool = True  # false = vLLM captures CUDA graphs (faster decode, slower start)
     # Concurrent sequences per engine. SSE-H keeps one state slot per running sequence, and vLLM refuses CUDA-graph
     # capture when this exceeds the slots its memory share holds (seen on an H100: 1024 > 656 slots for SSE-H-2B at
     # gpu_memory_utilization 0.4), so it is set here rather than left at vLLM's default.
@@ -89,7 +89,7 @@ class RolloutConfig:
 @dataclass
 class RewardFunctionConfig:
     spec: str = ""  # built-in name, "pkg.mod:fn" or "path/to/file.py:fn" (rewards.load_reward)
-    weight: float = 1.0
+    weight: float = 1.0  # the function's weight in the summed reward
     kwargs: dict[str, Any] = field(default_factory=dict)  # bound with functools.partial
 
 
@@ -97,7 +97,7 @@ class RewardFunctionConfig:
 class RewardConfig:
     functions: list[RewardFunctionConfig] = field(default_factory=list)
     accuracy: int = bounded(0, ge=0)  # index of the function whose raw value is "accuracy" (filters, eval)
-    num_workers: int = bounded(2, ge=1)
+    num_workers: int = bounded(2, ge=1)  # sandboxed grading processes
     # hard wall clock per reward call: on a grading worker's share of the batch, then, if that call fails, on each of
     # its samples alone (a sample that times out alone scores 0, counted as reward/timeouts); the probe's limit too
     timeout_s: float = bounded(10.0, gt=0)
@@ -110,17 +110,20 @@ class RewardConfig:
 
 @dataclass
 class AlgoConfig:
+    # advantage = (r - group mean) / std of the group, the batch, or 1 (Dr. GRPO)
     adv_std_scaling: Literal["group", "batch", "none"] = "group"
+    # dapo = mean over all tokens; grpo = per-sequence mean; dr_grpo = sum / max_tokens
     loss_agg: Literal["dapo", "grpo", "dr_grpo"] = "dapo"
-    clip_eps_low: float = bounded(0.2, ge=0, le=1)
-    clip_eps_high: float = bounded(0.28, ge=0)
+    clip_eps_low: float = bounded(0.2, ge=0, le=1)  # PPO ratio clip below 1 (1 - eps)
+    clip_eps_high: float = bounded(0.28, ge=0)  # PPO ratio clip above 1 (1 + eps; DAPO clip-higher)
     kl_coef: float = bounded(0.0, ge=0)  # k3 KL to the initial policy; > 0 loads a reference model
     ppo_epochs: int = bounded(1, ge=1)  # passes over each rollout batch
     mini_batches: int = bounded(1, ge=1)  # optimizer steps per pass
+    # rollout/trainer mismatch correction: truncated importance ratio per token or per sequence
     is_correction: Literal["token_truncate", "sequence_truncate", "none"] = "token_truncate"
     is_cap: float = bounded(2.0, gt=0)  # truncation C of the rollout/trainer importance ratio
     dynamic_sampling: bool = True  # drop groups whose accuracy has zero variance, refill the batch
-    max_sampling_rounds: int = bounded(3, ge=1)
+    max_sampling_rounds: int = bounded(3, ge=1)  # dynamic sampling: rounds per step before training on what is kept
     overlong_filter: bool = False  # truncated completions (finish "length") get no loss
     # weight of the SSE router balance loss added to the policy loss; None = the policy config's aux_loss_coef
     # (the SFT/pre-training weight). Adam turns even a tiny but consistent gradient into lr-sized steps, so RL runs
@@ -133,17 +136,17 @@ class AlgoConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = bounded(100, ge=1)
-    prompts_per_step: int = bounded(32, ge=1)
-    lr: float = bounded(1e-6, gt=0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = bounded(0, ge=0)
-    weight_decay: float = bounded(0.0, ge=0)
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    max_grad_norm: float = bounded(1.0, gt=0)
+    steps: int = bounded(100, ge=1)  # GRPO steps (rollout, reward, update, sync)
+    prompts_per_step: int = bounded(32, ge=1)  # prompts per step, each sampled group_size times
+    lr: float = bounded(1e-6, gt=0)  # AdamW peak learning rate
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up
+    warmup_steps: int = bounded(0, ge=0)  # linear warm-up steps
+    weight_decay: float = bounded(0.0, ge=0)  # AdamW weight decay
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
+    max_grad_norm: float = bounded(1.0, gt=0)  # gradient clipping by global norm
     token_budget: int = bounded(8192, ge=1)  # max tokens per packed micro-batch
     num_trainers: int = bounded(1, ge=1)  # torch.distributed ranks (gloo on CPU, nccl on GPU)
-    num_gpus_per_trainer: float = bounded(0.0, ge=0)
+    num_gpus_per_trainer: float = bounded(0.0, ge=0)  # GPUs per trainer rank; 0 = CPU trainer
     threads_per_trainer: int = bounded(1, ge=1)  # torch intra-op threads of a CPU trainer
     # how ranks hold the policy: fsdp2 = fully_shard per SSEHBlock + backbone + lm_head (params, grads and Adam
     # state sharded; bf16 compute / fp32 reduce when model.dtype=bfloat16); ddp = full copy per rank, gradients
@@ -174,20 +177,20 @@ class TrainEvalConfig:
     benchmark_every: int = bounded(0, ge=0)  # 0 = only before the first and after the last step
     benchmark_max_tokens: int = bounded(0, ge=0)  # 0 = rollout.max_tokens
     benchmark_temperature: float = bounded(0.6, ge=0)  # 0 = greedy
-    benchmark_top_p: float = bounded(0.95, gt=0, le=1)
+    benchmark_top_p: float = bounded(0.95, gt=0, le=1)  # nucleus sampling of the benchmark
 
 
 @dataclass
 class RunConfig:
     save_every: int = bounded(10, ge=0)  # 0 = only at the end
-    keep_checkpoints: int = bounded(2, ge=1)
-    probe_prompts: int = bounded(4, ge=1)
+    keep_checkpoints: int = bounded(2, ge=1)  # newest checkpoints kept; older ones are deleted
+    probe_prompts: int = bounded(4, ge=1)  # prompts whose first-token logprobs check each weight sync
     probe_tolerance: float = bounded(1e-3, gt=0)  # max |engine - trainer| first-token logprob after a sync
     # Trackers that get every step's metrics (sse_rl.trackers): tensorboard, wandb, trackio, mlflow; [] = none
     report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = field(
         default_factory=lambda: ["tensorboard"])
     log_completions: int = bounded(0, ge=0)  # completions per step to OUT_DIR/completions.jsonl and the trackers
-    progress: bool = True
+    progress: bool = True  # progress bar on stderr
     ray_num_cpus: int = bounded(4, ge=1)  # logical CPUs of a local Ray (actors reserve 1 each)
 
 
@@ -195,8 +198,8 @@ class RunConfig:
 class Recipe:
     """A GRPO recipe (`sse-rl train`)."""
 
-    out_dir: str = ""
-    seed: int = 0
+    out_dir: str = ""  # the run directory: config.yaml, metrics, checkpoints, final/
+    seed: int = 0  # seeds the policy init, data order, rollout sampling and the trainer
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -15,7 +15,7 @@ from sse_rl.config.reading import bounded
 @dataclass
 class SFTDataConfig:
     train: str = ""  # HF hub id, a local .jsonl / .parquet file, or "pkg.mod:fn" called as fn(split)
-    train_split: str = "train"
+    train_split: str = "train"  # split of a hub dataset `train` reads
     subset: str = ""  # HF dataset config name, if the hub dataset has several
     # str.format over the row's columns (dotted paths into nested ones); one field holding chat messages (TRL's
     # conversational "prompt") is the prompt as written. The same template GRPO uses.
@@ -34,26 +34,26 @@ class SFTDataConfig:
 @dataclass
 class SFTTrainConfig:
     steps: int = bounded(0, ge=0)  # optimizer steps; 0 = `epochs` passes over the data
-    epochs: float = bounded(1.0, gt=0)
-    lr: float = bounded(3e-4, gt=0)
+    epochs: float = bounded(1.0, gt=0)  # passes over the data when steps is 0
+    lr: float = bounded(3e-4, gt=0)  # AdamW peak learning rate
     lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"  # after warm-up
-    warmup_steps: int = bounded(0, ge=0)
-    weight_decay: float = bounded(0.0, ge=0)
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    max_grad_norm: float = bounded(1.0, gt=0)
+    warmup_steps: int = bounded(0, ge=0)  # linear warm-up steps
+    weight_decay: float = bounded(0.0, ge=0)  # AdamW weight decay
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (beta1, beta2)
+    max_grad_norm: float = bounded(1.0, gt=0)  # gradient clipping by global norm
     token_budget: int = bounded(4096, ge=8)  # tokens per packed micro-batch (longer sequences are truncated)
     batch_tokens: int = bounded(65536, ge=8)  # tokens per optimizer step: a multiple of token_budget
-    seed: int = 0
+    seed: int = 0  # data order and initialisation seed
 
 
 @dataclass
 class SFTRunConfig:
-    logging_steps: int = bounded(10, ge=1)
+    logging_steps: int = bounded(10, ge=1)  # metrics every N steps (sft_metrics.jsonl)
     save_steps: int = bounded(200, ge=0)  # checkpoint every N steps (for resume); 0 = only OUT_DIR/final
-    keep_checkpoints: int = bounded(2, ge=1)
+    keep_checkpoints: int = bounded(2, ge=1)  # newest checkpoints kept; older ones are deleted
     # Trackers TRL reports to (its report_to): tensorboard, wandb, trackio, mlflow; [] = none
     report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = field(default_factory=list)
-    progress: bool = True
+    progress: bool = True  # progress bar on stderr
 
 
 @dataclass
@@ -61,7 +61,7 @@ class SFTRecipe:
     """An SFT recipe (`sse-rl sft`); `model` is the GRPO recipe's section, so `model.init` builds the tokenizer and
     random policy exactly as `sse-rl train` does."""
 
-    out_dir: str = ""
+    out_dir: str = ""  # the run directory: config.yaml, metrics, checkpoints, final/
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
