@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -233,7 +234,7 @@ class Controller:
         sampling = SamplingConfig(n=c.eval.samples, max_tokens=c.rollout.max_tokens, temperature=c.eval.temperature)
         sampled = self.actors.generate([p.ids for p in prompts], sampling, call_seed(c.seed, -1))
         groups, _ = self.score(prompts, sampled, step)
-        return {"eval/reward": rollouts.mean([r for g in groups for r in g.rewards]),
+        return {"eval/reward": rollouts.mean([r for g in groups for r in g.rewards if not math.isnan(r)]),
                 "eval/accuracy": rollouts.mean([a for g in groups for a in g.accuracy])}
 
     def validate(self, step: int) -> dict[str, float]:

@@ -126,7 +126,8 @@ def completion_rows(step: int, groups: list[Group], advantages: list[list[float]
     pairs = [(i, k) for i, g in enumerate(groups) for k in range(len(g.rollouts))]
     chosen = sorted(random.Random(seed).sample(pairs, min(n, len(pairs))))
     return [{"step": step, "prompt": groups[i].prompt.text, "completion": groups[i].rollouts[k].text,
-             "reward": groups[i].rewards[k], **{name: v[k] for name, v in groups[i].per_function.items()},
+             "reward": None if math.isnan(groups[i].rewards[k]) else groups[i].rewards[k],  # None: unscored
+             **{name: v[k] for name, v in groups[i].per_function.items()},
              "advantage": advantages[i][k]} for i, k in chosen]
 
 

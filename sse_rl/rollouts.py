@@ -39,7 +39,7 @@ class Group:
 
     prompt: Prompt
     rollouts: list[Rollout]
-    rewards: list[float]  # weighted total per completion (None from the pool counts as 0)
+    rewards: list[float]  # weighted total per completion; NaN where no function scored it (no advantage, as TRL)
     accuracy: list[float]  # raw value of the accuracy function per completion
     per_function: dict[str, list[float]]  # every reward function's raw value per completion
 
@@ -84,13 +84,13 @@ def to_groups(prompts: list[Prompt], rollouts: list[list[Rollout]], result: Rewa
     g = len(rollouts[0])
     _check_finite(prompts, result, g)
 
-    def rows(values: list[float | None]) -> list[list[float]]:
-        values = [0.0 if v is None else v for v in values]
+    def rows(values: list[float | None], unscored: float) -> list[list[float]]:
+        values = [unscored if v is None else v for v in values]
         return [values[i:i + g] for i in range(0, len(values), g)]
 
-    per_function = {name: rows(values) for name, values in result.per_function.items()}
+    per_function = {name: rows(values, 0.0) for name, values in result.per_function.items()}
     return [Group(p, rs, total, per_function[accuracy][i], {name: v[i] for name, v in per_function.items()})
-            for i, (p, rs, total) in enumerate(zip(prompts, rollouts, rows(result.total)))]
+            for i, (p, rs, total) in enumerate(zip(prompts, rollouts, rows(result.total, math.nan)))]
 
 
 def _check_finite(prompts: list[Prompt], result: RewardResult, g: int) -> None:
@@ -152,11 +152,13 @@ def logged_metrics(rounds: list[Round]) -> dict[str, float]:
 
 def rollout_metrics(groups: list[Group]) -> dict[str, float]:
     """Reward, accuracy and length statistics of scored groups, and the share of groups without signal."""
-    rewards = torch.tensor([r for g in groups for r in g.rewards])  # [B]
+    rewards = torch.tensor([r for g in groups for r in g.rewards])  # [B], NaN where unscored
+    scored = rewards[~rewards.isnan()]
     lengths = [len(r.completion_ids) for g in groups for r in g.rollouts]
     truncated = [r.finish_reason == "length" for g in groups for r in g.rollouts]
     no_signal = (~group_has_variance(torch.tensor([g.accuracy for g in groups]))).float().mean()
-    out = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+    out = {"reward/mean": float(scored.mean()), "reward/std": float(scored.std()) if len(scored) > 1 else 0.0,
+           "reward/unscored_frac": float(rewards.isnan().float().mean()),
            "accuracy": mean([a for g in groups for a in g.accuracy]),
            "response_length/mean": mean(lengths), "response_length/max": float(max(lengths)),
            "response_length/truncated_frac": mean([float(t) for t in truncated]),

@@ -117,6 +117,9 @@ class AlgoConfig:
     clip_eps_low: float = bounded(0.2, ge=0, le=1)  # PPO ratio clip below 1 (1 - eps)
     clip_eps_high: float = bounded(0.28, ge=0)  # PPO ratio clip above 1 (1 + eps; DAPO clip-higher)
     kl_coef: float = bounded(0.0, ge=0)  # k3 KL to the initial policy; > 0 loads a reference model
+    # weight the KL term by pi / pi_old per token, removing the bias of estimating KL(pi || ref) from pi_old's
+    # samples (TRL's use_bias_correction_kl); off by default, as in TRL
+    kl_bias_correction: bool = False
     ppo_epochs: int = bounded(1, ge=1)  # passes over each rollout batch
     mini_batches: int = bounded(1, ge=1)  # optimizer steps per pass
     # rollout/trainer mismatch correction: truncated importance ratio per token or per sequence

@@ -14,8 +14,10 @@ from torch import Tensor
 
 
 def group_has_variance(values: Tensor) -> Tensor:
-    """[P, G] -> [P] bool: True where the group's values are not all equal."""
-    return (values.max(dim=1).values - values.min(dim=1).values) > 0
+    """[P, G] -> [P] bool: True where the group's values are not all equal (NaN, an unscored completion, aside)."""
+    high = values.nan_to_num(nan=-torch.inf).max(dim=1).values  # [P]
+    low = values.nan_to_num(nan=torch.inf).min(dim=1).values  # [P]
+    return high > low
 
 
 def loss_keep_mask(finish_reasons: list[str], overlong_filter: bool) -> Tensor:

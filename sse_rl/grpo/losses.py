@@ -4,10 +4,15 @@ Choices:
 1) PPO clip with clip-higher: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), r = pi / pi_old per token.
 2) Truncated importance sampling (TIS) corrects the engine/trainer mismatch: the policy-gradient term is weighted by
    min(pi_old / pi_rollout, C), per token ("token_truncate") or per sequence ("sequence_truncate"), or not at all.
-3) Optional k3 KL to a frozen reference, exp(ref - logp) - (ref - logp) - 1, added per token with `kl_coef`.
+3) Optional k3 KL to a frozen reference, exp(ref - logp) - (ref - logp) - 1, added per token with `kl_coef`. The
+   samples come from pi_old, not pi, so the estimate of KL(pi || ref) is biased once pi moves; `kl_bias_correction`
+   weights it by pi / pi_old per token (TRL's `use_bias_correction_kl`). Off by default, as in TRL: the bias is
+   small while pi stays near pi_old, which the clip keeps it.
 4) Aggregation is a weight per token, computed once per mini-batch from the sequence lengths: "dapo" = 1 / (all
    tokens), "grpo" = 1 / (len_seq * n_seqs), "dr_grpo" = 1 / (max_tokens * n_seqs). The loss is sum(w * l), so it is
    the same however the mini-batch is cut into micro-batches or spread over ranks (gradients are summed).
+5) The statistics (clip fractions, importance weights, mismatch, KL) count only the tokens that carry loss weight:
+   a filtered completion (overlong, zero-advantage weight) trains nothing and so says nothing about the update.
 """
 from __future__ import annotations
 
@@ -102,8 +107,10 @@ class LossInputs:
 class PolicyLoss:
     """The per-micro-batch loss; variants are selected here, once, at build time."""
 
-    def __init__(self, *, eps_low: float, eps_high: float, kl_coef: float, is_correction: str, is_cap: float):
+    def __init__(self, *, eps_low: float, eps_high: float, kl_coef: float, is_correction: str, is_cap: float,
+                 kl_bias_correction: bool):
         self.eps_low, self.eps_high, self.kl_coef, self.is_cap = eps_low, eps_high, kl_coef, is_cap
+        self.kl_bias_correction = kl_bias_correction
         self.is_weights = _lookup(IS_CORRECTIONS, is_correction, "IS correction")
 
     def __call__(self, x: LossInputs) -> tuple[Tensor, StepStats]:
@@ -114,15 +121,21 @@ class PolicyLoss:
         is_w = self.is_weights(log_ratio, x.seq_ids, self.is_cap)  # [N]
         per_token = pg * is_w  # [N]
         kl = k3_kl(x.logp, x.ref_logp) if self.kl_coef > 0 else None  # [N]
+        if kl is not None and self.kl_bias_correction:  # choice 3: TRL's use_bias_correction_kl
+            kl = kl * torch.exp(x.logp - x.old_logp)
         if kl is not None:
             per_token = per_token + self.kl_coef * kl
         loss = (per_token * x.weights).sum()
-        stats = StepStats(tokens=_stat(x.logp.new_tensor(float(x.logp.numel()))), loss=_stat(loss),
-                          clip_low=_stat(low.sum()), clip_high=_stat(high.sum()), is_sum=_stat(is_w.sum()),
-                          is_max=_stat(is_w.max()), is_min=_stat(is_w.min()),
-                          mismatch_sum=_stat(log_ratio.abs().sum()))
+        # statistics count the tokens that carry loss weight (all of them where none does: sync-free)
+        counted = (x.weights > 0) | ~(x.weights > 0).any()  # [N] bool
+        stats = StepStats(tokens=_stat(counted.sum()), loss=_stat(loss),
+                          clip_low=_stat((low & counted).sum()), clip_high=_stat((high & counted).sum()),
+                          is_sum=_stat((is_w * counted).sum()),
+                          is_max=_stat(torch.where(counted, is_w, -torch.inf).max()),
+                          is_min=_stat(torch.where(counted, is_w, torch.inf).min()),
+                          mismatch_sum=_stat((log_ratio.abs() * counted).sum()))
         if kl is not None:
-            stats.kl_sum = _stat(kl.sum())
+            stats.kl_sum = _stat((kl * counted).sum())
         return loss, stats
 
 

@@ -204,7 +204,8 @@ class TrainerWorker:
             self.ref.config.lm_head_fp32 = lm_head_fp32
         self.train_cfg = train
         self.loss_fn = PolicyLoss(eps_low=algo.clip_eps_low, eps_high=algo.clip_eps_high, kl_coef=algo.kl_coef,
-                                  is_correction=algo.is_correction, is_cap=algo.is_cap)
+                                  is_correction=algo.is_correction, is_cap=algo.is_cap,
+                                  kl_bias_correction=algo.kl_bias_correction)
         self.aux_coef = getattr(self.model.config, "aux_loss_coef", 0.0) if algo.aux_loss_coef is None \
             else algo.aux_loss_coef  # SSE-H's router balance loss; other policies have none
         self.multi_update = algo.ppo_epochs > 1 or algo.mini_batches > 1

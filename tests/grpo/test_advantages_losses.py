@@ -27,6 +27,27 @@ def test_advantages_by_hand(scaling, half_step):
     torch.testing.assert_close(adv, expected, rtol=1e-6, atol=1e-7)
 
 
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("scaling", ["group", "batch", "none"])
+def test_an_unscored_completion_stays_out_of_the_baseline_and_gets_no_advantage(scaling):
+    """TRL's rule for a completion every reward function returned None for: NaN reward, left out of the group's mean
+    and std, advantage 0; the others get what they would without it."""
+    rewards = torch.tensor([[1.0, NAN, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0]])
+    adv = build_advantage_fn(scaling)(rewards)
+    scored = rewards[~rewards.isnan()]
+    scale = {"group": torch.tensor([1.0, 0.0, 0.0]).std() + EPS, "batch": scored.std() + EPS, "none": 1.0}[scaling]
+    expected_first = (torch.tensor([1.0, 0.0, 0.0]) - 1 / 3) / scale
+    torch.testing.assert_close(adv[0, [0, 2, 3]], expected_first, rtol=1e-5, atol=1e-6)
+    assert adv[0, 1] == 0.0 and torch.isfinite(adv).all()
+
+
+def test_variance_ignores_unscored_completions():
+    values = torch.tensor([[1.0, NAN, 1.0, 1.0], [1.0, NAN, 0.0, 1.0], [NAN] * 4])
+    assert group_has_variance(values).tolist() == [False, True, False]
+
+
 def test_advantage_errors():
     with pytest.raises(ValueError, match="unknown std scaling 'grp'.*group, batch, none"):
         build_advantage_fn("grp")
@@ -61,7 +82,8 @@ def test_k3_kl_by_hand():
 def test_is_correction_by_hand(mode, expected):
     old = torch.log(torch.tensor([3.0, 2.0, 0.5, 1.5]))
     rollout = torch.zeros(4)
-    loss_fn = PolicyLoss(eps_low=0.2, eps_high=0.28, kl_coef=0.0, is_correction=mode, is_cap=2.0)
+    loss_fn = PolicyLoss(eps_low=0.2, eps_high=0.28, kl_coef=0.0, is_correction=mode, is_cap=2.0,
+                         kl_bias_correction=False)
     adv = torch.tensor([1.0, 1.0, 1.0, 1.0])
     weights = torch.tensor([0.25, 0.25, 0.25, 0.25])
     x = LossInputs(logp=old.clone(), old_logp=old, rollout_logp=rollout, advantages=adv, weights=weights,
@@ -76,15 +98,41 @@ def test_is_correction_by_hand(mode, expected):
     assert stats.kl_sum == 0.0  # no KL term
 
 
+def test_statistics_count_only_tokens_with_loss_weight():
+    old = torch.log(torch.tensor([3.0, 1.0, 1.0, 1.0]))  # the first token's ratio to the rollout is 3 (capped 2)
+    x = LossInputs(logp=torch.log(torch.tensor([6.0, 1.0, 1.0, 1.0])), old_logp=old, rollout_logp=torch.zeros(4),
+                   advantages=torch.ones(4), weights=torch.tensor([0.0, 1 / 3, 1 / 3, 1 / 3]),
+                   seq_ids=torch.tensor([0, 1, 1, 1]))
+    _, stats = PolicyLoss(eps_low=0.2, eps_high=0.28, kl_coef=0.0, is_correction="token_truncate", is_cap=2.0,
+                          kl_bias_correction=False)(x)
+    stats = stats.on_host()  # the weightless first token (clipped, IS weight 2) is not counted
+    assert stats.tokens == 3.0 and stats.clip_high == 0.0 and stats.is_max == 1.0 and stats.mismatch_sum == 0.0
+
+
+def test_bias_corrected_kl_is_weighted_by_the_ratio_to_pi_old():
+    logp, old = torch.log(torch.tensor([0.5, 0.2])), torch.log(torch.tensor([0.25, 0.2]))
+    ref = torch.log(torch.tensor([0.25, 0.4]))
+    x = LossInputs(logp=logp, old_logp=old, rollout_logp=old, advantages=torch.zeros(2), weights=torch.ones(2),
+                   seq_ids=torch.zeros(2, dtype=torch.long), ref_logp=ref)
+    plain = PolicyLoss(eps_low=0.2, eps_high=0.28, kl_coef=1.0, is_correction="none", is_cap=2.0,
+                       kl_bias_correction=False)(x)[1].on_host().kl_sum
+    corrected = PolicyLoss(eps_low=0.2, eps_high=0.28, kl_coef=1.0, is_correction="none", is_cap=2.0,
+                           kl_bias_correction=True)(x)[1].on_host().kl_sum
+    k3 = k3_kl(logp, ref)  # TRL: per_token_kl * exp(logp - old_logp) with use_bias_correction_kl
+    assert plain == pytest.approx(float(k3.sum()), rel=1e-6)
+    assert corrected == pytest.approx(float((k3 * torch.tensor([2.0, 1.0])).sum()), rel=1e-6)
+
+
 def test_kl_term_and_unknown_names():
     logp = torch.log(torch.tensor([0.5]))
     x = LossInputs(logp=logp, old_logp=logp, rollout_logp=logp, advantages=torch.zeros(1), weights=torch.ones(1),
                    seq_ids=torch.zeros(1, dtype=torch.long), ref_logp=torch.log(torch.tensor([0.25])))
-    loss, stats = PolicyLoss(eps_low=0.2, eps_high=0.28, kl_coef=0.1, is_correction="none", is_cap=2.0)(x)
+    loss, stats = PolicyLoss(eps_low=0.2, eps_high=0.28, kl_coef=0.1, is_correction="none", is_cap=2.0,
+                              kl_bias_correction=False)(x)
     assert loss.item() == pytest.approx(0.1 * (0.5 - math.log(0.5) - 1.0), rel=1e-6)
     assert stats.kl_sum.item() == pytest.approx(0.5 - math.log(0.5) - 1.0, rel=1e-6)
     with pytest.raises(ValueError, match="unknown IS correction 'tis'; choose from token_truncate"):
-        PolicyLoss(eps_low=0.2, eps_high=0.28, kl_coef=0.0, is_correction="tis", is_cap=2.0)
+        PolicyLoss(eps_low=0.2, eps_high=0.28, kl_coef=0.0, is_correction="tis", is_cap=2.0, kl_bias_correction=False)
     with pytest.raises(ValueError, match="unknown loss aggregation 'bnpo'; choose from dapo, grpo, dr_grpo"):
         build_loss_agg("bnpo", 8)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -95,7 +96,8 @@ def test_reward_inputs_and_groups_follow_prompt_order():
     assert [g.prompt.index for g in groups] == [0, 1] and groups[1].rollouts == sampled[1]
     chat = [dataclasses.replace(p, messages=[{"role": "user", "content": p.text}]) for p in prompts]
     assert reward_inputs(chat, sampled)[0][G] == [{"role": "user", "content": "p1"}]  # conversational, as TRL
-    assert groups[0].rewards == [1.0, 0.0, 0.5, 0.0] and groups[1].rewards == [0.0, 1.0, 1.0, 0.0]  # None -> 0
+    assert groups[0].rewards[0] == 1.0 and math.isnan(groups[0].rewards[1])  # None: unscored (NaN, as TRL)
+    assert groups[0].rewards[2:] == [0.5, 0.0] and groups[1].rewards[:3] == [0.0, 1.0, 1.0]
     assert groups[0].accuracy == [1.0, 0.0, 0.0, 0.0] and groups[1].per_function["fmt"] == [1.0] * G
 
 
