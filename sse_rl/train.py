@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     from sse_rl.actors import ClusterTooSmall
     from sse_rl.controller import Controller
     from sse_rl.grpo.guard import RunStopped
+    from sse_rl.workers.rollout import STAGING_PARENT, remove_stale_staging
 
     start_ray(args.address, recipe.run.ray_num_cpus)
     controller = Controller(recipe, run_dir, model_path, train_prompts, eval_prompts, val)
@@ -242,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         ray.shutdown()
+        # an engine killed during a weight update leaves its staging copy of the model on this node (/dev/shm)
+        remove_stale_staging(STAGING_PARENT)
     return 0
 
 

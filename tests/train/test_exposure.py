@@ -150,3 +150,23 @@ def test_a_failed_update_leaves_no_staging(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="engine core died"):
         worker.load_weights({"w": torch.ones(3)})
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # starts Ray
+def test_a_run_that_ends_removes_what_killed_engines_staged_on_its_node(tmp_path, monkeypatch):
+    """The driver sweeps after ray.shutdown, whatever ended the run (here: a cluster too small for the actors)."""
+    import subprocess
+    import sys
+
+    from sse_rl.train import main
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{rollout.STAGING_PREFIX}{dead.pid}-x"
+    stale.mkdir()
+    (stale / "weights.safetensors").write_bytes(b"0" * 1024)
+    monkeypatch.setattr(rollout, "STAGING_PARENT", tmp_path)
+    root = Path(__file__).resolve().parents[2]
+    assert main([str(root / "recipes/tiny_cpu.yaml"), f"out_dir={tmp_path / 'run'}", "run.ray_num_cpus=2",
+                 "run.progress=false"]) == 1
+    assert not stale.exists()
