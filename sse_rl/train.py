@@ -1,8 +1,8 @@
 """`sse-rl train RECIPE.yaml [key=value ...] [--resume] [--accept-changes] [--overwrite] [--address ADDR]`: GRPO
 on an SSE-H policy.
 
-Reads top to bottom: check the recipe (`config.validate`, and that run.report_to's trackers are installed: nothing is
-written before it passes), prepare the run directory and the policy (built from `model.init` when the path does not
+Reads top to bottom: check the recipe (`config.validate`, the trackers of run.report_to too: nothing is written
+before it passes), prepare the run directory and the policy (built from `model.init` when the path does not
 exist yet), load the prompts, start Ray (local unless --address / RAY_ADDRESS), run the controller, then export the
 last checkpoint as OUT_DIR/final with its model code and card (`sse_rl.export`).
 Resume is a contract:
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from sse_rl import check_worker_imports, checkpoint, dry_run, export, metrics_log, trackers
+from sse_rl import check_worker_imports, checkpoint, dry_run, export, metrics_log
 from sse_rl.config.describe import recipe_parser
 from sse_rl.config import RESOLVED_FILE, Recipe, RecipeError, SamplingConfig, parse_recipe, validate, write_recipe
 from sse_rl.data import encode_prompts, import_function, is_function_spec, load_prompts, row_prompt
@@ -185,8 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(dry_run.report(recipe))
         return 0
-    if errors := trackers.report_to_errors(recipe.run.report_to):
-        raise RecipeError(errors)
     run_dir = Path(recipe.out_dir)
     resume_from = find_checkpoint(run_dir, args.resume)
     if resume_from is not None and args.overwrite:

@@ -136,6 +136,19 @@ def test_report_to_names_a_missing_package_and_mlflow_without_a_tracking_uri(mon
     assert errors[1].startswith("run.report_to: mlflow needs MLFLOW_TRACKING_URI") and len(errors) == 2
 
 
+@pytest.mark.parametrize(("command", "recipe"), [("train", "tiny_cpu"), ("sft", "arith_sft")])
+def test_every_command_refuses_a_tracker_that_cannot_work_before_writing(command, recipe, tmp_path, monkeypatch,
+                                                                          capsys):
+    from sse_rl.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = Path(__file__).resolve().parents[1]
+    assert main([command, str(root / f"recipes/{recipe}.yaml"), f"out_dir={tmp_path / 'run'}",
+                 "run.report_to=[mlflow]", "--dry-run"]) == 2
+    assert "run.report_to: mlflow needs MLFLOW_TRACKING_URI" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_sft_passes_report_to_to_trl(tmp_path):
     from sse_rl.sft import sft_config
 

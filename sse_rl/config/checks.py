@@ -204,7 +204,15 @@ def _grpo_inputs(recipe: Recipe) -> list[str]:
                                    system_prompt=d.system_prompt, chat_template=d.chat_template,
                                    drop_incomplete=d.drop_incomplete)
     return (_reward_inputs(recipe.reward) + _data_inputs({"data.train": d.train, "data.eval": d.eval}, rows_check)
-            + _model_inputs(recipe.model) + _benchmark_inputs(recipe.eval.benchmark) + _reward_probe(recipe))
+            + _model_inputs(recipe.model) + _benchmark_inputs(recipe.eval.benchmark) + _reward_probe(recipe)
+            + _tracker_inputs(recipe.run.report_to))
+
+
+def _tracker_inputs(report_to: list[str]) -> list[str]:
+    """run.report_to: every tracker installed and configured here (the run would fail at its first log, or TRL's)."""
+    from sse_rl.trackers import report_to_errors
+
+    return report_to_errors(report_to)
 
 
 def _prompt_rows(rows: list[dict[str, Any]], source: str, _key: str, **options: Any) -> None:
@@ -217,12 +225,14 @@ def _sft_rows(data: SFTDataConfig) -> RowsCheck:
 
 
 def _sft_inputs(recipe: SFTRecipe) -> list[str]:
-    return _data_inputs({"data.train": recipe.data.train}, _sft_rows(recipe.data)) + _model_inputs(recipe.model)
+    return (_data_inputs({"data.train": recipe.data.train}, _sft_rows(recipe.data)) + _model_inputs(recipe.model)
+            + _tracker_inputs(recipe.run.report_to))
 
 
 def _distill_inputs(recipe: DistillRecipe) -> list[str]:
     d = recipe.data
-    return _data_inputs({"data.train": d.train, "data.eval": d.eval}, _sft_rows(d)) + _teacher_student_inputs(recipe)
+    return (_data_inputs({"data.train": d.train, "data.eval": d.eval}, _sft_rows(d)) + _teacher_student_inputs(recipe)
+            + _tracker_inputs(recipe.run.report_to))
 
 
 def _load_model_config(path: str, key: str, errors: list[str]) -> Any:
