@@ -17,6 +17,8 @@
 # GRPO's held-out numbers come from its own evals (the same 500 problems, avg@4 at temperature 1, steps 0/20/40).
 #   scripts/hybrid_demo.sh OUT report      # tables and curves -> bench/results/hybrid_demo/NAME
 # DISTILL_SCALE=3 scripts/hybrid_demo.sh OUT all: both distillation stages and the random-init SFT on 3x the tokens
+#   (to reuse a run's teacher and hybrid: mkdir OUT3; ln -s OUT/teacher OUT/hybrid OUT3/; a step whose output exists
+#   is skipped)
 # Evaluation as in scripts/arith_demo.sh: the problem alone as a user turn, avg@4 at temperature 1.0.
 set -euo pipefail
 SELF=$(realpath "$0")
