@@ -31,3 +31,8 @@ def test_two_steps_replay_the_engines_routes(tmp_path: Path) -> None:
         assert r["mismatch/tokens"] > 0 and r["mismatch/abs_logprob_diff/pos_0_63"] < 1e-4
         assert r["mismatch/abs_logprob_diff/p99"] < 1e-4 and abs(r["mismatch/seq_kl_k1"]) < 1e-3
     assert max(r["probe/max_abs_diff"] for r in read_metrics(out) if "probe/max_abs_diff" in r) < 1e-4
+    # the run ends with its export (issue #25): weights, config with the model code's auto_map, card, tokenizer
+    final = out / "final"
+    config = (final / "config.json").read_text()
+    assert '"auto_map"' in config and (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
+    assert "Steps: 2 of 2" in (final / "README.md").read_text()
