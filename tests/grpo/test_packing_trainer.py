@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import pickle
 import queue as queue_module
 import random
 
@@ -251,7 +252,9 @@ def _train_rank(rank: int, world: int, port: int, strategy: str, path: str, mini
             restored["params"] = len(optim["state"])
     local_numel = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
                       for p in worker.model.parameters())  # this rank's share of the parameters
-    queue.put((strategy, rank, world, stats, named, restored, local_numel))
+    # by value: a tensor put on a multiprocessing queue as is (the stats' vectors) is shared through a file
+    # descriptor this process must still hold when the parent reads it, and the rank exits right after
+    queue.put(pickle.dumps((strategy, rank, world, stats, named, restored, local_numel)))
     worker.close()
 
 
@@ -288,7 +291,7 @@ def distributed_runs(policy, tmp_path_factory):
             failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
             assert not failed, f"a trainer rank died (exit codes {failed}); see its traceback above"
             with contextlib.suppress(queue_module.Empty):
-                results.append(queue.get(timeout=2))
+                results.append(pickle.loads(queue.get(timeout=2)))
     finally:
         for p in procs:
             p.join(timeout=30)
