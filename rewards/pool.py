@@ -124,14 +124,6 @@ class _RewardRunner:
         return self.caller(self.fns[which], batch)
 
 
-@dataclass
-class _Graded:
-    """One reward's results over a batch, filled call by call."""
-
-    values: list[float | None]  # [N]
-    errors: list[tuple[int, RewardError]]  # (sample position for ordering, error)
-
-
 def _slices(n: int, parts: int) -> list[range]:
     """`n` samples cut into at most `parts` contiguous slices of near-equal size."""
     size = max(1, math.ceil(n / parts))

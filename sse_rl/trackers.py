@@ -21,9 +21,8 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-TrackerName = Literal["tensorboard", "wandb", "trackio", "mlflow"]
 TENSORBOARD_DIR = "tensorboard"  # OUT_DIR/tensorboard
 PROJECT = "sse-rl"  # the wandb / trackio project and mlflow experiment of every run
 # tracker -> (importable module, pip extra that installs it)
@@ -152,9 +151,10 @@ TRACKERS: dict[str, type] = {"tensorboard": TensorBoardTracker, "wandb": WandbTr
 
 def report_to_errors(names: list[str]) -> list[str]:
     """What stops `run.report_to` from working here: a chosen tracker whose package is not installed (with the extra
-    to install), mlflow without MLFLOW_TRACKING_URI (its own default, a SQLite store, needs the full mlflow)."""
+    to install), mlflow without MLFLOW_TRACKING_URI (its own default, a SQLite store, needs the full mlflow). A name
+    that is no tracker at all is the schema's to report."""
     errors = [f"run.report_to: {name} is not installed; pip install \"sse-rl[{PACKAGES[name][1]}]\""
-              for name in names if importlib.util.find_spec(PACKAGES[name][0]) is None]
+              for name in names if name in PACKAGES and importlib.util.find_spec(PACKAGES[name][0]) is None]
     if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
         errors.append("run.report_to: mlflow needs MLFLOW_TRACKING_URI: an mlflow server (http://HOST:5000), or a "
                       "local store (file:/PATH with MLFLOW_ALLOW_FILE_STORE=true, or sqlite:///mlflow.db with the "

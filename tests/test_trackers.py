@@ -147,6 +147,10 @@ def test_every_command_refuses_a_tracker_that_cannot_work_before_writing(command
                  "run.report_to=[mlflow]", "--dry-run"]) == 2
     assert "run.report_to: mlflow needs MLFLOW_TRACKING_URI" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    assert main([command, str(root / f"recipes/{recipe}.yaml"), f"out_dir={tmp_path / 'run'}",
+                 "run.report_to=[tensorboard,foo]", "--dry-run"]) == 2
+    assert "run.report_to.1: must be one of 'tensorboard', 'wandb', 'trackio', 'mlflow', got 'foo'" in \
+        capsys.readouterr().err
 
 
 def test_sft_passes_report_to_to_trl(tmp_path):

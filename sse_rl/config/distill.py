@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sse_rl.config.grpo import adam_betas_rule
-from sse_rl.config.reading import bounded
+from sse_rl.config.reading import TrackerName, bounded
 from sse_rl.config.sft import SFTDataConfig, batch_tokens_rule, sft_data_rules
 
 STAGES = ("align", "logits")
@@ -73,7 +73,7 @@ class DistillRunConfig:
     eval_steps: int = bounded(0, ge=0)  # held-out metric every N steps; 0 = at each stage's start and end only
     keep_checkpoints: int = bounded(2, ge=1)  # newest checkpoints kept; older ones are deleted
     # Trackers TRL reports to (its report_to): tensorboard, wandb, trackio, mlflow; [] = none
-    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = field(default_factory=list)
+    report_to: list[TrackerName] = field(default_factory=list)
     progress: bool = True  # progress bar on stderr
 
 

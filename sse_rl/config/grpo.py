@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sse_rl.config.reading import bounded
+from sse_rl.config.reading import TrackerName, bounded
 from sse_rl.data import template_fields
 
 
@@ -190,7 +190,7 @@ class RunConfig:
     probe_prompts: int = bounded(4, ge=1)  # prompts whose first-token logprobs check each weight sync
     probe_tolerance: float = bounded(1e-3, gt=0)  # max |engine - trainer| first-token logprob after a sync
     # Trackers that get every step's metrics (sse_rl.trackers): tensorboard, wandb, trackio, mlflow; [] = none
-    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = field(
+    report_to: list[TrackerName] = field(
         default_factory=lambda: ["tensorboard"])
     log_completions: int = bounded(0, ge=0)  # completions per step to OUT_DIR/completions.jsonl and the trackers
     progress: bool = True  # progress bar on stderr

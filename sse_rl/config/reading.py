@@ -20,6 +20,7 @@ import yaml
 
 R = TypeVar("R")
 RESOLVED_FILE = "config.yaml"  # the resolved recipe in a train / sft / distill run directory
+TrackerName = Literal["tensorboard", "wandb", "trackio", "mlflow"]  # run.report_to of every recipe (sse_rl.trackers)
 
 
 class RecipeError(ValueError):

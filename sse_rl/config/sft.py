@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sse_rl.config.grpo import ModelConfig, adam_betas_rule, required_rules
-from sse_rl.config.reading import bounded
+from sse_rl.config.reading import TrackerName, bounded
 
 
 @dataclass
@@ -52,7 +52,7 @@ class SFTRunConfig:
     save_steps: int = bounded(200, ge=0)  # checkpoint every N steps (for resume); 0 = only OUT_DIR/final
     keep_checkpoints: int = bounded(2, ge=1)  # newest checkpoints kept; older ones are deleted
     # Trackers TRL reports to (its report_to): tensorboard, wandb, trackio, mlflow; [] = none
-    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = field(default_factory=list)
+    report_to: list[TrackerName] = field(default_factory=list)
     progress: bool = True  # progress bar on stderr
 
 
