@@ -198,10 +198,8 @@ def as_messages(value: list[dict[str, Any]]) -> list[Message]:
 def text_value(value: Any, name: str, where: str) -> str:
     """A value that must be text: a string, or a number as its decimal string; anything else fails naming `where`
     (the source and row) and the field."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
+    if isinstance(text := as_text(value), str):
+        return text
     kind = "a list of chat messages" if is_messages(value) else type(value).__name__
     raise ValueError(f"{where}: field {name!r} must be a string, got {kind}: {str(value)[:80]}")
 
