@@ -60,6 +60,8 @@ def log_recipe_changes(run_dir: str | Path, step: int, changes: list[tuple[str, 
 
 
 def _keep_rows_up_to(run_dir: Path, name: str, step: int) -> None:
+    if not (run_dir / name).is_file():  # nothing to keep (a file a run writes only when asked stays absent)
+        return
     kept = [row for row in read_metrics(run_dir, name) if row["step"] <= step]
     tmp = run_dir / (name + ".tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
