@@ -1,4 +1,4 @@
-"""Decode throughput in vLLM: SSE-H-2B against a Qwen3-1.7B-shaped Transformer, both with random weights (GPU).
+"""Decode throughput in vLLM: SSE-H-2B against a Qwen3-1.7B-shaped Transformer and a GDN hybrid (GPU).
 
 Run on one GPU (the issue's numbers: one H100, vLLM 0.26), from the repo root with sse-rl installed:
     python -m bench.bench_vllm_throughput                  # writes bench/results/vllm_throughput.{json,md}
@@ -16,8 +16,14 @@ Choices:
   short warm-up generate on the same engine.
 - `--compile-sizes N ...` (both models alike): Inductor compiles those batch sizes for their static shape, with
   max_autotune, so each GEMM is the fastest of cuBLAS and Triton templates at that batch.
-- Memory per sequence is reported analytically from the configs: SSE states (fp32, fixed size) and the KV cache
-  of the softmax-attention layers (bf16) at the setting's full length.
+- The GDN hybrid (bench.common.GDN_PEER, issue #27) is vLLM's own Qwen3-Next class at SSE-H-2B's size: the same
+  settings, plus Triton GDN prefill kernels (`additional_config`), and it runs twice: its recurrent state in bf16
+  (vLLM's default) and in fp32 (`mamba_ssm_cache_dtype="float32"`, as SSE-H keeps its states), rows
+  `qwen3-next-gdn-2b` and `qwen3-next-gdn-2b:state-fp32`. On vLLM 0.26 its first generate took minutes (Triton
+  autotune): a fresh machine's first run of it is slow to start.
+- Memory per sequence is reported analytically from the configs: SSE states (fp32, fixed size), GDN states (the
+  conv window in bf16 and the recurrent state in the engine's dtype, per linear layer) and the KV cache of the
+  softmax-attention layers (bf16) at the setting's full length.
 """
 from __future__ import annotations
 
@@ -31,12 +37,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import MODELS, device_name, model_config, write_results
+from bench.common import DECODE_MODELS, MODELS, DecodeModel, device_name, model_config, write_results
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 PROMPT_LEN = 128
 BF16_BYTES = 2
+# Bytes per element of a GDN recurrent state by vLLM's mamba_ssm_cache_dtype ("auto": the model's, bf16 here).
+SSM_BYTES = {"auto": BF16_BYTES, "bfloat16": BF16_BYTES, "float32": 4}
 
 
 @dataclass
@@ -62,16 +70,17 @@ class Result:
 
 
 def write_config(model: str, out: Path) -> dict:
-    """config.json of one of `MODELS` for a dummy-weight engine, with positions for the longest setting."""
-    config = model_config(model)
+    """config.json of one of `DECODE_MODELS` for a dummy-weight engine, with positions for the longest setting."""
+    config = model_config(DECODE_MODELS[model].shape)
     longest = PROMPT_LEN + max(s.new_tokens for s in SETTINGS)
     config.max_position_embeddings = max(config.max_position_embeddings, longest)
     config.save_pretrained(str(out))
     return config.to_dict()
 
 
-def memory_per_sequence(config: dict, tokens: int) -> tuple[int, int]:
-    """(recurrent-state bytes, KV-cache bytes) one sequence of `tokens` tokens holds."""
+def memory_per_sequence(config: dict, tokens: int, ssm_cache_dtype: str = "auto") -> tuple[int, int]:
+    """(recurrent-state bytes, KV-cache bytes) one sequence of `tokens` tokens holds. `ssm_cache_dtype` is the
+    engine's mamba_ssm_cache_dtype, which only a GDN model's recurrent state follows (`DecodeModel`)."""
     if config["model_type"] == "sse_h":
         attn = len(config["attn_layers"])
         dv = int(config["head_dim"] * config["expand_v"])
@@ -79,7 +88,21 @@ def memory_per_sequence(config: dict, tokens: int) -> tuple[int, int]:
         kv = 2 * config["attn_num_kv_heads"] * config["attn_head_dim"] * BF16_BYTES * tokens
         return (config["num_hidden_layers"] - attn) * state, attn * kv
     kv = 2 * config["num_key_value_heads"] * config["head_dim"] * BF16_BYTES * tokens
+    if config["model_type"] == "qwen3_next":
+        attn = config["layer_types"].count("full_attention")
+        return (config["num_hidden_layers"] - attn) * sum(gdn_state_bytes(config, ssm_cache_dtype)), attn * kv
     return 0, config["num_hidden_layers"] * kv
+
+
+def gdn_state_bytes(config: dict, ssm_cache_dtype: str) -> tuple[int, int]:
+    """(conv-state bytes, recurrent-state bytes) of one sequence in one GDN layer, as vLLM allocates them: the
+    causal conv keeps its last kernel-1 inputs of q, k and v in the model dtype, the delta rule one [dv, dk] matrix
+    per value head in `ssm_cache_dtype`."""
+    conv_dim = 2 * config["linear_num_key_heads"] * config["linear_key_head_dim"] + (
+        config["linear_num_value_heads"] * config["linear_value_head_dim"])
+    conv = conv_dim * (config["linear_conv_kernel_dim"] - 1) * BF16_BYTES
+    recurrent = config["linear_num_value_heads"] * config["linear_value_head_dim"] * config["linear_key_head_dim"]
+    return conv, recurrent * SSM_BYTES[ssm_cache_dtype]
 
 
 def max_concurrency(llm) -> int:
@@ -90,7 +113,8 @@ def max_concurrency(llm) -> int:
     return int(get_max_concurrency_for_kv_cache_config(llm.llm_engine.vllm_config, scheduler.kv_cache_config))
 
 
-def run_setting(model_dir: Path, setting: Setting, args: argparse.Namespace) -> tuple[int, float]:
+def run_setting(model_dir: Path, model: DecodeModel, setting: Setting,
+                args: argparse.Namespace) -> tuple[int, float]:
     """(number of prompts, seconds) of one timed generate call."""
     import torch
     from vllm import LLM, SamplingParams
@@ -100,7 +124,8 @@ def run_setting(model_dir: Path, setting: Setting, args: argparse.Namespace) -> 
               max_model_len=PROMPT_LEN + setting.new_tokens, enable_prefix_caching=False,
               max_num_seqs=setting.num_prompts or args.max_fit_prompts,
               gpu_memory_utilization=args.gpu_memory_utilization, disable_log_stats=not args.progress,
-              compilation_config={"compile_sizes": args.compile_sizes} if args.compile_sizes else None)
+              compilation_config={"compile_sizes": args.compile_sizes} if args.compile_sizes else None,
+              **model.engine)
     num_prompts = setting.num_prompts or min(max_concurrency(llm), args.max_fit_prompts)
     gen = torch.Generator().manual_seed(0)
     prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, 150_000, (PROMPT_LEN,), generator=gen).tolist())
@@ -132,9 +157,9 @@ def write_report(results: list[Result], out_dir: Path, meta: dict) -> None:
                      f"{r.kv_bytes_per_seq / 2**20:.1f} |")
     for setting in SETTINGS:
         by_model = {r.model: r.output_tokens_per_s for r in results if r.setting == setting.name}
-        if len(by_model) == 2:
-            lines.append(f"\n{setting.name}: SSE-H-2B / Qwen3-1.7B-shape = "
-                         f"{by_model['sse-h-2b'] / by_model['qwen3-1.7b-shape']:.2f}x")
+        sse = by_model.get(MODELS[0])
+        lines += [f"\n{setting.name}: {MODELS[0]} / {other} = {sse / tok_s:.2f}x"
+                  for other, tok_s in by_model.items() if sse and other != MODELS[0]]
     write_results(out_dir / "vllm_throughput.json", {**meta, "results": [asdict(r) for r in results]},
                   "\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -153,9 +178,10 @@ def run_child(args: argparse.Namespace) -> Result:
     (model,), (name,) = args.models, args.settings
     setting = next(s for s in SETTINGS if s.name == name)
     with tempfile.TemporaryDirectory() as tmp:
-        config = write_config(model, Path(tmp) / model)
-        num_prompts, seconds = run_setting(Path(tmp) / model, setting, args)
-    state, kv = memory_per_sequence(config, PROMPT_LEN + setting.new_tokens)
+        model_dir = Path(tmp) / DECODE_MODELS[model].shape
+        config = write_config(model, model_dir)
+        num_prompts, seconds = run_setting(model_dir, DECODE_MODELS[model], setting, args)
+    state, kv = memory_per_sequence(config, PROMPT_LEN + setting.new_tokens, DECODE_MODELS[model].ssm_cache_dtype)
     return Result(model, setting.name, num_prompts, setting.new_tokens, seconds,
                   num_prompts * setting.new_tokens / seconds, state, kv)
 
@@ -163,7 +189,7 @@ def run_child(args: argparse.Namespace) -> Result:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench/results", help="folder for vllm_throughput.{json,md}")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(DECODE_MODELS), choices=list(DECODE_MODELS))
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--max-fit-prompts", type=int, default=1024, help="cap of the 'as many as fit' setting")
     parser.add_argument("--progress", action="store_true",

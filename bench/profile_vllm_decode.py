@@ -1,4 +1,4 @@
-"""Where a vLLM decode step's time goes: SSE-H-2B vs the Qwen3-1.7B-shaped Transformer at batch 64 (GPU).
+"""Where a vLLM decode step's time goes: SSE-H-2B vs the Qwen3-1.7B-shaped Transformer and the GDN hybrid (GPU).
 
     python -m bench.profile_vllm_decode    # bench/results/vllm_decode_profile.{json,md}
 
@@ -7,7 +7,8 @@ step into kernel kinds, so it shows which part of SSE-H's step falls short of th
 (decode_roofline.md) and by how much.
 
 Choices:
-- Engines as in the throughput bench (random weights, bf16, CUDA graphs and torch.compile at vLLM's defaults),
+- Engines as in the throughput bench (random weights, bf16, CUDA graphs and torch.compile at vLLM's defaults,
+  each model's engine options: bench.common.DECODE_MODELS, the GDN hybrid with either recurrent-state dtype),
   one process per model (an engine's GPU memory is only reliably freed when its process exits). 64 requests with
   prompts of `--context` random tokens (4,096: near the 64 x 8k run's average context of 4,224) are prefilled
   through `LLMEngine.step`; once every request has produced tokens, decode steps are timed (wall clock,
@@ -17,8 +18,10 @@ Choices:
   used, the profiler's kernel durations sum to only ~65 % of a GPU-bound step, with or without CUDA graphs (Qwen's
   FlashAttention would otherwise read its KV cache faster than the card's peak bandwidth), so its absolute
   times are not used as such.
-- Bytes per step (weights, touched SSE states read + written, KV cache) come from roofline_decode.step_bytes at
-  the measured context, for the step's fraction of copy bandwidth (measured on the device unless `--copy-bw`).
+- Bytes per step (weights, touched SSE states or GDN states read + written, KV cache) come from
+  roofline_decode.step_bytes at the measured context, for the step's fraction of copy bandwidth (measured on the
+  device unless `--copy-bw`); with the GDN hybrid beside SSE-H, the report ends with issue #27's comparison of
+  those fractions (roofline_decode.peer_comparison).
 - The JSON keeps one step's kernels in launch order (`step_trace`), to see what each layer launches.
 - `--no-cuda-graphs` runs the same step with kernels launched one by one (host-bound wall time; the kernel list
   is the same as inside the graphs).
@@ -39,8 +42,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench.bench_vllm_throughput import autotune_label, write_config
-from bench.common import KERNEL_KINDS, MODELS, OTHER_KIND, copy_bandwidth, device_name, kernel_kind, write_results
-from bench.roofline_decode import step_bytes
+from bench.common import (DECODE_MODELS, KERNEL_KINDS, OTHER_KIND, DecodeModel, copy_bandwidth, device_name,
+                          kernel_kind, write_results)
+from bench.roofline_decode import peer_comparison, step_bytes
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -73,7 +77,7 @@ def compilation_config(args: argparse.Namespace) -> dict | None:
     return config or None
 
 
-def measure(model_dir: Path, args: argparse.Namespace) -> dict:
+def measure(model_dir: Path, model: DecodeModel, args: argparse.Namespace) -> dict:
     """Wall ms per decode step and kernel ms per step by kind and by name, for one model."""
     import torch
     from vllm import LLM
@@ -81,7 +85,7 @@ def measure(model_dir: Path, args: argparse.Namespace) -> dict:
     steps = args.warmup + args.timed + args.profiled
     llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, seed=0,
               max_model_len=args.context + steps + 16, enable_prefix_caching=False, max_num_seqs=BATCH,
-              gpu_memory_utilization=0.9, compilation_config=compilation_config(args))
+              gpu_memory_utilization=0.9, compilation_config=compilation_config(args), **model.engine)
     engine = llm.llm_engine
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     prefill(llm, args.context, steps + 8, vocab)
@@ -135,10 +139,16 @@ def write_report(results: dict, meta: dict, out: Path) -> None:
              f"bandwidth against copy bandwidth {bw:,.0f} GB/s.", "",
              "| model | wall ms | tok/s | GB / step | of copy bw | kernels / step | profiler kernel ms / step |",
              "|---|---|---|---|---|---|---|"]
+    tok_s = {model: BATCH / r["wall_ms"] * 1e3 for model, r in results.items()}
+    fraction = {model: sum(r["bytes"].values()) / 1e9 / (r["wall_ms"] / 1e3) / bw for model, r in results.items()}
     for model, r in results.items():
-        gb = sum(r["bytes"].values()) / 1e9
-        lines.append(f"| {model} | {r['wall_ms']:.2f} | {BATCH / r['wall_ms'] * 1e3:,.0f} | {gb:.2f} | "
-                     f"{gb / (r['wall_ms'] / 1e3) / bw:.0%} | {r['kernels_per_step']:.0f} | {r['busy_ms']:.2f} |")
+        lines.append(f"| {model} | {r['wall_ms']:.2f} | {tok_s[model]:,.0f} | "
+                     f"{sum(r['bytes'].values()) / 1e9:.2f} | {fraction[model]:.0%} | {r['kernels_per_step']:.0f} | "
+                     f"{r['busy_ms']:.2f} |")
+    against_peer = peer_comparison(f"batch {BATCH}", fraction, tok_s)
+    if against_peer:
+        lines += ["", "Against the GDN hybrid (issue #27: SSE-H moves its bytes at least as efficiently):", "",
+                  *against_peer]
     lines += ["", "Share of the profiler's kernel time by kind, and that share of the wall time (ms):", "",
               "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for model, r in results.items():
@@ -159,7 +169,7 @@ def write_report(results: dict, meta: dict, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=list(DECODE_MODELS), choices=list(DECODE_MODELS))
     parser.add_argument("--context", type=int, default=4096, help="prompt tokens per request")
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--timed", type=int, default=64)
@@ -182,9 +192,11 @@ def main() -> None:
     if args.child_json:  # one model per process: an engine's GPU memory is only reliably freed at exit
         (model,) = args.models
         with tempfile.TemporaryDirectory() as tmp:
-            config = write_config(model, Path(tmp) / model)
-            r = measure(Path(tmp) / model, args)
-        r["bytes"] = step_bytes(config, BATCH, args.context + args.warmup + args.timed // 2)
+            model_dir = Path(tmp) / DECODE_MODELS[model].shape
+            config = write_config(model, model_dir)
+            r = measure(model_dir, DECODE_MODELS[model], args)
+        r["bytes"] = step_bytes(config, BATCH, args.context + args.warmup + args.timed // 2,
+                                DECODE_MODELS[model].ssm_cache_dtype)
         args.child_json.write_text(json.dumps(r))
         return
     results = {}
