@@ -1,6 +1,6 @@
 """Rollout/trainer mismatch of SSE-H on one device (issue #28): how far the trainer's logprobs of the engine's samples
 are from the engine's, by position in the response, how often the SSE router's top-K flips between the two, and what
-routing replay, the fp32 LM head and route recording change or cost.
+routing replay, the fp32 LM head, the engine's accumulation order and route recording change or cost.
 
     python -m bench.mismatch                              # random-init sse-h-small and sse-h-2b, 64 x 4k tokens
     python -m bench.mismatch --model PATH --samples 128   # a trained checkpoint
@@ -9,11 +9,30 @@ routing replay, the fp32 LM head and route recording change or cost.
 For each policy: the training engine (`RolloutWorker`, the plugin recording routes) samples N responses of up to
 --max-tokens tokens from random prompts, with the LM head in the model dtype and in fp32 (`lm_head_fp32`), and once
 more without recording (rollout tokens/s with recording on vs off, same prompts and seed). The trainer
-(`TrainerWorker`, its packed forward, --dtype compute) then scores each engine's samples without and with routing
-replay, with the head matching the engine's. Reported per variant: mean and p99 |delta logprob| over response tokens,
-the mean per response-position bucket and along the response (the PNG), the sequence-level k1 KL estimate, and the
-route-flip rate over the (token, SSE layer) pairs the engine recorded. Results: bench/results/mismatch/<device>_<date>
-.json and .png.
+(`TrainerWorker`, --dtype compute, the head matching the engine's) then scores each engine's samples three ways:
+
+- `<head>`, `<head>_replay`: its packed forward (the chunked op, as in training) without and with routing replay;
+- `<head>_recurrent`: in the engine's accumulation order, teacher-forced through the HF model's cache: the prompt
+  through the chunked op (as the engine's prefill), then each response token alone through the recurrent decode op
+  with the fp32 state carried (as the engine's decode; `SSEMixer._mix` sends a one-token step with past state to
+  `ops.sse_decode`), no gradients. It isolates how much of the mismatch is accumulation order (the chunked op's
+  intra-chunk products in the compute dtype vs the decode op's fp32 per-token updates) rather than kernels, batch
+  shapes or rounding elsewhere. No replay variant of it: the decode op routes inside its kernel, and forced routes
+  go through the chunked op, which would no longer be the engine's order.
+
+Reported per variant: mean and p99 |delta logprob| over response tokens, the mean per response-position bucket and
+along the response (the PNG), the sequence-level k1 KL estimate, the route-flip rate over the (token, SSE layer)
+pairs the engine recorded, and the trainer's seconds for the scoring; for `<head>_recurrent` also its gap to the
+packed trainer's own logprobs (`vs_packed_trainer`: mean and max |delta| per token; ~1e-6 in fp32 on CPU, so the
+variant is what it says). Results: bench/results/mismatch/<device>_<date>.json and .png.
+
+The engine's order is a bench lever, not a training option. The decode op has no backward (it updates the state in
+place), and a backward through the recurrence needs every token's state or a recomputing reverse kernel: at 2B the
+15 SSE layers hold 197 MB of fp32 state per sequence, ~800 GB per 4k-token response, where the chunked op keeps one
+state per 64-token chunk. Its forward is T dependent one-token model steps per sequence (4k steps, each a launch per
+layer and op) instead of one packed forward: `trainer_seconds` measures the ratio. And using it for pi_old alone
+would not remove the mismatch but move it into the PPO ratio, between the chunked-order pi the gradient comes from
+and a recurrent-order pi_old.
 """
 from __future__ import annotations
 
@@ -30,6 +49,7 @@ import torch
 from bench.common import device_name, say, write_results
 from sse_rl.config import AlgoConfig, SamplingConfig, TrainConfig
 from sse_rl.grpo.mismatch import BUCKET_NAMES, position_bucket
+from sse_rl.models.modeling import lm_head_logits
 from sse_rl.models.layers import NO_ROUTE
 from sse_rl.packing import Sequence, pack
 
@@ -78,32 +98,99 @@ def _free() -> None:
 
 
 def score(path: str, prompts: list[list[int]], rollouts: list[Any], args: argparse.Namespace, *, replay: bool,
-          fp32: bool) -> dict[str, np.ndarray]:
-    """Per response token: |engine - trainer logprob|, log(engine / trainer) and the response position; per
-    recorded (token, SSE layer) pair whether the trainer's partitions differ. The trainer's packed forward (pi_old)."""
+          fp32: bool) -> tuple[dict[str, np.ndarray], float]:
+    """Per response token: log(engine / trainer) `delta`, the response position `pos` and the sequence `seq`; per
+    recorded (token, SSE layer) pair whether the trainer's partitions differ (`flips`). The trainer's packed forward
+    (pi_old). Also the seconds the forwards took."""
     from sse_rl.workers.trainer import TrainerWorker
 
     trainer = TrainerWorker(path, rank=0, world_size=1, train=TrainConfig(strategy="ddp"),
                             algo=AlgoConfig(routing_replay=replay), temperature=1.0, seed=0, dtype=args.dtype,
                             gradient_checkpointing=False, lm_head_fp32=fp32)
-    seqs = [Sequence(p, r.completion_ids, r.logprobs, advantage=0.0, weight=1.0, routes=r.routes)
-            for p, r in zip(prompts, rollouts) if r.completion_ids]
-    parts: dict[str, list[np.ndarray]] = {"delta": [], "pos": [], "flips": []}
+    # The advantage carries the sequence's index (the forward never reads it), so tokens align across variants.
+    seqs = [Sequence(p, r.completion_ids, r.logprobs, advantage=float(i), weight=1.0, routes=r.routes)
+            for i, (p, r) in enumerate(zip(prompts, rollouts)) if r.completion_ids]
+    parts: dict[str, list[np.ndarray]] = {"delta": [], "pos": [], "seq": [], "flips": []}
+    micro = [mb.to(trainer.device) for mb in pack(seqs, token_budget=args.token_budget)[0]]
     with torch.no_grad():
-        for mb in pack(seqs, token_budget=args.token_budget)[0]:
-            mb = mb.to(trainer.device)
+        trainer._forward(trainer.model, micro[0])[0].cpu()  # untimed: kernel compilation, first-call costs
+        t0 = time.perf_counter()
+        for mb in micro:
             logp, _, _, used = trainer._forward(trainer.model, mb)
             parts["delta"].append((mb.rollout_logp - logp).cpu().numpy())
             parts["pos"].append(mb.response_pos.cpu().numpy())
-            recorded = (mb.routes != NO_ROUTE).all(-1)  # [1, L, S]
-            differ = (mb.routes.long().sort(-1).values != used.long().sort(-1).values).any(-1)
-            parts["flips"].append(differ[recorded].cpu().numpy())
+            parts["seq"].append(mb.advantages.long().cpu().numpy())
+            parts["flips"].append(route_flips(mb.routes, used))
+    seconds = time.perf_counter() - t0
     del trainer
     _free()
-    return {key: np.concatenate(value) for key, value in parts.items()}
+    return {key: np.concatenate(value) for key, value in parts.items()}, seconds
 
 
-def statistics(scored: dict[str, np.ndarray], sequences: int, max_tokens: int) -> dict[str, Any]:
+def route_flips(engine: torch.Tensor, used: torch.Tensor) -> np.ndarray:
+    """For each (token, SSE layer) pair the engine recorded, whether the trainer used another partition set:
+    engine routes and used partitions [..., S, K] over the same tokens (NO_ROUTE = not recorded) -> bool [pairs]."""
+    recorded = (engine != NO_ROUTE).all(-1)  # [..., S]
+    differ = (engine.long().sort(-1).values != used.long().sort(-1).values).any(-1)
+    return differ[recorded].cpu().numpy()
+
+
+def score_in_order(path: str, prompts: list[list[int]], rollouts: list[Any], args: argparse.Namespace, *,
+                   fp32: bool) -> tuple[dict[str, np.ndarray], float]:
+    """`score` with the trainer in the engine's accumulation order (module doc, `<head>_recurrent`), sequences
+    decoded --recurrent-batch at a time."""
+    from sse_rl.workers.trainer import TrainerWorker
+
+    trainer = TrainerWorker(path, rank=0, world_size=1, train=TrainConfig(strategy="ddp"), algo=AlgoConfig(),
+                            temperature=1.0, seed=0, dtype=args.dtype, gradient_checkpointing=False,
+                            lm_head_fp32=fp32)
+    trainer.model.eval()  # no router aux loss per step: a measurement, the outputs are the same
+    kept = [(i, p, r) for i, (p, r) in enumerate(zip(prompts, rollouts)) if r.completion_ids]
+    parts: dict[str, list[np.ndarray]] = {"delta": [], "pos": [], "seq": [], "flips": []}
+    t0 = time.perf_counter()
+    for start in range(0, len(kept), args.recurrent_batch):
+        batch = kept[start:start + args.recurrent_batch]
+        logp, used = decode_in_order(trainer, [p for _, p, _ in batch], [r.completion_ids for _, _, r in batch])
+        for row, (i, _, r) in enumerate(batch):
+            n = len(r.completion_ids)
+            parts["delta"].append(np.asarray(r.logprobs, dtype=np.float32) - logp[row, :n].cpu().numpy())
+            parts["pos"].append(np.arange(n))
+            parts["seq"].append(np.full(n, i))
+            # routes cover the tokens a forward has seen: every position but the last (engine and trainer alike)
+            seen = min(len(r.routes), used.shape[1]) if r.routes is not None else 0
+            parts["flips"].append(route_flips(torch.from_numpy(r.routes[:seen]), used[row, :seen].cpu()))
+    seconds = time.perf_counter() - t0
+    del trainer
+    _free()
+    return {key: np.concatenate(value) for key, value in parts.items()}, seconds
+
+
+@torch.no_grad()
+def decode_in_order(trainer: Any, prompts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """Teacher-forced incremental decoding of `responses` after `prompts` (all of one length P) by the trainer's
+    model with its compute dtype and head: one prefill of the prompts, then one cached step per response token.
+    Returns the logprobs [B, T] (T = the longest response; entries past a response's end are of the padding) and the
+    partitions the SSE layers used [B, P + T - 1, S, K] (the last token is never fed)."""
+    model, device = trainer.model, trainer.device
+    tokens = torch.zeros(len(responses), max(map(len, responses)), dtype=torch.long)  # [B, T]; 0 pads a short one
+    for row, ids in enumerate(responses):
+        tokens[row, :len(ids)] = torch.tensor(ids)
+    tokens = tokens.to(device)
+    logps, routes = [], []
+    with torch.autocast(device.type, dtype=trainer.autocast_dtype, enabled=trainer.autocast_dtype is not None):
+        out = model.model(input_ids=torch.tensor(prompts, device=device), use_cache=True, output_routes=True)
+        for t in range(tokens.shape[1]):
+            logits = lm_head_logits(model.lm_head, out.last_hidden_state[:, -1], fp32=trainer.lm_head_fp32)  # [B, V]
+            logps.append(trainer.head(logits, tokens[:, t], trainer.temperature)[0])  # [B]
+            routes.append(out.routes)
+            if t + 1 < tokens.shape[1]:
+                out = model.model(input_ids=tokens[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True,
+                                  output_routes=True)
+    return torch.stack(logps, 1), torch.cat(routes, 1)
+
+
+def statistics(scored: dict[str, np.ndarray], seconds: float, sequences: int, max_tokens: int) -> dict[str, Any]:
     """The reported numbers of one variant (module doc)."""
     absd, pos = np.abs(scored["delta"]), scored["pos"]
     bucket = position_bucket(torch.from_numpy(pos)).numpy()
@@ -114,7 +201,36 @@ def statistics(scored: dict[str, np.ndarray], sequences: int, max_tokens: int) -
                           if (bucket == i).any()},
             "seq_kl_k1": float(scored["delta"].sum() / sequences),
             "route_flip_rate": float(scored["flips"].mean()) if scored["flips"].size else None,
-            "curve": {"bin_tokens": width, "mean": curve}}
+            "trainer_seconds": seconds, "curve": {"bin_tokens": width, "mean": curve}}
+
+
+def trainer_gap(scored: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean and max |trainer logprob of `scored` - of `reference`| over the same response tokens, matched by
+    (sequence, position): the engine's logprob cancels from the two deltas."""
+    order = [np.lexsort((s["pos"], s["seq"])) for s in (scored, reference)]
+    mine, theirs = ({key: s[key][o] for key in ("seq", "pos", "delta")} for s, o in zip((scored, reference), order))
+    assert np.array_equal(mine["seq"], theirs["seq"]) and np.array_equal(mine["pos"], theirs["pos"]), \
+        "both variants score every response token of the same sequences"
+    gap = np.abs(mine["delta"] - theirs["delta"])
+    return {"mean": float(gap.mean()), "max": float(gap.max())}
+
+
+def score_variants(path: str, prompts: list[list[int]], rollouts: list[Any], args: argparse.Namespace, *,
+                   fp32: bool) -> dict[str, dict[str, Any]]:
+    """The trainer's variants (module doc) on one engine's samples, named after its head."""
+    head = "fp32_head" if fp32 else "model_dtype_head"
+    sequences = sum(bool(r.completion_ids) for r in rollouts)
+    variants, packed = {}, {}
+    for replay in (False, True):
+        say(f"{path}: trainer, {head}, replay {replay}")
+        packed[replay], seconds = score(path, prompts, rollouts, args, replay=replay, fp32=fp32)
+        variants[f"{head}{'_replay' if replay else ''}"] = statistics(packed[replay], seconds, sequences,
+                                                                     args.max_tokens)
+    say(f"{path}: trainer in the engine's order, {head}")
+    scored, seconds = score_in_order(path, prompts, rollouts, args, fp32=fp32)
+    variants[f"{head}_recurrent"] = {**statistics(scored, seconds, sequences, args.max_tokens),
+                                     "vs_packed_trainer": trainer_gap(scored, packed[False])}
+    return variants
 
 
 def run_policy(path: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -130,12 +246,7 @@ def run_policy(path: str, args: argparse.Namespace) -> dict[str, Any]:
         say(f"{path}: engine recording routes, {head}")
         rollouts, tps = sample(path, prompts, args, record=True, fp32=fp32)
         result["rollout_tokens_per_s"][f"record_on_{head}"] = tps
-        for replay in (False, True):
-            say(f"{path}: trainer, {head}, replay {replay}")
-            scored = score(path, prompts, rollouts, args, replay=replay, fp32=fp32)
-            name = f"{head}{'_replay' if replay else ''}"
-            result["variants"][name] = statistics(scored, sum(bool(r.completion_ids) for r in rollouts),
-                                                  args.max_tokens)
+        result["variants"].update(score_variants(path, prompts, rollouts, args, fp32=fp32))
     tps = result["rollout_tokens_per_s"]
     result["recording_overhead"] = 1.0 - tps["record_on_model_dtype_head"] / tps["record_off"]
     return result
@@ -150,7 +261,8 @@ def _vocab_size(path: str) -> int:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    """|delta logprob| along the response, one panel per policy, one line per variant."""
+    """|delta logprob| along the response, one panel per policy, one line per variant (dashed: the engine's
+    order)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +273,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for variant, stats in res["variants"].items():
             width, curve = stats["curve"]["bin_tokens"], stats["curve"]["mean"]
             points = [(i * width, v) for i, v in enumerate(curve) if v is not None]
-            ax.plot([x for x, _ in points], [max(v, 1e-9) for _, v in points], label=variant, marker=".")
+            ax.plot([x for x, _ in points], [max(v, 1e-9) for _, v in points], label=variant, marker=".",
+                    linestyle="--" if variant.endswith("_recurrent") else "-")
         ax.set(title=name, xlabel="position in the response (tokens)", ylabel="mean |engine - trainer logprob|",
                yscale="log")
         ax.legend(fontsize=8)
@@ -179,6 +292,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="engine dtype and trainer compute dtype")
     parser.add_argument("--token-budget", type=int, default=16384, help="trainer micro-batch tokens")
+    parser.add_argument("--recurrent-batch", type=int, default=64,
+                        help="sequences the trainer decodes together in the engine's order (the _recurrent variants)")
     parser.add_argument("--prompt-vocab", type=int, default=512, help="prompt token ids drawn from [3, this)")
     parser.add_argument("--scratch", default="/tmp/bench_mismatch", help="where random-init checkpoints go")
     parser.add_argument("--out", default="bench/results/mismatch")
