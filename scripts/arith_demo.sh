@@ -6,15 +6,19 @@
 #   scripts/arith_demo.sh OUT grpo            # 40 GRPO steps (~10 s each; run it again to resume) -> OUT/grpo
 #   scripts/arith_demo.sh OUT eval-after      # held-out accuracy of the GRPO policy -> OUT/eval_after
 #   scripts/arith_demo.sh OUT report          # metrics, plots, eval reports, README -> bench/results/arith_demo/NAME
-# Extra KEY=VALUE arguments after the stage override the recipe of the sft and grpo stages, e.g.
+#   scripts/arith_demo.sh OUT replay          # issue 28: the grpo stage twice from OUT/sft/final, routes recorded,
+#                                             # routing replay on and off -> OUT/grpo_replay_{on,off}, then
+#                                             # bench/replay_report.py -> bench/results/mismatch/NAME
+# The replay stage takes about twice the grpo stage: run it again to resume (an arm with final/ is done and skipped).
+# Extra KEY=VALUE arguments after the stage override the recipe of the sft, grpo and replay stages, e.g.
 #   scripts/arith_demo.sh OUT grpo model.dtype=float32 train.lr=1e-5
 # Eval prompts are exactly the training prompts: the problem alone (--instruction ""), as a user turn of the chat
 # template; sampled at temperature 1.0 (avg@4, what GRPO optimises).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:?usage: scripts/arith_demo.sh OUT tokenizer+sft|eval-before|grpo|eval-after|report}
-STAGE=${2:?usage: scripts/arith_demo.sh OUT tokenizer+sft|eval-before|grpo|eval-after|report}
-shift 2  # the rest: recipe overrides for the sft and grpo stages
+OUT=${1:?usage: scripts/arith_demo.sh OUT tokenizer+sft|eval-before|grpo|eval-after|report|replay}
+STAGE=${2:?usage: scripts/arith_demo.sh OUT tokenizer+sft|eval-before|grpo|eval-after|report|replay}
+shift 2  # the rest: recipe overrides for the sft, grpo and replay stages
 PY=.venv/bin/python                       # this repo's venv (scripts/setup_venv.sh), else the python on PATH
 [[ -x $PY ]] || PY=$(command -v python3)
 TEST="$OUT/data/arith_test.jsonl"
@@ -32,6 +36,15 @@ last_grpo_policy() {  # the HF policy folder of the GRPO run's newest checkpoint
   ckpt=$(ls -d "$OUT"/grpo/checkpoints/step_[0-9][0-9][0-9][0-9][0-9][0-9] 2>/dev/null | sort | tail -n 1)
   [[ -n "$ckpt" ]] || { echo "no GRPO checkpoint under $OUT/grpo/checkpoints; run the grpo stage first" >&2; exit 1; }
   echo "$ckpt/model"
+}
+
+replay_runs() {  # the grpo stage with routes recorded, replay on then off (extra arguments: recipe overrides)
+  local arm
+  for arm in on off; do
+    [[ -d "$OUT/grpo_replay_$arm/final" ]] && continue
+    "$PY" -m sse_rl.cli train recipes/arith_grpo.yaml model.path="$OUT/sft/final" out_dir="$OUT/grpo_replay_$arm" \
+      rollout.record_routes=true algo.routing_replay=$([[ $arm == on ]] && echo true || echo false) "$@"
+  done
 }
 
 case "$STAGE" in
@@ -61,5 +74,6 @@ case "$STAGE" in
       cat "$RESULTS/compare_sampled/compare.md"
     } > "$RESULTS/README.md"
     echo "wrote $RESULTS" ;;
-  *) echo "unknown stage $STAGE (tokenizer+sft, eval-before, grpo, eval-after, report)" >&2; exit 2 ;;
+  replay) replay_runs "$@" && "$PY" -m bench.replay_report "$OUT" ;;
+  *) echo "unknown stage $STAGE (tokenizer+sft, eval-before, grpo, eval-after, report, replay)" >&2; exit 2 ;;
 esac
