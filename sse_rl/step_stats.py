@@ -99,6 +99,11 @@ class StepStats:
     time_prepare: float = _stat(0.0, Combine.MAX)  # micro-batches to the device, pi_old / reference passes queued
     time_updates: float = _stat(0.0, Combine.MAX)  # forwards, backwards, optimizer steps, until the GPU is done
     time_release: float = _stat(0.0, Combine.MAX)  # giving the CUDA cache back for the engines
+    # train.offload_optimizer only (None without it): the optimizer state a rank keeps in host memory between steps
+    offload_gib: float | None = _stat(None, Combine.MAX)  # GiB of it moved to the host after the updates
+    time_offload: float | None = _stat(None, Combine.MAX)  # copying it to the host, until done
+    time_reload: float | None = _stat(None, Combine.MAX)  # copying it back at the step's start (overlaps prepare and
+                                                          # the first micro-batches; device time on a GPU)
     # GPU ranks only (None on CPU).
     gpu_free_gib: float | None = _stat(None, Combine.MIN)  # free at the step's start (after the engines slept)
     gpu_peak_gib: float | None = _stat(None, Combine.MAX)  # peak allocated
@@ -139,6 +144,9 @@ class StepStats:
                "time/train_release": self.time_release}
         if self.kl_sum:
             out["train/kl"] = self.kl_sum / tokens
+        if self.offload_gib is not None:
+            out.update({"train/offload_gib": self.offload_gib, "time/train_offload": self.time_offload,
+                        "time/train_reload": self.time_reload})
         out.update(self._mismatch_metrics())
         if self.gpu_free_gib is not None:
             out.update({"train/gpu_free_gib": self.gpu_free_gib, "train/gpu_peak_gib": self.gpu_peak_gib,

@@ -158,6 +158,10 @@ class TrainConfig:
     # torch.compile each decoder block and the logprob/entropy head (dynamic shapes; the SSE Triton op stays outside
     # the graphs): fuses the elementwise work around the matmuls. Compiled when the trainer starts (minutes at 2B).
     compile: bool = False
+    # keep the AdamW state (2x the fp32 weights: 16.9 GiB at 2B) in host memory between train phases, so an engine
+    # sharing the GPU rolls out in that memory: a copy each way per step (back at the phase's start, overlapping the
+    # first micro-batches), pinned host buffers of the state's size
+    offload_optimizer: bool = False
     # steps in a row whose update a non-finite loss or gradient skipped, before the run stops (sse_rl.grpo.guard)
     max_skipped_steps: int = bounded(3, ge=1)
     # steps in a row that train nothing (no kept group whose rewards vary) before the run stops

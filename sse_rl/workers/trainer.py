@@ -47,12 +47,20 @@ Choices:
    write where the engine's did; their weights stay the trainer's router probabilities.
 15) `model.lm_head_fp32`: the final norm (SSE-H) and the LM head run in fp32 with autocast off; under fsdp2 both
    are units of their own with an fp32 compute policy, so their weights are never cast to bf16.
+16) `train.offload_optimizer`: outside `train` the AdamW state lives in host memory (`OptimizerOffload`): it goes
+   there after a phase's last optimizer step, before the cache is given back, and returns at the next phase's start,
+   its copy overlapping the first micro-batches; the first optimizer step waits for it. `save` and `load` bring it
+   back for the gather or the copy into it, then send it to the host again (at 2B, 16.9 GiB more on the device for
+   the length of a save, beside the woken engine). The host buffers for AdamW's moments are pinned when the worker
+   joins, not in the first step.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,6 +83,7 @@ from sse_rl.models.modeling import lm_head_logits
 from sse_rl.packing import MicroBatch, Sequence, pack
 from sse_rl.step_stats import StepStats
 from sse_rl.workers import cuda_alloc
+from sse_rl.workers.optimizer_offload import OptimizerOffload
 
 if TYPE_CHECKING:
     from sse_rl.weight_sync import WeightTransport
@@ -255,6 +264,9 @@ class TrainerWorker:
                                            fused=self.device.type == "cuda" and not self.fsdp)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
+        self.offload = OptimizerOffload(self.optimizer) if t.offload_optimizer else None
+        if self.offload is not None:
+            self.offload.reserve(("exp_avg", "exp_avg_sq"))  # AdamW's moments, shaped as the parameters
         if t.compile:  # after sharding: the graphs are traced over the modules the steps will run
             self._compile_now()
 
@@ -321,6 +333,8 @@ class TrainerWorker:
                 # activation blocks they would land inside those blocks' segments and pin them, so that
                 # empty_cache could no longer give that memory back to the engines after training
                 torch.cuda.empty_cache()
+            if self.offload is not None:
+                self.offload.ready()
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -334,13 +348,16 @@ class TrainerWorker:
     def train(self, minibatches: list[list[MicroBatch]]) -> StepStats:
         """One GRPO step on this rank's share: `minibatches[j]` are its micro-batches of mini-batch j. Returns the
         step's statistics, with where its time went: preparing (micro-batches to the device, pi_old and reference
-        passes queued), the updates (until the GPU is done) and giving the cache back for the engines."""
+        passes queued), the updates (until the GPU is done), the optimizer state's copies with
+        train.offload_optimizer and giving the cache back for the engines."""
         t0 = time.perf_counter()
+        gpu_free = torch.cuda.mem_get_info(self.device)[0] / 2**30 if self.device.type == "cuda" else None
+        if self.offload is not None:
+            self.offload.restore()  # before the micro-batches: its copy overlaps what follows (choice 16)
         # every micro-batch goes to the device before the first forward: a blocking host-to-device copy
         # synchronises the stream, so copies between micro-batches would drain the GPU's queue once per micro-batch
         minibatches = [[mb.to(self.device) for mb in mini] for mini in minibatches]
         filler = _filler().to(self.device)
-        gpu_free = torch.cuda.mem_get_info(self.device)[0] / 2**30 if self.device.type == "cuda" else None
         retries, graphs = _alloc_retries(self.device), _graphs_compiled()
         if self.fsdp:
             minibatches = self._even_out(minibatches, filler)
@@ -348,9 +365,13 @@ class TrainerWorker:
         t1 = time.perf_counter()
         stats = self._updates(minibatches, extras, filler)
         t2 = time.perf_counter()  # _updates read the statistics: the GPU is done
+        if self.offload is not None:
+            moved = self.offload.offload()
+            stats.offload_gib, stats.time_offload, stats.time_reload = moved.gib, moved.to_host_s, moved.to_device_s
+        t3 = time.perf_counter()
         if self.device.type == "cuda":
             self._release_cache(stats, gpu_free, retries)
-        stats.time_prepare, stats.time_updates, stats.time_release = t1 - t0, t2 - t1, time.perf_counter() - t2
+        stats.time_prepare, stats.time_updates, stats.time_release = t1 - t0, t2 - t1, time.perf_counter() - t3
         stats.graphs_compiled = float(_graphs_compiled() - graphs)
         return stats
 
@@ -431,12 +452,28 @@ class TrainerWorker:
                 out.append(logp[torch.tensor(toks, device=self.device)].tolist())
         return out
 
+    @contextlib.contextmanager
+    def _optimizer_state_on_device(self) -> Iterator[None]:
+        """With train.offload_optimizer: the optimizer state on the device for what runs inside (a gather, a load
+        that copies into it or replaces it), then on the host again, the cache given back (choice 16)."""
+        if self.offload is None:
+            yield
+            return
+        self.offload.restore()
+        self.offload.ready()
+        yield
+        self.offload.offload()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def save(self, path: str) -> None:
         """Every rank calls: full weights and FQN-keyed optimizer state are gathered, rank 0 writes them."""
         weights = get_model_state_dict(self.model, options=FULL)
-        optim = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
-        if self.rank == 0:
-            checkpoint.save_trainer(Path(path), self.model, self.tokenizer, weights, optim, self.scheduler)
+        # the gathered state may hold the live tensors (one unsharded rank): written before they go to the host
+        with self._optimizer_state_on_device():
+            optim = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
+            if self.rank == 0:
+                checkpoint.save_trainer(Path(path), self.model, self.tokenizer, weights, optim, self.scheduler)
         dist.barrier()
 
     def load(self, path: str) -> None:
@@ -451,7 +488,11 @@ class TrainerWorker:
         if unexpected or [m for m in missing if m not in getattr(self.model, "_tied_weights_keys", {})]:
             raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
         optim = checkpoint.load_trainer(Path(path), self.scheduler)
-        set_optimizer_state_dict(self.model, self.optimizer, optim, options=StateDictOptions(full_state_dict=True))
+        with self._optimizer_state_on_device():  # the load copies into the current state, or creates it
+            set_optimizer_state_dict(self.model, self.optimizer, optim,
+                                     options=StateDictOptions(full_state_dict=True))
+        # loading into a state not created yet steps the optimizer once with zero gradients, which stay allocated
+        self.optimizer.zero_grad(set_to_none=True)
 
     def close(self) -> None:
         dist.destroy_process_group()
