@@ -19,9 +19,13 @@ from transformers.configuration_utils import PreTrainedConfig
 # sequence length at run time and are not among them.
 ROPE_SCALING_TYPES = ("default", "linear", "llama3", "yarn")
 
-# The recurrent state of an SSE layer is fp32 everywhere (ops, HF cache, vLLM state cache): a 16-bit state would
-# change the numerics against training.
+# The recurrent state of an SSE layer is fp32 in training (ops, HF cache) and, by default, in the vLLM state cache.
+# An engine may store it in bf16 instead (vLLM's mamba_ssm_cache_dtype, issue #27: half the state bytes a decode
+# step moves); the ops still compute in fp32 and round the state once per stored step, which moves the engine's
+# numerics away from training's (bench/mismatch.py --state-dtype measures by how much).
 SSE_STATE_DTYPE = torch.float32
+# The dtypes the ops take a stored state in (initial_state, the decode cache); a bf16 state is returned in bf16.
+SSE_STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def sse_state_shape(num_sparse_partition: int, num_heads: int, head_k_dim: int,

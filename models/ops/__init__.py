@@ -41,13 +41,15 @@ def sse_chunk(*, features: SSEFeatures, router_logits: Tensor, top_k: int, scale
         router_logits: [B, T, N] e_proj output (softmax and top-K happen inside, in fp32).
         top_k: K, the sparse partitions each token writes and reads.
         scale: multiplies q; default dk ** -0.5.
-        initial_state: [S, N+1, H, dk, dv] fp32 (`configuration.sse_state_shape` per sequence), or None for zeros.
+        initial_state: [S, N+1, H, dk, dv] fp32 or bf16 (`configuration.sse_state_shape` per sequence; computed in
+            fp32 either way), or None for zeros.
         output_final_state: whether to return the final states.
         cu_seqlens: [S+1] bounds of sequences packed along T (then B == 1), or None (S = B).
         routes: [B, T, K] integer partitions in [0, N), distinct per token, used instead of the router's top-K
             (routing replay; the weights are then the router's probabilities at these partitions), or None.
     Returns:
-        o: [B, T, H, dv] in v's dtype; final_state: [S, N+1, H, dk, dv] fp32 if output_final_state, else None.
+        o: [B, T, H, dv] in v's dtype; final_state: [S, N+1, H, dk, dv] in initial_state's dtype (fp32 without
+            one) if output_final_state, else None.
     """
     impl = _triton_impl(features.q_shared, "chunk", "sse_triton") or sse_chunk_varlen
     return impl(features=features, router_logits=router_logits, top_k=top_k, scale=scale,
@@ -63,7 +65,8 @@ def sse_decode(*, features: SSEFeatures, router_logits: Tensor, state: Tensor, s
     Args:
         features: `SSEFeatures`, fields [B, H, dk] (v: [B, H, dv]): one token per sequence.
         router_logits: [B, N].
-        state: [num_slots, N+1, H, dk, dv] fp32; slots may be padded (any stride(0)) but each slot is dense.
+        state: [num_slots, N+1, H, dk, dv] fp32 or bf16 (updated in fp32, stored back in its dtype); slots may be
+            padded (any stride(0)) but each slot is dense.
         slot_ids: [B] int32/int64 distinct slots; a negative id marks a padded row, which touches no state.
         top_k: K; scale: multiplies q, default dk ** -0.5.
         out: where to write the output (a contiguous tensor of v's shape and dtype), or None for a new tensor.

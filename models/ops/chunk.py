@@ -23,7 +23,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
-from sse_rl.models.configuration import SSE_STATE_DTYPE
+from sse_rl.models.configuration import SSE_STATE_DTYPES
 from sse_rl.models.ops.features import SSEFeatures
 from sse_rl.models.ops.naive import check_routes
 from sse_rl.models.ops.router import fused_router
@@ -93,7 +93,7 @@ def chunk_fwd_h_kernel(
     m_kv = m_k[:, None] & m_v[None, :]
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
-        b_h += tl.load(state_ptr(h0, i_s, i_h, o_k, o_v, H, DK, DV), mask=m_kv, other=0.0)
+        b_h += tl.load(state_ptr(h0, i_s, i_h, o_k, o_v, H, DK, DV), mask=m_kv, other=0.0).to(tl.float32)
     for i_t in range(tl.cdiv(n, BT)):
         tl.store(state_ptr(h, c0 + i_t, i_h, o_k, o_v, H, DK, DV), b_h.to(h.dtype.element_ty), mask=m_kv)
         rows, m_t = bos + i_t * BT + o_t, i_t * BT + o_t < n
@@ -103,7 +103,7 @@ def chunk_fwd_h_kernel(
         b_kd = (b_k * tl.exp(b_gl[None, :] - b_b)).to(b_v.dtype)                   # [BT, BK]
         b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kd), b_v, input_precision=PREC)
     if STORE_HT:
-        tl.store(state_ptr(ht, i_s, i_h, o_k, o_v, H, DK, DV), b_h, mask=m_kv)
+        tl.store(state_ptr(ht, i_s, i_h, o_k, o_v, H, DK, DV), b_h.to(ht.dtype.element_ty), mask=m_kv)
 
 
 @triton.jit
@@ -275,7 +275,8 @@ def chunk_gla_fwd(q, k, v, g, h0, seg_start, seg_len, chunk_off, table, scale: f
     BK, BV = block_size(DK), block_size(DV)
     meta = {"H": H, "DK": DK, "DV": DV, "BT": BT, "BK": BK, "BV": BV, "PREC": dot_precision(q.dtype)}
     h = q.new_empty(NC, H, DK, DV)
-    ht = q.new_empty(G, H, DK, DV, dtype=torch.float32) if store_ht else None
+    # The final state keeps the initial state's storage dtype (a bf16 state cache stays bf16), fp32 without one.
+    ht = q.new_empty(G, H, DK, DV, dtype=torch.float32 if h0 is None else h0.dtype) if store_ht else None
     grid = (triton.cdiv(DK, BK) * triton.cdiv(DV, BV), G, H)
     chunk_fwd_h_kernel[grid](k, v, g, h, h0, ht, seg_start, seg_len, chunk_off,
                              USE_H0=h0 is not None, STORE_HT=store_ht, num_stages=STAGES["fwd_h"], **meta)
@@ -330,7 +331,8 @@ def chunk_gla_segments(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """GLA over the segments of a packed stream: q, k, g [R, H, DK], v [R, H, DV]; segment i covers rows
     [seg_start[i], seg_start[i] + seg_len[i]) (int32, on the device, any order, empty allowed, rows of different
-    segments disjoint). initial_state [G, H, DK, DV] fp32 -> o [R, H, DV], final_state [G, H, DK, DV] fp32."""
+    segments disjoint). initial_state [G, H, DK, DV] fp32 or bf16 (computed in fp32) -> o [R, H, DV],
+    final_state [G, H, DK, DV] in initial_state's dtype (fp32 without one)."""
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
     h0 = initial_state.contiguous() if initial_state is not None else None
     return ChunkGLASegmentsFunction.apply(q, k, v, g, h0, seg_start, seg_len, scale, output_final_state)
@@ -371,8 +373,10 @@ def check_sse_inputs(*, features: SSEFeatures, router_logits: torch.Tensor, top_
         if cu[0] != 0 or cu[-1] != T or any(a > b for a, b in itertools.pairwise(cu)):
             raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu}")
     want = (S, *features.state_shape(N))
-    if initial_state is not None and (tuple(initial_state.shape) != want or initial_state.dtype != SSE_STATE_DTYPE):
-        raise ValueError(f"initial_state must be fp32 {want}, got {initial_state.dtype} {tuple(initial_state.shape)}")
+    if initial_state is not None and (tuple(initial_state.shape) != want or
+                                      initial_state.dtype not in SSE_STATE_DTYPES):
+        raise ValueError(f"initial_state must be fp32 or bf16 {want}, got {initial_state.dtype} "
+                         f"{tuple(initial_state.shape)}")
     if routes is not None:
         check_routes(routes, (B, T), top_k, N)
         if routes.device != router_logits.device:

@@ -1,11 +1,14 @@
 """Fused SSE decode step: router + shared and top-K partition updates + read-out, in place on a slot cache.
 
 One program owns one (sequence, head, dv-tile): it routes the token (same softmax/top-K code as router.py), then
-for the shared partition and each selected partition walks the fp32 state tile [dk, BV] of
+for the shared partition and each selected partition walks the state tile [dk, BV] of
 `state[slot, partition, head]` in blocks of BK rows: load, decay and add k^T v, store back, accumulate the read-out.
+The state is stored in fp32 or bf16 (`SSE_STATE_DTYPES`) and updated in fp32 registers either way: a bf16 state is
+cast up on load and rounded once on store, and the read-out uses the fp32 value before that rounding.
 A step moves exactly the (K+1) touched partitions' states once in and once out, so the kernel is bound by memory
-bandwidth. Small row blocks without software pipelining keep few registers per program, so many programs stream at
-once, which comes closer to copy bandwidth than loading whole [dk, BV] tiles: bench/results/sse_kernel_launch.md.
+bandwidth (half the bytes with a bf16 state). Small row blocks without software pipelining keep few registers per
+program, so many programs stream at once, which comes closer to copy bandwidth than loading whole [dk, BV] tiles:
+bench/results/sse_kernel_launch.md.
 Rows with a negative slot id (padding) write a zero output and touch no state.
 """
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from sse_rl.models.configuration import SSE_STATE_DTYPE
+from sse_rl.models.configuration import SSE_STATE_DTYPES
 from sse_rl.models.ops.features import SSEFeatures
 from sse_rl.models.ops.router import pick_top1, router_softmax, topk_candidates
 
@@ -31,12 +34,12 @@ def update_partition(slot_state, i_p, i_h, o_v, m_v, q, k, g, p_k, b_w, b_v,
         m_k = o_k < DK
         m_kv = m_k[:, None] & m_v[None, :]
         p_s = slot_state + ((i_p * H + i_h) * DK + o_k[:, None]) * DV + o_v[None, :]
-        b_s = tl.load(p_s, mask=m_kv, other=0.0)
+        b_s = tl.load(p_s, mask=m_kv, other=0.0).to(tl.float32)
         b_q = tl.load(q + p_k + o_k, mask=m_k, other=0.0).to(tl.float32) * b_w
         b_k = tl.load(k + p_k + o_k, mask=m_k, other=0.0).to(tl.float32) * b_w
         b_g = tl.load(g + p_k + o_k, mask=m_k, other=0.0).to(tl.float32)
         b_s = b_s * tl.exp(b_g)[:, None] + b_k[:, None] * b_v[None, :]
-        tl.store(p_s, b_s, mask=m_kv)
+        tl.store(p_s, b_s.to(slot_state.dtype.element_ty), mask=m_kv)
         b_o += tl.sum(b_q[:, None] * b_s, 0)
     return b_o
 
@@ -86,8 +89,8 @@ def check_decode_inputs(*, features: SSEFeatures, router_logits: torch.Tensor, s
     if not 1 <= top_k <= N:
         raise ValueError(f"top_k must be in [1, N={N}], got {top_k}")
     want = features.state_shape(N)
-    if state.ndim != 5 or tuple(state.shape[1:]) != want or state.dtype != SSE_STATE_DTYPE:
-        raise ValueError(f"state must be fp32 [num_slots, {', '.join(map(str, want))}], "
+    if state.ndim != 5 or tuple(state.shape[1:]) != want or state.dtype not in SSE_STATE_DTYPES:
+        raise ValueError(f"state must be fp32 or bf16 [num_slots, {', '.join(map(str, want))}], "
                          f"got {state.dtype} {tuple(state.shape)}")
     # vLLM's state cache pads each slot (row stride >= the state size): only each slot must be dense.
     if not state[0].is_contiguous():

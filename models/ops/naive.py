@@ -15,7 +15,9 @@ Three equivalent forms with the signature of `sse_rl.models.ops.sse_chunk` (argu
 - `sse_mask`:         fla's "mask" form: (N+1)*H heads with masked q/k/v/g, one chunked-GLA call.
 `sse_decode` is one decoding step on a slot-indexed state cache, with the signature of `sse_rl.models.ops.sse_decode`.
 All compute in fp32, or fp64 when the inputs are fp64 (the tests use fp64 to compare the forms to 1e-10);
-outputs are cast to v's dtype and final states stay in the compute dtype.
+outputs are cast to v's dtype and final states stay in the compute dtype. A state stored in bf16 (an engine's state
+cache, `configuration.SSE_STATE_DTYPES`) is cast up on load, and the chunk forms return their final states in bf16
+for a bf16 initial state, as the Triton ops do.
 """
 from __future__ import annotations
 
@@ -23,8 +25,12 @@ from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
+from sse_rl.models.configuration import SSE_STATE_DTYPES
 from sse_rl.models.ops.features import SSEFeatures
 from torch import Tensor
+
+# The state dtypes the reference takes: the ops' (fp32, bf16) and fp64, its exact mode.
+STATE_DTYPES = (*SSE_STATE_DTYPES, torch.float64)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -105,8 +111,15 @@ def _sequence_bounds(batch: int, length: int, cu_seqlens: Tensor | None) -> list
 
 
 def _check_state(initial_state: Tensor | None, num_seqs: int, shape: tuple[int, ...]) -> None:
-    if initial_state is not None and tuple(initial_state.shape) != (num_seqs, *shape):
-        raise ValueError(f"initial_state must have shape {(num_seqs, *shape)}, got {tuple(initial_state.shape)}")
+    if initial_state is not None and (tuple(initial_state.shape) != (num_seqs, *shape) or
+                                      initial_state.dtype not in STATE_DTYPES):
+        raise ValueError(f"initial_state must be fp32, bf16 or fp64 of shape {(num_seqs, *shape)}, got "
+                         f"{initial_state.dtype} {tuple(initial_state.shape)}")
+
+
+def _final_dtype(initial_state: Tensor | None, compute: torch.dtype) -> torch.dtype:
+    """The dtype of a returned final state: bf16 for a bf16 initial state (its storage dtype), else `compute`."""
+    return torch.bfloat16 if initial_state is not None and initial_state.dtype == torch.bfloat16 else compute
 
 
 def gla_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: float, initial_state: Tensor | None = None,
@@ -187,7 +200,7 @@ def sse_recurrent(*, features: SSEFeatures, router_logits: Tensor, top_k: int, s
             outputs.append(scale * o)
         finals.append(torch.stack(states, 0))
     o = torch.stack(outputs, 0).reshape(batch, length, heads, dv).to(features.v.dtype)
-    return o, (torch.stack(finals, 0) if output_final_state else None)
+    return o, (torch.stack(finals, 0).to(_final_dtype(initial_state, dtype)) if output_final_state else None)
 
 
 def sse_chunk_varlen(*, features: SSEFeatures, router_logits: Tensor, top_k: int, scale: float | None = None,
@@ -223,7 +236,7 @@ def sse_chunk_varlen(*, features: SSEFeatures, router_logits: Tensor, top_k: int
     if not output_final_state:
         return o, None
     final = torch.cat([hT[:num_seqs, None], hT[num_seqs:].reshape(num_seqs, n, heads, dk, dv)], 1)
-    return o, final  # final: [S, N+1, H, dk, dv]
+    return o, final.to(_final_dtype(initial_state, dtype))  # final: [S, N+1, H, dk, dv]
 
 
 def sse_mask(*, features: SSEFeatures, router_logits: Tensor, top_k: int, scale: float | None = None,
@@ -249,32 +262,34 @@ def sse_mask(*, features: SSEFeatures, router_logits: Tensor, top_k: int, scale:
     h0 = None if initial_state is None else initial_state.to(dtype).flatten(1, 2)  # [S, (N+1)*H, dk, dv]
     o, hT = gla_chunk(q, k, vals, g, scale=scale, initial_state=h0, cu_seqlens=cu_seqlens)
     o = o.reshape(batch, length, n + 1, heads, dv).sum(2).to(features.v.dtype)  # [B, T, H, dv]
-    return o, (hT.unflatten(1, (n + 1, heads)) if output_final_state else None)
+    return o, (hT.unflatten(1, (n + 1, heads)).to(_final_dtype(initial_state, dtype)) if output_final_state else None)
 
 
 def sse_decode(*, features: SSEFeatures, router_logits: Tensor, state: Tensor, slot_ids: Tensor, top_k: int,
                scale: float | None = None, out: Tensor | None = None) -> Tensor:
     """One decoding step per sequence, updating a slot-indexed state cache IN PLACE (the reference of
-    `sse_rl.models.ops.sse_decode`, whose docstring has the arguments and shapes)."""
+    `sse_rl.models.ops.sse_decode`, whose docstring has the arguments and shapes). A bf16 state is updated in fp32
+    and rounded once on store; the read-out uses the fp32 value, as the Triton kernel does."""
     batch, heads, dk = features.q_shared.shape
     dv = features.v.shape[-1]
     want = features.state_shape(router_logits.shape[-1])
-    if state.shape[1:] != want:
-        raise ValueError(f"state must be [num_slots, {', '.join(map(str, want))}], got {tuple(state.shape)}")
+    if state.shape[1:] != want or state.dtype not in STATE_DTYPES:
+        raise ValueError(f"state must be fp32, bf16 or fp64 [num_slots, {', '.join(map(str, want))}], got "
+                         f"{state.dtype} {tuple(state.shape)}")
     scale = dk ** -0.5 if scale is None else scale
     rows = (slot_ids >= 0).nonzero().squeeze(-1)  # [b]
     slots = slot_ids[rows].long()  # [b]
-    dtype = state.dtype
+    dtype = _compute_dtype(state)
     qs, ks, qp, kp, vv, gs, gp = features.map(lambda x: x[rows].to(dtype))
     _, weights, indices = sse_router(router_logits[rows], top_k=top_k)  # [b, K]
     kv = vv[:, :, None, :]  # [b, H, 1, dv]
-    s0 = gs.exp()[..., None] * state[slots, 0] + ks[..., None] * kv  # [b, H, dk, dv]
-    state[slots, 0] = s0
+    s0 = gs.exp()[..., None] * state[slots, 0].to(dtype) + ks[..., None] * kv  # [b, H, dk, dv]
+    state[slots, 0] = s0.to(state.dtype)
     o = torch.einsum("bhd,bhdv->bhv", qs, s0)  # [b, H, dv]
     for r in range(top_k):
         p, w = 1 + indices[:, r], weights[:, r].to(dtype)[:, None, None]  # [b], [b, 1, 1]
-        sp = gp.exp()[..., None] * state[slots, p] + (w * kp)[..., None] * kv  # [b, H, dk, dv]
-        state[slots, p] = sp
+        sp = gp.exp()[..., None] * state[slots, p].to(dtype) + (w * kp)[..., None] * kv  # [b, H, dk, dv]
+        state[slots, p] = sp.to(state.dtype)
         o = o + torch.einsum("bhd,bhdv->bhv", w * qp, sp)
     result = features.v.new_zeros(batch, heads, dv)
     result[rows] = (scale * o).to(features.v.dtype)

@@ -134,7 +134,7 @@ def test_sse_triton_is_deterministic_and_final_state_optional() -> None:
     ({"cu": [0, 3, 9]}, "cu_seqlens must rise"),
     ({"B": 2, "cu": [0, 8]}, "batch size must be 1"),
     ({"top_k": 5}, "top_k"),
-    ({"h0_dtype": torch.bfloat16}, "initial_state must be fp32"),
+    ({"h0_dtype": torch.float16}, "initial_state must be fp32 or bf16"),
     ({"v": (1, 8, 2, 16), "v_dtype": torch.float64}, "share one dtype"),
 ])
 def test_sse_triton_rejects_bad_inputs(change: dict, match: str) -> None:

@@ -60,8 +60,8 @@ def test_decode_rejects_bad_state() -> None:
     feats = step_inputs(2, 2, 16, 16, 4, torch.float32)
     slots = torch.tensor([0, 1], device=DEVICE)
     args = op_args(feats)
-    with pytest.raises(ValueError, match="state must be fp32"):
-        sse_decode_triton(**args, state=torch.zeros(2, 5, 2, 16, 16, device=DEVICE, dtype=torch.bfloat16),
+    with pytest.raises(ValueError, match="state must be fp32 or bf16"):
+        sse_decode_triton(**args, state=torch.zeros(2, 5, 2, 16, 16, device=DEVICE, dtype=torch.float16),
                           slot_ids=slots, top_k=1)
     with pytest.raises(ValueError, match="state must be fp32"):
         sse_decode_triton(**args, state=torch.zeros(2, 4, 2, 16, 16, device=DEVICE), slot_ids=slots, top_k=1)
