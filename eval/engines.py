@@ -112,6 +112,9 @@ class EngineSpec:
     # partitions per token (the training engine returns them with its rollouts); LM head and final norm in fp32
     record_routes: bool = False
     lm_head_fp32: bool = False
+    # vLLM's engine argument: the dtype of the SSE (and any Mamba-type) state cache; "auto" keeps SSE-H's fp32 state,
+    # "bfloat16" halves its bytes (issue #27; `rollout.state_dtype` of a GRPO recipe)
+    mamba_ssm_cache_dtype: str = "auto"
 
     def for_rank(self, rank: int) -> EngineSpec:
         """The spec of engine `rank` of several: its own seed (choice 1)."""

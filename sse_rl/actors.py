@@ -247,7 +247,8 @@ def engine_spec(recipe: Recipe, model_path: str) -> EngineSpec:
                       enforce_eager=r.enforce_eager, seed=recipe.seed, max_num_seqs=r.max_num_seqs,
                       cpu_kvcache_space_gib=r.cpu_kvcache_space_gib,
                       distributed_executor_backend="mp" if r.tensor_parallel_size > 1 else None,
-                      record_routes=r.record_routes, lm_head_fp32=recipe.model.lm_head_fp32)
+                      record_routes=r.record_routes, lm_head_fp32=recipe.model.lm_head_fp32,
+                      mamba_ssm_cache_dtype=r.state_dtype)
 
 
 def _start_engines(recipe: Recipe, model_path: str, placement: list[dict[str, Any]]) -> list[Any]:

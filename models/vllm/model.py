@@ -11,6 +11,9 @@ raises on a name it cannot place.
 as the RL trainer does with `model.lm_head_fp32`: the model returns fp32 hidden states and `compute_logits` runs its
 own fp32 matmul (vLLM's `head_dtype` differs between releases and rounds the hidden states to the model dtype on
 CUDA). It costs an fp32 copy of the LM head (twice its bf16 memory) and an fp32 matmul per sampled position.
+
+vLLM's `mamba_ssm_cache_dtype` (engine argument) sets the SSE state cache's dtype: "auto"/"float32" keep fp32 (the
+state the trainer carries), "bfloat16" halves the state's bytes (issue #27; `sse_layer.sse_state_dtype`).
 """
 from __future__ import annotations
 
@@ -18,10 +21,9 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
-from sse_rl.models.configuration import SSE_STATE_DTYPE
 from sse_rl.models.layers import scaled_rope_frequencies
 from sse_rl.models.vllm import compat
-from sse_rl.models.vllm.sse_layer import RouteRecorder, SSEHMixer, x_proj_parts
+from sse_rl.models.vllm.sse_layer import RouteRecorder, SSEHMixer, sse_state_dtype, x_proj_parts
 from torch import nn
 from transformers import PretrainedConfig
 from vllm.compilation.decorators import support_torch_compile
@@ -298,7 +300,7 @@ class SSEHForCausalLM(nn.Module, HasInnerState, IsHybrid):
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig) -> tuple[torch.dtype]:
-        return (SSE_STATE_DTYPE,)
+        return (sse_state_dtype(vllm_config.cache_config.mamba_ssm_cache_dtype),)
 
     @classmethod
     def get_mamba_state_copy_func(cls) -> tuple:

@@ -1,9 +1,10 @@
 """The SSE mixer as a vLLM recurrent-state layer (`MambaBase`).
 
 Choices:
-- One state tensor per layer and request: `SSEHConfig.sse_state_shape(tp_size)` in `SSE_STATE_DTYPE` (fp32
-  `[N+1, H/tp, dk, dv]`, as the ops and the HF cache hold it), in vLLM's hybrid state cache; a slot is a
-  state-cache block id.
+- One state tensor per layer and request: `SSEHConfig.sse_state_shape(tp_size)` (`[N+1, H/tp, dk, dv]`, as the ops
+  and the HF cache hold it), in vLLM's hybrid state cache; a slot is a state-cache block id. Its dtype follows vLLM's
+  `mamba_ssm_cache_dtype` (`sse_state_dtype`): fp32 by default, as training keeps it, or bf16 (issue #27: half the
+  state bytes per decode step; the ops still compute in fp32 and round on store).
 - Three parts, as vLLM's own linear-attention layers: projections and feature maps (`ops.sse_features`, shared
   with the HF layer), then the state mixing as one opaque custom op (`vllm::sse_h_mix`), then the gated norm
   (`layers.GatedRMSNorm`, shared with the HF layer) and out-projection. torch.compile sees the first and last
@@ -49,6 +50,18 @@ from vllm.utils.torch_utils import direct_register_custom_op
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 OP_NAME = "sse_h_mix"
+# vLLM's mamba_ssm_cache_dtype values SSE-H stores its state in. "auto" is fp32 whatever the model dtype (vLLM's
+# Mamba layers take the model's): the state a trainer's forward carries, so the engine matches training by default.
+STATE_CACHE_DTYPES = {"auto": SSE_STATE_DTYPE, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def sse_state_dtype(mamba_ssm_cache_dtype: str) -> torch.dtype:
+    """The dtype of the SSE state cache for vLLM's `mamba_ssm_cache_dtype` (engine argument, `CacheConfig`)."""
+    if mamba_ssm_cache_dtype not in STATE_CACHE_DTYPES:
+        raise ValueError(f"SSE-H stores its recurrent state in float32 or bfloat16, got mamba_ssm_cache_dtype="
+                         f"{mamba_ssm_cache_dtype!r}; please use --mamba-ssm-cache-dtype with one of "
+                         f"{', '.join(STATE_CACHE_DTYPES)} ('auto' = float32)")
+    return STATE_CACHE_DTYPES[mamba_ssm_cache_dtype]
 
 
 def x_proj_parts(config: SSEHConfig) -> tuple[str, ...]:
@@ -132,6 +145,7 @@ class SSEHMixer(nn.Module, MambaBase):
                           if kind != "full_attention"].index(extract_layer_index(prefix))
         self.recorder: RouteRecorder | None = None
         self.state_shape = config.sse_state_shape(get_tensor_model_parallel_world_size())
+        self.state_dtype = sse_state_dtype(vllm_config.cache_config.mamba_ssm_cache_dtype)
         _, self.num_heads, self.head_k_dim, self.head_v_dim = self.state_shape
         self.top_k = config.num_writer
         self.gate_logit_normalizer = config.gate_logit_normalizer
@@ -171,7 +185,7 @@ class SSEHMixer(nn.Module, MambaBase):
         return (self.state_shape,)
 
     def get_state_dtype(self) -> tuple[torch.dtype]:
-        return (SSE_STATE_DTYPE,)
+        return (self.state_dtype,)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Features (compiled) -> state mixing on the cache (opaque op) -> gated norm and o_proj (compiled)."""
@@ -227,7 +241,8 @@ class SSEHMixer(nn.Module, MambaBase):
 
     def _prefill(self, features: SSEFeatures, router_logits: torch.Tensor, step: SSEStateMetadata,
                  o: torch.Tensor) -> None:
-        """Packed prefill rows through the chunk op, starting from cached (or zero) states, writing final states."""
+        """Packed prefill rows through the chunk op, starting from cached (or zero) states, writing final states
+        (the op returns them in the cache's dtype)."""
         if step.num_prefills == 0:
             return
         start, end = step.num_decode_tokens, step.num_decode_tokens + step.num_prefill_tokens

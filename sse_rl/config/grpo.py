@@ -84,6 +84,10 @@ class RolloutConfig:
     # The engines record every SSE layer's top-K partitions per token (1 byte per token, SSE layer and k) and return
     # them with the rollouts: the trainer logs the route-flip rate, and algo.routing_replay can replay them.
     record_routes: bool = False
+    # The dtype the engines store SSE states in (vLLM's mamba_ssm_cache_dtype, issue #27): auto = float32, the state
+    # the trainer carries; bfloat16 halves the state bytes a decode step moves (the kernels still compute in fp32)
+    # and widens the rollout/trainer logprob mismatch (bench/mismatch.py --state-dtype bfloat16 measures it)
+    state_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 @dataclass

@@ -24,6 +24,7 @@ def test_model_declares_the_configs_state_per_rank() -> None:
 
     config = SSEHConfig.from_preset("sse-h-tiny", num_sparse_partition=3, expand_v=0.5)
     vllm_config = SimpleNamespace(model_config=SimpleNamespace(hf_config=config),
-                                  parallel_config=SimpleNamespace(tensor_parallel_size=2))
+                                  parallel_config=SimpleNamespace(tensor_parallel_size=2),
+                                  cache_config=SimpleNamespace(mamba_ssm_cache_dtype="auto"))
     assert SSEHForCausalLM.get_mamba_state_shape_from_config(vllm_config) == ((4, 1, 64, 32),)
     assert SSEHForCausalLM.get_mamba_state_dtype_from_config(vllm_config) == (torch.float32,)
