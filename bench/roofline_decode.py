@@ -6,12 +6,12 @@
 
 Why: at these batch sizes a decode step is bandwidth-bound, so the throughput ratio the issue asks for (1.5x at
 64 x 8k) is bounded by the ratio of bytes each model must move per step. Per step and sequence SSE-H reads and writes
-the touched (K+1 of N+1) fp32 state partitions of every SSE layer and reads the KV cache of its few attention layers;
-the GDN hybrid reads and writes the whole conv window and recurrent state of every GDN layer (in the dtype its row
-ran with) and reads the KV cache of its attention layers; the Transformer reads the KV cache of all its layers; each
-reads its weights once per step (all parameters but the input embedding, unless it is tied to the LM head). Contexts
-are averaged over the generation (prompt + new/2). The measured tokens/s of the results then give each model's
-achieved bytes/s; rows appear only for what the results hold.
+the touched (K+1 of N+1) state partitions of every SSE layer (fp32, or bf16 in the `:state-bf16` row) and reads the
+KV cache of its few attention layers; the GDN hybrid reads and writes the whole conv window and recurrent state of
+every GDN layer (in the dtype its row ran with) and reads the KV cache of its attention layers; the Transformer reads
+the KV cache of all its layers; each reads its weights once per step (all parameters but the input embedding, unless
+it is tied to the LM head). Contexts are averaged over the generation (prompt + new/2). The measured tokens/s of the
+results then give each model's achieved bytes/s; rows appear only for what the results hold.
 """
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ RESULTS = REPO / "bench" / "results"
 BF16 = 2
 H100_COPY_BW = 3002e9  # measured copy bandwidth of the H100 (bench/results/sse_ops_h100.md)
 # The rows compared with SSE-H's for issue #27: the GDN hybrid, each recurrent-state dtype.
+# Bytes per SSE state element by the engine's mamba_ssm_cache_dtype ("auto": the plugin's fp32); the state bytes
+# per sequence of `memory_per_sequence` are fp32's.
+SSE_STATE_BYTES = {"auto": 4, "float32": 4, "bfloat16": 2}
 GDN_MODELS = tuple(name for name, model in DECODE_MODELS.items() if model.shape == GDN_PEER)
 
 
@@ -49,11 +52,12 @@ def weight_bytes(config: dict) -> int:
 
 def step_bytes(config: dict, batch: int, context: int, ssm_cache_dtype: str = "auto") -> dict[str, float]:
     """Bytes one decode step moves for `batch` sequences at `context` tokens, by kind. `ssm_cache_dtype`: the
-    engine's (a GDN model's recurrent-state dtype, `DecodeModel.ssm_cache_dtype`)."""
+    engine's (the recurrent-state dtype of a GDN model or of SSE-H, `DecodeModel.ssm_cache_dtype`)."""
     state, kv = memory_per_sequence(config, context, ssm_cache_dtype)
     if config["model_type"] == "sse_h":
         touched = (config["num_writer"] + 1) / (config["num_sparse_partition"] + 1)
-        state = 2 * touched * state  # read + write of the touched partitions
+        # read + write of the touched partitions, in the engine's state dtype
+        state = 2 * touched * state * SSE_STATE_BYTES[ssm_cache_dtype] / SSE_STATE_BYTES["float32"]
     else:
         state = 2 * state  # read + write: a GDN step updates its whole conv window and recurrent state
     return {"weights": weight_bytes(config), "state": batch * state, "kv": batch * kv}

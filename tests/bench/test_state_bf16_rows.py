@@ -1,0 +1,36 @@
+"""SSE-H-2B with its states stored in bf16 (issue #27) in the vLLM decode benches: its engine options and the bytes
+its decode step moves (CPU only, configs on the meta device)."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def bench(monkeypatch) -> ModuleType:
+    """The package `bench` of the repository root (as tests/bench/test_gdn_peer.py imports it)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    for name in ("common", "bench_vllm_throughput", "roofline_decode"):
+        importlib.import_module(f"bench.{name}")
+    return importlib.import_module("bench")
+
+
+def test_the_bf16_state_row_asks_vllm_for_a_bf16_state(bench) -> None:
+    model = bench.common.DECODE_MODELS["sse-h-2b:state-bf16"]
+    assert model.shape == "sse-h-2b" and model.engine == {"mamba_ssm_cache_dtype": "bfloat16"}
+    assert model.ssm_cache_dtype == "bfloat16" and bench.common.DECODE_MODELS["sse-h-2b"].ssm_cache_dtype == "auto"
+
+
+def test_bf16_state_halves_the_state_bytes_of_a_step(bench) -> None:
+    config = bench.common.model_config("sse-h-2b").to_dict()
+    fp32, bf16 = (bench.roofline_decode.step_bytes(config, 64, 4096, dtype) for dtype in ("auto", "bfloat16"))
+    assert bf16["state"] * 2 == fp32["state"] and bf16["weights"] == fp32["weights"] and bf16["kv"] == fp32["kv"]
+    # 2B preset: 15 SSE layers of 5 partitions x 10 heads x 256 x 256, K = 1 of N = 4 touched beside the shared one,
+    # read and written, in bf16
+    assert bf16["state"] == 64 * 15 * 2 * 2 * 10 * 256 * 256 * 2
