@@ -80,11 +80,13 @@ def write_config(model: str, out: Path) -> dict:
 
 def memory_per_sequence(config: dict, tokens: int, ssm_cache_dtype: str = "auto") -> tuple[int, int]:
     """(recurrent-state bytes, KV-cache bytes) one sequence of `tokens` tokens holds. `ssm_cache_dtype` is the
-    engine's mamba_ssm_cache_dtype, which only a GDN model's recurrent state follows (`DecodeModel`)."""
+    engine's mamba_ssm_cache_dtype, which a GDN model's recurrent state and SSE-H's states follow (`DecodeModel`;
+    SSE-H: fp32 unless "bfloat16")."""
     if config["model_type"] == "sse_h":
         attn = len(config["attn_layers"])
         dv = int(config["head_dim"] * config["expand_v"])
-        state = (config["num_sparse_partition"] + 1) * config["num_heads"] * config["head_dim"] * dv * 4
+        state_bytes = BF16_BYTES if ssm_cache_dtype == "bfloat16" else 4
+        state = (config["num_sparse_partition"] + 1) * config["num_heads"] * config["head_dim"] * dv * state_bytes
         kv = 2 * config["attn_num_kv_heads"] * config["attn_head_dim"] * BF16_BYTES * tokens
         return (config["num_hidden_layers"] - attn) * state, attn * kv
     kv = 2 * config["num_key_value_heads"] * config["head_dim"] * BF16_BYTES * tokens

@@ -30,9 +30,6 @@ RESULTS = REPO / "bench" / "results"
 BF16 = 2
 H100_COPY_BW = 3002e9  # measured copy bandwidth of the H100 (bench/results/sse_ops_h100.md)
 # The rows compared with SSE-H's for issue #27: the GDN hybrid, each recurrent-state dtype.
-# Bytes per SSE state element by the engine's mamba_ssm_cache_dtype ("auto": the plugin's fp32); the state bytes
-# per sequence of `memory_per_sequence` are fp32's.
-SSE_STATE_BYTES = {"auto": 4, "float32": 4, "bfloat16": 2}
 GDN_MODELS = tuple(name for name, model in DECODE_MODELS.items() if model.shape == GDN_PEER)
 
 
@@ -56,8 +53,7 @@ def step_bytes(config: dict, batch: int, context: int, ssm_cache_dtype: str = "a
     state, kv = memory_per_sequence(config, context, ssm_cache_dtype)
     if config["model_type"] == "sse_h":
         touched = (config["num_writer"] + 1) / (config["num_sparse_partition"] + 1)
-        # read + write of the touched partitions, in the engine's state dtype
-        state = 2 * touched * state * SSE_STATE_BYTES[ssm_cache_dtype] / SSE_STATE_BYTES["float32"]
+        state = 2 * touched * state  # read + write of the touched partitions (in the engine's state dtype)
     else:
         state = 2 * state  # read + write: a GDN step updates its whole conv window and recurrent state
     return {"weights": weight_bytes(config), "state": batch * state, "kv": batch * kv}

@@ -34,3 +34,10 @@ def test_bf16_state_halves_the_state_bytes_of_a_step(bench) -> None:
     # 2B preset: 15 SSE layers of 5 partitions x 10 heads x 256 x 256, K = 1 of N = 4 touched beside the shared one,
     # read and written, in bf16
     assert bf16["state"] == 64 * 15 * 2 * 2 * 10 * 256 * 256 * 2
+
+
+def test_bf16_state_halves_the_state_bytes_per_sequence(bench) -> None:
+    config = bench.common.model_config("sse-h-2b").to_dict()
+    (fp32, kv32), (bf16, kv16) = (bench.bench_vllm_throughput.memory_per_sequence(config, 8192, dtype)
+                                  for dtype in ("auto", "bfloat16"))
+    assert bf16 * 2 == fp32 == 15 * 5 * 10 * 256 * 256 * 4 and kv16 == kv32
