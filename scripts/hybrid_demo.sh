@@ -72,11 +72,13 @@ max_rows() {  # training problems to tokenize: ~17k are read per DISTILL_SCALE u
   echo $(( rows < 200000 ? rows : 200000 ))
 }
 
+distill_batch() {  # tokens per optimizer step of the distillation (recipes/arith_distill.yaml train.batch_tokens)
+  "$PY" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["train"]["batch_tokens"])' \
+    recipes/arith_distill.yaml
+}
+
 distill_tokens() {  # token budget of both distillation stages (steps x batch_tokens)
-  local batch
-  batch=$("$PY" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["train"]["batch_tokens"])' \
-    recipes/arith_distill.yaml)
-  echo $(( ($(stage_steps align) + $(stage_steps logits)) * batch ))
+  echo $(( ($(stage_steps align) + $(stage_steps logits)) * $(distill_batch) ))
 }
 
 calibration() {  # 64 training problems with their solutions, as the chat template renders them -> OUT/data
@@ -116,9 +118,13 @@ run_stage() {
                data.max_rows="$(max_rows)" ;;
     random)
       [[ -d "$OUT/random_init" ]] || random_init
-      local steps=$(( ($(distill_tokens) + 65535) / 65536 ))
+      # the distillation's tokens in steps of the distillation's size: the comparison is of the start, not the steps
+      local batch steps
+      batch=$(distill_batch)
+      steps=$(( ($(distill_tokens) + batch - 1) / batch ))
       sse sft recipes/arith_sft.yaml model.path="$OUT/random_init" data.train=sse_rl.tasks.arithmetic:rows \
-        data.max_rows="$(max_rows)" train.steps="$steps" train.warmup_steps=$(( steps / 10 )) out_dir="$OUT/random" ;;
+        data.max_rows="$(max_rows)" train.steps="$steps" train.warmup_steps=$(( steps / 10 )) \
+        train.token_budget="$batch" train.batch_tokens="$batch" out_dir="$OUT/random" ;;
     grpo) sse train recipes/arith_grpo.yaml model.path="$OUT/distill/final" out_dir="$OUT/grpo" eval.every=20 ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
   esac
