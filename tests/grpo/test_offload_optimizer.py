@@ -2,11 +2,8 @@
 phases and comes back intact, so training, checkpoints and resuming are exactly those of a run without it."""
 from __future__ import annotations
 
-import contextlib
 import pickle
-import queue as queue_module
 import random
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,14 +11,9 @@ import torch
 
 from sse_rl.config import AlgoConfig, TrainConfig
 from sse_rl.packing import MicroBatch, Sequence, pack
+from trainer_ranks import free_port, run_ranks
 
 PROBE = ([[1, 2, 3], [4, 5]], [[6, 7], [8]])  # the weight-sync probe's prompts and tokens
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _phase(seed: int, ranks: int = 1) -> list[list[list[MicroBatch]]]:
@@ -47,7 +39,7 @@ def _worker(policy: str, offload: bool, rank: int = 0, world: int = 1, port: int
                            train=TrainConfig(lr=1e-2, weight_decay=0.01, offload_optimizer=offload),
                            algo=AlgoConfig(mini_batches=2), temperature=1.0, seed=0, dtype="float32",
                            gradient_checkpointing=False)
-    worker.join("127.0.0.1", port or _port())
+    worker.join("127.0.0.1", port or free_port())
     return worker
 
 
@@ -213,22 +205,9 @@ def test_fsdp2_two_gloo_ranks(policy, tmp_path_factory):
             for name in ("plain_1", "plain_2", "off_1", "off_2", "off_resumed_2")}
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    ports = [_port(), _port()]
+    ports = [free_port(), free_port()]
     procs = [ctx.Process(target=_fsdp2_rank, args=(rank, ports, policy, ckpt, queue)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    results = []
-    try:
-        while len(results) < len(procs):
-            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            assert not failed, f"a trainer rank died (exit codes {failed}); see its traceback above"
-            with contextlib.suppress(queue_module.Empty):
-                results.append(pickle.loads(queue.get(timeout=2)))
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    results = run_ranks(procs, queue)
     for _, moved, sharded in results:
         assert sharded and all(m and set(m) == {0} for m in moved), moved
     for name in ("1", "2"):

@@ -1,11 +1,9 @@
 """Packing by token budget, and the trainer's packed loss/gradients against an unpacked per-sequence reference."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import pickle
-import queue as queue_module
 import random
 
 import pytest
@@ -16,6 +14,7 @@ from sse_rl.grpo.logprobs import logprobs_and_entropy
 from sse_rl.grpo.losses import build_loss_agg
 from sse_rl.packing import Sequence, pack
 from sse_rl.step_stats import StepStats
+from trainer_ranks import free_port, run_ranks
 
 
 def _sequences(n: int, seed: int = 0, vocab: int = 19) -> list[Sequence]:
@@ -65,17 +64,9 @@ def trainer(policy):
     worker = TrainerWorker(str(path), rank=0, world_size=1, train=TrainConfig(lr=1e-3, strategy="ddp"),
                            algo=AlgoConfig(aux_loss_coef=0.0),
                            temperature=1.0, seed=0, dtype="float32", gradient_checkpointing=False)
-    worker.join("127.0.0.1", _port())
+    worker.join("127.0.0.1", free_port())
     yield worker
     worker.close()
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _grads(model) -> torch.Tensor:
@@ -277,27 +268,13 @@ def distributed_runs(policy, tmp_path_factory):
     two = [pack(minis[0], 24, 2), pack(minis[1], 4096, 2)]
     assert two[1][1] == [] and len(two[0][0]) != len(two[0][1])
     # the single rank runs the same micro-batches (the router aux loss depends on how tokens are grouped)
-    jobs = [(0, 1, _port(), "ddp", [two[j][0] + two[j][1] for j in range(2)])]
+    jobs = [(0, 1, free_port(), "ddp", [two[j][0] + two[j][1] for j in range(2)])]
     for strategy in ("ddp", "fsdp2"):
-        port = _port()
+        port = free_port()
         jobs += [(r, 2, port, strategy, [two[j][r] for j in range(2)]) for r in range(2)]
     ckpt = {strategy: str(tmp_path_factory.mktemp(f"ckpt_{strategy}")) for strategy in ("ddp", "fsdp2")}
     procs = [ctx.Process(target=_train_rank, args=(*job[:4], policy, job[4], queue, ckpt[job[3]])) for job in jobs]
-    for p in procs:
-        p.start()
-    results = []
-    try:
-        while len(results) < len(procs):
-            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            assert not failed, f"a trainer rank died (exit codes {failed}); see its traceback above"
-            with contextlib.suppress(queue_module.Empty):
-                results.append(pickle.loads(queue.get(timeout=2)))
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return results
+    return run_ranks(procs, queue)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
