@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from sse_rl.config import DEFAULT_BENCHMARKS, EvalRecipe, RecipeError, build_recipe, validate
 
@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "with --compare: where compare.md/.png go")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished samples")
     p.add_argument("--dtype", default=d.dtype)
+    p.add_argument("--state-dtype", choices=field_choices("state_dtype"), default=d.state_dtype,
+                   help="the SSE state cache's dtype (vLLM's mamba_ssm_cache_dtype): auto = float32; bfloat16 halves "
+                        "the state bytes a decode step moves")
     p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
     p.add_argument("--data-parallel", type=int, default=d.data_parallel,
                    help="number of engines (Ray actors); 0: one per tensor-parallel group of visible GPUs")
@@ -47,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="compare finished run folders instead of evaluating")
     return p
+
+
+def field_choices(name: str) -> tuple[str, ...]:
+    """The values the `EvalRecipe` field `name` (a Literal) takes: its flag's choices come from the schema, so a bad
+    value is refused by argparse under the flag's name before anything starts."""
+    return get_args(get_type_hints(EvalRecipe)[name])
 
 
 def recipe_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -59,6 +68,7 @@ def recipe_fields(args: argparse.Namespace) -> dict[str, Any]:
         "problem_column": args.problem_column, "answer_column": args.answer_column, "out": args.out,
         "resume": args.resume,
         "dtype": args.dtype, "tensor_parallel_size": args.tensor_parallel_size, "data_parallel": args.data_parallel,
+        "state_dtype": args.state_dtype,
         "max_model_len": args.max_model_len, "gpu_memory_utilization": args.gpu_memory_utilization,
         "enforce_eager": args.enforce_eager, "progress": not args.no_progress}
 

