@@ -157,11 +157,11 @@ def write_report(results: list[Result], out_dir: Path, meta: dict) -> None:
         lines.append(f"| {r.model} | {r.setting} | {r.num_prompts} | {r.new_tokens} | {r.seconds:.1f} | "
                      f"{r.output_tokens_per_s:,.0f} | {r.state_bytes_per_seq / 2**20:.1f} | "
                      f"{r.kv_bytes_per_seq / 2**20:.1f} |")
-    for setting in SETTINGS:
+    for setting in SETTINGS:  # each SSE-H-2B row (state dtypes) against each model of another shape
         by_model = {r.model: r.output_tokens_per_s for r in results if r.setting == setting.name}
-        sse = by_model.get(MODELS[0])
-        lines += [f"\n{setting.name}: {MODELS[0]} / {other} = {sse / tok_s:.2f}x"
-                  for other, tok_s in by_model.items() if sse and other != MODELS[0]]
+        sse = [name for name in by_model if DECODE_MODELS[name].shape == MODELS[0]]
+        lines += [f"\n{setting.name}: {name} / {other} = {by_model[name] / tok_s:.2f}x" for name in sse
+                  for other, tok_s in by_model.items() if DECODE_MODELS[other].shape != MODELS[0]]
     write_results(out_dir / "vllm_throughput.json", {**meta, "results": [asdict(r) for r in results]},
                   "\n".join(lines) + "\n")
     print("\n".join(lines))

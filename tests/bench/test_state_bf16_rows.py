@@ -41,3 +41,14 @@ def test_bf16_state_halves_the_state_bytes_per_sequence(bench) -> None:
     (fp32, kv32), (bf16, kv16) = (bench.bench_vllm_throughput.memory_per_sequence(config, 8192, dtype)
                                   for dtype in ("auto", "bfloat16"))
     assert bf16 * 2 == fp32 == 15 * 5 * 10 * 256 * 256 * 4 and kv16 == kv32
+
+
+def test_each_sse_row_is_compared_with_the_other_models(bench, tmp_path) -> None:
+    throughput = bench.bench_vllm_throughput
+    rows = [throughput.Result(model, "64x8k", 64, 8192, 70.0, tok_s, 0, 0) for model, tok_s in
+            [("sse-h-2b", 7000.0), ("sse-h-2b:state-bf16", 7700.0), ("qwen3-1.7b-shape", 5000.0)]]
+    throughput.write_report(rows, tmp_path, {"device": "a card", "vllm": "0.26.0", "torch": "2.11"})
+    report = (tmp_path / "vllm_throughput.md").read_text()
+    assert "64x8k: sse-h-2b / qwen3-1.7b-shape = 1.40x" in report
+    assert "64x8k: sse-h-2b:state-bf16 / qwen3-1.7b-shape = 1.54x" in report
+    assert "sse-h-2b / sse-h-2b:state-bf16" not in report
