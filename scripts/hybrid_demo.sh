@@ -177,7 +177,7 @@ all() {  # two lanes on the one GPU, then GRPO alone: its engine sleeps and wake
   rm -f "$OUT/lane_failed"
   lane teacher hybridize distill &
   local train=$!
-  lane eval_teacher eval_hybrid random eval_align eval_logits eval_random &
+  lane eval_teacher eval_hybrid random eval_random eval_align eval_logits &
   local evals=$!
   local status=0
   wait "$train" || status=1
