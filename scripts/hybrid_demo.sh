@@ -16,6 +16,8 @@
 #   scripts/hybrid_demo.sh OUT steps STEP.. # the named steps (teacher eval_teacher hybridize ...) one after another
 # GRPO's held-out numbers come from its own evals (the same 500 problems, avg@4 at temperature 1, steps 0/20/40).
 #   scripts/hybrid_demo.sh OUT report      # tables and curves -> bench/results/hybrid_demo/NAME
+#   scripts/hybrid_demo.sh OUT pack FILE   # OUT without weights, checkpoints and data -> FILE (.tar.gz): what a
+#                                          # device machine can send back mid-run; `report` works on it unpacked
 # DISTILL_SCALE=3 scripts/hybrid_demo.sh OUT all: both distillation stages and the random-init SFT on 3x the tokens
 #   (to reuse a run's teacher and hybrid: mkdir OUT3; ln -s OUT/teacher OUT/hybrid OUT3/; a step whose output exists
 #   is skipped)
@@ -23,7 +25,7 @@
 set -euo pipefail
 SELF=$(realpath "$0")
 cd "$(dirname "$SELF")/.."
-usage="usage: scripts/hybrid_demo.sh OUT teacher|hybridize|distill|random|grpo|eval NAME|all|steps STEP..|report"
+usage="usage: scripts/hybrid_demo.sh OUT teacher|hybridize|distill|random|grpo|eval NAME|all|steps STEP..|report|pack FILE"
 OUT=${1:?$usage}
 STAGE=${2:?$usage}
 PY=.venv/bin/python
@@ -201,8 +203,14 @@ report() {
   echo "wrote $RESULTS"
 }
 
+pack() {  # pack FILE: the run's metrics, evals, configs and logs, a few MiB
+  tar czf "$1" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.pth' --exclude='*.bin' --exclude=checkpoints \
+    --exclude='checkpoint-*' --exclude=data -C "$(dirname "$OUT")" "$(basename "$OUT")"
+}
+
 case "$STAGE" in
   eval) evaluate "${3:?$usage}" ;;
+  pack) pack "${3:?$usage}" ;;
   all) all ;;
   steps) steps "${@:3}" ;;
   report) report ;;
