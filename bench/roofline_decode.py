@@ -4,15 +4,15 @@
     python -m bench.roofline_decode --out DIR   # the report to DIR/decode_roofline.md instead
     python -m bench.roofline_decode --results R.json --copy-bw 4200 --out DIR   # another run, another card
 
-Why: at these batch sizes a decode step moves far more bytes than its FLOPs would take, so the ratio of bytes each
-model must move per step bounds the throughput ratio the issue asks for (1.5x at 64 x 8k), and the share of copy
-bandwidth a row achieves says how much of its step is something else (launches, kernels below bandwidth). Per step and sequence SSE-H reads and writes
-the touched (K+1 of N+1) state partitions of every SSE layer (fp32, or bf16 in the `:state-bf16` row) and reads the
-KV cache of its few attention layers; the GDN hybrid reads and writes the whole conv window and recurrent state of
-every GDN layer (in the dtype its row ran with) and reads the KV cache of its attention layers; the Transformer reads
-the KV cache of all its layers; each reads its weights once per step (all parameters but the input embedding, unless
-it is tied to the LM head). Contexts are averaged over the generation (prompt + new/2). The measured tokens/s of the
-results then give each model's achieved bytes/s; rows appear only for what the results hold.
+Why: at these batch sizes a decode step moves far more bytes than its FLOPs would take, so the ratio of bytes each model
+must move per step bounds the throughput ratio the issue asks for (1.5x at 64 x 8k), and the share of copy bandwidth a
+row achieves says how much of its step is something else (launches, kernels below bandwidth). Per step and sequence
+SSE-H reads and writes the touched (K+1 of N+1) state partitions of every SSE layer (fp32, or bf16 in the `:state-bf16`
+row) and reads the KV cache of its few attention layers; the GDN hybrid reads and writes the whole conv window and
+recurrent state of every GDN layer (in the dtype its row ran with) and reads the KV cache of its attention layers; the
+Transformer reads the KV cache of all its layers; each reads its weights once per step (all parameters but the input
+embedding, unless it is tied to the LM head). Contexts are averaged over the generation (prompt + new/2). The measured
+tokens/s of the results then give each model's achieved bytes/s; rows appear only for what the results hold.
 """
 from __future__ import annotations
 
