@@ -15,7 +15,8 @@
 #                                          # exists and the random-init SFT), then GRPO alone; skips what is done
 #   scripts/hybrid_demo.sh OUT steps STEP.. # the named steps (teacher eval_teacher hybridize ...) one after another
 # GRPO's held-out numbers come from its own evals (the same 500 problems, avg@4 at temperature 1, steps 0/20/40).
-#   scripts/hybrid_demo.sh OUT report      # tables and curves -> bench/results/hybrid_demo/NAME
+#   scripts/hybrid_demo.sh OUT report      # tables, curves, completions and their errors by kind
+#                                          # (bench/arith_errors.py) -> bench/results/hybrid_demo/NAME
 #   scripts/hybrid_demo.sh OUT pack FILE   # OUT without weights, checkpoints and data -> FILE (.tar.gz): what a
 #                                          # device machine can send back mid-run; `report` works on it unpacked
 # DISTILL_SCALE=3 scripts/hybrid_demo.sh OUT all: both distillation stages and the random-init SFT on 3x the tokens
@@ -200,6 +201,12 @@ report() {
     [[ -f "$OUT/eval_$name/results.json" ]] && runs+=("$OUT/eval_$name")
   done
   sse eval --compare "${runs[@]}" --out "$RESULTS/compare"
+  local completions=()  # the models whose wrong answers are worth sorting (bench/arith_errors.py)
+  for name in teacher logits random grpo; do
+    [[ -f "$OUT/eval_$name/completions.jsonl" ]] && completions+=("$name=$OUT/eval_$name/completions.jsonl") &&
+      cp "$OUT/eval_$name/completions.jsonl" "$RESULTS/eval_${name}_completions.jsonl"
+  done
+  "$PY" -m bench.arith_errors "${completions[@]}" --out "$RESULTS/arith_errors"
   echo "wrote $RESULTS"
 }
 

