@@ -218,6 +218,19 @@ def uses_varlen(x: Tensor) -> bool:
                                               and torch.get_autocast_dtype("cuda") in half))
 
 
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """Causal flash attention over packed sequences (`uses_varlen` inputs) at scale d^-0.5: q [L, H, d], k/v
+    [L, Hkv, d], cu_seqlens [S+1] -> [L, H, d]. The total length bounds every sequence's length (no host sync to
+    find the longest). SSE-H's attention layers and dense HF Transformers (`hf_attention`) both attend through it."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if kv_heads != heads:  # torch 2.11's varlen_attn has no GQA
+        k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+    cu, length = cu_seqlens.to(device=q.device, dtype=torch.int32), q.shape[0]
+    return varlen_attn(q, k, v, cu, cu, length, length, window_size=(-1, 0))
+
+
 class Attention(nn.Module):
     """Causal softmax attention (MHA/GQA) with RoPE, via SDPA; the KV cache is a transformers `Cache` layer.
     Options cover the Transformers that `hybridize.py` converts: q/k/v bias (Qwen2), o bias (Llama's
@@ -247,7 +260,7 @@ class Attention(nn.Module):
         q, k = self.rotary(q, position_ids), self.rotary(k, position_ids)
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         if cu_seqlens is not None and uses_varlen(x):
-            return self.o_proj(self._varlen(q[0], k[0], v[0], cu_seqlens).flatten(-2)[None])
+            return self.o_proj(varlen_attention(q[0], k[0], v[0], cu_seqlens).flatten(-2)[None])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)  # [B, Hkv, T_past + T, d]
@@ -257,13 +270,3 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and q_len > 1,
                                            enable_gqa=self.num_heads != self.num_kv_heads)  # [B, H, T, d]
         return self.o_proj(o.transpose(1, 2).flatten(-2))
-
-    def _varlen(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
-        """Causal flash attention over packed sequences: q [L, H, d], k/v [L, Hkv, d] -> [L, H, d]. The total length
-        bounds every sequence's length (no host sync to find the longest)."""
-        from torch.nn.attention.varlen import varlen_attn
-
-        if self.num_kv_heads != self.num_heads:  # torch 2.11's varlen_attn has no GQA
-            k, v = (t.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1) for t in (k, v))
-        cu, length = cu_seqlens.to(torch.int32), q.shape[0]
-        return varlen_attn(q, k, v, cu, cu, length, length, window_size=(-1, 0))

@@ -147,11 +147,18 @@ def set_trainable(student: nn.Module, stage: str, train: str) -> None:
         param.requires_grad_(not only_sse or name.startswith(prefixes))
 
 
-def teacher_hidden(teacher: nn.Module, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+# The sequence bounds of a packed row that TRL's padding-free collator adds to a batch, read by flash attention.
+PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def teacher_hidden(teacher: nn.Module, inputs: dict[str, Any]) -> Tensor:
     """The teacher backbone's final hidden states [1, L, D] of a packed row. Without a cache transformers reads
     packed sequences from position ids restarting at 0 (masking_utils.find_packed_sequence_indices), so no token
-    attends across a sequence bound; with one (use_cache defaults to True outside training) it would."""
-    return teacher.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    attends across a sequence bound; with one (use_cache defaults to True outside training) it would. The
+    collator's sequence bounds go along for varlen attention (`hf_attention`), which SDPA ignores."""
+    packed = {key: inputs[key] for key in PACKED_KWARGS if key in inputs}
+    return teacher.base_model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False,
+                              **packed).last_hidden_state
 
 
 def teacher_layers(teacher: nn.Module) -> nn.ModuleList:
@@ -217,7 +224,7 @@ class DistillTrainer(SFTTrainer):
         o: LogitsStageConfig = self.options
         ids, pos = inputs["input_ids"], inputs["position_ids"]
         with torch.no_grad():
-            h_t = teacher_hidden(self.teacher, ids, pos)
+            h_t = teacher_hidden(self.teacher, inputs)
         out = student.base_model(input_ids=ids, position_ids=pos, use_cache=False)
         mask = inputs["labels"][:, 1:] != -100  # position t predicts token t + 1
         h_s, h_t = out.last_hidden_state[:, :-1][mask], h_t[:, :-1][mask].to(out.last_hidden_state.dtype)
@@ -241,7 +248,7 @@ class DistillTrainer(SFTTrainer):
         from sse_rl.models.modeling import cu_seqlens_from_position_ids
 
         ids, pos = inputs["input_ids"], inputs["position_ids"]
-        caught = self._teacher_attention(ids, pos)
+        caught = self._teacher_attention(inputs)
         cu_seqlens = cu_seqlens_from_position_ids(pos)
         errors, aux = [], torch.zeros((), device=ids.device)
         for i in self.sse_layers:
@@ -256,7 +263,7 @@ class DistillTrainer(SFTTrainer):
         steps = self._accumulation()
         return self._with_aux(student, mse / steps, aux, metrics, steps), metrics
 
-    def _teacher_attention(self, ids: Tensor, pos: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
+    def _teacher_attention(self, inputs: dict[str, Any]) -> dict[int, tuple[Tensor, Tensor]]:
         """Input (normed hidden states) and output of the teacher's attention at every SSE layer of the student,
         from one teacher forward without gradients."""
         caught: dict[int, tuple[Tensor, Tensor]] = {}
@@ -271,7 +278,7 @@ class DistillTrainer(SFTTrainer):
         handles = [layers[i].self_attn.register_forward_hook(hook(i), with_kwargs=True) for i in self.sse_layers]
         try:
             with torch.no_grad():
-                teacher_hidden(self.teacher, ids, pos)
+                teacher_hidden(self.teacher, inputs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -447,7 +454,13 @@ def build_student(recipe: DistillRecipe, out_dir: Path) -> str:
 
 
 def load_teacher(recipe: DistillRecipe) -> nn.Module:
+    """The teacher without gradients; on a GPU in half precision its packed rows go through flash varlen attention
+    (`hf_attention`), as the student's do."""
+    from sse_rl.models.hf_attention import use_varlen_attention
+
     teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher.path, dtype=getattr(torch, recipe.teacher.dtype))
+    half = recipe.student.dtype == "bfloat16" or recipe.teacher.dtype in ("bfloat16", "float16")
+    use_varlen_attention(teacher, half_precision=half)
     return teacher.eval().requires_grad_(False)
 
 

@@ -171,9 +171,11 @@ def sft_config(recipe: SFTRecipe, out_dir: Path) -> SFTConfig:
 def build_trainer(recipe: SFTRecipe, model_path: str, out_dir: Path) -> SSEHSFTTrainer:
     """The trainer over the recipe's data, with the fp32 master weights of `model_path` (bf16 runs autocast)."""
     import sse_rl.models  # noqa: F401  (registers SSE-H with the Auto classes; Transformer teachers load too)
+    from sse_rl.models.hf_attention import use_varlen_attention
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    use_varlen_attention(model, half_precision=recipe.model.dtype == "bfloat16")
     dataset = datasets.Dataset.from_list(build_examples(recipe.data, tokenizer))
     return SSEHSFTTrainer(model=model, args=sft_config(recipe, out_dir), train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[MetricsFile(out_dir)])

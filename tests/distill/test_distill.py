@@ -213,8 +213,9 @@ def test_teacher_treats_packed_rows_as_separate_sequences(setup) -> None:
     a, b = torch.randint(0, 500, (1, 9)), torch.randint(0, 500, (1, 6))
     position_ids = torch.cat([torch.arange(9), torch.arange(6)])[None]
     with torch.no_grad():
-        packed = teacher_hidden(teacher, torch.cat([a, b], 1), position_ids)[0]
-        alone = torch.cat([teacher_hidden(teacher, x, torch.arange(x.shape[1])[None])[0] for x in (a, b)])
+        packed = teacher_hidden(teacher, {"input_ids": torch.cat([a, b], 1), "position_ids": position_ids})[0]
+        alone = torch.cat([teacher_hidden(teacher, {"input_ids": x, "position_ids": torch.arange(x.shape[1])[None]})[0]
+                           for x in (a, b)])
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
 
 
