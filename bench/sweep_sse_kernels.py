@@ -6,11 +6,11 @@ x stages.
 Why: the kernels launch with fixed settings (no autotune lists: autotuning costs minutes on a fresh machine), so
 the fixed settings are chosen from this sweep at the 2B model's shapes (H=10, dk=dv=256, N=4, K=1, bf16):
 - decode at batch 64 (row block BK x tile width BV x warps), states in a slot cache four times the batch (as
-  vLLM's), as a fraction of copy bandwidth;
+  vLLM's), fp32 or (`--state-dtype bfloat16`, issue #27's half-size state) bf16, as a fraction of copy bandwidth;
 - each chunk kernel on a 13,056-token micro-batch (3 x 4,352 tokens, the GRPO bench's token budget) at
   num_warps in {4, 8} and num_stages in {1, 2, 3}, tiles BK = BV = 64 (smaller tiles crash the H100 with triton 3.6).
-Results: `<out>/sse_kernel_launch.json` and `.md`; the chosen settings are `decode.DECODE_BK/BV` (launched with
-Triton's default 4 warps) and `chunk.STAGES`.
+Results: `<out>/sse_kernel_launch.json` and `.md` (`sse_kernel_launch_state_bf16.*` for bf16 states); the chosen
+settings are `decode.DECODE_BK/BV` (launched with Triton's default 4 warps) and `chunk.STAGES`.
 """
 from __future__ import annotations
 
@@ -38,17 +38,17 @@ def rand(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, device=DEV)
 
 
-def sweep_decode(batch: int, bandwidth: float) -> list[dict]:
+def sweep_decode(batch: int, bandwidth: float, state_dtype: torch.dtype) -> list[dict]:
     feats = [F.silu(rand(batch, H, DK)).to(BF16), rand(batch, H, DK).softmax(-1).to(BF16),
              F.silu(rand(batch, H, DK)).to(BF16), rand(batch, H, DK).softmax(-1).to(BF16),
              F.silu(rand(batch, H, DV)).to(BF16), F.logsigmoid(rand(batch, H, DK)) / 16,
              F.logsigmoid(rand(batch, H, DK)) / 16, rand(batch, N).to(BF16)]
-    state = torch.zeros(4 * batch, N + 1, H, DK, DV, device=DEV)
+    state = torch.zeros(4 * batch, N + 1, H, DK, DV, device=DEV, dtype=state_dtype)
     slots = torch.randperm(4 * batch, device=DEV)[:batch].int()
     out = torch.empty_like(feats[4])
-    moved = batch * H * (K + 1) * DK * DV * 4 * 2  # fp32 states of the touched partitions, read and written
+    moved = batch * H * (K + 1) * DK * DV * state.element_size() * 2  # the touched partitions, read and written
     rows = []
-    for bk in (8, 16, 32):
+    for bk in (8, 16, 32, 64):
         for bv in (32, 64, 128):
             for warps in (2, 4, 8):
                 ms = bench_ms(partial(
@@ -110,8 +110,8 @@ def markdown(result: dict) -> str:
              f"`bench/sweep_sse_kernels.py`, torch {result['torch']}, triton {result['triton']}; H=10, dk=dv=256, "
              f"N=4, K=1, bf16. Copy bandwidth {result['copy_bw_gbs']:,.0f} GB/s."]
     if result["decode"]:
-        lines += ["", "## Decode step, batch 64 (fraction of copy bandwidth for the touched fp32 states, read + "
-                  "written)", "", "| BK | BV | warps | us | of copy bw |", "|---|---|---|---|---|"]
+        lines += ["", f"## Decode step, batch 64 (fraction of copy bandwidth for the touched {result['state_dtype']} "
+                  "states, read + written)", "", "| BK | BV | warps | us | of copy bw |", "|---|---|---|---|---|"]
         lines += [f"| {r['BK']} | {r['BV']} | {r['num_warps']} | {r['ms'] * 1e3:.0f} | "
                   f"{r['fraction_of_copy_bw']:.0%} |" for r in result["decode"]]
     if result["chunk"]:
@@ -127,14 +127,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--parts", nargs="+", choices=["decode", "chunk"], default=["decode", "chunk"])
+    parser.add_argument("--state-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the decode state cache's dtype")
     args = parser.parse_args()
     lengths = [4352] * 3
     bandwidth = copy_bandwidth()
     result = {"device": device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "copy_bw_gbs": bandwidth / 1e9, "tokens": sum(lengths),
-              "decode": sweep_decode(64, bandwidth) if "decode" in args.parts else [],
+              "copy_bw_gbs": bandwidth / 1e9, "tokens": sum(lengths), "state_dtype": args.state_dtype,
+              "decode": sweep_decode(64, bandwidth, getattr(torch, args.state_dtype)) if "decode" in args.parts
+              else [],
               "chunk": sweep_chunk(lengths) if "chunk" in args.parts else []}
-    write_results(args.out / "sse_kernel_launch.json", result, markdown(result))
+    name = "sse_kernel_launch" + ("_state_bf16" if args.state_dtype == "bfloat16" else "")
+    write_results(args.out / f"{name}.json", result, markdown(result))
 
 
 if __name__ == "__main__":
