@@ -37,7 +37,8 @@ OUTPUTS = (METRICS_FILE, PROMPTS_FILE, COMPLETIONS_FILE, CURVES_FILE, TENSORBOAR
 PANELS = [
     ("reward", ["reward/mean", "eval/reward"]), ("accuracy", ["accuracy"]),
     ("response length", ["response_length/mean", "response_length/max"]), ("loss", ["train/loss"]),
-    ("entropy / KL", ["train/entropy", "train/kl"]), ("rollout vs trainer", ["train/mismatch", "probe/max_abs_diff"]),
+    ("entropy / KL", ["train/entropy", "train/kl"]),
+    ("rollout vs trainer", ["mismatch/abs_logprob_diff/mean", "probe/max_abs_diff"]),
 ]
 
 

@@ -73,7 +73,6 @@ class StepStats:
     is_sum: Value = _stat(0.0, Combine.SUM)  # truncated importance weights, summed over tokens
     is_max: Value = _stat(0.0, Combine.MAX)
     is_min: Value = _stat(math.inf, Combine.MIN)
-    mismatch_sum: Value = _stat(0.0, Combine.SUM)  # |log pi_old - log pi_rollout|, summed over tokens
     kl_sum: Value = _stat(0.0, Combine.SUM)  # k3 KL to the reference, summed over tokens (0 without a KL term)
     # The rollout/trainer mismatch over tokens with loss weight (`sse_rl.grpo.mismatch`), per micro-batch.
     mismatch_hist: Vector = _stat(None, Combine.SUM)  # [E+1] |log pi_old - log pi_rollout| histogram
@@ -134,7 +133,7 @@ class StepStats:
                "train/clip_frac": (self.clip_low + self.clip_high) / tokens,
                "train/clip_low_frac": self.clip_low / tokens, "train/clip_high_frac": self.clip_high / tokens,
                "train/is_ratio_mean": self.is_sum / tokens, "train/is_ratio_max": self.is_max,
-               "train/is_ratio_min": self.is_min, "train/mismatch": self.mismatch_sum / tokens,
+               "train/is_ratio_min": self.is_min,
                "train/aux_loss": self.aux_sum / self.updates, "train/grad_norm": self.grad_norm,
                "train/skipped_updates": self.skipped, "train/nonfinite_weights": self.nonfinite_weights,
                "train/lr": self.lr,

@@ -132,8 +132,7 @@ class PolicyLoss:
                           clip_low=_stat((low & counted).sum()), clip_high=_stat((high & counted).sum()),
                           is_sum=_stat((is_w * counted).sum()),
                           is_max=_stat(torch.where(counted, is_w, -torch.inf).max()),
-                          is_min=_stat(torch.where(counted, is_w, torch.inf).min()),
-                          mismatch_sum=_stat((log_ratio.abs() * counted).sum()))
+                          is_min=_stat(torch.where(counted, is_w, torch.inf).min()))
         if kl is not None:
             stats.kl_sum = _stat((kl * counted).sum())
         return loss, stats

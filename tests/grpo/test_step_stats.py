@@ -13,7 +13,7 @@ from sse_rl.step_stats import Combine, StepStats
 def _rank(rank: int, **gpu: float) -> StepStats:
     """A rank's stats after a step: per-rank values differ by rank, the values every rank shares do not."""
     return StepStats(tokens=10.0 + rank, loss=0.5 + rank, clip_low=1.0, clip_high=2.0 * rank, is_sum=9.0 + rank,
-                     is_max=1.5 - rank, is_min=0.5 + rank, mismatch_sum=0.1, kl_sum=0.0, entropy_sum=20.0,
+                     is_max=1.5 - rank, is_min=0.5 + rank, kl_sum=0.0, entropy_sum=20.0,
                      aux_sum=0.25, grad_norm=3.0 + rank, skipped=1.0, updates=2.0, lr=1e-3 * (rank + 1),
                      graphs_compiled=float(rank), time_prepare=0.1 * (2 - rank), time_updates=1.0 + rank,
                      time_release=0.01, **gpu)
@@ -59,13 +59,12 @@ def test_metrics_are_per_token_and_per_update_means():
     metrics = stats.to_metrics()
     assert list(metrics) == [  # the metrics.jsonl keys, in the order rows have them
         "train/loss", "train/entropy", "train/clip_frac", "train/clip_low_frac", "train/clip_high_frac",
-        "train/is_ratio_mean", "train/is_ratio_max", "train/is_ratio_min", "train/mismatch", "train/aux_loss",
+        "train/is_ratio_mean", "train/is_ratio_max", "train/is_ratio_min", "train/aux_loss",
         "train/grad_norm", "train/skipped_updates", "train/nonfinite_weights", "train/lr", "train/graphs_compiled",
         "time/train_prepare", "time/train_updates", "time/train_release"]
     assert metrics["train/loss"] == 2.0 / 2 and metrics["train/aux_loss"] == 0.5 / 2  # per update
     assert metrics["train/entropy"] == 40.0 / 21 and metrics["train/is_ratio_mean"] == 19.0 / 21  # per token
     assert metrics["train/clip_frac"] == (2.0 + 2.0) / 21 and metrics["train/clip_low_frac"] == 2.0 / 21
-    assert metrics["train/mismatch"] == pytest.approx(0.2 / 21)
     with_kl = dataclasses.replace(stats, kl_sum=4.2, gpu_free_gib=1.0, gpu_peak_gib=2.0, gpu_kept_gib=3.0,
                                   gpu_alloc_retries=0.0).to_metrics()
     assert with_kl["train/kl"] == pytest.approx(0.2)

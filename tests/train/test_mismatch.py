@@ -25,7 +25,7 @@ def test_logprob_stats_count_only_weighted_tokens_by_position():
     weights[:10] = 0.0  # not trained: not counted
     seq_ids = torch.zeros(n, dtype=torch.long)
     fields = mismatch.logprob_stats(trainer, rollout, weights, seq_ids, torch.arange(n))
-    stats = StepStats(**fields, mismatch_sum=0.0).on_host()
+    stats = StepStats(**fields).on_host()
     metrics = stats._mismatch_metrics()
     key = "mismatch/abs_logprob_diff"
     assert metrics["mismatch/tokens"] == n - 10

@@ -71,7 +71,7 @@ def test_short_run_learns_and_writes_its_outputs(reference):
     steps = [r for r in rows if r["step"] >= 1]
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
     for key in ("reward/mean", "reward/std", "accuracy", "response_length/mean", "response_length/max",
-                "train/clip_frac", "train/entropy", "train/is_ratio_mean", "train/mismatch",
+                "train/clip_frac", "train/entropy", "train/is_ratio_mean", "mismatch/abs_logprob_diff/mean",
                 "sampling/zero_variance_frac", "time/rollout", "time/reward", "time/train", "time/sync",
                 "throughput/train_tokens_per_s", "probe/max_abs_diff"):
         assert all(key in r for r in steps), key
@@ -80,7 +80,8 @@ def test_short_run_learns_and_writes_its_outputs(reference):
         assert min(parts) >= 0 and r["time/train_updates"] > 0 and sum(parts) <= r["time/train"], (parts, r)
         assert r["train/graphs_compiled"] == 0  # train.compile is off in this recipe
     assert max(r["probe/max_abs_diff"] for r in rows if "probe/max_abs_diff" in r) < 1e-4
-    assert max(r["train/mismatch"] for r in steps) < 1e-4  # fp32 engine and trainer agree on sampled tokens
+    # fp32 engine and trainer agree on sampled tokens
+    assert max(r["mismatch/abs_logprob_diff/mean"] for r in steps) < 1e-4
     assert (reference / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert any((reference / "tensorboard").iterdir()) and (reference / "config.yaml").is_file()
     last = reference / "checkpoints" / "latest"
