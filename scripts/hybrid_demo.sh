@@ -22,6 +22,8 @@
 # DISTILL_SCALE=3 scripts/hybrid_demo.sh OUT all: both distillation stages and the random-init SFT on 3x the tokens
 #   (to reuse a run's teacher and hybrid: mkdir OUT3; ln -s OUT/teacher OUT/hybrid OUT3/; a step whose output exists
 #   is skipped)
+# DISTILL_BATCH=2048 scripts/hybrid_demo.sh OUT all: the same tokens in distillation steps of 2,048 (and the
+#   random-init SFT's); steps, warm-up and held-out intervals scale with it
 # Evaluation as in scripts/arith_demo.sh: the problem alone as a user turn, avg@4 at temperature 1.0.
 set -euo pipefail
 SELF=$(realpath "$0")
@@ -37,6 +39,7 @@ RESULTS="bench/results/hybrid_demo/$(basename "$OUT")"
 EVAL_GPU_UTIL=${EVAL_GPU_UTIL:-0.15}      # an eval engine's share of the GPU, leaving room for the training lane
 DISTILL_SCALE=${DISTILL_SCALE:-1}         # multiplies both distillation stages' steps (and the random-init SFT's):
                                           # 1 = the recipe's 9.3 % of the teacher's tokens, 3 = 28 %, 10 = 93 %
+DISTILL_BATCH=${DISTILL_BATCH:-}          # tokens per distillation step; empty: the recipe's train.batch_tokens
 sse() { "$PY" -m sse_rl.cli "$@"; }
 timed() {  # timed NAME COMMAND...: run it, append its wall seconds to OUT/stage_seconds.tsv
   local name=$1 start=$SECONDS
@@ -65,19 +68,34 @@ evaluate() {  # evaluate NAME: sampled avg@4 at temperature 1 on the 500 held-ou
     --out "$OUT/eval_$1"
 }
 
-stage_steps() {  # stage_steps STAGE: the recipe's steps for one distillation stage times DISTILL_SCALE
-  "$PY" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))[sys.argv[2]]["steps"] * int(sys.argv[3]))' \
-    recipes/arith_distill.yaml "$1" "$DISTILL_SCALE"
+recipe_value() {  # recipe_value KEY.PATH: one value of recipes/arith_distill.yaml
+  "$PY" -c 'import functools, sys, yaml
+print(functools.reduce(lambda v, k: v[k], sys.argv[2].split("."), yaml.safe_load(open(sys.argv[1]))))' \
+    recipes/arith_distill.yaml "$1"
+}
+
+distill_batch() {  # tokens per optimizer step of the distillation: DISTILL_BATCH, else the recipe's
+  echo "${DISTILL_BATCH:-$(recipe_value train.batch_tokens)}"
+}
+
+rebatched() {  # rebatched N: N of the recipe's steps as steps of distill_batch tokens (the same tokens)
+  echo $(( $1 * $(recipe_value train.batch_tokens) / $(distill_batch) ))
+}
+
+stage_steps() {  # stage_steps STAGE: the recipe's steps for one distillation stage, rebatched, times DISTILL_SCALE
+  echo $(( $(rebatched "$(recipe_value "$1.steps")") * DISTILL_SCALE ))
+}
+
+micro_batch() {  # tokens per forward: the recipe's token_budget, at most one step's tokens
+  local batch budget
+  batch=$(distill_batch)
+  budget=$(recipe_value train.token_budget)
+  echo $(( batch < budget ? batch : budget ))
 }
 
 max_rows() {  # training problems to tokenize: ~17k are read per DISTILL_SCALE unit, at most the 200k there are
   local rows=$(( 20000 * DISTILL_SCALE ))
   echo $(( rows < 200000 ? rows : 200000 ))
-}
-
-distill_batch() {  # tokens per optimizer step of the distillation (recipes/arith_distill.yaml train.batch_tokens)
-  "$PY" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["train"]["batch_tokens"])' \
-    recipes/arith_distill.yaml
 }
 
 distill_tokens() {  # token budget of both distillation stages (steps x batch_tokens)
@@ -118,7 +136,11 @@ run_stage() {
         --calibration "$OUT/data/calibration.jsonl" ;;
     distill) sse distill recipes/arith_distill.yaml teacher.path="$OUT/teacher/final" student.path="$OUT/hybrid" \
                out_dir="$OUT/distill" align.steps="$(stage_steps align)" logits.steps="$(stage_steps logits)" \
-               data.max_rows="$(max_rows)" ;;
+               align.warmup_steps="$(rebatched "$(recipe_value align.warmup_steps)")" \
+               logits.warmup_steps="$(rebatched "$(recipe_value logits.warmup_steps)")" \
+               run.eval_steps="$(rebatched "$(recipe_value run.eval_steps)")" \
+               run.logging_steps="$(rebatched "$(recipe_value run.logging_steps)")" \
+               train.batch_tokens="$(distill_batch)" train.token_budget="$(micro_batch)" data.max_rows="$(max_rows)" ;;
     random)
       [[ -d "$OUT/random_init" ]] || random_init
       # the distillation's tokens in steps of the distillation's size: the comparison is of the start, not the steps
