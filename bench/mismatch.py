@@ -8,9 +8,11 @@ cost.
     python -m bench.mismatch --tiny                       # CPU smoke test: sse-h-tiny, 4 x 24 tokens, fp32
     python -m bench.mismatch --state-dtype bfloat16       # also an engine storing its SSE states in bf16 (#27)
 
-For each policy: the training engine (`RolloutWorker`, the plugin recording routes) samples N responses of up to
---max-tokens tokens from random prompts, with the LM head in the model dtype and in fp32 (`lm_head_fp32`), and once
-more without recording (rollout tokens/s with recording on vs off, same prompts and seed). With --state-dtype
+For each policy: the training engine (`RolloutWorker`, the plugin recording routes) samples N responses of
+--max-tokens tokens from random prompts (sampling on past EOS, so a trained policy's responses reach the positions
+where a mismatch compounds through the state, as a random one's do), with the LM head in the model dtype and in
+fp32 (`lm_head_fp32`), and once more without recording (rollout tokens/s with recording on vs off, same prompts and
+seed). With --state-dtype
 bfloat16 one more recording engine (model-dtype head) stores its SSE states in bf16 (vLLM's mamba_ssm_cache_dtype,
 issue #27: half the state bytes of a decode step), its variants suffixed `_state_bfloat16` and its tokens/s
 `record_on_model_dtype_head_state_bfloat16`, beside the fp32 state's; `state_dtype_used` is the dtype each engine
@@ -90,7 +92,7 @@ def sample(path: str, prompts: list[list[int]], args: argparse.Namespace, *, rec
                       mamba_ssm_cache_dtype=state_dtype)
     engine = RolloutWorker(spec)
     used = engine.llm.llm_engine.vllm_config.cache_config.mamba_ssm_cache_dtype
-    sampling = SamplingConfig(max_tokens=args.max_tokens, temperature=1.0)
+    sampling = SamplingConfig(max_tokens=args.max_tokens, temperature=1.0, ignore_eos=True)
     engine.generate(prompts[:2], sampling, seed=0)  # warm-up (CUDA graphs, first-call costs)
     t0 = time.perf_counter()
     rollouts = [group[0] for group in engine.generate(prompts, sampling, seed=0)]

@@ -51,7 +51,7 @@ def vllm_params(sampling: SamplingConfig) -> Any:
     from vllm import SamplingParams
 
     return SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                          max_tokens=sampling.max_tokens)
+                          max_tokens=sampling.max_tokens, ignore_eos=sampling.ignore_eos)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k cut
     n: int = 1  # completions per prompt
+    ignore_eos: bool = False  # sample on past EOS up to max_tokens (vLLM's ignore_eos: responses of one length)
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_tokens < 1 or self.n < 1:

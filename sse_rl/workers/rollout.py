@@ -69,8 +69,8 @@ def request_params(sampling: SamplingConfig) -> Any:
     from vllm import SamplingParams
 
     return SamplingParams(n=sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                          top_p=sampling.top_p, top_k=sampling.top_k, logprobs=0, detokenize=False,
-                          flat_logprobs=True)
+                          top_p=sampling.top_p, top_k=sampling.top_k, ignore_eos=sampling.ignore_eos, logprobs=0,
+                          detokenize=False, flat_logprobs=True)
 
 
 STAGING_PARENT = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())

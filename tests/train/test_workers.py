@@ -64,6 +64,24 @@ def test_seeded_calls_are_reproducible(actors):
             assert all(lp <= 0 for lp in r.logprobs) and r.finish_reason in ("stop", "length")
 
 
+def test_ignore_eos_samples_every_completion_to_max_tokens(actors, policy):
+    """The random tiny policy (a vocabulary of a few dozen tokens) often samples EOS within 24 tokens: those
+    completions stop there, unless ignore_eos, which samples on to max_tokens with EOS inside, each token with its
+    logprob (bench/mismatch.py's responses of one length)."""
+    from transformers import AutoTokenizer
+
+    engine, _ = actors
+    eos = AutoTokenizer.from_pretrained(policy).eos_token_id
+    plain = ray.get(engine.generate.remote(PROMPTS, SamplingConfig(n=4, max_tokens=24, temperature=1.0), 5))
+    assert any(r.finish_reason == "stop" and len(r.completion_ids) < 24 for group in plain for r in group)
+    forced = ray.get(engine.generate.remote(
+        PROMPTS, SamplingConfig(n=4, max_tokens=24, temperature=1.0, ignore_eos=True), 5))
+    for group in forced:
+        for r in group:
+            assert len(r.completion_ids) == len(r.logprobs) == 24 and r.finish_reason == "length"
+    assert any(eos in r.completion_ids[:-1] for group in forced for r in group)
+
+
 def test_rollout_texts_and_logprobs_equal_vllm_defaults(actors):
     """The worker asks vLLM for token ids only and flat logprobs, and decodes the texts itself: texts and logprobs
     are those of vLLM's default outputs (detokenized text, a dict of `Logprob`s per token), and its seed is that of
