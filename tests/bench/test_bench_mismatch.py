@@ -67,3 +67,27 @@ def test_tiny_run_writes_every_variant(tmp_path: Path) -> None:
         assert recurrent["tokens"] == packed["tokens"]
         # the same logprobs in fp32 whichever order accumulates the state: the variant decodes the same model
         assert recurrent["vs_packed_trainer"]["max"] < 1e-4, recurrent["vs_packed_trainer"]
+
+
+def test_task_prompts_are_chat_rendered_rows_of_one_length(tmp_path: Path, monkeypatch) -> None:
+    """--prompts: the task's rows as user turns of the model's chat template, all of the most common token length
+    (the engine-order variant prefills them as one batch); asking for more than there are names the limit."""
+    import argparse
+
+    from sse_rl.tasks.arithmetic import rows
+    from transformers import AutoTokenizer
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    mismatch = importlib.import_module("bench.mismatch")
+    path = mismatch.checkpoint("sse-h-tiny", tmp_path, None)
+    args = argparse.Namespace(prompts="sse_rl.tasks.arithmetic:rows", split="test", prompt_template="{problem}",
+                              samples=6)
+    prompts = mismatch.task_prompts(path, args)
+    assert len(prompts) == 6 and len({len(p) for p in prompts}) == 1
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    problems = {row["problem"] for row in rows("test")}
+    assert len({tuple(ids) for ids in prompts}) == 6
+    assert all(any(problem in tokenizer.decode(ids) for problem in problems) for ids in prompts)
+    args.samples = 10_000
+    with pytest.raises(SystemExit, match="lower --samples to"):
+        mismatch.task_prompts(path, args)
