@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2
 import sse_rl.models  # noqa: F401  (registers SSE-H with the Auto classes)
 from sse_rl.init_model import init_model
 from sse_rl.models import SSEHConfig
-from sse_rl.models.hybridize import decay_bias, default_attn_layers, hybridize, lazy_ratios
+from sse_rl.models.hybridize import auto_attn_layers, decay_bias, default_attn_layers, hybridize, lazy_ratios
 from sse_rl.tokenizer import build_tiny_tokenizer
 
 # Each family's options that the attention layer must reproduce, on top of the tiny presets.
@@ -201,3 +201,20 @@ def test_auto_keeps_the_layers_that_attend_far(teachers: dict[str, Path], tmp_pa
                      str(calibration))
     assert result.returncode == 0, result.stderr
     assert SSEHConfig.from_pretrained(tmp_path / "out").attn_layers == [2]
+
+
+@pytest.mark.gpu
+def test_auto_ranks_on_the_gpu_as_on_the_cpu(teachers: dict[str, Path], tmp_path: Path) -> None:
+    """With a GPU the calibration forwards run there: the same ratios as on the CPU, the teacher back on the CPU."""
+    teacher = tmp_path / "teacher"
+    init_model("llama-tiny", teacher, tokenizer=str(teachers["llama-tiny"]), seed=0)
+    planted_far_layer(teacher, far=2)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    sequences = [torch.randperm(500, generator=torch.Generator().manual_seed(s))[:64] for s in range(3)]
+    on_cpu = lazy_ratios(model, sequences)
+    on_gpu = lazy_ratios(model.cuda(), sequences)
+    assert on_gpu == pytest.approx(on_cpu, abs=1e-4)
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    texts = [" ".join(f"w{s}x{i}" for i in range(40)) for s in range(3)]
+    assert auto_attn_layers(model.cpu(), tokenizer, texts, 1) == [2]
+    assert next(model.parameters()).device.type == "cpu"
