@@ -1,7 +1,8 @@
 """Dense HF Transformers on packed rows through flash varlen attention (`sse_rl.models.hf_attention`).
 
-On CPU: the switch leaves CPU/fp32 runs and SSE-H alone, the implementation is never written into a checkpoint, and
-inputs it does not take (no CUDA half precision, a cache, a batch of several rows) raise naming what they are.
+On CPU: the switch leaves CPU/fp32 runs and SSE-H alone, the implementation is never written into a checkpoint,
+inputs it does not take (no CUDA half precision, a cache, a batch of several rows) raise naming what they are, and
+its plumbing around the kernel gives SDPA's logits with the kernel replaced by causal SDPA per sequence.
 On a GPU (marked gpu): a Qwen3 with GQA and q/k-norm gives the same logits and gradients on a packed row under bf16
 autocast as with transformers' SDPA and its block-diagonal mask, from TRL's `cu_seq_lens_q` or the position ids.
 """
@@ -71,6 +72,39 @@ def test_unsupported_inputs_raise_naming_them() -> None:
     model.set_attn_implementation(VARLEN_ATTENTION)
     with pytest.raises(NotImplementedError, match=r"a cache \(9 keys for 1 queries\)"):
         model(input_ids=torch.randint(0, 300, (1, 1)), past_key_values=out.past_key_values, use_cache=True)
+
+
+def _reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, -1)):
+    """torch's `varlen_attn` contract (causal with window (-1, 0), default scale) by causal SDPA per sequence."""
+    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and window_size == (-1, 0)
+    assert q.shape[1] == k.shape[1] == v.shape[1], "varlen_attn gets as many key/value heads as query heads"
+    bounds = cu_q.tolist()
+    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        *(t[s:e].transpose(0, 1) for t in (q, k, v)), is_causal=True).transpose(0, 1)
+        for s, e in zip(bounds[:-1], bounds[1:])])
+
+
+@pytest.mark.parametrize("bounds", ["cu_seq_lens", "position_ids"])
+def test_packed_row_plumbing_on_cpu(bounds: str, monkeypatch) -> None:
+    """What the implementation does around the kernel (layout, GQA, sequence bounds from TRL's `cu_seq_lens_q` or
+    from the position ids, the output transformers expects) gives SDPA's logits on a packed row, with torch's
+    CUDA-only `varlen_attn` and the CUDA guard replaced on this CPU by causal SDPA per sequence."""
+    import torch.nn.attention.varlen as varlen
+
+    import sse_rl.models.hf_attention as hf_attention
+
+    monkeypatch.setattr(varlen, "varlen_attn", _reference_varlen_attn)
+    monkeypatch.setattr(hf_attention, "uses_varlen", lambda x: True)
+    row = _packed_row()
+    if bounds == "position_ids":
+        row = {key: row[key] for key in ("input_ids", "position_ids")}
+    model = _qwen3().eval()
+    with torch.no_grad():
+        reference = model(**row, use_cache=False).logits
+        register()
+        model.set_attn_implementation(VARLEN_ATTENTION)
+        logits = model(**row, use_cache=False).logits
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
