@@ -459,7 +459,7 @@ def load_teacher(recipe: DistillRecipe) -> nn.Module:
     from sse_rl.models.hf_attention import use_varlen_attention
 
     teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher.path, dtype=getattr(torch, recipe.teacher.dtype))
-    half = recipe.student.dtype == "bfloat16" or recipe.teacher.dtype in ("bfloat16", "float16")
+    half = "bfloat16" in (recipe.student.dtype, recipe.teacher.dtype)
     use_varlen_attention(teacher, half_precision=half)
     return teacher.eval().requires_grad_(False)
 
