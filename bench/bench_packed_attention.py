@@ -19,6 +19,7 @@ Choices:
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -93,9 +94,12 @@ def main() -> None:
         logits = {}
         for implementation in ("sdpa", VARLEN_ATTENTION):
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).cuda()
+            # a copy of the config each: switching a model's attention implementation writes into its config
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32,
+                                                     attn_implementation="sdpa").cuda()
             if implementation == VARLEN_ATTENTION:
                 assert use_varlen_attention(model, half_precision=True)
+            assert model.config._attn_implementation == implementation
             ms, gib, logits[implementation] = measure(model, row, args.reps)
             result[implementation] = {"ms": ms, "peak_gib": gib, "tokens_per_s": length / ms * 1e3}
             say(f"{length} tokens, {implementation}: {ms:.1f} ms, {gib:.2f} GiB")
