@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from bench.common import device_name, say, write_results
 from sse_rl.init_model import preset_config
 from sse_rl.models.hf_attention import VARLEN_ATTENTION, use_varlen_attention
+from sse_rl.models.modeling import packed_position_ids
 
 PRESET = "qwen3-100m"
 LENGTH_RANGE = (62, 112)  # tokens of one arithmetic training example, chat template included
@@ -46,7 +47,7 @@ def packed_row(total: int, vocab: int, device: str = "cuda", seed: int = 0) -> d
         used += n
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     return {"input_ids": torch.randint(0, vocab, (1, total), generator=g).to(device),
-            "position_ids": torch.cat([torch.arange(n) for n in lengths])[None].to(device),
+            "position_ids": packed_position_ids(cu).to(device),
             "cu_seq_lens_q": cu.to(device), "cu_seq_lens_k": cu.to(device), "max_length_q": max(lengths),
             "max_length_k": max(lengths)}
 

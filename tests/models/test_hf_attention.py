@@ -15,6 +15,7 @@ import pytest
 import torch
 from sse_rl.models import SSEHConfig, SSEHForCausalLM
 from sse_rl.models.hf_attention import VARLEN_ATTENTION, register, use_varlen_attention
+from sse_rl.models.modeling import packed_position_ids
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 LENGTHS = [37, 5, 90]
@@ -31,8 +32,8 @@ def _qwen3(seed: int = 0) -> Qwen3ForCausalLM:
 def _packed_row(device: str = "cpu") -> dict[str, torch.Tensor]:
     """Three sequences in one row, with the keys TRL's padding-free collator gives a batch."""
     ids = torch.randint(0, 300, (1, sum(LENGTHS)), generator=torch.Generator().manual_seed(1))
-    position_ids = torch.cat([torch.arange(n) for n in LENGTHS])[None]
     cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    position_ids = packed_position_ids(cu)
     return {"input_ids": ids.to(device), "position_ids": position_ids.to(device), "cu_seq_lens_q": cu.to(device),
             "cu_seq_lens_k": cu.to(device), "max_length_q": max(LENGTHS), "max_length_k": max(LENGTHS)}
 
